@@ -1,0 +1,96 @@
+//! Hop events as they travel through the ring buffer.
+
+/// Event kinds (`EventHeader::kind`).
+pub const KIND_SEND: u16 = 1;
+
+/// Which kernel hook produced an event (`EventHeader::hook`).
+pub const HOOK_FENTRY_UDP_SENDMSG: u16 = 1;
+pub const HOOK_FENTRY_UDPV6_SENDMSG: u16 = 2;
+pub const HOOK_KPROBE_UDP_SENDMSG: u16 = 3;
+pub const HOOK_KPROBE_UDPV6_SENDMSG: u16 = 4;
+pub const HOOK_TP_SOCK_SEND_LENGTH: u16 = 5;
+
+/// `SendEvent::flags`: the destination came from the syscall's address argument
+/// (an unconnected send), not from the socket.
+pub const SEND_DST_FROM_CALL: u32 = 1 << 0;
+/// `SendEvent::flags`: the socket was connected (it has a peer address).
+pub const SEND_CONNECTED: u32 = 1 << 1;
+
+/// An IPv4 or IPv6 address with a port. IPv4 uses the first 4 bytes of `ip`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+pub struct Addr {
+    /// `AF_INET`, `AF_INET6`, or 0 when unknown.
+    pub family: u16,
+    /// Port in host byte order.
+    pub port: u16,
+    pub _pad: u32,
+    /// Address bytes in network order.
+    pub ip: [u8; 16],
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Addr {}
+const _: () = assert!(core::mem::size_of::<Addr>() == 24);
+
+/// First bytes of every event: what it is, where it came from, when.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct EventHeader {
+    pub kind: u16,
+    pub hook: u16,
+    pub cpu: u32,
+    /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.
+    pub ts_ns: u64,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for EventHeader {}
+const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
+
+/// A datagram handed to UDP by a sending socket.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SendEvent {
+    pub header: EventHeader,
+    /// Kernel address of the `struct sock`.
+    pub sock: u64,
+    /// cgroup v2 id of the sending task.
+    pub cgroup: u64,
+    /// Thread group id (the user-visible pid).
+    pub pid: u32,
+    /// Thread id.
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    /// Inode number of the socket's network namespace.
+    pub netns: u32,
+    /// Bytes sent (or requested, for entry hooks); a negative errno when the send failed.
+    pub ret: i32,
+    /// `SEND_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+    /// Source as the socket has it (an unbound address is all zeros).
+    pub src: Addr,
+    /// Destination as the application gave it.
+    pub dst: Addr,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SendEvent {}
+const _: () = assert!(core::mem::size_of::<SendEvent>() == 128);
+
+/// An in-flight send syscall, remembered between syscall entry and the socket layer.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PendingSend {
+    /// Destination from `sendto`/`sendmsg`, family 0 when the call named none.
+    pub dst: Addr,
+    /// User pointer to the `struct mmsghdr` vector of a `sendmmsg`, else 0.
+    pub mmsg: u64,
+    /// Entries in `mmsg`.
+    pub vlen: u32,
+    /// Index of the next `mmsg` entry the socket layer will send.
+    pub idx: u32,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for PendingSend {}
+const _: () = assert!(core::mem::size_of::<PendingSend>() == 40);

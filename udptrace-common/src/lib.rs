@@ -1,0 +1,45 @@
+//! Types shared by the kernel programs (`udptrace-ebpf`) and the agent (`udptrace`).
+//!
+//! Everything here is `#[repr(C)]`, made of fixed-width integers and byte arrays only,
+//! with explicit padding, so both sides agree on every byte. Layouts are guarded at
+//! compile time; the agent's unit tests round-trip every event through bytes.
+#![no_std]
+
+pub mod event;
+pub mod offsets;
+
+pub use event::*;
+pub use offsets::*;
+
+/// Names of the maps and globals in the eBPF object, used by both sides.
+pub mod names {
+    /// Ring buffer carrying hop events to userspace.
+    pub const EVENTS: &str = "EVENTS";
+    /// Per-CPU counters indexed by the `STAT_*` constants.
+    pub const STATS: &str = "STATS";
+    /// In-flight send syscalls keyed by pid_tgid (destination of unconnected sends).
+    pub const PENDING_SENDS: &str = "PENDING_SENDS";
+    /// Read-only global holding [`crate::Offsets`], set at load time from BTF and tracefs.
+    pub const OFFSETS: &str = "OFFSETS";
+}
+
+/// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
+pub const EVENTS_BYTES: u32 = 1 << 20;
+/// Maximum number of concurrently pending send syscalls tracked.
+pub const PENDING_SENDS_MAX: u32 = 16384;
+
+/// Per-CPU counters in the `STATS` map.
+/// A ring-buffer reservation failed: an event was lost.
+pub const STAT_RINGBUF_FULL: u32 = 0;
+/// A kernel memory read failed while building an event.
+pub const STAT_READ_ERROR: u32 = 1;
+/// The pending-send table refused an insert.
+pub const STAT_PENDING_FULL: u32 = 2;
+/// Number of counters in `STATS`.
+pub const STATS_LEN: u32 = 3;
+
+/// Address families as the kernel numbers them.
+pub const AF_INET: u16 = 2;
+pub const AF_INET6: u16 = 10;
+/// IP protocol number of UDP.
+pub const IPPROTO_UDP: u16 = 17;

@@ -1,0 +1,74 @@
+//! Kernel layout facts the programs need, found at load time in the running kernel's BTF
+//! and in tracefs event formats. Rust eBPF has no CO-RE, so nothing here is hard-coded.
+
+/// Marks an offset this kernel does not have; programs needing it are not loaded.
+pub const OFFSET_MISSING: u32 = u32::MAX;
+
+/// Byte offsets, set into the `OFFSETS` global before load.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Offsets {
+    // struct sock (through its embedded struct sock_common)
+    pub sk_family: u32,
+    pub sk_num: u32,
+    pub sk_dport: u32,
+    pub sk_rcv_saddr: u32,
+    pub sk_daddr: u32,
+    pub sk_v6_rcv_saddr: u32,
+    pub sk_v6_daddr: u32,
+    pub sk_net: u32,
+    /// struct net -> ns.inum
+    pub net_inum: u32,
+    /// struct msghdr (kernel copy) -> msg_name, msg_namelen
+    pub msghdr_name: u32,
+    pub msghdr_namelen: u32,
+    /// struct user_msghdr -> msg_name, msg_namelen; sizeof(struct mmsghdr)
+    pub user_msghdr_name: u32,
+    pub user_msghdr_namelen: u32,
+    pub mmsghdr_size: u32,
+    // tracepoint sock:sock_send_length
+    pub tp_send_sk: u32,
+    pub tp_send_family: u32,
+    pub tp_send_protocol: u32,
+    pub tp_send_ret: u32,
+    // tracepoints syscalls:sys_enter_sendto / sendmsg / sendmmsg
+    pub tp_sendto_addr: u32,
+    pub tp_sendto_addr_len: u32,
+    pub tp_sendmsg_msg: u32,
+    pub tp_sendmmsg_mmsg: u32,
+    pub tp_sendmmsg_vlen: u32,
+    pub _pad: u32,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for Offsets {}
+const _: () = assert!(core::mem::size_of::<Offsets>() == 24 * 4);
+
+impl Offsets {
+    /// Every offset missing: the value in the object before userspace fills it.
+    pub const MISSING: Self = Self {
+        sk_family: OFFSET_MISSING,
+        sk_num: OFFSET_MISSING,
+        sk_dport: OFFSET_MISSING,
+        sk_rcv_saddr: OFFSET_MISSING,
+        sk_daddr: OFFSET_MISSING,
+        sk_v6_rcv_saddr: OFFSET_MISSING,
+        sk_v6_daddr: OFFSET_MISSING,
+        sk_net: OFFSET_MISSING,
+        net_inum: OFFSET_MISSING,
+        msghdr_name: OFFSET_MISSING,
+        msghdr_namelen: OFFSET_MISSING,
+        user_msghdr_name: OFFSET_MISSING,
+        user_msghdr_namelen: OFFSET_MISSING,
+        mmsghdr_size: OFFSET_MISSING,
+        tp_send_sk: OFFSET_MISSING,
+        tp_send_family: OFFSET_MISSING,
+        tp_send_protocol: OFFSET_MISSING,
+        tp_send_ret: OFFSET_MISSING,
+        tp_sendto_addr: OFFSET_MISSING,
+        tp_sendto_addr_len: OFFSET_MISSING,
+        tp_sendmsg_msg: OFFSET_MISSING,
+        tp_sendmmsg_mmsg: OFFSET_MISSING,
+        tp_sendmmsg_vlen: OFFSET_MISSING,
+        _pad: 0,
+    };
+}

@@ -1,0 +1,92 @@
+//! Reads of kernel memory at offsets found in BTF at load time.
+
+use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_user};
+use udptrace_common::{Addr, AF_INET, AF_INET6, OFFSET_MISSING, STAT_READ_ERROR};
+
+use crate::maps::{count, offset};
+
+/// A failed read; counted in `STATS` where it is dropped.
+pub struct ReadError;
+
+/// Reads a `T` at `base + off` from kernel memory.
+#[inline(always)]
+pub fn read_kernel<T>(base: u64, off: usize) -> Result<T, ReadError> {
+    if off == OFFSET_MISSING as usize {
+        return Err(ReadError);
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address; a fault is an error, not a crash.
+    unsafe { bpf_probe_read_kernel((base as usize + off) as *const T) }.map_err(|_| {
+        count(STAT_READ_ERROR);
+        ReadError
+    })
+}
+
+/// Reads a `T` at `base + off` from the current task's user memory.
+#[inline(always)]
+pub fn read_user<T>(base: u64, off: usize) -> Result<T, ReadError> {
+    // SAFETY: bpf_probe_read_user checks the address; a fault is an error.
+    unsafe { bpf_probe_read_user((base as usize + off) as *const T) }.map_err(|_| {
+        count(STAT_READ_ERROR);
+        ReadError
+    })
+}
+
+/// Reads a socket's bound and peer addresses into `src`/`dst` and returns the inode of
+/// its network namespace.
+#[inline(always)]
+pub fn read_sock(sk: u64, src: &mut Addr, dst: &mut Addr) -> Result<u32, ReadError> {
+    let family: u16 = read_kernel(sk, offset!(sk_family))?;
+    let sport: u16 = read_kernel(sk, offset!(sk_num))?;
+    let dport: u16 = read_kernel(sk, offset!(sk_dport))?;
+    *src = Addr { family, port: sport, _pad: 0, ip: [0; 16] };
+    *dst = Addr { family, port: u16::from_be(dport), _pad: 0, ip: [0; 16] };
+    if family == AF_INET {
+        let s: [u8; 4] = read_kernel(sk, offset!(sk_rcv_saddr))?;
+        let d: [u8; 4] = read_kernel(sk, offset!(sk_daddr))?;
+        src.ip[..4].copy_from_slice(&s);
+        dst.ip[..4].copy_from_slice(&d);
+    } else if family == AF_INET6 {
+        src.ip = read_kernel(sk, offset!(sk_v6_rcv_saddr))?;
+        dst.ip = read_kernel(sk, offset!(sk_v6_daddr))?;
+    }
+    let net: u64 = read_kernel(sk, offset!(sk_net))?;
+    read_kernel(net, offset!(net_inum))
+}
+
+/// Where a `struct sockaddr` lives.
+#[derive(Clone, Copy)]
+pub enum Mem {
+    Kernel,
+    User,
+}
+
+#[inline(always)]
+fn read_at<T>(mem: Mem, base: u64, off: usize) -> Result<T, ReadError> {
+    match mem {
+        Mem::Kernel => read_kernel(base, off),
+        Mem::User => read_user(base, off),
+    }
+}
+
+/// Parses a `struct sockaddr_in`/`sockaddr_in6` (UAPI layouts) of `len` bytes at `ptr`.
+/// Returns an `Addr` with family 0 for a null pointer or another family.
+#[inline(always)]
+pub fn read_sockaddr(mem: Mem, ptr: u64, len: u32) -> Result<Addr, ReadError> {
+    let mut addr = Addr::default();
+    if ptr == 0 || len < 8 {
+        return Ok(addr);
+    }
+    let family: u16 = read_at(mem, ptr, 0)?;
+    let port: u16 = read_at(mem, ptr, 2)?;
+    if family == AF_INET {
+        let ip: [u8; 4] = read_at(mem, ptr, 4)?;
+        addr.ip[..4].copy_from_slice(&ip);
+    } else if family == AF_INET6 && len >= 24 {
+        addr.ip = read_at(mem, ptr, 8)?;
+    } else {
+        return Ok(addr);
+    }
+    addr.family = family;
+    addr.port = u16::from_be(port);
+    Ok(addr)
+}

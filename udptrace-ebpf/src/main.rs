@@ -1,0 +1,19 @@
+//! udptrace kernel programs. One module per hook family; shared types live in
+//! `udptrace-common`. Every program only observes: none changes a packet's fate.
+#![no_std]
+#![no_main]
+
+mod kernel;
+mod maps;
+mod send;
+
+#[cfg(not(test))]
+#[panic_handler]
+fn panic(_info: &core::panic::PanicInfo) -> ! {
+    loop {}
+}
+
+// bpf_probe_read_kernel and friends are GPL-only helpers.
+#[unsafe(link_section = "license")]
+#[unsafe(no_mangle)]
+static LICENSE: [u8; 13] = *b"Dual MIT/GPL\0";

@@ -1,0 +1,266 @@
+//! The send hop: a datagram handed to UDP by a socket.
+//!
+//! Three ways to see it, best first; the loader attaches the first this kernel allows:
+//! 1. fentry on `udp_sendmsg`/`udpv6_sendmsg`: socket and destination in one place.
+//! 2. kprobe on the same functions.
+//! 3. tracepoint `sock:sock_send_length` (after every socket send, with the socket and
+//!    the result), plus `syscalls:sys_enter_send{to,msg,mmsg}` to learn the destination
+//!    of unconnected sends, which the socket does not hold.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    },
+    macros::{fentry, kprobe, tracepoint},
+    programs::{FEntryContext, ProbeContext, TracePointContext},
+};
+use udptrace_common::{
+    Addr, EventHeader, PendingSend, SendEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
+    HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG, HOOK_TP_SOCK_SEND_LENGTH, IPPROTO_UDP,
+    KIND_SEND, SEND_CONNECTED, SEND_DST_FROM_CALL, STAT_PENDING_FULL, STAT_RINGBUF_FULL,
+};
+
+use crate::{
+    kernel::{read_kernel, read_sock, read_sockaddr, read_user, Mem, ReadError},
+    maps::{count, offset, EVENTS, PENDING_SENDS},
+};
+
+/// Builds and sends one send-hop event for socket `sk`. `call_dst` is the destination
+/// the application named in the call (family 0 when it named none). The event is built
+/// in place in the ring buffer: the BPF stack is too small for a copy.
+#[inline(always)]
+fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
+    let Some(mut entry) = EVENTS.reserve::<SendEvent>(0) else {
+        count(STAT_RINGBUF_FULL);
+        return Ok(());
+    };
+    // SAFETY: the reservation is sized for a SendEvent; every field is written below
+    // before submit.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    if let Err(e) = fill(ev, hook, sk, call_dst, ret) {
+        entry.discard(0);
+        return Err(e);
+    }
+    entry.submit(0);
+    Ok(())
+}
+
+#[inline(always)]
+fn fill(ev: &mut SendEvent, hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
+    let netns = read_sock(sk, &mut ev.src, &mut ev.dst)?;
+    let mut flags = 0;
+    if ev.dst.port != 0 {
+        flags |= SEND_CONNECTED;
+    }
+    if call_dst.family != 0 {
+        flags |= SEND_DST_FROM_CALL;
+        ev.dst = call_dst;
+    }
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    ev.header = EventHeader {
+        kind: KIND_SEND,
+        hook,
+        // SAFETY: plain helper calls without pointer arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    ev.sock = sk;
+    // SAFETY: plain helper call without pointer arguments.
+    ev.cgroup = unsafe { bpf_get_current_cgroup_id() };
+    ev.pid = (pid_tgid >> 32) as u32;
+    ev.tid = pid_tgid as u32;
+    ev.uid = uid_gid as u32;
+    ev.gid = (uid_gid >> 32) as u32;
+    ev.netns = netns;
+    ev.ret = ret;
+    ev.flags = flags;
+    ev._pad = 0;
+    ev.comm = bpf_get_current_comm().unwrap_or_default();
+    Ok(())
+}
+
+/// The destination in a kernel `struct msghdr` (already copied from the caller).
+#[inline(always)]
+fn msghdr_dst(msg: u64) -> Result<Addr, ReadError> {
+    if msg == 0 {
+        return Ok(Addr::default());
+    }
+    let name: u64 = read_kernel(msg, offset!(msghdr_name))?;
+    let len: u32 = read_kernel(msg, offset!(msghdr_namelen))?;
+    read_sockaddr(Mem::Kernel, name, len)
+}
+
+// --- 1. fentry -------------------------------------------------------------------------
+
+/// int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
+#[fentry(function = "udp_sendmsg")]
+pub fn send_fentry_udp_sendmsg(ctx: FEntryContext) -> u32 {
+    let _ = fentry_send(&ctx, HOOK_FENTRY_UDP_SENDMSG);
+    0
+}
+
+/// int udpv6_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
+#[fentry(function = "udpv6_sendmsg")]
+pub fn send_fentry_udpv6_sendmsg(ctx: FEntryContext) -> u32 {
+    let _ = fentry_send(&ctx, HOOK_FENTRY_UDPV6_SENDMSG);
+    0
+}
+
+#[inline(always)]
+fn fentry_send(ctx: &FEntryContext, hook: u16) -> Result<(), ReadError> {
+    let sk: u64 = ctx.arg(0);
+    let msg: u64 = ctx.arg(1);
+    let len: u64 = ctx.arg(2);
+    emit(hook, sk, msghdr_dst(msg)?, len as i32)
+}
+
+// --- 2. kprobe -------------------------------------------------------------------------
+
+/// int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
+#[kprobe]
+pub fn send_kprobe_udp_sendmsg(ctx: ProbeContext) -> u32 {
+    let _ = kprobe_send(&ctx, HOOK_KPROBE_UDP_SENDMSG);
+    0
+}
+
+/// int udpv6_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
+#[kprobe]
+pub fn send_kprobe_udpv6_sendmsg(ctx: ProbeContext) -> u32 {
+    let _ = kprobe_send(&ctx, HOOK_KPROBE_UDPV6_SENDMSG);
+    0
+}
+
+#[inline(always)]
+fn kprobe_send(ctx: &ProbeContext, hook: u16) -> Result<(), ReadError> {
+    let (Some(sk), Some(msg), Some(len)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2))
+    else {
+        return Err(ReadError);
+    };
+    emit(hook, sk, msghdr_dst(msg)?, len as i32)
+}
+
+// --- 3. tracepoints ----------------------------------------------------------------------
+
+/// Reads a tracepoint field at an offset taken from its tracefs format.
+#[inline(always)]
+fn field<T>(ctx: &TracePointContext, off: usize) -> Result<T, ReadError> {
+    // SAFETY: the offset comes from this kernel's format file for this tracepoint.
+    unsafe { ctx.read_at::<T>(off) }.map_err(|_| ReadError)
+}
+
+#[inline(always)]
+fn remember(dst: Addr, mmsg: u64, vlen: u32) {
+    let pending = PendingSend { dst, mmsg, vlen, idx: 0 };
+    if PENDING_SENDS.insert(&bpf_get_current_pid_tgid(), &pending, 0).is_err() {
+        count(STAT_PENDING_FULL);
+    }
+}
+
+#[inline(always)]
+fn forget() {
+    let _ = PENDING_SENDS.remove(&bpf_get_current_pid_tgid());
+}
+
+/// syscalls:sys_enter_sendto(int fd, void *buff, size_t len, unsigned flags,
+///                           struct sockaddr *addr, int addr_len)
+#[tracepoint]
+pub fn send_enter_sendto(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_sendto(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_enter_sendto(ctx: &TracePointContext) -> Result<(), ReadError> {
+    let addr: u64 = field(ctx, offset!(tp_sendto_addr))?;
+    if addr == 0 {
+        return Ok(());
+    }
+    let len: u64 = field(ctx, offset!(tp_sendto_addr_len))?;
+    remember(read_sockaddr(Mem::User, addr, len as u32)?, 0, 0);
+    Ok(())
+}
+
+/// syscalls:sys_enter_sendmsg(int fd, struct user_msghdr *msg, unsigned flags)
+#[tracepoint]
+pub fn send_enter_sendmsg(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_sendmsg(&ctx);
+    0
+}
+
+#[inline(always)]
+fn user_msghdr_dst(msg: u64) -> Result<Addr, ReadError> {
+    let name: u64 = read_user(msg, offset!(user_msghdr_name))?;
+    let len: u32 = read_user(msg, offset!(user_msghdr_namelen))?;
+    read_sockaddr(Mem::User, name, len)
+}
+
+#[inline(always)]
+fn try_enter_sendmsg(ctx: &TracePointContext) -> Result<(), ReadError> {
+    let msg: u64 = field(ctx, offset!(tp_sendmsg_msg))?;
+    if msg == 0 {
+        return Ok(());
+    }
+    let dst = user_msghdr_dst(msg)?;
+    if dst.family != 0 {
+        remember(dst, 0, 0);
+    }
+    Ok(())
+}
+
+/// syscalls:sys_enter_sendmmsg(int fd, struct mmsghdr *mmsg, unsigned vlen, unsigned flags)
+#[tracepoint]
+pub fn send_enter_sendmmsg(ctx: TracePointContext) -> u32 {
+    let _ = try_enter_sendmmsg(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_enter_sendmmsg(ctx: &TracePointContext) -> Result<(), ReadError> {
+    let mmsg: u64 = field(ctx, offset!(tp_sendmmsg_mmsg))?;
+    let vlen: u64 = field(ctx, offset!(tp_sendmmsg_vlen))?;
+    if mmsg != 0 {
+        remember(Addr::default(), mmsg, vlen as u32);
+    }
+    Ok(())
+}
+
+/// syscalls:sys_exit_send{to,msg,mmsg}: the call is over, forget its destination.
+#[tracepoint]
+pub fn send_exit(_ctx: TracePointContext) -> u32 {
+    forget();
+    0
+}
+
+/// sock:sock_send_length(struct sock *sk, int ret, int flags), after every socket send.
+#[tracepoint]
+pub fn send_sock_send_length(ctx: TracePointContext) -> u32 {
+    let _ = try_sock_send_length(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_sock_send_length(ctx: &TracePointContext) -> Result<(), ReadError> {
+    let protocol: u16 = field(ctx, offset!(tp_send_protocol))?;
+    if protocol != IPPROTO_UDP {
+        return Ok(());
+    }
+    let sk: u64 = field(ctx, offset!(tp_send_sk))?;
+    let ret: i32 = field(ctx, offset!(tp_send_ret))?;
+    let mut dst = Addr::default();
+    if let Some(pending) = PENDING_SENDS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
+        // SAFETY: a map value owned by this thread's in-flight syscall.
+        let pending = unsafe { &mut *pending };
+        if pending.mmsg != 0 {
+            if pending.idx < pending.vlen {
+                let entry = pending.mmsg + u64::from(pending.idx) * offset!(mmsghdr_size) as u64;
+                dst = user_msghdr_dst(entry)?;
+            }
+            pending.idx += 1;
+        } else {
+            dst = pending.dst;
+        }
+    }
+    emit(HOOK_TP_SOCK_SEND_LENGTH, sk, dst, ret)
+}

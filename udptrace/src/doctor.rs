@@ -1,0 +1,75 @@
+//! `udptrace doctor`: what this kernel allows, which hook each hop uses, and why.
+
+use crate::{
+    kernel::{
+        btf::{KernelBtf, VMLINUX_BTF},
+        preflight,
+    },
+    loader::{HopReport, Tracer},
+};
+
+fn line(what: &str, verdict: impl std::fmt::Display) {
+    println!("{what:<12} {verdict}");
+}
+
+fn hop(report: &HopReport) {
+    match report.chosen() {
+        Some(hook) => line(&format!("{} hop", report.hop), format!("uses {hook}")),
+        None => line(&format!("{} hop", report.hop), "NO HOOK WORKS"),
+    }
+    for a in &report.attempts {
+        match &a.outcome {
+            Ok(()) => println!("  tried {}: attached", a.hook),
+            Err(why) => println!("  tried {}: not usable: {why}", a.hook),
+        }
+    }
+    for h in &report.not_needed {
+        println!("  not tried {h}: a preferred hook works");
+    }
+    for n in &report.notes {
+        println!("  note: {n}");
+    }
+}
+
+/// Prints the report; returns whether tracing can run.
+pub fn run() -> bool {
+    let release = preflight::kernel_release();
+    let mut ok = true;
+    match preflight::check_kernel(&release) {
+        Ok(_) => line("kernel", format!("{release}: ok (needs ≥ 5.8)")),
+        Err(e) => {
+            ok = false;
+            line("kernel", format!("{release}: {e}"));
+        }
+    }
+    match preflight::check_privileges() {
+        Ok(()) => line("privileges", "ok"),
+        Err(e) => {
+            ok = false;
+            line("privileges", e);
+        }
+    }
+    match KernelBtf::running() {
+        Ok(_) => line("BTF", format!("{VMLINUX_BTF}: ok")),
+        Err(e) => {
+            ok = false;
+            line("BTF", e);
+        }
+    }
+    if !ok {
+        println!("\ntracing cannot run here: fix the lines above");
+        return false;
+    }
+    match Tracer::load() {
+        Ok(tracer) => {
+            line("tracefs", &tracer.kernel.tracefs);
+            hop(&tracer.send);
+            println!("\ntracing can run: `udptrace trace`");
+            true
+        }
+        Err(e) => {
+            println!("\ntracing cannot run here: {e}");
+            false
+        }
+    }
+}

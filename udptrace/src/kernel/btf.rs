@@ -1,0 +1,161 @@
+//! Struct layouts from the kernel's BTF (`/sys/kernel/btf/vmlinux`).
+
+use std::path::{Path, PathBuf};
+
+use btf_rs::{Btf, Type};
+
+/// Where the running kernel publishes its BTF.
+pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
+
+#[derive(Debug, thiserror::Error)]
+pub enum BtfError {
+    #[error(
+        "{path} is missing: this kernel was built without BTF (CONFIG_DEBUG_INFO_BTF=y). \
+         udptrace reads kernel struct layouts from it; use a kernel with BTF (most distributions \
+         ship one since 2020)"
+    )]
+    Missing { path: PathBuf },
+    #[error("cannot parse {path}: {source}")]
+    Parse { path: PathBuf, source: btf_rs::Error },
+    #[error("this kernel's BTF has no struct {0}")]
+    NoStruct(String),
+    #[error("this kernel's BTF has no field {field} in struct {strukt}")]
+    NoField { strukt: String, field: String },
+}
+
+/// The kernel's type information.
+pub struct KernelBtf {
+    btf: Btf,
+}
+
+impl KernelBtf {
+    /// Reads the running kernel's BTF.
+    pub fn running() -> Result<Self, BtfError> {
+        Self::from_file(Path::new(VMLINUX_BTF))
+    }
+
+    pub fn from_file(path: &Path) -> Result<Self, BtfError> {
+        if !path.exists() {
+            return Err(BtfError::Missing { path: path.into() });
+        }
+        let btf = Btf::from_file(path)
+            .map_err(|source| BtfError::Parse { path: path.into(), source })?;
+        Ok(Self { btf })
+    }
+
+    /// A struct (or union) type by name.
+    fn composite(&self, name: &str) -> Result<btf_rs::Struct, BtfError> {
+        self.btf
+            .resolve_types_by_name(name)
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
+                _ => None,
+            })
+            .ok_or_else(|| BtfError::NoStruct(name.into()))
+    }
+
+    /// Skips typedefs and qualifiers down to a struct or union, if that is what `t` is.
+    fn as_composite(&self, mut t: Type) -> Option<btf_rs::Struct> {
+        for _ in 0..16 {
+            t = match t {
+                Type::Struct(s) | Type::Union(s) => return Some(s),
+                Type::Typedef(ref x) => self.btf.resolve_chained_type(x).ok()?,
+                Type::Const(ref x) | Type::Volatile(ref x) | Type::Restrict(ref x) => {
+                    self.btf.resolve_chained_type(x).ok()?
+                }
+                Type::TypeTag(ref x) => self.btf.resolve_chained_type(x).ok()?,
+                _ => return None,
+            };
+        }
+        None
+    }
+
+    /// Finds member `name` in `s`, looking inside anonymous structs and unions.
+    /// Returns its byte offset from the start of `s` and its type.
+    fn member(&self, s: &btf_rs::Struct, name: &str) -> Option<(u32, Type)> {
+        for m in &s.members {
+            let offset = m.bit_offset() / 8;
+            let member_name = self.btf.resolve_name(m).unwrap_or_default();
+            if member_name == name {
+                return Some((offset, self.btf.resolve_chained_type(m).ok()?));
+            }
+            if member_name.is_empty() {
+                let inner = self.as_composite(self.btf.resolve_chained_type(m).ok()?)?;
+                if let Some((inner_off, t)) = self.member(&inner, name) {
+                    return Some((offset + inner_off, t));
+                }
+            }
+        }
+        None
+    }
+
+    /// Byte offset of `path` (member names, outermost first) inside struct `strukt`.
+    pub fn offset_of(&self, strukt: &str, path: &[&str]) -> Result<u32, BtfError> {
+        let no_field = || BtfError::NoField { strukt: strukt.into(), field: path.join(".") };
+        let mut current = self.composite(strukt)?;
+        let mut total = 0;
+        for (i, name) in path.iter().enumerate() {
+            let (offset, t) = self.member(&current, name).ok_or_else(no_field)?;
+            total += offset;
+            if i + 1 < path.len() {
+                current = self.as_composite(t).ok_or_else(no_field)?;
+            }
+        }
+        Ok(total)
+    }
+
+    /// `sizeof(struct strukt)`.
+    pub fn size_of(&self, strukt: &str) -> Result<u32, BtfError> {
+        Ok(self.composite(strukt)?.size() as u32)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn running() -> Option<KernelBtf> {
+        Path::new(VMLINUX_BTF).exists().then(|| KernelBtf::running().expect("parse vmlinux BTF"))
+    }
+
+    #[test]
+    fn finds_fields_inside_anonymous_unions() {
+        let Some(btf) = running() else {
+            eprintln!("skipped: {VMLINUX_BTF} missing");
+            return;
+        };
+        // skc_daddr sits in an anonymous union in an anonymous struct at the very start of
+        // sock_common on every kernel since 2.6; skc_num follows the address pair.
+        assert_eq!(btf.offset_of("sock", &["__sk_common", "skc_daddr"]).unwrap(), 0);
+        assert_eq!(btf.offset_of("sock", &["__sk_common", "skc_rcv_saddr"]).unwrap(), 4);
+        assert_eq!(btf.offset_of("sock", &["__sk_common", "skc_dport"]).unwrap(), 12);
+        assert_eq!(btf.offset_of("sock", &["__sk_common", "skc_num"]).unwrap(), 14);
+        assert_eq!(btf.offset_of("sock_common", &["skc_family"]).unwrap(), 16);
+        // struct msghdr starts with msg_name.
+        assert_eq!(btf.offset_of("msghdr", &["msg_name"]).unwrap(), 0);
+        assert_eq!(btf.size_of("mmsghdr").unwrap(), 64);
+    }
+
+    #[test]
+    fn names_what_is_missing() {
+        let Some(btf) = running() else {
+            eprintln!("skipped: {VMLINUX_BTF} missing");
+            return;
+        };
+        let err = btf.offset_of("sock", &["__sk_common", "no_such_field"]).unwrap_err();
+        assert_eq!(
+            err.to_string(),
+            "this kernel's BTF has no field __sk_common.no_such_field in struct sock"
+        );
+        let err = btf.size_of("no_such_struct_udptrace").unwrap_err();
+        assert!(err.to_string().contains("no struct no_such_struct_udptrace"), "{err}");
+    }
+
+    #[test]
+    fn missing_file_says_what_to_do() {
+        let err = KernelBtf::from_file(Path::new("/nonexistent/vmlinux")).err().unwrap();
+        assert!(err.to_string().contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
+    }
+}

@@ -1,0 +1,7 @@
+//! What the running kernel offers: its BTF, tracefs event formats, version and our
+//! privileges. Everything the loader decides is based on what is read here.
+
+pub mod btf;
+pub mod offsets;
+pub mod preflight;
+pub mod tracefs;

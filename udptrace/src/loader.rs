@@ -1,0 +1,295 @@
+//! Probes the kernel, loads the eBPF object with this kernel's offsets, and attaches each
+//! hop with the best hook the kernel allows, falling back in order and recording why.
+//! Everything attached is owned by [`Tracer`]; dropping it detaches exactly that.
+
+use std::path::Path;
+
+use aya::{
+    maps::{MapData, PerCpuArray, RingBuf},
+    programs::{FEntry, KProbe, TracePoint},
+    Btf, Ebpf, EbpfLoader,
+};
+use udptrace_common::{names, STATS_LEN};
+
+use crate::kernel::{
+    btf::{BtfError, KernelBtf},
+    offsets::{Group, KernelLayout},
+    preflight::{self, PreflightError},
+    tracefs::Tracefs,
+};
+
+/// The kernel programs, built by `build.rs` and embedded in the binary.
+static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udptrace-ebpf"));
+
+#[derive(Debug, thiserror::Error)]
+pub enum LoadError {
+    #[error(transparent)]
+    Preflight(#[from] PreflightError),
+    #[error(transparent)]
+    Btf(#[from] BtfError),
+    #[error(
+        "this udptrace binary was built without its eBPF programs (AYA_BUILD_SKIP=1): \
+         rebuild with `cargo xtask build`"
+    )]
+    NoObject,
+    #[error("loading the eBPF object failed: {0}")]
+    Object(String),
+    #[error("no hook for the {hop} hop works on this kernel:\n{report}\nrun `udptrace doctor` for details")]
+    NoHook { hop: &'static str, report: String },
+}
+
+/// One attempt to attach a hop through one hook.
+#[derive(Debug, Clone)]
+pub struct Attempt {
+    /// e.g. `fentry:udp_sendmsg`.
+    pub hook: &'static str,
+    /// `Ok` when attached; otherwise why not.
+    pub outcome: Result<(), String>,
+}
+
+/// How one hop is observed on this kernel.
+#[derive(Debug, Clone)]
+pub struct HopReport {
+    pub hop: &'static str,
+    /// Hooks tried in order of preference, up to and including the one in use.
+    pub attempts: Vec<Attempt>,
+    /// Hooks not tried because a better one worked.
+    pub not_needed: Vec<&'static str>,
+    /// Remarks about the hook in use (reduced detail, ...).
+    pub notes: Vec<String>,
+}
+
+impl HopReport {
+    /// The hook in use, if any.
+    pub fn chosen(&self) -> Option<&'static str> {
+        self.attempts.iter().find(|a| a.outcome.is_ok()).map(|a| a.hook)
+    }
+
+    fn render(&self) -> String {
+        self.attempts
+            .iter()
+            .map(|a| match &a.outcome {
+                Ok(()) => format!("  {}: attached", a.hook),
+                Err(why) => format!("  {}: {why}", a.hook),
+            })
+            .collect::<Vec<_>>()
+            .join("\n")
+    }
+}
+
+/// Facts about the kernel found before loading.
+#[derive(Debug, Clone)]
+pub struct KernelFacts {
+    pub release: String,
+    pub btf: &'static str,
+    /// Where tracefs is, or why it is unusable.
+    pub tracefs: String,
+}
+
+/// The loaded, attached programs and their maps.
+pub struct Tracer {
+    ebpf: Ebpf,
+    pub kernel: KernelFacts,
+    pub send: HopReport,
+}
+
+const HOOK_FENTRY: &str = "fentry:udp_sendmsg+udpv6_sendmsg";
+const HOOK_KPROBE: &str = "kprobe:udp_sendmsg+udpv6_sendmsg";
+const HOOK_TP: &str = "tracepoint:sock:sock_send_length";
+
+/// Formats an error with its whole source chain.
+fn chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut source = err.source();
+    while let Some(e) = source {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        source = e.source();
+    }
+    s
+}
+
+impl Tracer {
+    /// Checks privileges and the kernel, loads the programs and attaches every hop.
+    pub fn load() -> Result<Self, LoadError> {
+        preflight::check_privileges()?;
+        let release = preflight::kernel_release();
+        preflight::check_kernel(&release)?;
+        let kbtf = KernelBtf::running()?;
+        let tracefs = Tracefs::find_or_mount();
+        let tracefs_fact = match &tracefs {
+            Ok((fs, true)) => format!("{} (mounted by udptrace)", fs.root().display()),
+            Ok((fs, false)) => fs.root().display().to_string(),
+            Err(e) => e.to_string(),
+        };
+        let tracefs = tracefs.ok().map(|(fs, _)| fs);
+        let layout = KernelLayout::resolve(&kbtf, tracefs.as_ref());
+        if EBPF_OBJECT.is_empty() {
+            return Err(LoadError::NoObject);
+        }
+        let mut ebpf = EbpfLoader::new()
+            .override_global(names::OFFSETS, &layout.offsets, true)
+            .load(EBPF_OBJECT)
+            .map_err(|e| LoadError::Object(chain(&e)))?;
+        let send = attach_send(&mut ebpf, &layout);
+        if send.chosen().is_none() {
+            return Err(LoadError::NoHook { hop: "send", report: send.render() });
+        }
+        let kernel = KernelFacts {
+            release,
+            btf: crate::kernel::btf::VMLINUX_BTF,
+            tracefs: tracefs_fact,
+        };
+        Ok(Self { ebpf, kernel, send })
+    }
+
+    /// The event ring buffer. Can be taken once.
+    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
+        self.ebpf.take_map(names::EVENTS).and_then(|m| RingBuf::try_from(m).ok())
+    }
+
+    /// Sums the per-CPU counters of the `STATS` map, indexed by `STAT_*`.
+    pub fn stats(&self) -> Vec<u64> {
+        let Some(map) = self.ebpf.map(names::STATS) else { return Vec::new() };
+        let Ok(array) = PerCpuArray::<_, u64>::try_from(map) else { return Vec::new() };
+        (0..STATS_LEN)
+            .map(|i| array.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
+            .collect()
+    }
+}
+
+/// Attaches the send hop: fentry, then kprobe, then tracepoints.
+fn attach_send(ebpf: &mut Ebpf, layout: &KernelLayout) -> HopReport {
+    let mut report =
+        HopReport { hop: "send", attempts: Vec::new(), not_needed: Vec::new(), notes: Vec::new() };
+    type Try = fn(&mut Ebpf, &KernelLayout, &mut Vec<String>) -> Result<(), String>;
+    let chain: [(&'static str, Try); 3] =
+        [(HOOK_FENTRY, send_fentry), (HOOK_KPROBE, send_kprobe), (HOOK_TP, send_tracepoints)];
+    for (hook, attach) in chain {
+        if report.chosen().is_some() {
+            report.not_needed.push(hook);
+            continue;
+        }
+        let outcome = attach(ebpf, layout, &mut report.notes);
+        report.attempts.push(Attempt { hook, outcome });
+    }
+    report
+}
+
+fn need(layout: &KernelLayout, groups: &[Group]) -> Result<(), String> {
+    groups.iter().find_map(|g| layout.missing(*g)).map_or(Ok(()), |why| Err(why.to_string()))
+}
+
+fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
+where
+    &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
+{
+    let prog = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing from object"))?;
+    prog.try_into().map_err(|e: aya::programs::ProgramError| chain(&e))
+}
+
+/// Unloads the named programs of type `$ty` (detaching their links) after a partial attach,
+/// so a fallback never runs beside half of a better hook.
+macro_rules! unload_all {
+    ($ty:ty, $ebpf:expr, $names:expr) => {
+        for name in $names {
+            if let Ok(prog) = program::<$ty>($ebpf, name) {
+                if prog.fd().is_err() {
+                    continue; // never loaded
+                }
+                if let Err(e) = prog.unload() {
+                    tracing::warn!("unloading {name}: {}", chain(&e));
+                }
+            }
+        }
+    };
+}
+
+fn send_fentry(ebpf: &mut Ebpf, layout: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
+    need(layout, &[Group::Sock, Group::Msghdr])?;
+    let btf = Btf::from_sys_fs().map_err(|e| chain(&e))?;
+    let progs = [
+        ("send_fentry_udp_sendmsg", "udp_sendmsg"),
+        ("send_fentry_udpv6_sendmsg", "udpv6_sendmsg"),
+    ];
+    let result = progs.iter().try_for_each(|(name, func)| {
+        let prog: &mut FEntry = program(ebpf, name)?;
+        prog.load(func, &btf).map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
+        prog.attach().map(drop).map_err(|e| format!("attaching to {func}: {}", chain(&e)))
+    });
+    if result.is_err() {
+        unload_all!(FEntry, ebpf, progs.map(|(n, _)| n));
+    }
+    result
+}
+
+/// Where the kernel lists the kprobe PMU; absent when CONFIG_KPROBES is off.
+const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
+
+fn send_kprobe(ebpf: &mut Ebpf, layout: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
+    need(layout, &[Group::Sock, Group::Msghdr])?;
+    if !Path::new(KPROBE_PMU).exists() {
+        return Err(format!("this kernel has no kprobes ({KPROBE_PMU} is missing: CONFIG_KPROBES is off)"));
+    }
+    let progs = [
+        ("send_kprobe_udp_sendmsg", "udp_sendmsg"),
+        ("send_kprobe_udpv6_sendmsg", "udpv6_sendmsg"),
+    ];
+    let result = progs.iter().try_for_each(|(name, func)| {
+        let prog: &mut KProbe = program(ebpf, name)?;
+        prog.load().map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
+        prog.attach(func, 0).map(drop).map_err(|e| format!("attaching to {func}: {}", chain(&e)))
+    });
+    if result.is_err() {
+        unload_all!(KProbe, ebpf, progs.map(|(n, _)| n));
+    }
+    result
+}
+
+fn send_tracepoints(
+    ebpf: &mut Ebpf,
+    layout: &KernelLayout,
+    notes: &mut Vec<String>,
+) -> Result<(), String> {
+    need(layout, &[Group::Sock, Group::TpSendLength])?;
+    let attach = |ebpf: &mut Ebpf, name: &str, category: &str, tps: &[&str]| {
+        let prog: &mut TracePoint = program(ebpf, name)?;
+        if prog.fd().is_err() {
+            prog.load().map_err(|e| format!("loading {name}: {}", chain(&e)))?;
+        }
+        tps.iter().try_for_each(|tp| {
+            prog.attach(category, tp)
+                .map(drop)
+                .map_err(|e| format!("attaching to {category}:{tp}: {}", chain(&e)))
+        })
+    };
+    attach(ebpf, "send_sock_send_length", "sock", &["sock_send_length"])?;
+    // The destination of unconnected sends is only in the syscall's arguments.
+    let syscalls = need(layout, &[Group::TpSendSyscalls, Group::UserMsghdr]).and_then(|()| {
+        attach(ebpf, "send_enter_sendto", "syscalls", &["sys_enter_sendto"])?;
+        attach(ebpf, "send_enter_sendmsg", "syscalls", &["sys_enter_sendmsg"])?;
+        attach(ebpf, "send_enter_sendmmsg", "syscalls", &["sys_enter_sendmmsg"])?;
+        attach(
+            ebpf,
+            "send_exit",
+            "syscalls",
+            &["sys_exit_sendto", "sys_exit_sendmsg", "sys_exit_sendmmsg"],
+        )
+    });
+    match syscalls {
+        Ok(()) => notes.push(
+            "destinations of unconnected sends from syscalls:sys_enter_send{to,msg,mmsg}".into(),
+        ),
+        Err(why) => {
+            unload_all!(
+                TracePoint,
+                ebpf,
+                ["send_enter_sendto", "send_enter_sendmsg", "send_enter_sendmmsg", "send_exit"]
+            );
+            notes.push(format!(
+                "unconnected sends will show no destination: syscall tracepoints unusable ({why})"
+            ));
+        }
+    }
+    Ok(())
+}

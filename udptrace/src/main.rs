@@ -1,0 +1,56 @@
+//! udptrace: where did my UDP datagram go, and why does the receiver see that source?
+
+mod args;
+mod cli;
+mod clock;
+mod doctor;
+mod events;
+mod filter;
+mod kernel;
+mod loader;
+mod paths;
+mod trace;
+
+use std::process::ExitCode;
+
+use clap::Parser as _;
+use tracing_subscriber::EnvFilter;
+
+use crate::args::{Cli, Command};
+
+fn init_logging() {
+    // aya and aya-log log through the `log` crate; forward those records to tracing.
+    let _ = tracing_log::LogTracer::init();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    match cli.command {
+        Command::Doctor => {
+            if doctor::run() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Command::Trace(args) => {
+            let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("udptrace: error: starting the runtime: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match runtime.block_on(trace::run(args)) {
+                Ok(()) => ExitCode::SUCCESS,
+                Err(e) => {
+                    eprintln!("udptrace: error: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
+    }
+}

@@ -1,0 +1,103 @@
+//! `udptrace trace`: load, attach, and print each datagram's path until stopped.
+
+use std::{
+    io::{self, Write as _},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{signal, SignalKind},
+    time::Instant,
+};
+use udptrace_common::{STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL};
+
+use crate::{
+    args::TraceArgs,
+    cli::{render, Format},
+    clock::Clock,
+    events::{EventStream, Undecodable},
+    filter::Filter,
+    loader::Tracer,
+    paths::Assembler,
+};
+
+/// Why tracing stopped.
+#[derive(Debug, PartialEq, Eq)]
+enum Stop {
+    Count,
+    Duration,
+    Signal,
+    ClosedOutput,
+}
+
+pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
+    let mut tracer = Tracer::load()?;
+    let ring = tracer.take_events().context("the eBPF object has no EVENTS ring buffer")?;
+    let mut stream = EventStream::new(ring).context("registering the ring buffer with tokio")?;
+    let filter = Filter { port: args.port, host: args.host, pid: args.pid, comm: args.comm };
+    let format = if args.json { Format::Json } else { Format::Human };
+    let mut assembler = Assembler::new(Clock::new());
+    let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs(s));
+    let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
+    let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
+
+    // Tests and scripts wait for this line before sending traffic.
+    eprintln!(
+        "udptrace: tracing; send hop via {} (Ctrl-C to stop)",
+        tracer.send.chosen().unwrap_or("none")
+    );
+
+    let mut out = io::stdout().lock();
+    let mut batch = Vec::new();
+    let mut bad = Undecodable::default();
+    let mut shown = 0u64;
+    let stop = 'run: loop {
+        let sleep = async {
+            match deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = stream.next_batch(&mut batch, &mut bad) => r.context("reading the ring buffer")?,
+            () = sleep => break Stop::Duration,
+            _ = sigterm.recv() => break Stop::Signal,
+            _ = sigint.recv() => break Stop::Signal,
+        }
+        for event in batch.drain(..) {
+            let Some(path) = assembler.push(&event) else { continue };
+            if !filter.matches(&path) {
+                continue;
+            }
+            if let Err(e) = writeln!(out, "{}", render(&path, format)) {
+                if e.kind() == io::ErrorKind::BrokenPipe {
+                    break 'run Stop::ClosedOutput;
+                }
+                return Err(e).context("writing to stdout");
+            }
+            shown += 1;
+            if args.count.is_some_and(|n| shown >= n) {
+                let _ = out.flush();
+                break 'run Stop::Count;
+            }
+        }
+        match out.flush() {
+            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break Stop::ClosedOutput,
+            r => r.context("writing to stdout")?,
+        }
+    };
+
+    let stats = tracer.stats();
+    let stat = |i: u32| stats.get(i as usize).copied().unwrap_or(0);
+    let lost = stat(STAT_RINGBUF_FULL);
+    eprintln!(
+        "udptrace: stopped ({stop:?}); {shown} datagram(s) shown, {lost} event(s) lost to a full \
+         ring buffer, {} kernel read error(s), {} pending-send table overflow(s), {} undecodable \
+         record(s)",
+        stat(STAT_READ_ERROR),
+        stat(STAT_PENDING_FULL),
+        bad.0
+    );
+    Ok(())
+}

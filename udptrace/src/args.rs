@@ -62,7 +62,7 @@ mod tests {
             (vec!["udptrace", "trace", "--port", "70000"], "--port"),
             (vec!["udptrace", "trace", "--host", "not-an-ip"], "--host"),
             (vec!["udptrace", "trace", "--count", "0"], "--count"),
-            (vec!["udptrace", "trace", "--duration", "-1"], "--duration"),
+            (vec!["udptrace", "trace", "--duration", "soon"], "--duration"),
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");

@@ -23,6 +23,7 @@ impl Clock {
     }
 
     /// A clock whose monotonic zero is `wall` (tests).
+    #[cfg(test)]
     pub fn with_boot(wall: SystemTime) -> Self {
         let ns = wall.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
         Self { boot_wall_ns: ns as i128 }

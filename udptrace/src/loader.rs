@@ -80,8 +80,6 @@ impl HopReport {
 /// Facts about the kernel found before loading.
 #[derive(Debug, Clone)]
 pub struct KernelFacts {
-    pub release: String,
-    pub btf: &'static str,
     /// Where tracefs is, or why it is unusable.
     pub tracefs: String,
 }
@@ -135,11 +133,7 @@ impl Tracer {
         if send.chosen().is_none() {
             return Err(LoadError::NoHook { hop: "send", report: send.render() });
         }
-        let kernel = KernelFacts {
-            release,
-            btf: crate::kernel::btf::VMLINUX_BTF,
-            tracefs: tracefs_fact,
-        };
+        let kernel = KernelFacts { tracefs: tracefs_fact };
         Ok(Self { ebpf, kernel, send })
     }
 

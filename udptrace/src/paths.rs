@@ -49,9 +49,8 @@ pub struct Endpoints {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
-    Delivered,
-    Dropped,
-    LeftHost,
+    /// The contract also has "delivered", "dropped" and "left-host"; they arrive with the
+    /// deliver, drop and xmit hops.
     Unknown,
 }
 

@@ -1,1 +1,53 @@
-fn main(){}
+//! Project tasks: `cargo xtask setup | build | run | test`.
+
+mod cmd;
+mod setup;
+mod test;
+
+use std::process::ExitCode;
+
+use anyhow::Result;
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(name = "xtask", about = "udptrace project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Install what building and testing need: Debian packages, rust-src, bpf-linker.
+    /// Idempotent; quick when everything is in place.
+    Setup,
+    /// Build target/release/udptrace with its eBPF programs embedded.
+    Build,
+    /// Set up, build, and run udptrace as root with the given arguments.
+    Run {
+        /// Arguments for udptrace, e.g. `trace --port 53`.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<String>,
+    },
+    /// Set up, check formatting and lints, and run every test (integration tests as root).
+    Test,
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let result: Result<()> = match cli.task {
+        Task::Setup => setup::run(),
+        Task::Build => setup::run().and_then(|()| test::build_release()),
+        Task::Run { args } => setup::run()
+            .and_then(|()| test::build_release())
+            .and_then(|()| cmd::run_as_root(&cmd::workspace().join("target/release/udptrace"), &args)),
+        Task::Test => setup::run().and_then(|()| test::run()),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("xtask: error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

@@ -1,0 +1,291 @@
+//! Integration-test helpers: network namespaces the test creates (and removes), real
+//! senders, and the real udptrace binary reading the real kernel.
+#![allow(dead_code, reason = "each test binary uses a different subset")]
+
+use std::{
+    io::{BufRead as _, BufReader, Read as _},
+    os::unix::fs::MetadataExt as _,
+    process::{Child, Command, ExitStatus, Stdio},
+    sync::{
+        atomic::{AtomicU32, Ordering},
+        mpsc, Arc, Mutex,
+    },
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+
+pub const UDPTRACE: &str = env!("CARGO_BIN_EXE_udptrace");
+/// Debian's python3: its comm is "python3" (a pyenv shim would exec something else).
+pub const PYTHON: &str = "/usr/bin/python3";
+
+pub fn require_root() {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        panic!("integration tests load eBPF programs and create network namespaces: run them as root (`cargo xtask test` does)");
+    }
+}
+
+/// Runs a command that must succeed; returns its stdout.
+pub fn sh(args: &[&str]) -> String {
+    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// Inode of the host's network namespace.
+pub fn host_netns() -> u64 {
+    std::fs::metadata("/proc/self/ns/net").expect("own netns").ino()
+}
+
+static NEXT: AtomicU32 = AtomicU32::new(0);
+
+/// A network namespace that exists for the test's lifetime.
+pub struct Netns {
+    pub name: String,
+}
+
+impl Netns {
+    pub fn new(tag: &str) -> Self {
+        let name = format!("udpt-{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        sh(&["ip", "netns", "add", &name]);
+        sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
+        Self { name }
+    }
+
+    pub fn inode(&self) -> u64 {
+        std::fs::metadata(format!("/run/netns/{}", self.name)).expect("netns file").ino()
+    }
+
+    /// A command run inside this namespace (`ip netns exec` execs it in place, so the
+    /// child's pid is the program's pid).
+    pub fn cmd(&self, program: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.name, program]);
+        c
+    }
+
+    pub fn ip(&self, args: &[&str]) {
+        let mut all = vec!["ip", "-n", &self.name];
+        all.extend_from_slice(args);
+        sh(&all);
+    }
+}
+
+impl Drop for Netns {
+    fn drop(&mut self) {
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+    }
+}
+
+/// Two namespaces joined by a veth pair: `a` has 10.203.0.1/24 and fd0c:203::1/64,
+/// `b` has .2 and ::2 (and `b` the extra addresses given).
+pub struct Pair {
+    pub a: Netns,
+    pub b: Netns,
+}
+
+pub const A4: &str = "10.203.0.1";
+pub const B4: &str = "10.203.0.2";
+pub const A6: &str = "fd0c:203::1";
+pub const B6: &str = "fd0c:203::2";
+
+impl Pair {
+    pub fn new(extra_b: &[&str]) -> Self {
+        let a = Netns::new("a");
+        let b = Netns::new("b");
+        sh(&["ip", "link", "add", "ut-a", "netns", &a.name, "type", "veth", "peer", "name", "ut-b", "netns", &b.name]);
+        for (ns, dev, v4, v6) in [(&a, "ut-a", A4, A6), (&b, "ut-b", B4, B6)] {
+            ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
+            ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
+            ns.ip(&["link", "set", dev, "up"]);
+        }
+        for addr in extra_b {
+            b.ip(&["addr", "add", addr, "dev", "ut-b"]);
+        }
+        Self { a, b }
+    }
+}
+
+/// A sender in Python: `mode` is sendto, sendmsg or connect; prints "<src ip> <src port>"
+/// or "errno <n>".
+pub const PY_SEND: &str = r#"
+import socket, sys
+host, port, mode, size = sys.argv[1], int(sys.argv[2]), sys.argv[3], int(sys.argv[4])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+data = b"x" * size
+if len(sys.argv) > 5:
+    sys.stdin.readline()  # wait for the go
+try:
+    if mode == "sendto":
+        s.sendto(data, (host, port))
+    elif mode == "sendmsg":
+        s.sendmsg([data], [], 0, (host, port))
+    else:
+        s.connect((host, port))
+        s.send(data)
+    print(s.getsockname()[0], s.getsockname()[1], flush=True)
+except OSError as e:
+    print("errno", e.errno, flush=True)
+"#;
+
+/// Runs the Python sender in `ns` and returns (pid, its output line).
+pub fn py_send(ns: &Netns, host: &str, port: u16, mode: &str, size: usize) -> (u32, String) {
+    let child = ns
+        .cmd(PYTHON)
+        .args(["-c", PY_SEND, host, &port.to_string(), mode, &size.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("python3");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("python3 output");
+    assert!(out.status.success(), "python sender failed");
+    (pid, String::from_utf8_lossy(&out.stdout).trim().to_string())
+}
+
+/// Sends "hi\n" with `nc -u` the way people do (`echo hi | nc -u -w1 HOST PORT`), in `ns`
+/// or on the host. Returns nc's pid.
+pub fn nc_send(ns: Option<&Netns>, extra: &[&str], host: &str, port: u16) -> u32 {
+    let mut cmd = match ns {
+        Some(ns) => ns.cmd("nc"),
+        None => Command::new("nc"),
+    };
+    let mut child = cmd
+        .args(extra)
+        .args(["-u", "-w1", host, &port.to_string()])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .expect("nc");
+    let pid = child.id();
+    {
+        use std::io::Write as _;
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"hi\n").expect("write to nc");
+    }
+    child.wait().expect("nc exit");
+    pid
+}
+
+/// The real udptrace binary, tracing.
+pub struct Tracer {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Tracer {
+    /// Starts `udptrace trace --json ARGS` and waits until it says it is tracing.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(UDPTRACE)
+            .arg("trace")
+            .arg("--json")
+            .args(args)
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start udptrace");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (ready_tx, ready_rx) = mpsc::channel();
+        {
+            let stderr = stderr.clone();
+            let pipe = child.stderr.take().expect("stderr");
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if line.starts_with("udptrace: tracing") {
+                        let _ = ready_tx.send(());
+                    }
+                    let mut s = stderr.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        let (tx, lines) = mpsc::channel();
+        let pipe = child.stdout.take().expect("stdout");
+        std::thread::spawn(move || {
+            for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut tracer = Self { child, lines, stderr };
+        if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
+            let _ = tracer.child.kill();
+            panic!("udptrace did not start tracing:\n{}", tracer.stderr());
+        }
+        tracer
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// Collects up to `n` paths, waiting at most `timeout` in all.
+    pub fn paths(&self, n: usize, timeout: Duration) -> Vec<Value> {
+        let deadline = Instant::now() + timeout;
+        let mut out = Vec::new();
+        while out.len() < n {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match self.lines.recv_timeout(left) {
+                Ok(line) => out.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))),
+                Err(_) => break,
+            }
+        }
+        out
+    }
+
+    /// Exactly one path, or a panic saying what udptrace printed.
+    pub fn one_path(&self) -> Value {
+        let mut p = self.paths(1, Duration::from_secs(10));
+        assert_eq!(p.len(), 1, "expected one path; udptrace stderr:\n{}", self.stderr());
+        p.remove(0)
+    }
+
+    /// Stops with SIGINT and returns the exit status.
+    pub fn stop(mut self) -> ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        self.wait(Duration::from_secs(10))
+    }
+
+    /// Waits for udptrace to exit by itself.
+    pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(Instant::now() < deadline, "udptrace did not exit; stderr:\n{}", self.stderr());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Runs a udptrace command to completion: (status, stdout, stderr).
+pub fn udptrace(cmd: &mut Command) -> (ExitStatus, String, String) {
+    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("udptrace");
+    let mut out = String::new();
+    let mut err = String::new();
+    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    (child.wait().unwrap(), out, err)
+}
+
+/// The hook family (`fentry`, `kprobe`, `tracepoint`) `udptrace doctor` says the send hop
+/// uses on this kernel.
+pub fn send_hook_family() -> String {
+    let (status, out, _) = udptrace(Command::new(UDPTRACE).arg("doctor"));
+    assert!(status.success(), "doctor failed:\n{out}");
+    let line = out.lines().find(|l| l.starts_with("send hop")).expect("send hop line");
+    let hook = line.split("uses ").nth(1).expect("uses <hook>");
+    hook.split(':').next().unwrap().to_string()
+}

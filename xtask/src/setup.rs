@@ -1,0 +1,129 @@
+//! `cargo xtask setup`: everything the build and the tests need on a fresh Debian/Ubuntu
+//! host, installed only when missing.
+//!
+//! - Debian packages used by the tests (peers, netfilter tools, ground truth).
+//! - `rust-src` for the toolchain that builds the eBPF crate (`-Z build-std=core`).
+//! - bpf-linker linked against that toolchain's own libLLVM: no system LLVM. Its prefix
+//!   lives under ~/.cache/udptrace, named after the exact library, so a toolchain update
+//!   makes a new prefix and a rebuild instead of a broken symlink.
+
+use std::{fs, path::PathBuf, process::Command};
+
+use anyhow::{Context as _, Result};
+
+use crate::cmd::{exec, output, root_command};
+
+/// Toolchain that builds the eBPF crate (aya-build runs `rustup run <it> cargo build`).
+pub const EBPF_TOOLCHAIN: &str = "nightly";
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+/// Packages the tests and the tracer's users need.
+const PACKAGES: &[&str] = &[
+    "iproute2",
+    "iptables",
+    "nftables",
+    "conntrack",
+    "tcpdump",
+    "netcat-openbsd",
+    "dnsutils",
+    "python3",
+    "bpftool",
+    "util-linux",
+    "procps",
+    "sudo",
+];
+
+pub fn run() -> Result<()> {
+    packages()?;
+    rust_src()?;
+    bpf_linker()?;
+    Ok(())
+}
+
+fn installed(pkg: &str) -> bool {
+    Command::new("dpkg-query")
+        .args(["-W", "-f=${Status}", pkg])
+        .output()
+        .is_ok_and(|o| String::from_utf8_lossy(&o.stdout).contains("install ok installed"))
+}
+
+fn packages() -> Result<()> {
+    let missing: Vec<&str> = PACKAGES.iter().copied().filter(|p| !installed(p)).collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    exec(root_command("apt-get").args(["update", "-qq"]))?;
+    exec(root_command("apt-get")
+        .env("DEBIAN_FRONTEND", "noninteractive")
+        .args(["install", "-y", "-qq", "--no-install-recommends"])
+        .args(&missing))
+}
+
+fn rust_src() -> Result<()> {
+    let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
+    if !toolchains.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN)) {
+        exec(Command::new("rustup").args([
+            "toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal", "--component", "rust-src",
+        ]))?;
+    }
+    let components = output(Command::new("rustup").args([
+        "component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN,
+    ]))?;
+    if !components.lines().any(|l| l.starts_with("rust-src")) {
+        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))?;
+    }
+    Ok(())
+}
+
+fn home() -> Result<PathBuf> {
+    std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")
+}
+
+/// The toolchain's LLVM: (major version, directory, file name of the shared library).
+fn toolchain_llvm() -> Result<(u32, PathBuf, String)> {
+    let vv = output(Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).arg("-vV"))?;
+    let major = vv
+        .lines()
+        .find_map(|l| l.strip_prefix("LLVM version: "))
+        .and_then(|v| v.split('.').next())
+        .and_then(|m| m.parse().ok())
+        .context("rustc -vV printed no LLVM version")?;
+    let sysroot = output(Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).args(["--print", "sysroot"]))?;
+    let lib = PathBuf::from(sysroot.trim()).join("lib");
+    // The real library is `libLLVM.so.<ver>-rust-<ver>` (its SONAME); `libLLVM-<major>-…so`
+    // beside it is a linker script.
+    let name = fs::read_dir(&lib)
+        .with_context(|| format!("reading {}", lib.display()))?
+        .filter_map(|e| e.ok()?.file_name().into_string().ok())
+        .find(|n| n.starts_with("libLLVM.so."))
+        .with_context(|| format!("no libLLVM.so.* in {}: is the {EBPF_TOOLCHAIN} toolchain complete?", lib.display()))?;
+    Ok((major, lib, name))
+}
+
+fn bpf_linker() -> Result<()> {
+    let (major, lib, name) = toolchain_llvm()?;
+    let cache = home()?.join(".cache/udptrace");
+    let stamp = cache.join("bpf-linker.stamp");
+    let want = format!("bpf-linker {BPF_LINKER_VERSION} llvm-{major} {name}\n");
+    let works = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    if works && fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
+        return Ok(());
+    }
+    // A prefix whose lib/ holds the toolchain's libLLVM under both names bpf-linker's build
+    // wants: libLLVM.so to link against, and the SONAME to find at run time (RUNPATH).
+    let prefix = cache.join(format!("llvm-{name}"));
+    let prefix_lib = prefix.join("lib");
+    fs::create_dir_all(&prefix_lib)?;
+    for link in ["libLLVM.so", name.as_str()] {
+        let link = prefix_lib.join(link);
+        let _ = fs::remove_file(&link);
+        std::os::unix::fs::symlink(lib.join(&name), &link)
+            .with_context(|| format!("linking {}", link.display()))?;
+    }
+    exec(Command::new("cargo")
+        .env("LLVM_PREFIX", &prefix)
+        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
+        .args(["--no-default-features", "--features", &format!("llvm-{major}")]))?;
+    fs::write(&stamp, want)?;
+    Ok(())
+}

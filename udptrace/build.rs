@@ -16,11 +16,17 @@ fn main() -> anyhow::Result<()> {
         fs::write(out_dir.join("udptrace-ebpf"), [])?;
     }
     let toolchain = env::var("UDPTRACE_EBPF_TOOLCHAIN").ok();
-    let toolchain = toolchain.as_deref().map_or(Toolchain::Nightly, Toolchain::Custom);
+    let toolchain = toolchain
+        .as_deref()
+        .map_or(Toolchain::Nightly, Toolchain::Custom);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../udptrace-ebpf");
     let root = root.to_str().context("non-UTF-8 path")?;
     aya_build::build_ebpf(
-        [Package { name: "udptrace-ebpf", root_dir: root, ..Default::default() }],
+        [Package {
+            name: "udptrace-ebpf",
+            root_dir: root,
+            ..Default::default()
+        }],
         toolchain,
     )
     .context("building the eBPF programs failed: run `cargo xtask setup` first")

@@ -38,8 +38,18 @@ pub fn read_sock(sk: u64, src: &mut Addr, dst: &mut Addr) -> Result<u32, ReadErr
     let family: u16 = read_kernel(sk, offset!(sk_family))?;
     let sport: u16 = read_kernel(sk, offset!(sk_num))?;
     let dport: u16 = read_kernel(sk, offset!(sk_dport))?;
-    *src = Addr { family, port: sport, _pad: 0, ip: [0; 16] };
-    *dst = Addr { family, port: u16::from_be(dport), _pad: 0, ip: [0; 16] };
+    *src = Addr {
+        family,
+        port: sport,
+        _pad: 0,
+        ip: [0; 16],
+    };
+    *dst = Addr {
+        family,
+        port: u16::from_be(dport),
+        _pad: 0,
+        ip: [0; 16],
+    };
     if family == AF_INET {
         let s: [u8; 4] = read_kernel(sk, offset!(sk_rcv_saddr))?;
         let d: [u8; 4] = read_kernel(sk, offset!(sk_daddr))?;

@@ -4,9 +4,7 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use udptrace_common::{
-    Offsets, PendingSend, EVENTS_BYTES, PENDING_SENDS_MAX, STATS_LEN,
-};
+use udptrace_common::{Offsets, PendingSend, EVENTS_BYTES, PENDING_SENDS_MAX, STATS_LEN};
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);

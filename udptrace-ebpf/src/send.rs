@@ -134,7 +134,8 @@ pub fn send_kprobe_udpv6_sendmsg(ctx: ProbeContext) -> u32 {
 
 #[inline(always)]
 fn kprobe_send(ctx: &ProbeContext, hook: u16) -> Result<(), ReadError> {
-    let (Some(sk), Some(msg), Some(len)) = (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2))
+    let (Some(sk), Some(msg), Some(len)) =
+        (ctx.arg::<u64>(0), ctx.arg::<u64>(1), ctx.arg::<u64>(2))
     else {
         return Err(ReadError);
     };
@@ -152,15 +153,23 @@ fn field<T>(ctx: &TracePointContext, off: usize) -> Result<T, ReadError> {
 
 #[inline(always)]
 fn remember(dst: Addr, mmsg: u64, vlen: u32) {
-    let pending = PendingSend { dst, mmsg, vlen, idx: 0 };
-    if PENDING_SENDS.insert(&bpf_get_current_pid_tgid(), &pending, 0).is_err() {
+    let pending = PendingSend {
+        dst,
+        mmsg,
+        vlen,
+        idx: 0,
+    };
+    if PENDING_SENDS
+        .insert(bpf_get_current_pid_tgid(), pending, 0)
+        .is_err()
+    {
         count(STAT_PENDING_FULL);
     }
 }
 
 #[inline(always)]
 fn forget() {
-    let _ = PENDING_SENDS.remove(&bpf_get_current_pid_tgid());
+    let _ = PENDING_SENDS.remove(bpf_get_current_pid_tgid());
 }
 
 /// syscalls:sys_enter_sendto(int fd, void *buff, size_t len, unsigned flags,
@@ -249,7 +258,7 @@ fn try_sock_send_length(ctx: &TracePointContext) -> Result<(), ReadError> {
     let sk: u64 = field(ctx, offset!(tp_send_sk))?;
     let ret: i32 = field(ctx, offset!(tp_send_ret))?;
     let mut dst = Addr::default();
-    if let Some(pending) = PENDING_SENDS.get_ptr_mut(&bpf_get_current_pid_tgid()) {
+    if let Some(pending) = PENDING_SENDS.get_ptr_mut(bpf_get_current_pid_tgid()) {
         // SAFETY: a map value owned by this thread's in-flight syscall.
         let pending = unsafe { &mut *pending };
         if pending.mmsg != 0 {

@@ -62,7 +62,10 @@ mod tests {
             (vec!["udptrace", "trace", "--port", "70000"], "--port"),
             (vec!["udptrace", "trace", "--host", "not-an-ip"], "--host"),
             (vec!["udptrace", "trace", "--count", "0"], "--count"),
-            (vec!["udptrace", "trace", "--duration", "soon"], "--duration"),
+            (
+                vec!["udptrace", "trace", "--duration", "soon"],
+                "--duration",
+            ),
         ] {
             let err = Cli::try_parse_from(&args).unwrap_err().to_string();
             assert!(err.contains(needle), "{args:?}: {err}");
@@ -72,14 +75,32 @@ mod tests {
     #[test]
     fn parses_a_full_trace_line() {
         let cli = Cli::try_parse_from([
-            "udptrace", "trace", "--json", "--port", "5353", "--host", "::1", "--pid", "7",
-            "--comm", "nc", "--count", "1", "--duration", "5",
+            "udptrace",
+            "trace",
+            "--json",
+            "--port",
+            "5353",
+            "--host",
+            "::1",
+            "--pid",
+            "7",
+            "--comm",
+            "nc",
+            "--count",
+            "1",
+            "--duration",
+            "5",
         ])
         .unwrap();
-        let Command::Trace(t) = cli.command else { panic!("not trace") };
+        let Command::Trace(t) = cli.command else {
+            panic!("not trace")
+        };
         assert!(t.json);
         assert_eq!(t.port, Some(5353));
         assert_eq!(t.host, Some("::1".parse().unwrap()));
-        assert_eq!((t.pid, t.comm.as_deref(), t.count, t.duration), (Some(7), Some("nc"), Some(1), Some(5)));
+        assert_eq!(
+            (t.pid, t.comm.as_deref(), t.count, t.duration),
+            (Some(7), Some("nc"), Some(1), Some(5))
+        );
     }
 }

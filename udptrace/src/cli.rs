@@ -23,7 +23,11 @@ fn clock_time(t: SystemTime) -> String {
 }
 
 fn hop_line(h: &Hop) -> String {
-    let who = h.process.as_ref().map(|p| format!("{}[{}] ", p.comm, p.pid)).unwrap_or_default();
+    let who = h
+        .process
+        .as_ref()
+        .map(|p| format!("{}[{}] ", p.comm, p.pid))
+        .unwrap_or_default();
     let kind = match h.kind {
         HopKind::Send => "send",
     };
@@ -72,7 +76,10 @@ mod tests {
         path.hops[0].error = Some("Operation not permitted".into());
         path.hops[0].addrs.dst = None;
         let line = render(&path, Format::Human);
-        assert!(line.contains("→ ? failed: Operation not permitted (errno 1)"), "{line}");
+        assert!(
+            line.contains("→ ? failed: Operation not permitted (errno 1)"),
+            "{line}"
+        );
     }
 
     #[test]

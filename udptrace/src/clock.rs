@@ -11,7 +11,10 @@ pub struct Clock {
 }
 
 fn now_ns(clock: libc::clockid_t) -> i128 {
-    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
     // SAFETY: clock_gettime writes into the timespec we own.
     unsafe { libc::clock_gettime(clock, &mut ts) };
     i128::from(ts.tv_sec) * 1_000_000_000 + i128::from(ts.tv_nsec)
@@ -19,14 +22,21 @@ fn now_ns(clock: libc::clockid_t) -> i128 {
 
 impl Clock {
     pub fn new() -> Self {
-        Self { boot_wall_ns: now_ns(libc::CLOCK_REALTIME) - now_ns(libc::CLOCK_MONOTONIC) }
+        Self {
+            boot_wall_ns: now_ns(libc::CLOCK_REALTIME) - now_ns(libc::CLOCK_MONOTONIC),
+        }
     }
 
     /// A clock whose monotonic zero is `wall` (tests).
     #[cfg(test)]
     pub fn with_boot(wall: SystemTime) -> Self {
-        let ns = wall.duration_since(SystemTime::UNIX_EPOCH).unwrap_or_default().as_nanos();
-        Self { boot_wall_ns: ns as i128 }
+        let ns = wall
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_nanos();
+        Self {
+            boot_wall_ns: ns as i128,
+        }
     }
 
     pub fn wall(&self, monotonic_ns: u64) -> SystemTime {
@@ -55,14 +65,19 @@ mod tests {
     fn converts_with_nanoseconds() {
         let boot = SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000);
         let clock = Clock::with_boot(boot);
-        assert_eq!(rfc3339(clock.wall(1_500_000_007)), "2027-01-15T08:00:01.500000007Z");
+        assert_eq!(
+            rfc3339(clock.wall(1_500_000_007)),
+            "2027-01-15T08:00:01.500000007Z"
+        );
     }
 
     #[test]
     fn live_clock_is_close_to_now() {
         let clock = Clock::new();
         let t = clock.wall(now_ns(libc::CLOCK_MONOTONIC) as u64);
-        let diff = t.duration_since(SystemTime::now()).unwrap_or_else(|e| e.duration());
+        let diff = t
+            .duration_since(SystemTime::now())
+            .unwrap_or_else(|e| e.duration());
         assert!(diff < Duration::from_secs(1), "{diff:?}");
     }
 }

@@ -20,7 +20,11 @@ pub enum DecodeError {
     #[error("record of {0} bytes is shorter than an event header")]
     Short(usize),
     #[error("record of kind {kind} has {len} bytes, expected {expected}")]
-    Size { kind: u16, len: usize, expected: usize },
+    Size {
+        kind: u16,
+        len: usize,
+        expected: usize,
+    },
     #[error("unknown event kind {0}")]
     Kind(u16),
 }
@@ -29,7 +33,11 @@ pub enum DecodeError {
 fn read<T: aya::Pod>(kind: u16, bytes: &[u8]) -> Result<T, DecodeError> {
     let expected = size_of::<T>();
     if bytes.len() != expected {
-        return Err(DecodeError::Size { kind, len: bytes.len(), expected });
+        return Err(DecodeError::Size {
+            kind,
+            len: bytes.len(),
+            expected,
+        });
     }
     // SAFETY: T is Pod (any bit pattern is valid) and the length was checked.
     Ok(unsafe { std::ptr::read_unaligned(bytes.as_ptr().cast::<T>()) })
@@ -85,7 +93,11 @@ impl EventStream {
 
     /// Waits for records and appends every available one to `out`. Undecodable records
     /// are counted in `bad` (they mean the object and this binary disagree).
-    pub async fn next_batch(&mut self, out: &mut Vec<Event>, bad: &mut Undecodable) -> io::Result<()> {
+    pub async fn next_batch(
+        &mut self,
+        out: &mut Vec<Event>,
+        bad: &mut Undecodable,
+    ) -> io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
         while let Some(record) = ring.next() {
@@ -118,7 +130,12 @@ pub(crate) mod tests {
         let mut comm = [0u8; 16];
         comm[..2].copy_from_slice(b"nc");
         SendEvent {
-            header: EventHeader { kind: KIND_SEND, hook: HOOK_TP_SOCK_SEND_LENGTH, cpu: 1, ts_ns: 42 },
+            header: EventHeader {
+                kind: KIND_SEND,
+                hook: HOOK_TP_SOCK_SEND_LENGTH,
+                cpu: 1,
+                ts_ns: 42,
+            },
             sock: 0xffff_8880_1234_5678,
             cgroup: 7,
             pid: 100,
@@ -130,8 +147,18 @@ pub(crate) mod tests {
             flags: 0,
             _pad: 0,
             comm,
-            src: Addr { family: AF_INET, port: 40112, _pad: 0, ip: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] },
-            dst: Addr { family: AF_INET, port: 5353, _pad: 0, ip: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0] },
+            src: Addr {
+                family: AF_INET,
+                port: 40112,
+                _pad: 0,
+                ip: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            },
+            dst: Addr {
+                family: AF_INET,
+                port: 5353,
+                _pad: 0,
+                ip: [127, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            },
         }
     }
 
@@ -167,7 +194,11 @@ pub(crate) mod tests {
         bytes.truncate(100);
         assert_eq!(
             Event::decode(&bytes),
-            Err(DecodeError::Size { kind: KIND_SEND, len: 100, expected: 128 })
+            Err(DecodeError::Size {
+                kind: KIND_SEND,
+                len: 100,
+                expected: 128
+            })
         );
         let mut bytes = as_bytes(&sample_send());
         bytes[0] = 99;

@@ -20,11 +20,18 @@ fn same_host(a: IpAddr, b: IpAddr) -> bool {
 
 impl Filter {
     pub fn matches(&self, path: &Path) -> bool {
-        let port = self.port.is_none_or(|p| path.addresses().any(|a| a.port() == p));
-        let host = self.host.is_none_or(|h| path.addresses().any(|a| same_host(a.ip(), h)));
+        let port = self
+            .port
+            .is_none_or(|p| path.addresses().any(|a| a.port() == p));
+        let host = self
+            .host
+            .is_none_or(|h| path.addresses().any(|a| same_host(a.ip(), h)));
         let procs = || path.hops.iter().filter_map(|h| h.process.as_ref());
         let pid = self.pid.is_none_or(|p| procs().any(|pr| pr.pid == p));
-        let comm = self.comm.as_ref().is_none_or(|c| procs().any(|pr| &pr.comm == c));
+        let comm = self
+            .comm
+            .as_ref()
+            .is_none_or(|c| procs().any(|pr| &pr.comm == c));
         port && host && pid && comm
     }
 }
@@ -43,7 +50,10 @@ mod tests {
     fn port_matches_source_or_destination() {
         let path = sample_path();
         for (port, hit) in [(5353, true), (40112, true), (53, false)] {
-            let f = Filter { port: Some(port), ..Default::default() };
+            let f = Filter {
+                port: Some(port),
+                ..Default::default()
+            };
             assert_eq!(f.matches(&path), hit, "port {port}");
         }
     }
@@ -51,19 +61,45 @@ mod tests {
     #[test]
     fn host_pid_and_comm() {
         let path = sample_path();
-        let host = |h: &str| Filter { host: Some(h.parse().unwrap()), ..Default::default() };
+        let host = |h: &str| Filter {
+            host: Some(h.parse().unwrap()),
+            ..Default::default()
+        };
         assert!(host("127.0.0.1").matches(&path));
         assert!(host("::ffff:127.0.0.1").matches(&path));
         assert!(!host("10.0.0.1").matches(&path));
-        assert!(Filter { pid: Some(100), ..Default::default() }.matches(&path));
-        assert!(!Filter { pid: Some(101), ..Default::default() }.matches(&path), "tid is not pid");
-        assert!(Filter { comm: Some("nc".into()), ..Default::default() }.matches(&path));
-        assert!(!Filter { comm: Some("n".into()), ..Default::default() }.matches(&path));
+        assert!(Filter {
+            pid: Some(100),
+            ..Default::default()
+        }
+        .matches(&path));
+        assert!(
+            !Filter {
+                pid: Some(101),
+                ..Default::default()
+            }
+            .matches(&path),
+            "tid is not pid"
+        );
+        assert!(Filter {
+            comm: Some("nc".into()),
+            ..Default::default()
+        }
+        .matches(&path));
+        assert!(!Filter {
+            comm: Some("n".into()),
+            ..Default::default()
+        }
+        .matches(&path));
     }
 
     #[test]
     fn all_conditions_must_hold() {
-        let f = Filter { port: Some(5353), comm: Some("dig".into()), ..Default::default() };
+        let f = Filter {
+            port: Some(5353),
+            comm: Some("dig".into()),
+            ..Default::default()
+        };
         assert!(!f.matches(&sample_path()));
     }
 }

@@ -62,7 +62,10 @@ pub struct HopReport {
 impl HopReport {
     /// The hook in use, if any.
     pub fn chosen(&self) -> Option<&'static str> {
-        self.attempts.iter().find(|a| a.outcome.is_ok()).map(|a| a.hook)
+        self.attempts
+            .iter()
+            .find(|a| a.outcome.is_ok())
+            .map(|a| a.hook)
     }
 
     fn render(&self) -> String {
@@ -131,21 +134,32 @@ impl Tracer {
             .map_err(|e| LoadError::Object(chain(&e)))?;
         let send = attach_send(&mut ebpf, &layout);
         if send.chosen().is_none() {
-            return Err(LoadError::NoHook { hop: "send", report: send.render() });
+            return Err(LoadError::NoHook {
+                hop: "send",
+                report: send.render(),
+            });
         }
-        let kernel = KernelFacts { tracefs: tracefs_fact };
+        let kernel = KernelFacts {
+            tracefs: tracefs_fact,
+        };
         Ok(Self { ebpf, kernel, send })
     }
 
     /// The event ring buffer. Can be taken once.
     pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
-        self.ebpf.take_map(names::EVENTS).and_then(|m| RingBuf::try_from(m).ok())
+        self.ebpf
+            .take_map(names::EVENTS)
+            .and_then(|m| RingBuf::try_from(m).ok())
     }
 
     /// Sums the per-CPU counters of the `STATS` map, indexed by `STAT_*`.
     pub fn stats(&self) -> Vec<u64> {
-        let Some(map) = self.ebpf.map(names::STATS) else { return Vec::new() };
-        let Ok(array) = PerCpuArray::<_, u64>::try_from(map) else { return Vec::new() };
+        let Some(map) = self.ebpf.map(names::STATS) else {
+            return Vec::new();
+        };
+        let Ok(array) = PerCpuArray::<_, u64>::try_from(map) else {
+            return Vec::new();
+        };
         (0..STATS_LEN)
             .map(|i| array.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
             .collect()
@@ -154,11 +168,18 @@ impl Tracer {
 
 /// Attaches the send hop: fentry, then kprobe, then tracepoints.
 fn attach_send(ebpf: &mut Ebpf, layout: &KernelLayout) -> HopReport {
-    let mut report =
-        HopReport { hop: "send", attempts: Vec::new(), not_needed: Vec::new(), notes: Vec::new() };
+    let mut report = HopReport {
+        hop: "send",
+        attempts: Vec::new(),
+        not_needed: Vec::new(),
+        notes: Vec::new(),
+    };
     type Try = fn(&mut Ebpf, &KernelLayout, &mut Vec<String>) -> Result<(), String>;
-    let chain: [(&'static str, Try); 3] =
-        [(HOOK_FENTRY, send_fentry), (HOOK_KPROBE, send_kprobe), (HOOK_TP, send_tracepoints)];
+    let chain: [(&'static str, Try); 3] = [
+        (HOOK_FENTRY, send_fentry),
+        (HOOK_KPROBE, send_kprobe),
+        (HOOK_TP, send_tracepoints),
+    ];
     for (hook, attach) in chain {
         if report.chosen().is_some() {
             report.not_needed.push(hook);
@@ -171,15 +192,21 @@ fn attach_send(ebpf: &mut Ebpf, layout: &KernelLayout) -> HopReport {
 }
 
 fn need(layout: &KernelLayout, groups: &[Group]) -> Result<(), String> {
-    groups.iter().find_map(|g| layout.missing(*g)).map_or(Ok(()), |why| Err(why.to_string()))
+    groups
+        .iter()
+        .find_map(|g| layout.missing(*g))
+        .map_or(Ok(()), |why| Err(why.to_string()))
 }
 
 fn program<'a, T>(ebpf: &'a mut Ebpf, name: &str) -> Result<&'a mut T, String>
 where
     &'a mut T: TryFrom<&'a mut aya::programs::Program, Error = aya::programs::ProgramError>,
 {
-    let prog = ebpf.program_mut(name).ok_or_else(|| format!("program {name} missing from object"))?;
-    prog.try_into().map_err(|e: aya::programs::ProgramError| chain(&e))
+    let prog = ebpf
+        .program_mut(name)
+        .ok_or_else(|| format!("program {name} missing from object"))?;
+    prog.try_into()
+        .map_err(|e: aya::programs::ProgramError| chain(&e))
 }
 
 /// Unloads the named programs of type `$ty` (detaching their links) after a partial attach,
@@ -208,8 +235,11 @@ fn send_fentry(ebpf: &mut Ebpf, layout: &KernelLayout, _: &mut Vec<String>) -> R
     ];
     let result = progs.iter().try_for_each(|(name, func)| {
         let prog: &mut FEntry = program(ebpf, name)?;
-        prog.load(func, &btf).map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
-        prog.attach().map(drop).map_err(|e| format!("attaching to {func}: {}", chain(&e)))
+        prog.load(func, &btf)
+            .map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
+        prog.attach()
+            .map(drop)
+            .map_err(|e| format!("attaching to {func}: {}", chain(&e)))
     });
     if result.is_err() {
         unload_all!(FEntry, ebpf, progs.map(|(n, _)| n));
@@ -223,7 +253,9 @@ const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 fn send_kprobe(ebpf: &mut Ebpf, layout: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
     need(layout, &[Group::Sock, Group::Msghdr])?;
     if !Path::new(KPROBE_PMU).exists() {
-        return Err(format!("this kernel has no kprobes ({KPROBE_PMU} is missing: CONFIG_KPROBES is off)"));
+        return Err(format!(
+            "this kernel has no kprobes ({KPROBE_PMU} is missing: CONFIG_KPROBES is off)"
+        ));
     }
     let progs = [
         ("send_kprobe_udp_sendmsg", "udp_sendmsg"),
@@ -231,8 +263,11 @@ fn send_kprobe(ebpf: &mut Ebpf, layout: &KernelLayout, _: &mut Vec<String>) -> R
     ];
     let result = progs.iter().try_for_each(|(name, func)| {
         let prog: &mut KProbe = program(ebpf, name)?;
-        prog.load().map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
-        prog.attach(func, 0).map(drop).map_err(|e| format!("attaching to {func}: {}", chain(&e)))
+        prog.load()
+            .map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
+        prog.attach(func, 0)
+            .map(drop)
+            .map_err(|e| format!("attaching to {func}: {}", chain(&e)))
     });
     if result.is_err() {
         unload_all!(KProbe, ebpf, progs.map(|(n, _)| n));
@@ -249,7 +284,8 @@ fn send_tracepoints(
     let attach = |ebpf: &mut Ebpf, name: &str, category: &str, tps: &[&str]| {
         let prog: &mut TracePoint = program(ebpf, name)?;
         if prog.fd().is_err() {
-            prog.load().map_err(|e| format!("loading {name}: {}", chain(&e)))?;
+            prog.load()
+                .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
         }
         tps.iter().try_for_each(|tp| {
             prog.attach(category, tp)
@@ -261,8 +297,18 @@ fn send_tracepoints(
     // The destination of unconnected sends is only in the syscall's arguments.
     let syscalls = need(layout, &[Group::TpSendSyscalls, Group::UserMsghdr]).and_then(|()| {
         attach(ebpf, "send_enter_sendto", "syscalls", &["sys_enter_sendto"])?;
-        attach(ebpf, "send_enter_sendmsg", "syscalls", &["sys_enter_sendmsg"])?;
-        attach(ebpf, "send_enter_sendmmsg", "syscalls", &["sys_enter_sendmmsg"])?;
+        attach(
+            ebpf,
+            "send_enter_sendmsg",
+            "syscalls",
+            &["sys_enter_sendmsg"],
+        )?;
+        attach(
+            ebpf,
+            "send_enter_sendmmsg",
+            "syscalls",
+            &["sys_enter_sendmmsg"],
+        )?;
         attach(
             ebpf,
             "send_exit",
@@ -278,7 +324,12 @@ fn send_tracepoints(
             unload_all!(
                 TracePoint,
                 ebpf,
-                ["send_enter_sendto", "send_enter_sendmsg", "send_enter_sendmmsg", "send_exit"]
+                [
+                    "send_enter_sendto",
+                    "send_enter_sendmsg",
+                    "send_enter_sendmmsg",
+                    "send_exit"
+                ]
             );
             notes.push(format!(
                 "unconnected sends will show no destination: syscall tracepoints unusable ({why})"

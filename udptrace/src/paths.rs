@@ -112,20 +112,30 @@ pub struct Path {
 impl Path {
     /// Every address on the path (each hop's source and destination).
     pub fn addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.hops.iter().flat_map(|h| [h.addrs.src, h.addrs.dst]).flatten()
+        self.hops
+            .iter()
+            .flat_map(|h| [h.addrs.src, h.addrs.dst])
+            .flatten()
     }
 }
 
 /// The send hop of a [`SendEvent`].
 pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
-    let (len, errno) = if ev.ret < 0 { (0, Some(-ev.ret)) } else { (ev.ret as u32, None) };
+    let (len, errno) = if ev.ret < 0 {
+        (0, Some(-ev.ret))
+    } else {
+        (ev.ret as u32, None)
+    };
     Hop {
         kind: HopKind::Send,
         ts: clock.wall(ev.header.ts_ns),
         hook: hook_name(ev.header.hook),
         netns: ev.netns,
         ifname: None,
-        addrs: Endpoints { src: socket_addr(&ev.src), dst: socket_addr(&ev.dst) },
+        addrs: Endpoints {
+            src: socket_addr(&ev.src),
+            dst: socket_addr(&ev.dst),
+        },
         len,
         process: Some(Process {
             pid: ev.pid,
@@ -183,7 +193,9 @@ pub(crate) mod tests {
 
     pub fn sample_path() -> Path {
         let clock = Clock::with_boot(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-        Assembler::new(clock).push(&Event::Send(sample_send())).unwrap()
+        Assembler::new(clock)
+            .push(&Event::Send(sample_send()))
+            .unwrap()
     }
 
     #[test]

@@ -33,12 +33,25 @@ enum Stop {
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut tracer = Tracer::load()?;
-    let ring = tracer.take_events().context("the eBPF object has no EVENTS ring buffer")?;
+    let ring = tracer
+        .take_events()
+        .context("the eBPF object has no EVENTS ring buffer")?;
     let mut stream = EventStream::new(ring).context("registering the ring buffer with tokio")?;
-    let filter = Filter { port: args.port, host: args.host, pid: args.pid, comm: args.comm };
-    let format = if args.json { Format::Json } else { Format::Human };
+    let filter = Filter {
+        port: args.port,
+        host: args.host,
+        pid: args.pid,
+        comm: args.comm,
+    };
+    let format = if args.json {
+        Format::Json
+    } else {
+        Format::Human
+    };
     let mut assembler = Assembler::new(Clock::new());
-    let deadline = args.duration.map(|s| Instant::now() + Duration::from_secs(s));
+    let deadline = args
+        .duration
+        .map(|s| Instant::now() + Duration::from_secs(s));
     let mut sigterm = signal(SignalKind::terminate()).context("installing a SIGTERM handler")?;
     let mut sigint = signal(SignalKind::interrupt()).context("installing a SIGINT handler")?;
 
@@ -66,7 +79,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             _ = sigint.recv() => break Stop::Signal,
         }
         for event in batch.drain(..) {
-            let Some(path) = assembler.push(&event) else { continue };
+            let Some(path) = assembler.push(&event) else {
+                continue;
+            };
             if !filter.matches(&path) {
                 continue;
             }

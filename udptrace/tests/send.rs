@@ -23,7 +23,10 @@ fn send_hop(path: &Value) -> &Value {
 fn assert_hook(hop: &Value) {
     let family = send_hook_family();
     let hook = hop["hook"].as_str().expect("hook");
-    assert!(hook.starts_with(&format!("{family}:")), "hook {hook}, doctor says {family}");
+    assert!(
+        hook.starts_with(&format!("{family}:")),
+        "hook {hook}, doctor says {family}"
+    );
 }
 
 #[test]
@@ -40,7 +43,10 @@ fn nc_on_loopback_is_traced_with_its_pid() {
     assert_eq!(hop["uid"], 0);
     assert_eq!(hop["dst"], "127.0.0.1:5353");
     let src = hop["src"].as_str().unwrap();
-    assert!(src.starts_with("127.0.0.1:") && !src.ends_with(":0"), "nc connects, so the source is bound: {src}");
+    assert!(
+        src.starts_with("127.0.0.1:") && !src.ends_with(":0"),
+        "nc connects, so the source is bound: {src}"
+    );
     assert_eq!(hop["len"], 3, "\"hi\\n\"");
     assert_eq!(hop["netns"], host_netns());
     assert!(hop["cgroup"].as_u64().unwrap() > 0);
@@ -50,8 +56,14 @@ fn nc_on_loopback_is_traced_with_its_pid() {
     assert_eq!(path["verdict"], "unknown", "only send hops exist so far");
     // RFC 3339 with nanoseconds.
     let ts = path["ts"].as_str().unwrap();
-    assert!(ts.len() == "2026-11-26T12:44:12.790258866Z".len() && ts.ends_with('Z'), "{ts}");
-    assert!(tracer.wait(Duration::from_secs(5)).success(), "--count 1 exits 0");
+    assert!(
+        ts.len() == "2026-11-26T12:44:12.790258866Z".len() && ts.ends_with('Z'),
+        "{ts}"
+    );
+    assert!(
+        tracer.wait(Duration::from_secs(5)).success(),
+        "--count 1 exits 0"
+    );
 }
 
 #[test]
@@ -62,13 +74,28 @@ fn unconnected_sendto_ipv4_in_a_namespace() {
     let (pid, out) = py_send(&net.a, B4, 20301, "sendto", 37);
     let path = tracer.one_path();
     let hop = send_hop(&path);
-    let sport = out.split_whitespace().nth(1).expect("python printed its port");
+    let sport = out
+        .split_whitespace()
+        .nth(1)
+        .expect("python printed its port");
     assert_eq!(hop["pid"], pid);
     assert_eq!(hop["comm"], "python3");
-    assert_eq!(hop["dst"], format!("{B4}:20301"), "destination from the syscall");
-    assert_eq!(hop["src"], format!("0.0.0.0:{sport}"), "an unbound socket has no source address yet");
+    assert_eq!(
+        hop["dst"],
+        format!("{B4}:20301"),
+        "destination from the syscall"
+    );
+    assert_eq!(
+        hop["src"],
+        format!("0.0.0.0:{sport}"),
+        "an unbound socket has no source address yet"
+    );
     assert_eq!(hop["len"], 37);
-    assert_eq!(hop["netns"], net.a.inode(), "the sender's namespace, not the host's");
+    assert_eq!(
+        hop["netns"],
+        net.a.inode(),
+        "the sender's namespace, not the host's"
+    );
     assert_ne!(hop["netns"], host_netns());
     assert_hook(hop);
 }
@@ -81,7 +108,10 @@ fn unconnected_sendmsg_ipv6() {
     let (pid, out) = py_send(&net.a, B6, 20302, "sendmsg", 1200);
     let path = tracer.one_path();
     let hop = send_hop(&path);
-    let sport = out.split_whitespace().nth(1).expect("python printed its port");
+    let sport = out
+        .split_whitespace()
+        .nth(1)
+        .expect("python printed its port");
     assert_eq!(hop["pid"], pid);
     assert_eq!(hop["dst"], format!("[{B6}]:20302"));
     assert_eq!(hop["src"], format!("[::]:{sport}"));
@@ -101,7 +131,11 @@ fn connected_ipv4_python_has_its_source() {
     assert_eq!(sip, A4);
     assert_eq!(hop["pid"], pid);
     assert_eq!(hop["src"], format!("{A4}:{sport}"));
-    assert_eq!(hop["dst"], format!("{B4}:20303"), "destination from the connected socket");
+    assert_eq!(
+        hop["dst"],
+        format!("{B4}:20303"),
+        "destination from the connected socket"
+    );
     assert_eq!(hop["len"], 5);
 }
 
@@ -114,7 +148,13 @@ fn connected_ipv6_nc() {
     let hop = send_hop(&tracer.one_path()).clone();
     assert_eq!(hop["pid"], pid);
     assert_eq!(hop["comm"], "nc");
-    assert!(hop["src"].as_str().unwrap().starts_with(&format!("[{A6}]:")), "{hop}");
+    assert!(
+        hop["src"]
+            .as_str()
+            .unwrap()
+            .starts_with(&format!("[{A6}]:")),
+        "{hop}"
+    );
     assert_eq!(hop["dst"], format!("[{B6}]:20304"));
     assert_eq!(hop["len"], 3);
     assert_eq!(hop["netns"], net.a.inode());
@@ -126,7 +166,9 @@ fn send_refused_by_netfilter_reports_the_errno() {
     let net = Pair::new(&[]);
     // Like a NetworkPolicy egress rule: the local OUTPUT chain drops, sendto gets EPERM.
     let mut ipt = net.a.cmd("iptables");
-    ipt.args(["-A", "OUTPUT", "-p", "udp", "--dport", "20305", "-j", "DROP"]);
+    ipt.args([
+        "-A", "OUTPUT", "-p", "udp", "--dport", "20305", "-j", "DROP",
+    ]);
     assert!(ipt.status().unwrap().success());
     let tracer = Tracer::start(&["--port", "20305", "--count", "1"]);
     let (pid, out) = py_send(&net.a, B4, 20305, "sendto", 9);
@@ -159,7 +201,14 @@ fn filters_pick_the_datagrams_asked_for() {
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let tracer = Tracer::start(&["--port", p, "--pid", &waiting.id().to_string(), "--count", "1"]);
+    let tracer = Tracer::start(&[
+        "--port",
+        p,
+        "--pid",
+        &waiting.id().to_string(),
+        "--count",
+        "1",
+    ]);
     py_send(&net.a, B4, port, "sendto", 12); // another process: filtered out
     waiting.stdin.take().unwrap().write_all(b"go\n").unwrap();
     assert!(waiting.wait().unwrap().success());
@@ -173,7 +222,10 @@ fn filters_pick_the_datagrams_asked_for() {
     py_send(&net.a, B4, port, "sendto", 13);
     let nc = nc_send(Some(&net.a), &[], B4, port);
     let hop = send_hop(&tracer.one_path()).clone();
-    assert_eq!((hop["comm"].as_str(), hop["pid"].as_u64()), (Some("nc"), Some(u64::from(nc))));
+    assert_eq!(
+        (hop["comm"].as_str(), hop["pid"].as_u64()),
+        (Some("nc"), Some(u64::from(nc)))
+    );
 
     // --host: only the datagram to 10.203.0.3.
     let tracer = Tracer::start(&["--port", p, "--host", "10.203.0.3", "--count", "1"]);
@@ -190,7 +242,11 @@ fn count_and_duration_stop_the_trace() {
     let mut tracer = Tracer::start(&["--port", "20307", "--duration", "1"]);
     let status = tracer.wait(Duration::from_secs(10));
     assert!(status.success(), "--duration exits 0: {}", tracer.stderr());
-    assert!(tracer.stderr().contains("stopped (Duration)"), "{}", tracer.stderr());
+    assert!(
+        tracer.stderr().contains("stopped (Duration)"),
+        "{}",
+        tracer.stderr()
+    );
 
     let mut tracer = Tracer::start(&["--port", "20307", "--count", "2"]);
     for _ in 0..3 {
@@ -206,11 +262,17 @@ fn ctrl_c_stops_cleanly_and_removes_every_program() {
     let ours = || {
         let out = sh(&["bpftool", "-j", "prog", "show"]);
         let progs: Vec<Value> = serde_json::from_str(&out).expect("bpftool JSON");
-        progs.iter().filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("send_"))).count()
+        progs
+            .iter()
+            .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("send_")))
+            .count()
     };
     let before = ours();
     let tracer = Tracer::start(&["--port", "20308"]);
-    assert!(ours() > before, "udptrace's programs are loaded while tracing");
+    assert!(
+        ours() > before,
+        "udptrace's programs are loaded while tracing"
+    );
     let status = tracer.stop();
     assert!(status.success(), "SIGINT is a clean stop: {status}");
     assert_eq!(ours(), before, "every program udptrace loaded is gone");
@@ -226,11 +288,19 @@ fn errors_say_what_to_do() {
     // Without privileges: an unprivileged user, no capabilities.
     let (status, _, err) = udptrace(
         Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", "--inh-caps=-all"])
+            .args([
+                "--reuid=65534",
+                "--regid=65534",
+                "--clear-groups",
+                "--inh-caps=-all",
+            ])
             .args([UDPTRACE, "trace"]),
     );
     assert_eq!(status.code(), Some(1), "{err}");
-    assert!(err.contains("needs root, or CAP_BPF and CAP_PERFMON"), "{err}");
+    assert!(
+        err.contains("needs root, or CAP_BPF and CAP_PERFMON"),
+        "{err}"
+    );
     assert!(err.contains("Run it with sudo"), "{err}");
 }
 
@@ -239,15 +309,101 @@ fn doctor_explains_the_send_hook() {
     require_root();
     let (status, out, _) = udptrace(Command::new(UDPTRACE).arg("doctor"));
     assert!(status.success(), "{out}");
-    for needle in ["kernel", "BTF          /sys/kernel/btf/vmlinux: ok", "send hop     uses ", "tracing can run"] {
+    for needle in [
+        "kernel",
+        "BTF          /sys/kernel/btf/vmlinux: ok",
+        "send hop     uses ",
+        "tracing can run",
+    ] {
         assert!(out.contains(needle), "missing {needle:?} in:\n{out}");
     }
     // Every hook before the chosen one says why it was not usable.
     let family = send_hook_family();
     if family != "fentry" {
-        assert!(out.contains("tried fentry:udp_sendmsg+udpv6_sendmsg: not usable: "), "{out}");
+        assert!(
+            out.contains("tried fentry:udp_sendmsg+udpv6_sendmsg: not usable: "),
+            "{out}"
+        );
     }
     if family == "tracepoint" {
-        assert!(out.contains("tried kprobe:udp_sendmsg+udpv6_sendmsg: not usable: "), "{out}");
+        assert!(
+            out.contains("tried kprobe:udp_sendmsg+udpv6_sendmsg: not usable: "),
+            "{out}"
+        );
     }
+}
+
+/// sendmmsg(2) through ctypes: one call, one datagram per "host:port:size" argument.
+const PY_SENDMMSG: &str = r#"
+import ctypes, socket, struct, sys
+libc = ctypes.CDLL(None, use_errno=True)
+class iovec(ctypes.Structure):
+    _fields_ = [("base", ctypes.c_void_p), ("len", ctypes.c_size_t)]
+class msghdr(ctypes.Structure):
+    _fields_ = [("name", ctypes.c_void_p), ("namelen", ctypes.c_uint32),
+                ("iov", ctypes.POINTER(iovec)), ("iovlen", ctypes.c_size_t),
+                ("control", ctypes.c_void_p), ("controllen", ctypes.c_size_t),
+                ("flags", ctypes.c_int)]
+class mmsghdr(ctypes.Structure):
+    _fields_ = [("hdr", msghdr), ("len", ctypes.c_uint)]
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+msgs = (mmsghdr * (len(sys.argv) - 1))()
+keep = []
+for i, arg in enumerate(sys.argv[1:]):
+    host, port, size = arg.split(":")
+    name = ctypes.create_string_buffer(struct.pack("<H", socket.AF_INET) + struct.pack(">H", int(port))
+                                       + socket.inet_aton(host) + bytes(8), 16)
+    data = ctypes.create_string_buffer(b"y" * int(size), int(size))
+    iov = iovec(ctypes.cast(data, ctypes.c_void_p), int(size))
+    keep += [name, data, iov]
+    msgs[i].hdr = msghdr(ctypes.cast(name, ctypes.c_void_p), 16, ctypes.pointer(iov), 1, None, 0, 0)
+sent = libc.sendmmsg(s.fileno(), msgs, len(sys.argv) - 1, 0)
+print(sent, flush=True)
+"#;
+
+#[test]
+fn sendmmsg_gives_each_datagram_its_destination() {
+    require_root();
+    let net = Pair::new(&["10.203.0.3/24"]);
+    let tracer = Tracer::start(&["--port", "20309", "--count", "3"]);
+    let child = net
+        .a
+        .cmd(PYTHON)
+        .args(["-c", PY_SENDMMSG])
+        .args([
+            &format!("{B4}:20309:21"),
+            "10.203.0.3:20309:22",
+            &format!("{B4}:20309:23"),
+        ])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let pid = child.id();
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(
+        String::from_utf8_lossy(&out.stdout).trim(),
+        "3",
+        "sendmmsg sent all three"
+    );
+    let paths = tracer.paths(3, Duration::from_secs(10));
+    let seen: Vec<(String, u64, u64)> = paths
+        .iter()
+        .map(|p| {
+            let hop = send_hop(p);
+            (
+                hop["dst"].as_str().unwrap().to_string(),
+                hop["len"].as_u64().unwrap(),
+                hop["pid"].as_u64().unwrap(),
+            )
+        })
+        .collect();
+    let pid = u64::from(pid);
+    assert_eq!(
+        seen,
+        vec![
+            (format!("{B4}:20309"), 21, pid),
+            ("10.203.0.3:20309".to_string(), 22, pid),
+            (format!("{B4}:20309"), 23, pid),
+        ]
+    );
 }

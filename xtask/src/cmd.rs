@@ -10,7 +10,10 @@ use anyhow::{bail, Context as _, Result};
 
 /// The workspace root (xtask lives one level below it).
 pub fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("xtask has a parent").to_path_buf()
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .expect("xtask has a parent")
+        .to_path_buf()
 }
 
 pub fn is_root() -> bool {
@@ -26,7 +29,9 @@ unsafe extern "C" {
 /// Runs `cmd`, failing with the command line when it does not succeed.
 pub fn exec(cmd: &mut Command) -> Result<()> {
     eprintln!("xtask: $ {}", show(cmd));
-    let status = cmd.status().with_context(|| format!("starting {}", show(cmd)))?;
+    let status = cmd
+        .status()
+        .with_context(|| format!("starting {}", show(cmd)))?;
     if !status.success() {
         bail!("{} failed: {status}", show(cmd));
     }
@@ -35,9 +40,16 @@ pub fn exec(cmd: &mut Command) -> Result<()> {
 
 /// Runs `cmd` and returns its standard output.
 pub fn output(cmd: &mut Command) -> Result<String> {
-    let out = cmd.output().with_context(|| format!("starting {}", show(cmd)))?;
+    let out = cmd
+        .output()
+        .with_context(|| format!("starting {}", show(cmd)))?;
     if !out.status.success() {
-        bail!("{} failed: {}: {}", show(cmd), out.status, String::from_utf8_lossy(&out.stderr).trim());
+        bail!(
+            "{} failed: {}: {}",
+            show(cmd),
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
     }
     Ok(String::from_utf8_lossy(&out.stdout).into_owned())
 }

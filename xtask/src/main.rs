@@ -40,7 +40,9 @@ fn main() -> ExitCode {
         Task::Build => setup::run().and_then(|()| test::build_release()),
         Task::Run { args } => setup::run()
             .and_then(|()| test::build_release())
-            .and_then(|()| cmd::run_as_root(&cmd::workspace().join("target/release/udptrace"), &args)),
+            .and_then(|()| {
+                cmd::run_as_root(&cmd::workspace().join("target/release/udptrace"), &args)
+            }),
         Task::Test => setup::run().and_then(|()| test::run()),
     };
     match result {

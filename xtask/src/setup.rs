@@ -53,42 +53,73 @@ fn packages() -> Result<()> {
         return Ok(());
     }
     exec(root_command("apt-get").args(["update", "-qq"]))?;
-    exec(root_command("apt-get")
-        .env("DEBIAN_FRONTEND", "noninteractive")
-        .args(["install", "-y", "-qq", "--no-install-recommends"])
-        .args(&missing))
+    exec(
+        root_command("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y", "-qq", "--no-install-recommends"])
+            .args(&missing),
+    )
 }
 
 fn rust_src() -> Result<()> {
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
     if !toolchains.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN)) {
         exec(Command::new("rustup").args([
-            "toolchain", "install", EBPF_TOOLCHAIN, "--profile", "minimal", "--component", "rust-src",
+            "toolchain",
+            "install",
+            EBPF_TOOLCHAIN,
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
         ]))?;
     }
     let components = output(Command::new("rustup").args([
-        "component", "list", "--installed", "--toolchain", EBPF_TOOLCHAIN,
+        "component",
+        "list",
+        "--installed",
+        "--toolchain",
+        EBPF_TOOLCHAIN,
     ]))?;
-    if !components.lines().any(|l| l.starts_with("rust-src")) {
-        exec(Command::new("rustup").args(["component", "add", "rust-src", "--toolchain", EBPF_TOOLCHAIN]))?;
+    // rust-src for `-Z build-std=core`; clippy lints the eBPF crate in `xtask test`.
+    for component in ["rust-src", "clippy"] {
+        if !components.lines().any(|l| l.starts_with(component)) {
+            exec(Command::new("rustup").args([
+                "component",
+                "add",
+                component,
+                "--toolchain",
+                EBPF_TOOLCHAIN,
+            ]))?;
+        }
     }
     Ok(())
 }
 
 fn home() -> Result<PathBuf> {
-    std::env::var_os("HOME").map(PathBuf::from).context("HOME is not set")
+    std::env::var_os("HOME")
+        .map(PathBuf::from)
+        .context("HOME is not set")
 }
 
 /// The toolchain's LLVM: (major version, directory, file name of the shared library).
 fn toolchain_llvm() -> Result<(u32, PathBuf, String)> {
-    let vv = output(Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).arg("-vV"))?;
+    let vv = output(
+        Command::new("rustc")
+            .arg(format!("+{EBPF_TOOLCHAIN}"))
+            .arg("-vV"),
+    )?;
     let major = vv
         .lines()
         .find_map(|l| l.strip_prefix("LLVM version: "))
         .and_then(|v| v.split('.').next())
         .and_then(|m| m.parse().ok())
         .context("rustc -vV printed no LLVM version")?;
-    let sysroot = output(Command::new("rustc").arg(format!("+{EBPF_TOOLCHAIN}")).args(["--print", "sysroot"]))?;
+    let sysroot = output(
+        Command::new("rustc")
+            .arg(format!("+{EBPF_TOOLCHAIN}"))
+            .args(["--print", "sysroot"]),
+    )?;
     let lib = PathBuf::from(sysroot.trim()).join("lib");
     // The real library is `libLLVM.so.<ver>-rust-<ver>` (its SONAME); `libLLVM-<major>-…so`
     // beside it is a linker script.
@@ -96,7 +127,12 @@ fn toolchain_llvm() -> Result<(u32, PathBuf, String)> {
         .with_context(|| format!("reading {}", lib.display()))?
         .filter_map(|e| e.ok()?.file_name().into_string().ok())
         .find(|n| n.starts_with("libLLVM.so."))
-        .with_context(|| format!("no libLLVM.so.* in {}: is the {EBPF_TOOLCHAIN} toolchain complete?", lib.display()))?;
+        .with_context(|| {
+            format!(
+                "no libLLVM.so.* in {}: is the {EBPF_TOOLCHAIN} toolchain complete?",
+                lib.display()
+            )
+        })?;
     Ok((major, lib, name))
 }
 
@@ -105,7 +141,10 @@ fn bpf_linker() -> Result<()> {
     let cache = home()?.join(".cache/udptrace");
     let stamp = cache.join("bpf-linker.stamp");
     let want = format!("bpf-linker {BPF_LINKER_VERSION} llvm-{major} {name}\n");
-    let works = Command::new("bpf-linker").arg("--version").output().is_ok_and(|o| o.status.success());
+    let works = Command::new("bpf-linker")
+        .arg("--version")
+        .output()
+        .is_ok_and(|o| o.status.success());
     if works && fs::read_to_string(&stamp).is_ok_and(|s| s == want) {
         return Ok(());
     }
@@ -120,10 +159,21 @@ fn bpf_linker() -> Result<()> {
         std::os::unix::fs::symlink(lib.join(&name), &link)
             .with_context(|| format!("linking {}", link.display()))?;
     }
-    exec(Command::new("cargo")
-        .env("LLVM_PREFIX", &prefix)
-        .args(["install", &format!("bpf-linker@{BPF_LINKER_VERSION}"), "--locked", "--force"])
-        .args(["--no-default-features", "--features", &format!("llvm-{major}")]))?;
+    exec(
+        Command::new("cargo")
+            .env("LLVM_PREFIX", &prefix)
+            .args([
+                "install",
+                &format!("bpf-linker@{BPF_LINKER_VERSION}"),
+                "--locked",
+                "--force",
+            ])
+            .args([
+                "--no-default-features",
+                "--features",
+                &format!("llvm-{major}"),
+            ]),
+    )?;
     fs::write(&stamp, want)?;
     Ok(())
 }

@@ -11,7 +11,12 @@ use crate::{
 };
 
 pub fn build_release() -> Result<()> {
-    exec(Command::new("cargo").current_dir(workspace()).args(["build", "--release", "-p", "udptrace"]))
+    exec(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-p",
+        "udptrace",
+    ]))
 }
 
 pub fn run() -> Result<()> {
@@ -22,11 +27,36 @@ pub fn run() -> Result<()> {
         c
     };
     exec(&mut cargo(&["fmt", "--all", "--check"]))?;
-    exec(&mut cargo(&["clippy", "--release", "--all-targets", "--", "-D", "warnings"]))?;
-    exec(Command::new("rustup")
-        .current_dir(&ws)
-        .args(["run", EBPF_TOOLCHAIN, "cargo", "clippy", "--release", "-p", "udptrace-ebpf"])
-        .args(["--target", "bpfel-unknown-none", "-Z", "build-std=core", "--", "-D", "warnings"]))?;
+    exec(&mut cargo(&[
+        "clippy",
+        "--release",
+        "--all-targets",
+        "--",
+        "-D",
+        "warnings",
+    ]))?;
+    exec(
+        Command::new("rustup")
+            .current_dir(&ws)
+            .args([
+                "run",
+                EBPF_TOOLCHAIN,
+                "cargo",
+                "clippy",
+                "--release",
+                "-p",
+                "udptrace-ebpf",
+            ])
+            .args([
+                "--target",
+                "bpfel-unknown-none",
+                "-Z",
+                "build-std=core",
+                "--",
+                "-D",
+                "warnings",
+            ]),
+    )?;
     build_release()?;
 
     // Build the test binaries, then run them ourselves so the kernel-touching ones run as
@@ -35,11 +65,16 @@ pub fn run() -> Result<()> {
         .output()
         .context("building the tests")?;
     if !out.status.success() {
-        bail!("building the tests failed:\n{}", String::from_utf8_lossy(&out.stderr));
+        bail!(
+            "building the tests failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     let mut binaries = Vec::new();
     for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json_lite(line) else { continue };
+        let Ok(msg) = serde_json_lite(line) else {
+            continue;
+        };
         if let Some(exe) = msg {
             binaries.push(exe);
         }
@@ -67,5 +102,9 @@ pub fn run() -> Result<()> {
 fn serde_json_lite(line: &str) -> Result<Option<String>> {
     let v: serde_json::Value = serde_json::from_str(line)?;
     let is_test = v["reason"] == "compiler-artifact" && v["profile"]["test"] == true;
-    Ok(if is_test { v["executable"].as_str().map(str::to_string) } else { None })
+    Ok(if is_test {
+        v["executable"].as_str().map(str::to_string)
+    } else {
+        None
+    })
 }

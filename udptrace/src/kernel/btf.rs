@@ -16,7 +16,10 @@ pub enum BtfError {
     )]
     Missing { path: PathBuf },
     #[error("cannot parse {path}: {source}")]
-    Parse { path: PathBuf, source: btf_rs::Error },
+    Parse {
+        path: PathBuf,
+        source: btf_rs::Error,
+    },
     #[error("this kernel's BTF has no struct {0}")]
     NoStruct(String),
     #[error("this kernel's BTF has no field {field} in struct {strukt}")]
@@ -38,8 +41,10 @@ impl KernelBtf {
         if !path.exists() {
             return Err(BtfError::Missing { path: path.into() });
         }
-        let btf = Btf::from_file(path)
-            .map_err(|source| BtfError::Parse { path: path.into(), source })?;
+        let btf = Btf::from_file(path).map_err(|source| BtfError::Parse {
+            path: path.into(),
+            source,
+        })?;
         Ok(Self { btf })
     }
 
@@ -93,7 +98,10 @@ impl KernelBtf {
 
     /// Byte offset of `path` (member names, outermost first) inside struct `strukt`.
     pub fn offset_of(&self, strukt: &str, path: &[&str]) -> Result<u32, BtfError> {
-        let no_field = || BtfError::NoField { strukt: strukt.into(), field: path.join(".") };
+        let no_field = || BtfError::NoField {
+            strukt: strukt.into(),
+            field: path.join("."),
+        };
         let mut current = self.composite(strukt)?;
         let mut total = 0;
         for (i, name) in path.iter().enumerate() {
@@ -117,7 +125,9 @@ mod tests {
     use super::*;
 
     fn running() -> Option<KernelBtf> {
-        Path::new(VMLINUX_BTF).exists().then(|| KernelBtf::running().expect("parse vmlinux BTF"))
+        Path::new(VMLINUX_BTF)
+            .exists()
+            .then(|| KernelBtf::running().expect("parse vmlinux BTF"))
     }
 
     #[test]
@@ -128,10 +138,25 @@ mod tests {
         };
         // skc_daddr sits in an anonymous union in an anonymous struct at the very start of
         // sock_common on every kernel since 2.6; skc_num follows the address pair.
-        assert_eq!(btf.offset_of("sock", &["__sk_common", "skc_daddr"]).unwrap(), 0);
-        assert_eq!(btf.offset_of("sock", &["__sk_common", "skc_rcv_saddr"]).unwrap(), 4);
-        assert_eq!(btf.offset_of("sock", &["__sk_common", "skc_dport"]).unwrap(), 12);
-        assert_eq!(btf.offset_of("sock", &["__sk_common", "skc_num"]).unwrap(), 14);
+        assert_eq!(
+            btf.offset_of("sock", &["__sk_common", "skc_daddr"])
+                .unwrap(),
+            0
+        );
+        assert_eq!(
+            btf.offset_of("sock", &["__sk_common", "skc_rcv_saddr"])
+                .unwrap(),
+            4
+        );
+        assert_eq!(
+            btf.offset_of("sock", &["__sk_common", "skc_dport"])
+                .unwrap(),
+            12
+        );
+        assert_eq!(
+            btf.offset_of("sock", &["__sk_common", "skc_num"]).unwrap(),
+            14
+        );
         assert_eq!(btf.offset_of("sock_common", &["skc_family"]).unwrap(), 16);
         // struct msghdr starts with msg_name.
         assert_eq!(btf.offset_of("msghdr", &["msg_name"]).unwrap(), 0);
@@ -144,18 +169,26 @@ mod tests {
             eprintln!("skipped: {VMLINUX_BTF} missing");
             return;
         };
-        let err = btf.offset_of("sock", &["__sk_common", "no_such_field"]).unwrap_err();
+        let err = btf
+            .offset_of("sock", &["__sk_common", "no_such_field"])
+            .unwrap_err();
         assert_eq!(
             err.to_string(),
             "this kernel's BTF has no field __sk_common.no_such_field in struct sock"
         );
         let err = btf.size_of("no_such_struct_udptrace").unwrap_err();
-        assert!(err.to_string().contains("no struct no_such_struct_udptrace"), "{err}");
+        assert!(
+            err.to_string()
+                .contains("no struct no_such_struct_udptrace"),
+            "{err}"
+        );
     }
 
     #[test]
     fn missing_file_says_what_to_do() {
-        let err = KernelBtf::from_file(Path::new("/nonexistent/vmlinux")).err().unwrap();
+        let err = KernelBtf::from_file(Path::new("/nonexistent/vmlinux"))
+            .err()
+            .unwrap();
         assert!(err.to_string().contains("CONFIG_DEBUG_INFO_BTF"), "{err}");
     }
 }

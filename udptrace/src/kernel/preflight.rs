@@ -23,7 +23,9 @@ pub enum PreflightError {
 
 /// The running kernel's release string (`uname -r`).
 pub fn kernel_release() -> String {
-    fs::read_to_string("/proc/sys/kernel/osrelease").map(|s| s.trim().to_string()).unwrap_or_default()
+    fs::read_to_string("/proc/sys/kernel/osrelease")
+        .map(|s| s.trim().to_string())
+        .unwrap_or_default()
 }
 
 /// Major and minor version from a release like `6.18.44-fc-v657`.
@@ -36,10 +38,13 @@ pub fn parse_release(release: &str) -> Option<(u32, u32)> {
 
 /// Fails when the kernel predates [`MIN_KERNEL`].
 pub fn check_kernel(release: &str) -> Result<(u32, u32), PreflightError> {
-    let version = parse_release(release)
-        .ok_or_else(|| PreflightError::KernelVersion { release: release.into() })?;
+    let version = parse_release(release).ok_or_else(|| PreflightError::KernelVersion {
+        release: release.into(),
+    })?;
     if version < MIN_KERNEL {
-        return Err(PreflightError::KernelTooOld { release: release.into() });
+        return Err(PreflightError::KernelTooOld {
+            release: release.into(),
+        });
     }
     Ok(version)
 }
@@ -79,7 +84,9 @@ pub fn check_privileges() -> Result<(), PreflightError> {
     if missing.is_empty() {
         Ok(())
     } else {
-        Err(PreflightError::Privileges { missing: missing.join(", ") })
+        Err(PreflightError::Privileges {
+            missing: missing.join(", "),
+        })
     }
 }
 
@@ -111,7 +118,10 @@ mod tests {
         assert!(missing_caps((1 << CAP_BPF) | (1 << CAP_PERFMON)).is_empty());
         assert_eq!(missing_caps(1 << CAP_BPF), vec!["CAP_PERFMON"]);
         assert_eq!(missing_caps(0), vec!["CAP_BPF", "CAP_PERFMON"]);
-        let err = PreflightError::Privileges { missing: "CAP_BPF".into() }.to_string();
+        let err = PreflightError::Privileges {
+            missing: "CAP_BPF".into(),
+        }
+        .to_string();
         assert!(err.contains("Run it with sudo"), "{err}");
     }
 }

@@ -19,7 +19,10 @@ pub enum TracefsError {
     #[error("tracepoint {tracepoint} has no field {field}")]
     NoField { tracepoint: String, field: String },
     #[error("cannot read {path}: {source}")]
-    Io { path: PathBuf, source: std::io::Error },
+    Io {
+        path: PathBuf,
+        source: std::io::Error,
+    },
 }
 
 /// One field of a tracepoint's record.
@@ -57,18 +60,30 @@ impl Format {
                 // "struct sockaddr * addr" / "__u8 saddr[4]": the name is the last word,
                 // without any array suffix.
                 let field = decl.rsplit([' ', '*']).next()?.split('[').next()?;
-                Some((field.to_string(), Field { offset: offset?, size: size? }))
+                Some((
+                    field.to_string(),
+                    Field {
+                        offset: offset?,
+                        size: size?,
+                    },
+                ))
             })
             .collect();
-        Self { name: name.into(), fields }
+        Self {
+            name: name.into(),
+            fields,
+        }
     }
 
     /// Offset of `field`, or an error naming it.
     pub fn offset(&self, field: &str) -> Result<u32, TracefsError> {
-        self.fields.get(field).map(|f| f.offset).ok_or_else(|| TracefsError::NoField {
-            tracepoint: self.name.clone(),
-            field: field.into(),
-        })
+        self.fields
+            .get(field)
+            .map(|f| f.offset)
+            .ok_or_else(|| TracefsError::NoField {
+                tracepoint: self.name.clone(),
+                field: field.into(),
+            })
     }
 }
 
@@ -97,7 +112,13 @@ impl Tracefs {
         let target = c"/sys/kernel/tracing";
         // SAFETY: plain mount(2) with NUL-terminated strings and no data.
         let rc = unsafe {
-            libc::mount(c"nodev".as_ptr(), target.as_ptr(), c"tracefs".as_ptr(), 0, std::ptr::null())
+            libc::mount(
+                c"nodev".as_ptr(),
+                target.as_ptr(),
+                c"tracefs".as_ptr(),
+                0,
+                std::ptr::null(),
+            )
         };
         if rc != 0 {
             tracing::debug!("mounting tracefs: {}", std::io::Error::last_os_error());
@@ -120,7 +141,12 @@ impl Tracefs {
         if !self.exists(category, name) {
             return Err(TracefsError::NoTracepoint(full));
         }
-        let path = self.root.join("events").join(category).join(name).join("format");
+        let path = self
+            .root
+            .join("events")
+            .join(category)
+            .join(name)
+            .join("format");
         let text = fs::read_to_string(&path).map_err(|source| TracefsError::Io { path, source })?;
         Ok(Format::parse(&full, &text))
     }
@@ -148,7 +174,13 @@ print fmt: \"fd: 0x%08lx\", ((unsigned long)(REC->fd))
         let f = Format::parse("syscalls:sys_enter_sendto", SENDTO);
         assert_eq!(f.offset("addr").unwrap(), 48);
         assert_eq!(f.offset("addr_len").unwrap(), 56);
-        assert_eq!(f.fields["saddr"], Field { offset: 60, size: 4 });
+        assert_eq!(
+            f.fields["saddr"],
+            Field {
+                offset: 60,
+                size: 4
+            }
+        );
         assert_eq!(f.fields["common_type"], Field { offset: 0, size: 2 });
         assert_eq!(f.fields.len(), 6);
     }

@@ -28,14 +28,23 @@ pub fn require_root() {
 
 /// Runs a command that must succeed; returns its stdout.
 pub fn sh(args: &[&str]) -> String {
-    let out = Command::new(args[0]).args(&args[1..]).output().unwrap_or_else(|e| panic!("{args:?}: {e}"));
-    assert!(out.status.success(), "{args:?} failed: {}", String::from_utf8_lossy(&out.stderr));
+    let out = Command::new(args[0])
+        .args(&args[1..])
+        .output()
+        .unwrap_or_else(|e| panic!("{args:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{args:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// Inode of the host's network namespace.
 pub fn host_netns() -> u64 {
-    std::fs::metadata("/proc/self/ns/net").expect("own netns").ino()
+    std::fs::metadata("/proc/self/ns/net")
+        .expect("own netns")
+        .ino()
 }
 
 static NEXT: AtomicU32 = AtomicU32::new(0);
@@ -47,14 +56,20 @@ pub struct Netns {
 
 impl Netns {
     pub fn new(tag: &str) -> Self {
-        let name = format!("udpt-{tag}-{}-{}", std::process::id(), NEXT.fetch_add(1, Ordering::Relaxed));
+        let name = format!(
+            "udpt-{tag}-{}-{}",
+            std::process::id(),
+            NEXT.fetch_add(1, Ordering::Relaxed)
+        );
         sh(&["ip", "netns", "add", &name]);
         sh(&["ip", "-n", &name, "link", "set", "lo", "up"]);
         Self { name }
     }
 
     pub fn inode(&self) -> u64 {
-        std::fs::metadata(format!("/run/netns/{}", self.name)).expect("netns file").ino()
+        std::fs::metadata(format!("/run/netns/{}", self.name))
+            .expect("netns file")
+            .ino()
     }
 
     /// A command run inside this namespace (`ip netns exec` execs it in place, so the
@@ -74,7 +89,9 @@ impl Netns {
 
 impl Drop for Netns {
     fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).status();
+        let _ = Command::new("ip")
+            .args(["netns", "del", &self.name])
+            .status();
     }
 }
 
@@ -94,7 +111,10 @@ impl Pair {
     pub fn new(extra_b: &[&str]) -> Self {
         let a = Netns::new("a");
         let b = Netns::new("b");
-        sh(&["ip", "link", "add", "ut-a", "netns", &a.name, "type", "veth", "peer", "name", "ut-b", "netns", &b.name]);
+        sh(&[
+            "ip", "link", "add", "ut-a", "netns", &a.name, "type", "veth", "peer", "name", "ut-b",
+            "netns", &b.name,
+        ]);
         for (ns, dev, v4, v6) in [(&a, "ut-a", A4, A6), (&b, "ut-b", B4, B6)] {
             ns.ip(&["addr", "add", &format!("{v4}/24"), "dev", dev]);
             ns.ip(&["addr", "add", &format!("{v6}/64"), "dev", dev, "nodad"]);
@@ -133,7 +153,14 @@ except OSError as e:
 pub fn py_send(ns: &Netns, host: &str, port: u16, mode: &str, size: usize) -> (u32, String) {
     let child = ns
         .cmd(PYTHON)
-        .args(["-c", PY_SEND, host, &port.to_string(), mode, &size.to_string()])
+        .args([
+            "-c",
+            PY_SEND,
+            host,
+            &port.to_string(),
+            mode,
+            &size.to_string(),
+        ])
         .stdout(Stdio::piped())
         .spawn()
         .expect("python3");
@@ -210,7 +237,11 @@ impl Tracer {
                 }
             }
         });
-        let mut tracer = Self { child, lines, stderr };
+        let mut tracer = Self {
+            child,
+            lines,
+            stderr,
+        };
         if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
             let _ = tracer.child.kill();
             panic!("udptrace did not start tracing:\n{}", tracer.stderr());
@@ -229,7 +260,10 @@ impl Tracer {
         while out.len() < n {
             let left = deadline.saturating_duration_since(Instant::now());
             match self.lines.recv_timeout(left) {
-                Ok(line) => out.push(serde_json::from_str(&line).unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}"))),
+                Ok(line) => out.push(
+                    serde_json::from_str(&line)
+                        .unwrap_or_else(|e| panic!("bad JSON {line:?}: {e}")),
+                ),
                 Err(_) => break,
             }
         }
@@ -239,7 +273,12 @@ impl Tracer {
     /// Exactly one path, or a panic saying what udptrace printed.
     pub fn one_path(&self) -> Value {
         let mut p = self.paths(1, Duration::from_secs(10));
-        assert_eq!(p.len(), 1, "expected one path; udptrace stderr:\n{}", self.stderr());
+        assert_eq!(
+            p.len(),
+            1,
+            "expected one path; udptrace stderr:\n{}",
+            self.stderr()
+        );
         p.remove(0)
     }
 
@@ -257,7 +296,11 @@ impl Tracer {
             if let Some(status) = self.child.try_wait().expect("wait") {
                 return status;
             }
-            assert!(Instant::now() < deadline, "udptrace did not exit; stderr:\n{}", self.stderr());
+            assert!(
+                Instant::now() < deadline,
+                "udptrace did not exit; stderr:\n{}",
+                self.stderr()
+            );
             std::thread::sleep(Duration::from_millis(50));
         }
     }
@@ -272,11 +315,25 @@ impl Drop for Tracer {
 
 /// Runs a udptrace command to completion: (status, stdout, stderr).
 pub fn udptrace(cmd: &mut Command) -> (ExitStatus, String, String) {
-    let mut child = cmd.stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().expect("udptrace");
+    let mut child = cmd
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("udptrace");
     let mut out = String::new();
     let mut err = String::new();
-    child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
-    child.stderr.take().unwrap().read_to_string(&mut err).unwrap();
+    child
+        .stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .unwrap();
+    child
+        .stderr
+        .take()
+        .unwrap()
+        .read_to_string(&mut err)
+        .unwrap();
     (child.wait().unwrap(), out, err)
 }
 
@@ -285,7 +342,10 @@ pub fn udptrace(cmd: &mut Command) -> (ExitStatus, String, String) {
 pub fn send_hook_family() -> String {
     let (status, out, _) = udptrace(Command::new(UDPTRACE).arg("doctor"));
     assert!(status.success(), "doctor failed:\n{out}");
-    let line = out.lines().find(|l| l.starts_with("send hop")).expect("send hop line");
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("send hop"))
+        .expect("send hop line");
     let hook = line.split("uses ").nth(1).expect("uses <hook>");
     hook.split(':').next().unwrap().to_string()
 }

@@ -185,10 +185,23 @@ fn attach_send(ebpf: &mut Ebpf, layout: &KernelLayout) -> HopReport {
             report.not_needed.push(hook);
             continue;
         }
-        let outcome = attach(ebpf, layout, &mut report.notes);
+        let outcome = if disabled(hook) {
+            Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
+        } else {
+            attach(ebpf, layout, &mut report.notes)
+        };
         report.attempts.push(Attempt { hook, outcome });
     }
     report
+}
+
+/// Diagnostic switch: hook families (`fentry`, `kprobe`, `tracepoint`) not to use, comma
+/// separated. Lets a user (and the tests) run a fallback on a kernel that has a better hook.
+pub const DISABLE_HOOKS_ENV: &str = "UDPTRACE_DISABLE_HOOKS";
+
+fn disabled(hook: &str) -> bool {
+    let family = hook.split(':').next().unwrap_or(hook);
+    std::env::var(DISABLE_HOOKS_ENV).is_ok_and(|v| v.split(',').any(|f| f.trim() == family))
 }
 
 fn need(layout: &KernelLayout, groups: &[Group]) -> Result<(), String> {

@@ -407,3 +407,75 @@ fn sendmmsg_gives_each_datagram_its_destination() {
         ]
     );
 }
+
+/// Every send hook this kernel allows gives the same hop for the same datagram; the ones it
+/// does not allow are named with doctor's reason.
+#[test]
+fn every_usable_send_hook_reports_the_same_fields() {
+    require_root();
+    let families = ["fentry", "kprobe", "tracepoint"];
+    let mut checked = 0;
+    for (i, family) in families.iter().enumerate() {
+        // Disable the better hooks so this one is tried.
+        let disable = families[..i].join(",");
+        let (_, doctor, _) = udptrace(
+            Command::new(UDPTRACE)
+                .arg("doctor")
+                .env("UDPTRACE_DISABLE_HOOKS", &disable),
+        );
+        let uses = doctor
+            .lines()
+            .find(|l| l.starts_with("send hop"))
+            .unwrap_or_default();
+        if !uses.contains(&format!("uses {family}:")) {
+            let why = doctor
+                .lines()
+                .find(|l| l.contains(&format!("tried {family}:")))
+                .unwrap_or("not tried");
+            eprintln!("skipped {family}: this kernel cannot: {}", why.trim());
+            continue;
+        }
+        let net = Pair::new(&[]);
+        let port = 20310 + i as u16;
+        let mut tracer = Tracer::start_env(
+            &["--port", &port.to_string(), "--count", "2"],
+            &[("UDPTRACE_DISABLE_HOOKS", &disable)],
+        );
+        let nc = nc_send(Some(&net.a), &[], B4, port);
+        let (py, out) = py_send(&net.a, B6, port, "sendto", 64);
+        let paths = tracer.paths(2, Duration::from_secs(10));
+        assert_eq!(paths.len(), 2, "{family}: {}", tracer.stderr());
+        let (h1, h2) = (send_hop(&paths[0]), send_hop(&paths[1]));
+        for h in [h1, h2] {
+            assert!(
+                h["hook"]
+                    .as_str()
+                    .unwrap()
+                    .starts_with(&format!("{family}:")),
+                "{h}"
+            );
+            assert_eq!(h["netns"], net.a.inode());
+        }
+        assert_eq!(
+            (h1["pid"].as_u64(), h1["comm"].as_str()),
+            (Some(u64::from(nc)), Some("nc"))
+        );
+        assert!(
+            h1["src"].as_str().unwrap().starts_with(&format!("{A4}:")),
+            "{h1}"
+        );
+        assert_eq!(h1["dst"], format!("{B4}:{port}"));
+        assert_eq!(h1["len"], 3);
+        let sport = out.split_whitespace().nth(1).unwrap();
+        assert_eq!(
+            (h2["pid"].as_u64(), h2["comm"].as_str()),
+            (Some(u64::from(py)), Some("python3"))
+        );
+        assert_eq!(h2["src"], format!("[::]:{sport}"));
+        assert_eq!(h2["dst"], format!("[{B6}]:{port}"));
+        assert_eq!(h2["len"], 64);
+        assert!(tracer.wait(Duration::from_secs(5)).success());
+        checked += 1;
+    }
+    assert!(checked > 0, "no send hook works on this kernel");
+}

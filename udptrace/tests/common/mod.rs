@@ -204,10 +204,16 @@ pub struct Tracer {
 impl Tracer {
     /// Starts `udptrace trace --json ARGS` and waits until it says it is tracing.
     pub fn start(args: &[&str]) -> Self {
+        Self::start_env(args, &[])
+    }
+
+    /// Like [`Tracer::start`], with extra environment variables.
+    pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Self {
         let mut child = Command::new(UDPTRACE)
             .arg("trace")
             .arg("--json")
             .args(args)
+            .envs(env.iter().copied())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
             .spawn()

@@ -3,6 +3,7 @@
 mod cmd;
 mod setup;
 mod test;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -29,8 +30,22 @@ enum Task {
         #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
         args: Vec<String>,
     },
-    /// Set up, check formatting and lints, and run every test (integration tests as root).
+    /// Set up, check formatting and lints, and run every test: on this kernel (integration
+    /// tests as root) and in VMs with other kernels (`integration-test --vm`).
     Test,
+    /// Run the test suite on this kernel, or with `--vm` inside qemu guests.
+    IntegrationTest {
+        /// Boot other kernels under qemu and run the suite inside them.
+        #[arg(long)]
+        vm: bool,
+        /// Kernels for --vm: `6.1` (Debian 12's LTS) or a Debian package name. Repeatable.
+        #[arg(long = "kernel", value_name = "VERSION", requires = "vm")]
+        kernels: Vec<String>,
+    },
+}
+
+fn default_kernels() -> Vec<String> {
+    vm::DEFAULT_KERNELS.iter().map(|k| k.to_string()).collect()
 }
 
 fn main() -> ExitCode {
@@ -43,7 +58,22 @@ fn main() -> ExitCode {
             .and_then(|()| {
                 cmd::run_as_root(&cmd::workspace().join("target/release/udptrace"), &args)
             }),
-        Task::Test => setup::run().and_then(|()| test::run()),
+        Task::Test => setup::run().and_then(|()| test::run(&default_kernels())),
+        Task::IntegrationTest { vm, kernels } => setup::run().and_then(|()| {
+            let mut totals = test::Totals::default();
+            let result = if vm {
+                let kernels = if kernels.is_empty() {
+                    default_kernels()
+                } else {
+                    kernels
+                };
+                vm::run(&kernels, &mut totals)
+            } else {
+                test::run_host(&mut totals)
+            };
+            totals.print();
+            result
+        }),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

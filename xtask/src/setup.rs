@@ -31,6 +31,9 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "sudo",
+    // The VM tests: qemu, and the kernel modules index.
+    "qemu-system-x86",
+    "kmod",
 ];
 
 pub fn run() -> Result<()> {

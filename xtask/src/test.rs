@@ -19,13 +19,28 @@ pub fn build_release() -> Result<()> {
     ]))
 }
 
-pub fn run() -> Result<()> {
-    let ws = workspace();
-    let cargo = |args: &[&str]| {
-        let mut c = Command::new("cargo");
-        c.current_dir(&ws).args(args);
-        c
+/// Lints, then every test on the host kernel, then (with `vm`) the same suite in VMs.
+pub fn run(kernels: &[String]) -> Result<()> {
+    lint()?;
+    let mut totals = Totals::default();
+    let host = run_host(&mut totals);
+    let vm = if kernels.is_empty() {
+        Ok(())
+    } else {
+        crate::vm::run(kernels, &mut totals)
     };
+    totals.print();
+    host.and(vm)
+}
+
+fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(workspace()).args(args);
+    c
+}
+
+/// rustfmt, and clippy on the host crates and on the eBPF crate.
+pub fn lint() -> Result<()> {
     exec(&mut cargo(&["fmt", "--all", "--check"]))?;
     exec(&mut cargo(&[
         "clippy",
@@ -37,7 +52,7 @@ pub fn run() -> Result<()> {
     ]))?;
     exec(
         Command::new("rustup")
-            .current_dir(&ws)
+            .current_dir(workspace())
             .args([
                 "run",
                 EBPF_TOOLCHAIN,
@@ -56,11 +71,12 @@ pub fn run() -> Result<()> {
                 "-D",
                 "warnings",
             ]),
-    )?;
-    build_release()?;
+    )
+}
 
-    // Build the test binaries, then run them ourselves so the kernel-touching ones run as
-    // root, with one test at a time (they share the kernel).
+/// Builds udptrace and every test binary; returns the test binaries' paths.
+pub fn build_tests() -> Result<Vec<String>> {
+    build_release()?;
     let out = cargo(&["test", "--release", "--no-run", "--message-format=json"])
         .output()
         .context("building the tests")?;
@@ -70,24 +86,26 @@ pub fn run() -> Result<()> {
             String::from_utf8_lossy(&out.stderr)
         );
     }
-    let mut binaries = Vec::new();
-    for line in String::from_utf8_lossy(&out.stdout).lines() {
-        let Ok(msg) = serde_json_lite(line) else {
-            continue;
-        };
-        if let Some(exe) = msg {
-            binaries.push(exe);
-        }
-    }
+    let binaries: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| test_executable(line).ok().flatten())
+        .collect();
     if binaries.is_empty() {
         bail!("cargo built no test binaries");
     }
+    Ok(binaries)
+}
+
+/// Runs every test binary on this host: as root, one test at a time (they share the kernel).
+pub fn run_host(totals: &mut Totals) -> Result<()> {
+    let binaries = build_tests()?;
     let mut failed = Vec::new();
-    let mut totals = Totals::default();
     for exe in &binaries {
         let mut cmd = root_command(exe);
-        cmd.current_dir(&ws).arg("--test-threads=1");
-        match run_counting(&mut cmd, &mut totals) {
+        // --show-output: tests print why they skip a part the kernel lacks.
+        cmd.current_dir(workspace())
+            .args(["--test-threads=1", "--show-output"]);
+        match run_counting(&mut cmd, totals) {
             Ok(true) => {}
             Ok(false) => failed.push(exe.clone()),
             Err(e) => {
@@ -96,13 +114,8 @@ pub fn run() -> Result<()> {
             }
         }
     }
-    // One closing line for the whole run, in the form CI reads.
-    println!(
-        "tests: {} passed, {} failed, {} skipped",
-        totals.passed, totals.failed, totals.ignored
-    );
     if !failed.is_empty() {
-        bail!("test binaries failed: {failed:?}");
+        bail!("test binaries failed on the host kernel: {failed:?}");
     }
     Ok(())
 }
@@ -115,6 +128,14 @@ pub struct Totals {
 }
 
 impl Totals {
+    /// One closing line for the whole run, in the form CI reads.
+    pub fn print(&self) {
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        );
+    }
+
     /// Adds the counts of a libtest summary line
     /// (`test result: ok. 12 passed; 0 failed; 0 ignored; ...`).
     pub fn add_summary(&mut self, line: &str) {
@@ -155,7 +176,7 @@ pub fn run_counting(cmd: &mut Command, totals: &mut Totals) -> Result<bool> {
 }
 
 /// Picks the executable of a test artifact out of one line of cargo's JSON messages.
-fn serde_json_lite(line: &str) -> Result<Option<String>> {
+fn test_executable(line: &str) -> Result<Option<String>> {
     let v: serde_json::Value = serde_json::from_str(line)?;
     let is_test = v["reason"] == "compiler-artifact" && v["profile"]["test"] == true;
     Ok(if is_test {

@@ -3,6 +3,7 @@
 use crate::{
     kernel::{
         btf::{KernelBtf, VMLINUX_BTF},
+        drop_reasons::DropReasons,
         preflight,
     },
     loader::{HopReport, Tracer},
@@ -50,7 +51,16 @@ pub fn run() -> bool {
         }
     }
     match KernelBtf::running() {
-        Ok(_) => line("BTF", format!("{VMLINUX_BTF}: ok")),
+        Ok(btf) => {
+            line("BTF", format!("{VMLINUX_BTF}: ok"));
+            match DropReasons::from_btf(&btf) {
+                Ok(r) => line(
+                    "drop reasons",
+                    format!("{} names from BTF enum skb_drop_reason", r.len()),
+                ),
+                Err(e) => line("drop reasons", format!("unavailable: {e}")),
+            }
+        }
         Err(e) => {
             ok = false;
             line("BTF", e);

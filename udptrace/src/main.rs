@@ -33,6 +33,10 @@ fn main() -> ExitCode {
     init_logging();
     match cli.command {
         Command::Doctor => {
+            // A report piped into `head` just stops (trace handles a closed pipe itself,
+            // to print its loss counters).
+            // SAFETY: restoring the default disposition of SIGPIPE before any thread starts.
+            unsafe { libc::signal(libc::SIGPIPE, libc::SIG_DFL) };
             if doctor::run() {
                 ExitCode::SUCCESS
             } else {

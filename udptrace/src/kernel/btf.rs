@@ -22,6 +22,8 @@ pub enum BtfError {
     },
     #[error("this kernel's BTF has no struct {0}")]
     NoStruct(String),
+    #[error("this kernel's BTF has no enum {0}")]
+    NoEnum(String),
     #[error("this kernel's BTF has no field {field} in struct {strukt}")]
     NoField { strukt: String, field: String },
 }
@@ -112,6 +114,28 @@ impl KernelBtf {
             }
         }
         Ok(total)
+    }
+
+    /// Names and values of enum `name`.
+    pub fn enum_values(&self, name: &str) -> Result<Vec<(String, u64)>, BtfError> {
+        let types = self.btf.resolve_types_by_name(name).unwrap_or_default();
+        let named = |m: &dyn btf_rs::BtfType| self.btf.resolve_name(m).unwrap_or_default();
+        for t in types {
+            match t {
+                Type::Enum(e) => {
+                    return Ok(e
+                        .members
+                        .iter()
+                        .map(|m| (named(m), u64::from(m.val())))
+                        .collect());
+                }
+                Type::Enum64(e) => {
+                    return Ok(e.members.iter().map(|m| (named(m), m.val())).collect())
+                }
+                _ => {}
+            }
+        }
+        Err(BtfError::NoEnum(name.into()))
     }
 
     /// `sizeof(struct strukt)`.

@@ -319,6 +319,8 @@ fn add_modules(st: &mut Staging, k: &Kernel) -> Result<()> {
     )
 }
 
+/// The guest's /init. The root is the initramfs itself (writable), so nothing is mounted
+/// over /tmp: the binaries sit at their host paths, which may be under /tmp.
 fn init_script(udptrace: &str, tests: &[String]) -> String {
     let tests = tests
         .iter()
@@ -332,7 +334,6 @@ mount -t proc proc /proc
 mount -t sysfs sysfs /sys
 mount -t devtmpfs devtmpfs /dev
 mount -t tmpfs tmpfs /run
-mount -t tmpfs tmpfs /tmp
 mount -t bpf bpf /sys/fs/bpf
 mount -t tracefs tracefs /sys/kernel/tracing
 mount -t debugfs debugfs /sys/kernel/debug

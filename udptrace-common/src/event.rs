@@ -2,6 +2,12 @@
 
 /// Event kinds (`EventHeader::kind`).
 pub const KIND_SEND: u16 = 1;
+/// A device transmitted the datagram ([`SkbEvent`]).
+pub const KIND_XMIT: u16 = 2;
+/// The kernel freed the datagram with a drop reason ([`SkbEvent`]).
+pub const KIND_DROP: u16 = 3;
+/// A receiving socket got the datagram ([`SkbEvent`]); no hook emits it yet.
+pub const KIND_DELIVER: u16 = 4;
 
 /// Which kernel hook produced an event (`EventHeader::hook`).
 pub const HOOK_FENTRY_UDP_SENDMSG: u16 = 1;
@@ -9,6 +15,8 @@ pub const HOOK_FENTRY_UDPV6_SENDMSG: u16 = 2;
 pub const HOOK_KPROBE_UDP_SENDMSG: u16 = 3;
 pub const HOOK_KPROBE_UDPV6_SENDMSG: u16 = 4;
 pub const HOOK_TP_SOCK_SEND_LENGTH: u16 = 5;
+pub const HOOK_TP_NET_DEV_START_XMIT: u16 = 6;
+pub const HOOK_TP_KFREE_SKB: u16 = 7;
 
 /// `SendEvent::flags`: the destination came from the syscall's address argument
 /// (an unconnected send), not from the socket.
@@ -94,3 +102,38 @@ pub struct PendingSend {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PendingSend {}
 const _: () = assert!(core::mem::size_of::<PendingSend>() == 40);
+
+/// A datagram seen through its `struct sk_buff`: transmitted, dropped or delivered.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SkbEvent {
+    pub header: EventHeader,
+    /// Kernel address of the `struct sk_buff`: the datagram's identity inside one kernel.
+    pub skb: u64,
+    /// The socket owning the skb (the sender's on the way out, the receiver's once queued).
+    pub sk: u64,
+    /// cgroup v2 id of the current task (deliver only; 0 otherwise).
+    pub cgroup: u64,
+    /// Current task (deliver only; 0 in softirq context otherwise).
+    pub pid: u32,
+    pub tid: u32,
+    /// Network namespace of the device (or of the socket when there is no device).
+    pub netns: u32,
+    pub ifindex: u32,
+    /// Drop reason number (this kernel's `enum skb_drop_reason`), else 0.
+    pub reason: u32,
+    /// UDP payload bytes (UDP length minus its header).
+    pub len: u32,
+    /// IPv4 identification (0 for IPv6) and UDP checksum, as on the wire: with the inner
+    /// tuple they identify a datagram across nodes without touching it.
+    pub ip_id: u16,
+    pub udp_csum: u16,
+    pub _pad: u32,
+    pub ifname: [u8; 16],
+    pub comm: [u8; 16],
+    pub src: Addr,
+    pub dst: Addr,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for SkbEvent {}
+const _: () = assert!(core::mem::size_of::<SkbEvent>() == 152);

@@ -38,10 +38,25 @@ pub struct Offsets {
     pub tp_sendmmsg_mmsg: u32,
     pub tp_sendmmsg_vlen: u32,
     pub _pad: u32,
+    // struct sk_buff
+    pub skb_head: u32,
+    pub skb_network_header: u32,
+    pub skb_transport_header: u32,
+    pub skb_dev: u32,
+    pub skb_sk: u32,
+    // struct net_device
+    pub dev_ifindex: u32,
+    pub dev_name: u32,
+    pub dev_net: u32,
+    // tracepoints net:net_dev_start_xmit, skb:kfree_skb
+    pub tp_xmit_skb: u32,
+    pub tp_kfree_skb: u32,
+    pub tp_kfree_reason: u32,
+    pub _pad2: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 24 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 36 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
@@ -70,5 +85,17 @@ impl Offsets {
         tp_sendmmsg_mmsg: OFFSET_MISSING,
         tp_sendmmsg_vlen: OFFSET_MISSING,
         _pad: 0,
+        skb_head: OFFSET_MISSING,
+        skb_network_header: OFFSET_MISSING,
+        skb_transport_header: OFFSET_MISSING,
+        skb_dev: OFFSET_MISSING,
+        skb_sk: OFFSET_MISSING,
+        dev_ifindex: OFFSET_MISSING,
+        dev_name: OFFSET_MISSING,
+        dev_net: OFFSET_MISSING,
+        tp_xmit_skb: OFFSET_MISSING,
+        tp_kfree_skb: OFFSET_MISSING,
+        tp_kfree_reason: OFFSET_MISSING,
+        _pad2: 0,
     };
 }

@@ -3,9 +3,13 @@
 #![no_std]
 #![no_main]
 
+mod drop;
 mod kernel;
 mod maps;
 mod send;
+mod skb;
+mod tp;
+mod xmit;
 
 #[cfg(not(test))]
 #[panic_handler]

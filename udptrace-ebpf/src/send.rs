@@ -24,6 +24,7 @@ use udptrace_common::{
 use crate::{
     kernel::{read_kernel, read_sock, read_sockaddr, read_user, Mem, ReadError},
     maps::{count, offset, EVENTS, PENDING_SENDS},
+    tp::field,
 };
 
 /// Builds and sends one send-hop event for socket `sk`. `call_dst` is the destination
@@ -143,13 +144,6 @@ fn kprobe_send(ctx: &ProbeContext, hook: u16) -> Result<(), ReadError> {
 }
 
 // --- 3. tracepoints ----------------------------------------------------------------------
-
-/// Reads a tracepoint field at an offset taken from its tracefs format.
-#[inline(always)]
-fn field<T>(ctx: &TracePointContext, off: usize) -> Result<T, ReadError> {
-    // SAFETY: the offset comes from this kernel's format file for this tracepoint.
-    unsafe { ctx.read_at::<T>(off) }.map_err(|_| ReadError)
-}
 
 #[inline(always)]
 fn remember(dst: Addr, mmsg: u64, vlen: u32) {

@@ -2,7 +2,7 @@
 
 use std::{net::SocketAddr, time::SystemTime};
 
-use crate::paths::{Hop, HopKind, Path};
+use crate::paths::{Hop, HopKind, Path, Verdict};
 
 /// How `trace` prints paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -26,17 +26,26 @@ fn hop_line(h: &Hop) -> String {
     let who = h
         .process
         .as_ref()
-        .map(|p| format!("{}[{}] ", p.comm, p.pid))
+        .map(|p| format!(" {}[{}]", p.comm, p.pid))
+        .unwrap_or_default();
+    let dev = h
+        .ifname
+        .as_ref()
+        .map(|d| format!(" {d}"))
         .unwrap_or_default();
     let kind = match h.kind {
         HopKind::Send => "send",
+        HopKind::Xmit => "xmit",
+        HopKind::Drop => "DROP",
+        HopKind::Deliver => "deliver",
     };
-    let outcome = match (&h.error, h.errno) {
-        (Some(e), Some(n)) => format!("failed: {e} (errno {n})"),
+    let outcome = match (&h.error, h.errno, &h.reason) {
+        (Some(e), Some(n), _) => format!("failed: {e} (errno {n})"),
+        (_, _, Some(reason)) => reason.to_string(),
         _ => format!("{} B", h.len),
     };
     format!(
-        "{kind} {who}{} → {} {outcome}  netns {}  via {}",
+        "{kind}{dev}{who} {} → {} {outcome}  netns {}  via {}",
         addr(h.addrs.src),
         addr(h.addrs.dst),
         h.netns,
@@ -50,7 +59,13 @@ pub fn render(path: &Path, format: Format) -> String {
         Format::Json => serde_json::to_string(path).expect("paths always serialize"),
         Format::Human => {
             let hops: Vec<String> = path.hops.iter().map(hop_line).collect();
-            format!("{} {}", clock_time(path.ts), hops.join(" ⇒ "))
+            let verdict = match (path.verdict, path.complete) {
+                (Verdict::Delivered, _) => "delivered",
+                (Verdict::Dropped, _) => "dropped",
+                (Verdict::Unknown, true) => "unknown",
+                (Verdict::Unknown, false) => "incomplete",
+            };
+            format!("{} {verdict}: {}", clock_time(path.ts), hops.join(" ⇒ "))
         }
     }
 }
@@ -64,8 +79,8 @@ mod tests {
     fn human_line_reads_like_a_sentence() {
         assert_eq!(
             render(&sample_path(), Format::Human),
-            "08:00:00.000000 send nc[100] 127.0.0.1:40112 → 127.0.0.1:5353 3 B  netns 4026531840  \
-             via tracepoint:sock:sock_send_length"
+            "08:00:00.000000 unknown: send nc[100] 127.0.0.1:40112 → 127.0.0.1:5353 3 B  netns \
+             4026531840  via tracepoint:sock:sock_send_length"
         );
     }
 

@@ -10,6 +10,11 @@ pub struct Clock {
     boot_wall_ns: i128,
 }
 
+/// CLOCK_MONOTONIC now, in the unit of kernel event timestamps.
+pub fn monotonic_ns() -> u64 {
+    now_ns(libc::CLOCK_MONOTONIC) as u64
+}
+
 fn now_ns(clock: libc::clockid_t) -> i128 {
     let mut ts = libc::timespec {
         tv_sec: 0,

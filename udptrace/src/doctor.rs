@@ -74,6 +74,9 @@ pub fn run() -> bool {
         Ok(tracer) => {
             line("tracefs", &tracer.kernel.tracefs);
             hop(&tracer.send);
+            for report in &tracer.skb_hops {
+                hop(report);
+            }
             println!("\ntracing can run: `udptrace trace`");
             true
         }

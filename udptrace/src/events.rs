@@ -7,12 +7,17 @@ use std::{
 
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
-use udptrace_common::{Addr, EventHeader, SendEvent, AF_INET, AF_INET6, KIND_SEND};
+use udptrace_common::{
+    Addr, EventHeader, SendEvent, SkbEvent, AF_INET, AF_INET6, KIND_DELIVER, KIND_DROP, KIND_SEND,
+    KIND_XMIT,
+};
 
 /// A decoded hop event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     Send(SendEvent),
+    /// xmit, drop or deliver (see `header.kind`).
+    Skb(SkbEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -52,6 +57,7 @@ impl Event {
         let kind = u16::from_ne_bytes([bytes[0], bytes[1]]);
         match kind {
             KIND_SEND => read(kind, bytes).map(Event::Send),
+            KIND_XMIT | KIND_DROP | KIND_DELIVER => read(kind, bytes).map(Event::Skb),
             other => Err(DecodeError::Kind(other)),
         }
     }
@@ -162,6 +168,45 @@ pub(crate) mod tests {
         }
     }
 
+    pub fn sample_skb(kind: u16) -> SkbEvent {
+        let mut ifname = [0u8; 16];
+        ifname[..4].copy_from_slice(b"ut-b");
+        SkbEvent {
+            header: EventHeader {
+                kind,
+                hook: udptrace_common::HOOK_TP_KFREE_SKB,
+                cpu: 0,
+                ts_ns: 50,
+            },
+            skb: 0xffff_8880_0000_1000,
+            sk: 0,
+            netns: 4026532000,
+            ifindex: 2,
+            reason: 3,
+            len: 3,
+            ip_id: 0x1234,
+            udp_csum: 0xabcd,
+            ifname,
+            src: sample_send().src,
+            dst: sample_send().dst,
+            ..SkbEvent::default()
+        }
+    }
+
+    #[test]
+    fn skb_events_decode_by_kind() {
+        for kind in [KIND_XMIT, KIND_DROP, KIND_DELIVER] {
+            let ev = sample_skb(kind);
+            assert_eq!(Event::decode(&as_bytes(&ev)), Ok(Event::Skb(ev)));
+        }
+        let mut bytes = as_bytes(&sample_skb(KIND_XMIT));
+        bytes.truncate(128);
+        assert!(matches!(
+            Event::decode(&bytes),
+            Err(DecodeError::Size { expected: 152, .. })
+        ));
+    }
+
     #[test]
     fn send_event_round_trips_through_bytes() {
         let ev = sample_send();
@@ -185,6 +230,7 @@ pub(crate) mod tests {
             idx: 2,
         });
         round_trip(udptrace_common::Offsets::MISSING);
+        round_trip(sample_skb(KIND_DROP));
     }
 
     #[test]

@@ -13,6 +13,7 @@ use udptrace_common::{names, STATS_LEN};
 
 use crate::kernel::{
     btf::{BtfError, KernelBtf},
+    drop_reasons::DropReasons,
     offsets::{Group, KernelLayout},
     preflight::{self, PreflightError},
     tracefs::Tracefs,
@@ -92,6 +93,10 @@ pub struct Tracer {
     ebpf: Ebpf,
     pub kernel: KernelFacts,
     pub send: HopReport,
+    /// xmit, drop, deliver.
+    pub skb_hops: Vec<HopReport>,
+    /// Drop reason names of this kernel.
+    pub drop_reasons: DropReasons,
 }
 
 const HOOK_FENTRY: &str = "fentry:udp_sendmsg+udpv6_sendmsg";
@@ -125,6 +130,7 @@ impl Tracer {
         };
         let tracefs = tracefs.ok().map(|(fs, _)| fs);
         let layout = KernelLayout::resolve(&kbtf, tracefs.as_ref());
+        tracing::debug!("kernel offsets: {:?}", layout.offsets);
         if EBPF_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
@@ -132,6 +138,7 @@ impl Tracer {
             .override_global(names::OFFSETS, &layout.offsets, true)
             .load(EBPF_OBJECT)
             .map_err(|e| LoadError::Object(chain(&e)))?;
+        let drop_reasons = DropReasons::from_btf(&kbtf).unwrap_or_default();
         let send = attach_send(&mut ebpf, &layout);
         if send.chosen().is_none() {
             return Err(LoadError::NoHook {
@@ -142,7 +149,14 @@ impl Tracer {
         let kernel = KernelFacts {
             tracefs: tracefs_fact,
         };
-        Ok(Self { ebpf, kernel, send })
+        let skb_hops = attach_skb_hops(&mut ebpf, &layout);
+        Ok(Self {
+            ebpf,
+            kernel,
+            send,
+            skb_hops,
+            drop_reasons,
+        })
     }
 
     /// The event ring buffer. Can be taken once.
@@ -166,21 +180,23 @@ impl Tracer {
     }
 }
 
-/// Attaches the send hop: fentry, then kprobe, then tracepoints.
-fn attach_send(ebpf: &mut Ebpf, layout: &KernelLayout) -> HopReport {
+/// How one hook is attached: `Err` says why it is not usable.
+type Attach = fn(&mut Ebpf, &KernelLayout, &mut Vec<String>) -> Result<(), String>;
+
+/// Tries `chain` in order until one hook attaches; records every attempt.
+fn attach_chain(
+    ebpf: &mut Ebpf,
+    layout: &KernelLayout,
+    hop: &'static str,
+    chain: &[(&'static str, Attach)],
+) -> HopReport {
     let mut report = HopReport {
-        hop: "send",
+        hop,
         attempts: Vec::new(),
         not_needed: Vec::new(),
         notes: Vec::new(),
     };
-    type Try = fn(&mut Ebpf, &KernelLayout, &mut Vec<String>) -> Result<(), String>;
-    let chain: [(&'static str, Try); 3] = [
-        (HOOK_FENTRY, send_fentry),
-        (HOOK_KPROBE, send_kprobe),
-        (HOOK_TP, send_tracepoints),
-    ];
-    for (hook, attach) in chain {
+    for &(hook, attach) in chain {
         if report.chosen().is_some() {
             report.not_needed.push(hook);
             continue;
@@ -193,6 +209,59 @@ fn attach_send(ebpf: &mut Ebpf, layout: &KernelLayout) -> HopReport {
         report.attempts.push(Attempt { hook, outcome });
     }
     report
+}
+
+/// The send hop: fentry, then kprobe, then tracepoints.
+fn attach_send(ebpf: &mut Ebpf, layout: &KernelLayout) -> HopReport {
+    attach_chain(
+        ebpf,
+        layout,
+        "send",
+        &[
+            (HOOK_FENTRY, send_fentry),
+            (HOOK_KPROBE, send_kprobe),
+            (HOOK_TP, send_tracepoints),
+        ],
+    )
+}
+
+/// The skb hops. Each has one hook today; a kernel without it traces without that hop.
+///
+/// No deliver hop yet: 6.18 frees a datagram UDP has read through deferred frees in softirq,
+/// so neither `skb:consume_skb` in the reader's task nor `skb:skb_copy_datagram_iovec` (not
+/// called for linear skbs) identifies the delivery; see docs/architecture.md.
+fn attach_skb_hops(ebpf: &mut Ebpf, layout: &KernelLayout) -> Vec<HopReport> {
+    fn xmit(e: &mut Ebpf, l: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
+        need(l, &[Group::Skb, Group::Sock, Group::TpXmit])?;
+        attach_tp(e, "xmit_start_xmit", "net", &["net_dev_start_xmit"])
+    }
+    fn drop(e: &mut Ebpf, l: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
+        need(l, &[Group::Skb, Group::Sock, Group::TpDrop])?;
+        attach_tp(e, "drop_kfree_skb", "skb", &["kfree_skb"])
+    }
+    vec![
+        attach_chain(
+            ebpf,
+            layout,
+            "xmit",
+            &[("tracepoint:net:net_dev_start_xmit", xmit)],
+        ),
+        attach_chain(ebpf, layout, "drop", &[("tracepoint:skb:kfree_skb", drop)]),
+    ]
+}
+
+/// Loads tracepoint program `name` (once) and attaches it to `category:tp` for each `tp`.
+fn attach_tp(ebpf: &mut Ebpf, name: &str, category: &str, tps: &[&str]) -> Result<(), String> {
+    let prog: &mut TracePoint = program(ebpf, name)?;
+    if prog.fd().is_err() {
+        prog.load()
+            .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
+    }
+    tps.iter().try_for_each(|tp| {
+        prog.attach(category, tp)
+            .map(drop)
+            .map_err(|e| format!("attaching to {category}:{tp}: {}", chain(&e)))
+    })
 }
 
 /// Diagnostic switch: hook families (`fentry`, `kprobe`, `tracepoint`) not to use, comma
@@ -294,18 +363,7 @@ fn send_tracepoints(
     notes: &mut Vec<String>,
 ) -> Result<(), String> {
     need(layout, &[Group::Sock, Group::TpSendLength])?;
-    let attach = |ebpf: &mut Ebpf, name: &str, category: &str, tps: &[&str]| {
-        let prog: &mut TracePoint = program(ebpf, name)?;
-        if prog.fd().is_err() {
-            prog.load()
-                .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
-        }
-        tps.iter().try_for_each(|tp| {
-            prog.attach(category, tp)
-                .map(drop)
-                .map_err(|e| format!("attaching to {category}:{tp}: {}", chain(&e)))
-        })
-    };
+    let attach = attach_tp;
     attach(ebpf, "send_sock_send_length", "sock", &["sock_send_length"])?;
     // The destination of unconnected sends is only in the syscall's arguments.
     let syscalls = need(layout, &[Group::TpSendSyscalls, Group::UserMsghdr]).and_then(|()| {

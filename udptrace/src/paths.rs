@@ -1,17 +1,19 @@
 //! Datagram paths: the hops one datagram took, in the shape of the JSON contract
-//! (docs/json.md). The send hop starts a path; later hop families extend it.
+//! (docs/json.md), assembled from hop events.
 
-use std::{net::SocketAddr, time::SystemTime};
+use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
 
 use serde::{Serialize, Serializer};
 use udptrace_common::{
-    SendEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG, HOOK_KPROBE_UDPV6_SENDMSG,
-    HOOK_KPROBE_UDP_SENDMSG, HOOK_TP_SOCK_SEND_LENGTH,
+    SendEvent, SkbEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
+    HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG, HOOK_TP_KFREE_SKB,
+    HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SOCK_SEND_LENGTH, KIND_DROP, KIND_XMIT,
 };
 
 use crate::{
     clock::{rfc3339, Clock},
     events::{comm, socket_addr, Event},
+    kernel::drop_reasons::DropReasons,
 };
 
 /// The name of the hook that produced an event, as shown in `hook`.
@@ -22,6 +24,8 @@ pub fn hook_name(hook: u16) -> &'static str {
         HOOK_KPROBE_UDP_SENDMSG => "kprobe:udp_sendmsg",
         HOOK_KPROBE_UDPV6_SENDMSG => "kprobe:udpv6_sendmsg",
         HOOK_TP_SOCK_SEND_LENGTH => "tracepoint:sock:sock_send_length",
+        HOOK_TP_NET_DEV_START_XMIT => "tracepoint:net:net_dev_start_xmit",
+        HOOK_TP_KFREE_SKB => "tracepoint:skb:kfree_skb",
         _ => "unknown",
     }
 }
@@ -49,8 +53,9 @@ pub struct Endpoints {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum Verdict {
-    /// The contract also has "delivered", "dropped" and "left-host"; they arrive with the
-    /// deliver, drop and xmit hops.
+    Delivered,
+    Dropped,
+    /// The contract also has "left-host"; it needs to know which devices leave the host.
     Unknown,
 }
 
@@ -58,6 +63,9 @@ pub enum Verdict {
 #[serde(rename_all = "lowercase")]
 pub enum HopKind {
     Send,
+    Xmit,
+    Drop,
+    Deliver,
 }
 
 /// Who sent or received, on send and deliver hops.
@@ -66,7 +74,8 @@ pub struct Process {
     pub pid: u32,
     pub tid: u32,
     pub comm: String,
-    pub uid: u32,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uid: Option<u32>,
     pub cgroup: u64,
 }
 
@@ -91,6 +100,9 @@ pub struct Hop {
     pub errno: Option<i32>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// Drop reason, the kernel's name without `SKB_DROP_REASON_`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
 
 /// A datagram's path.
@@ -141,7 +153,7 @@ pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
             pid: ev.pid,
             tid: ev.tid,
             comm: comm(&ev.comm),
-            uid: ev.uid,
+            uid: Some(ev.uid),
             cgroup: ev.cgroup,
         }),
         errno,
@@ -149,37 +161,314 @@ pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
             let msg = std::io::Error::from_raw_os_error(e).to_string();
             msg.split(" (os error").next().unwrap_or(&msg).to_string()
         }),
+        reason: None,
     }
 }
 
-/// Assembles events into paths. Only send hops exist so far, so every send starts and
-/// ends its own path; the verdict stays `unknown` until later hops are observed.
+/// The xmit, drop or deliver hop of an [`SkbEvent`].
+pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
+    let kind = match ev.header.kind {
+        KIND_XMIT => HopKind::Xmit,
+        KIND_DROP => HopKind::Drop,
+        _ => HopKind::Deliver,
+    };
+    let ifname = comm(&ev.ifname);
+    Hop {
+        kind,
+        ts: clock.wall(ev.header.ts_ns),
+        hook: hook_name(ev.header.hook),
+        netns: ev.netns,
+        ifname: (!ifname.is_empty()).then_some(ifname),
+        addrs: Endpoints {
+            src: socket_addr(&ev.src),
+            dst: socket_addr(&ev.dst),
+        },
+        len: ev.len,
+        process: (kind == HopKind::Deliver && ev.pid != 0).then(|| Process {
+            pid: ev.pid,
+            tid: ev.tid,
+            comm: comm(&ev.comm),
+            uid: None,
+            cgroup: ev.cgroup,
+        }),
+        errno: None,
+        error: None,
+        reason: (kind == HopKind::Drop).then(|| {
+            reasons
+                .name(ev.reason)
+                .map_or_else(|| format!("reason {}", ev.reason), str::to_string)
+        }),
+    }
+}
+
+/// How long a finished path waits for its send hop, which the tracepoint hook reports only
+/// after the send returns (after the datagram's later hops).
+const GRACE_NS: u64 = 100_000_000;
+/// A path with no verdict after this long is printed as incomplete.
+const IDLE_NS: u64 = 2_000_000_000;
+/// Paths assembled at once; beyond this the oldest is printed as incomplete.
+pub const MAX_OPEN: usize = 65_536;
+
+/// A path being assembled.
+#[derive(Debug)]
+struct Open {
+    id: String,
+    /// Send hop, if seen (always printed first), then the skb hops in arrival order.
+    send: Option<Hop>,
+    hops: Vec<Hop>,
+    /// The sending socket, from the send hop or the first skb hop.
+    sock: u64,
+    skb: u64,
+    first_ns: u64,
+    last_ns: u64,
+    verdict: Verdict,
+    /// When the verdict was reached.
+    ended_ns: Option<u64>,
+}
+
+impl Open {
+    fn into_path(self, complete: bool) -> Path {
+        let hops: Vec<Hop> = self.send.into_iter().chain(self.hops).collect();
+        let first = hops.first().map(|h| h.addrs);
+        let last = hops.last().map(|h| h.addrs);
+        let empty = Endpoints {
+            src: None,
+            dst: None,
+        };
+        Path {
+            ty: "path",
+            id: self.id,
+            ts: hops
+                .iter()
+                .map(|h| h.ts)
+                .min()
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            complete,
+            orig: first.unwrap_or(empty),
+            last: last.unwrap_or(empty),
+            verdict: self.verdict,
+            hops,
+        }
+    }
+
+    /// Ready to print: a verdict, and the send hop if the datagram was sent here.
+    fn done(&self, now_ns: u64) -> bool {
+        match self.ended_ns {
+            Some(at) => self.send.is_some() || self.sock == 0 || now_ns >= at + GRACE_NS,
+            None => false,
+        }
+    }
+}
+
+/// Assembles hop events into one path per datagram.
+///
+/// A datagram is identified by its skb pointer inside this kernel; its send hop joins by the
+/// sending socket (`skb->sk` on the way out). A path ends on delivery or drop; one that
+/// reaches neither within [`IDLE_NS`] is printed with `complete: false`.
 #[derive(Debug, Default)]
 pub struct Assembler {
     clock: Clock,
+    reasons: DropReasons,
+    open: HashMap<u64, Open>,
+    by_skb: HashMap<u64, u64>,
+    by_sock: HashMap<u64, u64>,
+    /// Paths pushed out by [`MAX_OPEN`], printed as incomplete.
+    evicted: Vec<u64>,
+    /// Send-only paths superseded by a later send on the same socket, printed as incomplete.
+    stale: Vec<u64>,
+    next: u64,
 }
 
 impl Assembler {
-    pub fn new(clock: Clock) -> Self {
-        Self { clock }
+    pub fn new(clock: Clock, reasons: DropReasons) -> Self {
+        Self {
+            clock,
+            reasons,
+            ..Self::default()
+        }
     }
 
-    /// Feeds one event; returns the paths it finished.
-    pub fn push(&mut self, event: &Event) -> Option<Path> {
-        match event {
-            Event::Send(ev) => {
-                let hop = send_hop(ev, &self.clock);
-                Some(Path {
-                    ty: "path",
-                    id: format!("{:x}-{:x}", ev.header.ts_ns, ev.tid),
-                    ts: hop.ts,
-                    complete: true,
-                    orig: hop.addrs,
-                    last: hop.addrs,
-                    verdict: Verdict::Unknown,
-                    hops: vec![hop],
-                })
+    /// Paths being assembled.
+    #[cfg(test)]
+    pub fn open_paths(&self) -> usize {
+        self.open.len()
+    }
+
+    fn start(&mut self, ts_ns: u64, key: u64) -> u64 {
+        if self.open.len() >= MAX_OPEN {
+            if let Some(oldest) = self
+                .open
+                .iter()
+                .min_by_key(|(_, o)| o.first_ns)
+                .map(|(k, _)| *k)
+            {
+                self.evicted.push(oldest);
             }
+        }
+        self.next += 1;
+        let open = Open {
+            id: format!("{ts_ns:x}-{key:x}"),
+            send: None,
+            hops: Vec::new(),
+            sock: 0,
+            skb: 0,
+            first_ns: ts_ns,
+            last_ns: ts_ns,
+            verdict: Verdict::Unknown,
+            ended_ns: None,
+        };
+        self.open.insert(self.next, open);
+        self.next
+    }
+
+    /// Feeds one event; appends the paths it finished to `out`.
+    pub fn push(&mut self, event: &Event, out: &mut Vec<Path>) {
+        let now = match event {
+            Event::Send(ev) => {
+                self.push_send(ev);
+                ev.header.ts_ns
+            }
+            Event::Skb(ev) => {
+                self.push_skb(ev);
+                ev.header.ts_ns
+            }
+        };
+        self.collect(now, out);
+    }
+
+    fn push_send(&mut self, ev: &SendEvent) {
+        let hop = send_hop(ev, &self.clock);
+        // The tracepoint hook reports the send after its skb hops: join that path.
+        let waiting = self.by_sock.get(&ev.sock).copied().filter(|id| {
+            self.open.get(id).is_some_and(|o| {
+                o.send.is_none()
+                    && o.hops.first().and_then(|h| h.addrs.src).map(|a| a.port())
+                        == Some(ev.src.port)
+            })
+        });
+        let id = match waiting {
+            Some(id) => id,
+            None => {
+                // An earlier send on this socket that never got an skb hop is over: it
+                // must not collect this datagram's hops.
+                if let Some(old) = self.by_sock.get(&ev.sock).copied() {
+                    if self
+                        .open
+                        .get(&old)
+                        .is_some_and(|o| o.send.is_some() && o.skb == 0)
+                    {
+                        self.stale.push(old);
+                    }
+                }
+                let id = self.start(ev.header.ts_ns, ev.sock);
+                self.by_sock.insert(ev.sock, id);
+                id
+            }
+        };
+        let open = self.open.get_mut(&id).expect("open path");
+        open.sock = ev.sock;
+        open.first_ns = open.first_ns.min(ev.header.ts_ns);
+        open.send = Some(hop);
+    }
+
+    fn push_skb(&mut self, ev: &SkbEvent) {
+        let hop = skb_hop(ev, &self.clock, &self.reasons);
+        let outbound = ev.sk != 0 && hop.kind != HopKind::Deliver;
+        let known = self
+            .by_skb
+            .get(&ev.skb)
+            .copied()
+            .filter(|id| self.open.contains_key(id));
+        // An entry hook (fentry/kprobe) reported the send first: the socket's first skb joins it.
+        let sent = || {
+            self.by_sock.get(&ev.sk).copied().filter(|id| {
+                self.open
+                    .get(id)
+                    .is_some_and(|o| o.send.is_some() && o.skb == 0)
+            })
+        };
+        let id = match known.or_else(|| outbound.then(sent).flatten()) {
+            Some(id) => id,
+            None => {
+                let id = self.start(ev.header.ts_ns, ev.skb);
+                if outbound {
+                    self.by_sock.insert(ev.sk, id);
+                    self.open.get_mut(&id).expect("open path").sock = ev.sk;
+                }
+                id
+            }
+        };
+        self.by_skb.insert(ev.skb, id);
+        let open = self.open.get_mut(&id).expect("open path");
+        open.skb = ev.skb;
+        open.last_ns = open.last_ns.max(ev.header.ts_ns);
+        match hop.kind {
+            HopKind::Drop => open.verdict = Verdict::Dropped,
+            HopKind::Deliver => open.verdict = Verdict::Delivered,
+            _ => {}
+        }
+        if open.verdict != Verdict::Unknown && open.ended_ns.is_none() {
+            open.ended_ns = Some(ev.header.ts_ns);
+        }
+        open.hops.push(hop);
+    }
+
+    /// Moves finished (and timed-out, and evicted) paths to `out`.
+    fn collect(&mut self, now_ns: u64, out: &mut Vec<Path>) {
+        let mut ready: Vec<(u64, bool)> = self
+            .open
+            .iter()
+            .filter_map(|(id, o)| {
+                if o.done(now_ns) {
+                    Some((*id, true))
+                } else if now_ns.saturating_sub(o.last_ns.max(o.first_ns)) >= IDLE_NS {
+                    Some((*id, false))
+                } else {
+                    None
+                }
+            })
+            .collect();
+        ready.extend(
+            self.evicted
+                .drain(..)
+                .chain(self.stale.drain(..))
+                .map(|id| (id, false)),
+        );
+        ready.sort_by_key(|(id, _)| *id);
+        ready.dedup_by_key(|(id, _)| *id);
+        for (id, complete) in ready {
+            self.finish(id, complete, out);
+        }
+    }
+
+    fn finish(&mut self, id: u64, complete: bool, out: &mut Vec<Path>) {
+        let Some(open) = self.open.remove(&id) else {
+            return;
+        };
+        if self.by_skb.get(&open.skb) == Some(&id) {
+            self.by_skb.remove(&open.skb);
+        }
+        if self.by_sock.get(&open.sock) == Some(&id) {
+            self.by_sock.remove(&open.sock);
+        }
+        // A path that ended with a verdict is complete even if its send hop never came
+        // (a datagram from elsewhere, or a sender whose send hook is unavailable).
+        let complete = complete || open.ended_ns.is_some();
+        out.push(open.into_path(complete));
+    }
+
+    /// Prints what is due at `now_ns` (CLOCK_MONOTONIC), without new events.
+    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<Path>) {
+        self.collect(now_ns, out);
+    }
+
+    /// Ends every open path (tracing stops): those without a verdict are incomplete.
+    pub fn flush(&mut self, out: &mut Vec<Path>) {
+        let mut ids: Vec<u64> = self.open.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let done = self.open.get(&id).is_some_and(|o| o.ended_ns.is_some());
+            self.finish(id, done, out);
         }
     }
 }
@@ -188,14 +477,47 @@ impl Assembler {
 pub(crate) mod tests {
     use std::time::Duration;
 
-    use super::*;
-    use crate::events::tests::sample_send;
+    use udptrace_common::KIND_DELIVER;
 
+    use super::*;
+    use crate::events::tests::{sample_send, sample_skb};
+
+    fn clock() -> Clock {
+        Clock::with_boot(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+    }
+
+    /// A path of one send hop (the sample nc datagram).
     pub fn sample_path() -> Path {
-        let clock = Clock::with_boot(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000));
-        Assembler::new(clock)
-            .push(&Event::Send(sample_send()))
-            .unwrap()
+        let hop = send_hop(&sample_send(), &clock());
+        Path {
+            ty: "path",
+            id: "2a-65".into(),
+            ts: hop.ts,
+            complete: true,
+            orig: hop.addrs,
+            last: hop.addrs,
+            verdict: Verdict::Unknown,
+            hops: vec![hop],
+        }
+    }
+
+    fn reasons() -> DropReasons {
+        DropReasons::from_pairs([(3, "NO_SOCKET"), (6, "SOCKET_RCVBUFF")])
+    }
+
+    const SOCK: u64 = 0xffff_8880_1234_5678;
+
+    fn skb(kind: u16, ts: u64, sk: u64) -> Event {
+        let mut ev = sample_skb(kind);
+        ev.header.ts_ns = ts;
+        ev.sk = sk;
+        Event::Skb(ev)
+    }
+
+    fn send(ts: u64) -> Event {
+        let mut ev = sample_send();
+        ev.header.ts_ns = ts;
+        Event::Send(ev)
     }
 
     #[test]
@@ -228,6 +550,136 @@ pub(crate) mod tests {
     }
 
     #[test]
+    fn tracepoint_order_send_after_its_drop_joins_first() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&skb(KIND_XMIT, 10, SOCK), &mut out);
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        assert!(out.is_empty(), "waits for the send hop");
+        a.push(&send(30), &mut out);
+        assert_eq!(out.len(), 1);
+        let p = &out[0];
+        let kinds: Vec<HopKind> = p.hops.iter().map(|h| h.kind).collect();
+        assert_eq!(kinds, [HopKind::Send, HopKind::Xmit, HopKind::Drop]);
+        assert_eq!(p.verdict, Verdict::Dropped);
+        assert!(p.complete);
+        assert_eq!(p.hops[2].reason.as_deref(), Some("NO_SOCKET"));
+        assert_eq!(p.hops[1].ifname.as_deref(), Some("ut-b"));
+        assert_eq!(p.ts, clock().wall(10), "the earliest hop");
+        assert_eq!(a.open_paths(), 0);
+    }
+
+    #[test]
+    fn entry_hook_order_send_then_skb_hops_then_delivery() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&send(5), &mut out);
+        a.push(&skb(KIND_XMIT, 10, SOCK), &mut out);
+        let mut deliver = sample_skb(KIND_DELIVER);
+        deliver.header.ts_ns = 40;
+        deliver.sk = 0xdead; // the receiver's socket: never joins a send
+        deliver.pid = 77;
+        deliver.comm[..7].copy_from_slice(b"python3");
+        deliver.src.port = 999; // what the receiver sees
+        a.push(&Event::Skb(deliver), &mut out);
+        assert_eq!(out.len(), 1);
+        let p = &out[0];
+        assert_eq!(p.verdict, Verdict::Delivered);
+        assert_eq!(p.hops.len(), 3);
+        assert_eq!(
+            p.last.src.unwrap().port(),
+            999,
+            "final is the receiving socket's view"
+        );
+        assert_eq!(p.orig.src.unwrap().port(), 40112);
+        let json = serde_json::to_value(&p.hops[2]).unwrap();
+        assert_eq!(
+            (json["pid"].as_u64(), json["comm"].as_str()),
+            (Some(77), Some("python3"))
+        );
+        assert!(json.get("uid").is_none());
+    }
+
+    #[test]
+    fn a_path_without_its_send_is_printed_after_the_grace() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&skb(KIND_XMIT, 10, SOCK), &mut out);
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        a.tick(20 + GRACE_NS - 1, &mut out);
+        assert!(out.is_empty());
+        a.tick(20 + GRACE_NS, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].complete, "it has a verdict");
+        assert_eq!(out[0].hops.len(), 2);
+    }
+
+    #[test]
+    fn a_datagram_from_elsewhere_ends_at_once() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].verdict, Verdict::Dropped);
+    }
+
+    #[test]
+    fn no_verdict_means_incomplete_after_idle_and_on_flush() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&send(5), &mut out);
+        a.tick(5 + IDLE_NS - 1, &mut out);
+        assert!(out.is_empty());
+        a.tick(5 + IDLE_NS, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].complete);
+        assert_eq!(out[0].verdict, Verdict::Unknown);
+
+        a.push(&send(10 * IDLE_NS), &mut out);
+        a.flush(&mut out);
+        assert_eq!(out.len(), 2);
+        assert!(!out[1].complete);
+        assert_eq!(a.open_paths(), 0);
+    }
+
+    #[test]
+    fn a_send_without_skb_hops_does_not_collect_the_next_datagram() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&send(5), &mut out); // e.g. no route: no skb ever
+        a.push(&send(50), &mut out);
+        assert_eq!(out.len(), 1, "the first is over");
+        assert!(!out[0].complete);
+        a.push(&skb(KIND_XMIT, 60, SOCK), &mut out);
+        a.push(&skb(KIND_DROP, 70, 0), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[1].hops.len(),
+            3,
+            "the second send got its xmit and drop"
+        );
+        assert_eq!(out[1].ts, clock().wall(50));
+    }
+
+    #[test]
+    fn skb_pointer_reuse_starts_a_new_path_after_the_first_ended() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        a.push(&skb(KIND_DROP, 30, 0), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_ne!(out[0].id, out[1].id);
+    }
+
+    #[test]
+    fn unknown_reason_numbers_are_shown_as_numbers() {
+        let mut ev = sample_skb(KIND_DROP);
+        ev.reason = 999;
+        let hop = skb_hop(&ev, &clock(), &reasons());
+        assert_eq!(hop.reason.as_deref(), Some("reason 999"));
+    }
+
+    #[test]
     fn failed_send_carries_errno_and_unknown_destination_is_null() {
         let mut ev = sample_send();
         ev.ret = -1;
@@ -244,6 +696,7 @@ pub(crate) mod tests {
     fn hook_names() {
         assert_eq!(hook_name(HOOK_FENTRY_UDP_SENDMSG), "fentry:udp_sendmsg");
         assert_eq!(hook_name(HOOK_KPROBE_UDPV6_SENDMSG), "kprobe:udpv6_sendmsg");
+        assert_eq!(hook_name(HOOK_TP_KFREE_SKB), "tracepoint:skb:kfree_skb");
         assert_eq!(hook_name(999), "unknown");
     }
 }

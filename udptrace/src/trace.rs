@@ -1,7 +1,7 @@
 //! `udptrace trace`: load, attach, and print each datagram's path until stopped.
 
 use std::{
-    io::{self, Write as _},
+    io::{self, Write},
     time::Duration,
 };
 
@@ -15,11 +15,11 @@ use udptrace_common::{STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL};
 use crate::{
     args::TraceArgs,
     cli::{render, Format},
-    clock::Clock,
+    clock::{monotonic_ns, Clock},
     events::{EventStream, Undecodable},
     filter::Filter,
     loader::Tracer,
-    paths::Assembler,
+    paths::{Assembler, Path},
 };
 
 /// Why tracing stopped.
@@ -29,6 +29,38 @@ enum Stop {
     Duration,
     Signal,
     ClosedOutput,
+}
+
+/// Prints the paths that pass the filter; `Some(stop)` when the count is reached or
+/// stdout closed.
+fn print(
+    out: &mut impl Write,
+    paths: &mut Vec<Path>,
+    filter: &Filter,
+    format: Format,
+    shown: &mut u64,
+    count: Option<u64>,
+) -> anyhow::Result<Option<Stop>> {
+    for path in paths.drain(..) {
+        if !filter.matches(&path) {
+            continue;
+        }
+        if let Err(e) = writeln!(out, "{}", render(&path, format)) {
+            if e.kind() == io::ErrorKind::BrokenPipe {
+                return Ok(Some(Stop::ClosedOutput));
+            }
+            return Err(e).context("writing to stdout");
+        }
+        *shown += 1;
+        if count.is_some_and(|n| *shown >= n) {
+            let _ = out.flush();
+            return Ok(Some(Stop::Count));
+        }
+    }
+    match out.flush() {
+        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => Ok(Some(Stop::ClosedOutput)),
+        r => r.map(|()| None).context("writing to stdout"),
+    }
 }
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
@@ -48,7 +80,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     } else {
         Format::Human
     };
-    let mut assembler = Assembler::new(Clock::new());
+    let mut assembler = Assembler::new(Clock::new(), tracer.drop_reasons.clone());
+    let mut tick = tokio::time::interval(Duration::from_millis(50));
     let deadline = args
         .duration
         .map(|s| Instant::now() + Duration::from_secs(s));
@@ -63,9 +96,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
 
     let mut out = io::stdout().lock();
     let mut batch = Vec::new();
+    let mut paths = Vec::new();
     let mut bad = Undecodable::default();
     let mut shown = 0u64;
-    let stop = 'run: loop {
+    let stop = loop {
         let sleep = async {
             match deadline {
                 Some(d) => tokio::time::sleep_until(d).await,
@@ -74,34 +108,31 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         };
         tokio::select! {
             r = stream.next_batch(&mut batch, &mut bad) => r.context("reading the ring buffer")?,
+            _ = tick.tick() => {}
             () = sleep => break Stop::Duration,
             _ = sigterm.recv() => break Stop::Signal,
             _ = sigint.recv() => break Stop::Signal,
         }
         for event in batch.drain(..) {
-            let Some(path) = assembler.push(&event) else {
-                continue;
-            };
-            if !filter.matches(&path) {
-                continue;
-            }
-            if let Err(e) = writeln!(out, "{}", render(&path, format)) {
-                if e.kind() == io::ErrorKind::BrokenPipe {
-                    break 'run Stop::ClosedOutput;
-                }
-                return Err(e).context("writing to stdout");
-            }
-            shown += 1;
-            if args.count.is_some_and(|n| shown >= n) {
-                let _ = out.flush();
-                break 'run Stop::Count;
-            }
+            assembler.push(&event, &mut paths);
         }
-        match out.flush() {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => break Stop::ClosedOutput,
-            r => r.context("writing to stdout")?,
+        assembler.tick(monotonic_ns(), &mut paths);
+        match print(
+            &mut out, &mut paths, &filter, format, &mut shown, args.count,
+        ) {
+            Ok(Some(stop)) => break stop,
+            Ok(None) => {}
+            Err(e) => return Err(e),
         }
     };
+    // Stopped by time or signal: what is still being assembled is printed as incomplete,
+    // never silently dropped.
+    if matches!(stop, Stop::Duration | Stop::Signal) {
+        assembler.flush(&mut paths);
+        print(
+            &mut out, &mut paths, &filter, format, &mut shown, args.count,
+        )?;
+    }
 
     let stats = tracer.stats();
     let stat = |i: u32| stats.get(i as usize).copied().unwrap_or(0);

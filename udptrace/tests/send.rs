@@ -52,8 +52,19 @@ fn nc_on_loopback_is_traced_with_its_pid() {
     assert!(hop["cgroup"].as_u64().unwrap() > 0);
     assert_hook(hop);
     assert_eq!(path["orig"]["dst"], "127.0.0.1:5353");
-    assert_eq!(path["orig"], path["final"]);
-    assert_eq!(path["verdict"], "unknown", "only send hops exist so far");
+    assert_eq!(path["orig"], path["final"], "nothing rewrote it");
+    // Nobody listens on 5353 here: out through lo, dropped for want of a socket.
+    assert_eq!(path["verdict"], "dropped", "{path}");
+    assert_eq!(path["complete"], true);
+    let kinds: Vec<&str> = path["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["send", "xmit", "drop"], "{path}");
+    assert_eq!(path["hops"][1]["ifname"], "lo");
+    assert_eq!(path["hops"][2]["reason"], "NO_SOCKET");
     // RFC 3339 with nanoseconds.
     let ts = path["ts"].as_str().unwrap();
     assert!(
@@ -173,9 +184,23 @@ fn send_refused_by_netfilter_reports_the_errno() {
     let tracer = Tracer::start(&["--port", "20305", "--count", "1"]);
     let (pid, out) = py_send(&net.a, B4, 20305, "sendto", 9);
     assert_eq!(out, "errno 1", "ground truth: the application saw EPERM");
-    let hop = send_hop(&tracer.one_path()).clone();
+    let tracer_path = tracer.one_path();
+    let hop = send_hop(&tracer_path).clone();
     assert_eq!(hop["pid"], pid);
     assert_eq!(hop["dst"], format!("{B4}:20305"));
+    let path = tracer_path.clone();
+    let drop = path["hops"].as_array().unwrap().last().unwrap();
+    assert_eq!(
+        (drop["kind"].as_str(), drop["reason"].as_str()),
+        (Some("drop"), Some("NETFILTER_DROP")),
+        "{path}"
+    );
+    assert_eq!(
+        drop["netns"],
+        net.a.inode(),
+        "dropped in the sender's own namespace"
+    );
+    assert_eq!(path["verdict"], "dropped");
     if send_hook_family() == "tracepoint" {
         assert_eq!(hop["errno"], 1, "{hop}");
         assert_eq!(hop["error"], "Operation not permitted");
@@ -264,7 +289,12 @@ fn ctrl_c_stops_cleanly_and_removes_every_program() {
         let progs: Vec<Value> = serde_json::from_str(&out).expect("bpftool JSON");
         progs
             .iter()
-            .filter(|p| p["name"].as_str().is_some_and(|n| n.starts_with("send_")))
+            .filter(|p| {
+                let name = p["name"].as_str().unwrap_or_default();
+                ["send_", "xmit_", "drop_"]
+                    .iter()
+                    .any(|ours| name.starts_with(ours))
+            })
             .count()
     };
     let before = ours();

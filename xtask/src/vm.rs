@@ -54,6 +54,7 @@ const TOOLS: &[&str] = &[
     "conntrack",
     "tcpdump",
     "dig",
+    "nstat",
 ];
 
 /// Kernel module directories the tests' network setups use (veth, bridge, vxlan, netfilter,

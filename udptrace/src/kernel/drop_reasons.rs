@@ -28,10 +28,14 @@ impl DropReasons {
         Ok(Self { names })
     }
 
-    #[cfg_attr(
-        not(test),
-        expect(dead_code, reason = "the drop hop (issue 4) decodes with it")
-    )]
+    /// A table from known pairs (tests).
+    #[cfg(test)]
+    pub fn from_pairs<const N: usize>(pairs: [(u32, &str); N]) -> Self {
+        Self {
+            names: pairs.into_iter().map(|(v, n)| (v, n.to_string())).collect(),
+        }
+    }
+
     pub fn name(&self, reason: u32) -> Option<&str> {
         self.names.get(&reason).map(String::as_str)
     }

@@ -18,6 +18,12 @@ pub enum Group {
     TpSendLength,
     /// Tracepoints `syscalls:sys_enter_send{to,msg,mmsg}`.
     TpSendSyscalls,
+    /// `struct sk_buff` headers, device and socket; `struct net_device` name, index, netns.
+    Skb,
+    /// Tracepoint `net:net_dev_start_xmit`.
+    TpXmit,
+    /// Tracepoint `skb:kfree_skb` with its drop reason.
+    TpDrop,
 }
 
 /// Offsets for this kernel, and why any group could not be filled.
@@ -141,9 +147,133 @@ impl KernelLayout {
             })(),
         );
 
+        group(
+            Group::Skb,
+            (|| {
+                let skb = |f: &str| btf.offset_of("sk_buff", &[f]).map_err(|e| e.to_string());
+                o.skb_head = skb("head")?;
+                o.skb_network_header = skb("network_header")?;
+                o.skb_transport_header = skb("transport_header")?;
+                o.skb_dev = skb("dev")?;
+                o.skb_sk = skb("sk")?;
+                let dev = |f: &[&str]| btf.offset_of("net_device", f).map_err(|e| e.to_string());
+                o.dev_ifindex = dev(&["ifindex"])?;
+                o.dev_name = dev(&["name"])?;
+                o.dev_net = dev(&["nd_net", "net"])?;
+                Ok(())
+            })(),
+        );
+
+        let tp = |category: &str, name: &str, fields: &[&str]| -> Result<Vec<u32>, String> {
+            let fs = tracefs.ok_or_else(no_tracefs)?;
+            let f = fs.format(category, name).map_err(|e| e.to_string())?;
+            fields
+                .iter()
+                .map(|n| f.offset(n).map_err(|e| e.to_string()))
+                .collect()
+        };
+        group(
+            Group::TpXmit,
+            (|| {
+                o.tp_xmit_skb = tp("net", "net_dev_start_xmit", &["skbaddr"])?[0];
+                Ok(())
+            })(),
+        );
+        group(
+            Group::TpDrop,
+            (|| {
+                let f = tp("skb", "kfree_skb", &["skbaddr", "reason"])?;
+                (o.tp_kfree_skb, o.tp_kfree_reason) = (f[0], f[1]);
+                Ok(())
+            })(),
+        );
+
         Self {
             offsets: o,
             problems,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every offset is either found on the running kernel (host or VM) or its group names
+    /// why not, so no hook ever runs with an offset nobody filled.
+    #[test]
+    fn every_offset_is_filled_or_its_group_says_why() {
+        let Ok(btf) = KernelBtf::running() else {
+            eprintln!("skipped: no kernel BTF");
+            return;
+        };
+        let tracefs = Tracefs::find().ok();
+        let layout = KernelLayout::resolve(&btf, tracefs.as_ref());
+        let o = layout.offsets;
+        let groups: [(Group, &[u32]); 8] = [
+            (
+                Group::Sock,
+                &[
+                    o.sk_family,
+                    o.sk_num,
+                    o.sk_dport,
+                    o.sk_rcv_saddr,
+                    o.sk_daddr,
+                    o.sk_v6_rcv_saddr,
+                    o.sk_v6_daddr,
+                    o.sk_net,
+                    o.net_inum,
+                ],
+            ),
+            (Group::Msghdr, &[o.msghdr_name, o.msghdr_namelen]),
+            (
+                Group::UserMsghdr,
+                &[o.user_msghdr_name, o.user_msghdr_namelen, o.mmsghdr_size],
+            ),
+            (
+                Group::TpSendLength,
+                &[
+                    o.tp_send_sk,
+                    o.tp_send_family,
+                    o.tp_send_protocol,
+                    o.tp_send_ret,
+                ],
+            ),
+            (
+                Group::TpSendSyscalls,
+                &[
+                    o.tp_sendto_addr,
+                    o.tp_sendto_addr_len,
+                    o.tp_sendmsg_msg,
+                    o.tp_sendmmsg_mmsg,
+                    o.tp_sendmmsg_vlen,
+                ],
+            ),
+            (
+                Group::Skb,
+                &[
+                    o.skb_head,
+                    o.skb_network_header,
+                    o.skb_transport_header,
+                    o.skb_dev,
+                    o.skb_sk,
+                    o.dev_ifindex,
+                    o.dev_name,
+                    o.dev_net,
+                ],
+            ),
+            (Group::TpXmit, &[o.tp_xmit_skb]),
+            (Group::TpDrop, &[o.tp_kfree_skb, o.tp_kfree_reason]),
+        ];
+        for (group, values) in groups {
+            let unfilled = values.contains(&udptrace_common::OFFSET_MISSING);
+            match layout.missing(group) {
+                Some(why) => eprintln!("{group:?} unavailable here: {why}"),
+                None => assert!(!unfilled, "{group:?} has an unfilled offset but no reason"),
+            }
+        }
+        // Struct layouts every supported kernel has.
+        assert_eq!(layout.missing(Group::Sock), None);
+        assert_eq!(layout.missing(Group::Skb), None);
     }
 }

@@ -1,0 +1,172 @@
+//! What every skb-based hop reads: the UDP/IP headers of a `struct sk_buff`, its device and
+//! network namespace. One parser for xmit, drop and deliver.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+    bpf_get_smp_processor_id, bpf_ktime_get_ns,
+};
+use network_types::{
+    ip::{Ipv4Hdr, Ipv6Hdr},
+    udp::UdpHdr,
+};
+use udptrace_common::{
+    Addr, EventHeader, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, STAT_RINGBUF_FULL,
+};
+
+use crate::{
+    kernel::{read_kernel, ReadError},
+    maps::{count, offset, EVENTS},
+};
+
+/// `skb->network_header` when unset (`(typeof(skb->network_header))~0U`).
+const HEADER_UNSET: u16 = 0xffff;
+
+/// Whether the current task is worth naming for this hop.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Task {
+    /// Process context where the task is the receiving application.
+    Current,
+    /// Softirq or any task: do not attribute.
+    None,
+}
+
+/// Reads the IP and UDP headers into `ev`. `Ok(false)` when the skb is not a UDP datagram
+/// with its UDP header present (other protocols, non-first fragments).
+#[inline(always)]
+fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
+    let head: u64 = read_kernel(skb, offset!(skb_head))?;
+    let nh: u16 = read_kernel(skb, offset!(skb_network_header))?;
+    if head == 0 || nh == HEADER_UNSET {
+        return Ok(false);
+    }
+    let ip = head + u64::from(nh);
+    let version: u8 = read_kernel::<u8>(ip, 0)? >> 4;
+    let udp = if version == 4 {
+        let h: Ipv4Hdr = read_kernel(ip, 0)?;
+        let frag = u16::from_be_bytes(h.frags) & 0x1fff;
+        if h.proto != IPPROTO_UDP as u8 || frag != 0 {
+            return Ok(false);
+        }
+        ev.src = Addr {
+            family: AF_INET,
+            port: 0,
+            _pad: 0,
+            ip: [0; 16],
+        };
+        ev.dst = ev.src;
+        ev.src.ip[..4].copy_from_slice(&h.src_addr);
+        ev.dst.ip[..4].copy_from_slice(&h.dst_addr);
+        ev.ip_id = u16::from_be_bytes(h.id);
+        ip + u64::from(h.vihl & 0x0f) * 4
+    } else if version == 6 {
+        let h: Ipv6Hdr = read_kernel(ip, 0)?;
+        // Extension headers are not followed yet: such datagrams are not reported.
+        if h.next_hdr != IPPROTO_UDP as u8 {
+            return Ok(false);
+        }
+        ev.src = Addr {
+            family: AF_INET6,
+            port: 0,
+            _pad: 0,
+            ip: h.src_addr,
+        };
+        ev.dst = Addr {
+            family: AF_INET6,
+            port: 0,
+            _pad: 0,
+            ip: h.dst_addr,
+        };
+        ev.ip_id = 0;
+        ip + Ipv6Hdr::LEN as u64
+    } else {
+        return Ok(false);
+    };
+    let h: UdpHdr = read_kernel(udp, 0)?;
+    ev.src.port = u16::from_be_bytes(h.src);
+    ev.dst.port = u16::from_be_bytes(h.dst);
+    ev.len = u32::from(u16::from_be_bytes(h.len).saturating_sub(UdpHdr::LEN as u16));
+    ev.udp_csum = u16::from_be_bytes(h.check);
+    Ok(true)
+}
+
+/// Fills everything but the headers. Returns false when `ev` should be discarded.
+#[inline(always)]
+fn fill(
+    ev: &mut SkbEvent,
+    kind: u16,
+    hook: u16,
+    skb: u64,
+    reason: u32,
+    task: Task,
+) -> Result<bool, ReadError> {
+    if !read_udp(skb, ev)? {
+        return Ok(false);
+    }
+    ev.header = EventHeader {
+        kind,
+        hook,
+        // SAFETY: plain helper calls without pointer arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    };
+    ev.skb = skb;
+    ev.reason = reason;
+    ev._pad = 0;
+    ev.sk = read_kernel(skb, offset!(skb_sk))?;
+    let dev: u64 = read_kernel(skb, offset!(skb_dev))?;
+    ev.ifname = [0; 16];
+    ev.ifindex = 0;
+    ev.netns = 0;
+    if dev != 0 {
+        ev.ifindex = read_kernel(dev, offset!(dev_ifindex))?;
+        ev.ifname = read_kernel(dev, offset!(dev_name))?;
+        let net: u64 = read_kernel(dev, offset!(dev_net))?;
+        ev.netns = read_kernel(net, offset!(net_inum))?;
+    } else if ev.sk != 0 {
+        let net: u64 = read_kernel(ev.sk, offset!(sk_net))?;
+        ev.netns = read_kernel(net, offset!(net_inum))?;
+    }
+    if task == Task::Current {
+        let pid_tgid = bpf_get_current_pid_tgid();
+        ev.pid = (pid_tgid >> 32) as u32;
+        ev.tid = pid_tgid as u32;
+        // SAFETY: plain helper call without pointer arguments.
+        ev.cgroup = unsafe { bpf_get_current_cgroup_id() };
+        ev.comm = bpf_get_current_comm().unwrap_or_default();
+    } else {
+        ev.pid = 0;
+        ev.tid = 0;
+        ev.cgroup = 0;
+        ev.comm = [0; 16];
+    }
+    Ok(true)
+}
+
+/// Sends one skb hop event for `skb` if it carries a UDP datagram.
+#[inline(always)]
+pub fn emit(kind: u16, hook: u16, skb: u64, reason: u32, task: Task) -> Result<(), ReadError> {
+    if skb == 0 {
+        return Ok(());
+    }
+    let Some(mut entry) = EVENTS.reserve::<SkbEvent>(0) else {
+        count(STAT_RINGBUF_FULL);
+        return Ok(());
+    };
+    // SAFETY: the reservation is sized for an SkbEvent; `fill` writes every field before
+    // submit, or the entry is discarded.
+    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    match fill(ev, kind, hook, skb, reason, task) {
+        Ok(true) => {
+            entry.submit(0);
+            Ok(())
+        }
+        Ok(false) => {
+            entry.discard(0);
+            Ok(())
+        }
+        Err(e) => {
+            entry.discard(0);
+            Err(e)
+        }
+    }
+}

@@ -18,12 +18,7 @@ fn hop(report: &HopReport) {
         Some(hook) => line(&format!("{} hop", report.hop), format!("uses {hook}")),
         None => line(&format!("{} hop", report.hop), "NO HOOK WORKS"),
     }
-    for a in &report.attempts {
-        match &a.outcome {
-            Ok(()) => println!("  tried {}: attached", a.hook),
-            Err(why) => println!("  tried {}: not usable: {why}", a.hook),
-        }
-    }
+    println!("{}", report.render());
     for h in &report.not_needed {
         println!("  not tried {h}: a preferred hook works");
     }

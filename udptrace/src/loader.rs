@@ -69,12 +69,13 @@ impl HopReport {
             .map(|a| a.hook)
     }
 
-    fn render(&self) -> String {
+    /// One line per hook tried: attached, or why not usable.
+    pub fn render(&self) -> String {
         self.attempts
             .iter()
             .map(|a| match &a.outcome {
-                Ok(()) => format!("  {}: attached", a.hook),
-                Err(why) => format!("  {}: {why}", a.hook),
+                Ok(()) => format!("  tried {}: attached", a.hook),
+                Err(why) => format!("  tried {}: not usable: {why}", a.hook),
             })
             .collect::<Vec<_>>()
             .join("\n")

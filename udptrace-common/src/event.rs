@@ -8,6 +8,8 @@ pub const KIND_XMIT: u16 = 2;
 pub const KIND_DROP: u16 = 3;
 /// A receiving socket got the datagram ([`SkbEvent`]); no hook emits it yet.
 pub const KIND_DELIVER: u16 = 4;
+/// Netfilter NAT rewrote the datagram's addresses ([`NatEvent`]).
+pub const KIND_NAT: u16 = 5;
 
 /// Which kernel hook produced an event (`EventHeader::hook`).
 pub const HOOK_FENTRY_UDP_SENDMSG: u16 = 1;
@@ -17,6 +19,7 @@ pub const HOOK_KPROBE_UDPV6_SENDMSG: u16 = 4;
 pub const HOOK_TP_SOCK_SEND_LENGTH: u16 = 5;
 pub const HOOK_TP_NET_DEV_START_XMIT: u16 = 6;
 pub const HOOK_TP_KFREE_SKB: u16 = 7;
+pub const HOOK_NETFILTER_LINK: u16 = 8;
 
 /// `SendEvent::flags`: the destination came from the syscall's address argument
 /// (an unconnected send), not from the socket.
@@ -137,3 +140,28 @@ pub struct SkbEvent {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SkbEvent {}
 const _: () = assert!(core::mem::size_of::<SkbEvent>() == 152);
+
+/// Netfilter hook numbers (`enum nf_inet_hooks`, UAPI).
+pub const NF_INET_PRE_ROUTING: u32 = 0;
+pub const NF_INET_LOCAL_IN: u32 = 1;
+pub const NF_INET_FORWARD: u32 = 2;
+pub const NF_INET_LOCAL_OUT: u32 = 3;
+pub const NF_INET_POST_ROUTING: u32 = 4;
+/// Entries in per-hook tables.
+pub const NF_INET_NUMHOOKS: u32 = 5;
+
+/// A NAT rewrite: the datagram's tuple just before and just after NAT at one netfilter hook.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct NatEvent {
+    /// The datagram after the rewrite (`src`/`dst` are the new addresses).
+    pub skb: SkbEvent,
+    pub before_src: Addr,
+    pub before_dst: Addr,
+    /// `NF_INET_*`.
+    pub nf_hook: u32,
+    pub _pad: u32,
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for NatEvent {}
+const _: () = assert!(core::mem::size_of::<NatEvent>() == 208);

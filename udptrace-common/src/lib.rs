@@ -21,6 +21,8 @@ pub mod names {
     pub const PENDING_SENDS: &str = "PENDING_SENDS";
     /// Read-only global holding [`crate::Offsets`], set at load time from BTF and tracefs.
     pub const OFFSETS: &str = "OFFSETS";
+    /// Per-CPU, per-netfilter-hook tuple seen just before NAT.
+    pub const NAT_BEFORE: &str = "NAT_BEFORE";
 }
 
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).

@@ -52,7 +52,8 @@ pub struct Offsets {
     pub tp_xmit_skb: u32,
     pub tp_kfree_skb: u32,
     pub tp_kfree_reason: u32,
-    pub _pad2: u32,
+    /// struct nf_hook_state -> hook
+    pub nf_state_hook: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Offsets {}
@@ -96,6 +97,6 @@ impl Offsets {
         tp_xmit_skb: OFFSET_MISSING,
         tp_kfree_skb: OFFSET_MISSING,
         tp_kfree_reason: OFFSET_MISSING,
-        _pad2: 0,
+        nf_state_hook: OFFSET_MISSING,
     };
 }

@@ -6,6 +6,7 @@
 mod drop;
 mod kernel;
 mod maps;
+mod netfilter;
 mod send;
 mod skb;
 mod tp;

@@ -4,7 +4,9 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, PerCpuArray, RingBuf},
 };
-use udptrace_common::{Offsets, PendingSend, EVENTS_BYTES, PENDING_SENDS_MAX, STATS_LEN};
+use udptrace_common::{
+    Offsets, PendingSend, SkbEvent, EVENTS_BYTES, NF_INET_NUMHOOKS, PENDING_SENDS_MAX, STATS_LEN,
+};
 
 #[map(name = "EVENTS")]
 pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
@@ -15,6 +17,11 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0)
 #[map(name = "PENDING_SENDS")]
 pub static PENDING_SENDS: LruHashMap<u64, PendingSend> =
     LruHashMap::with_max_entries(PENDING_SENDS_MAX, 0);
+
+/// The datagram as the "before NAT" netfilter program saw it, per CPU and hook: the "after"
+/// program at the same hook compares. Netfilter runs a hook's functions on one CPU in order.
+#[map(name = "NAT_BEFORE")]
+pub static NAT_BEFORE: PerCpuArray<SkbEvent> = PerCpuArray::with_max_entries(NF_INET_NUMHOOKS, 0);
 
 /// Kernel layout facts, filled from BTF and tracefs by the loader.
 #[unsafe(no_mangle)]

@@ -33,7 +33,7 @@ pub enum Task {
 /// Reads the IP and UDP headers into `ev`. `Ok(false)` when the skb is not a UDP datagram
 /// with its UDP header present (other protocols, non-first fragments).
 #[inline(always)]
-fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
+pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
     let head: u64 = read_kernel(skb, offset!(skb_head))?;
     let nh: u16 = read_kernel(skb, offset!(skb_network_header))?;
     if head == 0 || nh == HEADER_UNSET {
@@ -91,7 +91,7 @@ fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
 
 /// Fills everything but the headers. Returns false when `ev` should be discarded.
 #[inline(always)]
-fn fill(
+pub fn fill(
     ev: &mut SkbEvent,
     kind: u16,
     hook: u16,

@@ -4,6 +4,8 @@ use std::net::IpAddr;
 
 use clap::{Args, Parser, Subcommand};
 
+use crate::loader::NetnsScope;
+
 /// Trace UDP datagrams through the kernel: every hop, every address rewrite, every drop.
 #[derive(Debug, Parser)]
 #[command(name = "udptrace", version, about)]
@@ -40,6 +42,10 @@ pub struct TraceArgs {
     /// Stop after printing this many datagrams.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
+    /// Network namespaces to cover with per-namespace hooks (NAT): the host's, or also every
+    /// namespace under /run/netns when tracing starts. Tracepoint hops see every namespace.
+    #[arg(long, value_enum, default_value_t = NetnsScope::Host)]
+    pub netns: NetnsScope,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub duration: Option<u64>,

@@ -35,10 +35,24 @@ fn hop_line(h: &Hop) -> String {
         .unwrap_or_default();
     let kind = match h.kind {
         HopKind::Send => "send",
+        HopKind::Nat => "NAT",
         HopKind::Xmit => "xmit",
         HopKind::Drop => "DROP",
         HopKind::Deliver => "deliver",
     };
+    if let Some(nat) = &h.nat {
+        return format!(
+            "{} {} at {}: {} → {} became {} → {}  netns {}",
+            kind,
+            nat.nat.to_uppercase(),
+            nat.nf_hook,
+            addr(nat.before.src),
+            addr(nat.before.dst),
+            addr(nat.after.src),
+            addr(nat.after.dst),
+            h.netns
+        );
+    }
     let outcome = match (&h.error, h.errno, &h.reason) {
         (Some(e), Some(n), _) => format!("failed: {e} (errno {n})"),
         (_, _, Some(reason)) => reason.to_string(),

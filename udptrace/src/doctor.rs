@@ -65,7 +65,7 @@ pub fn run() -> bool {
         println!("\ntracing cannot run here: fix the lines above");
         return false;
     }
-    match Tracer::load() {
+    match Tracer::load(crate::loader::NetnsScope::Host) {
         Ok(tracer) => {
             line("tracefs", &tracer.kernel.tracefs);
             hop(&tracer.send);

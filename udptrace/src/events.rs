@@ -8,8 +8,8 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use udptrace_common::{
-    Addr, EventHeader, SendEvent, SkbEvent, AF_INET, AF_INET6, KIND_DELIVER, KIND_DROP, KIND_SEND,
-    KIND_XMIT,
+    Addr, EventHeader, NatEvent, SendEvent, SkbEvent, AF_INET, AF_INET6, KIND_DELIVER, KIND_DROP,
+    KIND_NAT, KIND_SEND, KIND_XMIT,
 };
 
 /// A decoded hop event.
@@ -18,6 +18,7 @@ pub enum Event {
     Send(SendEvent),
     /// xmit, drop or deliver (see `header.kind`).
     Skb(SkbEvent),
+    Nat(NatEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -58,6 +59,7 @@ impl Event {
         match kind {
             KIND_SEND => read(kind, bytes).map(Event::Send),
             KIND_XMIT | KIND_DROP | KIND_DELIVER => read(kind, bytes).map(Event::Skb),
+            KIND_NAT => read(kind, bytes).map(Event::Nat),
             other => Err(DecodeError::Kind(other)),
         }
     }

@@ -5,9 +5,10 @@ use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
 
 use serde::{Serialize, Serializer};
 use udptrace_common::{
-    SendEvent, SkbEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
-    HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG, HOOK_TP_KFREE_SKB,
-    HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SOCK_SEND_LENGTH, KIND_DROP, KIND_XMIT,
+    NatEvent, SendEvent, SkbEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
+    HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG, HOOK_NETFILTER_LINK, HOOK_TP_KFREE_SKB,
+    HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SOCK_SEND_LENGTH, KIND_DROP, KIND_XMIT, NF_INET_FORWARD,
+    NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING,
 };
 
 use crate::{
@@ -26,6 +27,7 @@ pub fn hook_name(hook: u16) -> &'static str {
         HOOK_TP_SOCK_SEND_LENGTH => "tracepoint:sock:sock_send_length",
         HOOK_TP_NET_DEV_START_XMIT => "tracepoint:net:net_dev_start_xmit",
         HOOK_TP_KFREE_SKB => "tracepoint:skb:kfree_skb",
+        HOOK_NETFILTER_LINK => "netfilter-link",
         _ => "unknown",
     }
 }
@@ -63,6 +65,7 @@ pub enum Verdict {
 #[serde(rename_all = "lowercase")]
 pub enum HopKind {
     Send,
+    Nat,
     Xmit,
     Drop,
     Deliver,
@@ -103,6 +106,19 @@ pub struct Hop {
     /// Drop reason, the kernel's name without `SKB_DROP_REASON_`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub nat: Option<Nat>,
+}
+
+/// What a NAT hop rewrote.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Nat {
+    /// `dnat` or `snat`.
+    pub nat: &'static str,
+    /// `prerouting`, `input`, `forward`, `output`, `postrouting`.
+    pub nf_hook: &'static str,
+    pub before: Endpoints,
+    pub after: Endpoints,
 }
 
 /// A datagram's path.
@@ -162,6 +178,7 @@ pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
             msg.split(" (os error").next().unwrap_or(&msg).to_string()
         }),
         reason: None,
+        nat: None,
     }
 }
 
@@ -197,6 +214,53 @@ pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
             reasons
                 .name(ev.reason)
                 .map_or_else(|| format!("reason {}", ev.reason), str::to_string)
+        }),
+        nat: None,
+    }
+}
+
+/// The netfilter hook's name (`enum nf_inet_hooks`).
+pub fn nf_hook_name(hook: u32) -> &'static str {
+    match hook {
+        NF_INET_PRE_ROUTING => "prerouting",
+        NF_INET_LOCAL_IN => "input",
+        NF_INET_FORWARD => "forward",
+        NF_INET_LOCAL_OUT => "output",
+        NF_INET_POST_ROUTING => "postrouting",
+        _ => "unknown",
+    }
+}
+
+/// The NAT hop of a [`NatEvent`]: destination NAT happens at prerouting and output, source
+/// NAT at postrouting and input.
+pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
+    let before = Endpoints {
+        src: socket_addr(&ev.before_src),
+        dst: socket_addr(&ev.before_dst),
+    };
+    let after = Endpoints {
+        src: socket_addr(&ev.skb.src),
+        dst: socket_addr(&ev.skb.dst),
+    };
+    let dnat = matches!(ev.nf_hook, NF_INET_PRE_ROUTING | NF_INET_LOCAL_OUT);
+    let ifname = comm(&ev.skb.ifname);
+    Hop {
+        kind: HopKind::Nat,
+        ts: clock.wall(ev.skb.header.ts_ns),
+        hook: hook_name(ev.skb.header.hook),
+        netns: ev.skb.netns,
+        ifname: (!ifname.is_empty()).then_some(ifname),
+        addrs: after,
+        len: ev.skb.len,
+        process: None,
+        errno: None,
+        error: None,
+        reason: None,
+        nat: Some(Nat {
+            nat: if dnat { "dnat" } else { "snat" },
+            nf_hook: nf_hook_name(ev.nf_hook),
+            before,
+            after,
         }),
     }
 }
@@ -332,6 +396,11 @@ impl Assembler {
                 self.push_skb(ev);
                 ev.header.ts_ns
             }
+            Event::Nat(ev) => {
+                let hop = nat_hop(ev, &self.clock);
+                self.push_skb_hop(&ev.skb, hop);
+                ev.skb.header.ts_ns
+            }
         };
         self.collect(now, out);
     }
@@ -373,6 +442,11 @@ impl Assembler {
 
     fn push_skb(&mut self, ev: &SkbEvent) {
         let hop = skb_hop(ev, &self.clock, &self.reasons);
+        self.push_skb_hop(ev, hop);
+    }
+
+    /// Adds a hop seen on `ev.skb` (xmit, drop, nat, deliver) to its datagram's path.
+    fn push_skb_hop(&mut self, ev: &SkbEvent, hop: Hop) {
         let outbound = ev.sk != 0 && hop.kind != HopKind::Deliver;
         let known = self
             .by_skb

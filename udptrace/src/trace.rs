@@ -64,7 +64,7 @@ fn print(
 }
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
-    let mut tracer = Tracer::load()?;
+    let mut tracer = Tracer::load(args.netns)?;
     let ring = tracer
         .take_events()
         .context("the eBPF object has no EVENTS ring buffer")?;

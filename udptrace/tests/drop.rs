@@ -5,7 +5,7 @@ mod common;
 
 use std::{
     io::{BufRead as _, BufReader},
-    process::{Child, Stdio},
+    process::Stdio,
     time::Duration,
 };
 
@@ -23,23 +23,6 @@ fn kinds(path: &Value) -> Vec<String> {
 
 fn last_hop(path: &Value) -> &Value {
     path["hops"].as_array().unwrap().last().unwrap()
-}
-
-/// tcpdump on `dev` in `ns`, ready when this returns.
-fn tcpdump(ns: &Netns, dev: &str, filter: &str) -> Child {
-    let mut child = ns
-        .cmd("tcpdump")
-        .args(["-i", dev, "-n", "-l", "-c", "1", filter])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("tcpdump");
-    let mut err = BufReader::new(child.stderr.take().unwrap());
-    let mut line = String::new();
-    while err.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("listening on") {
-        line.clear();
-    }
-    child
 }
 
 /// A counter from `nstat` in `ns` (absolute value).

@@ -287,25 +287,38 @@ fn ctrl_c_stops_cleanly_and_removes_every_program() {
     let ours = || {
         let out = sh(&["bpftool", "-j", "prog", "show"]);
         let progs: Vec<Value> = serde_json::from_str(&out).expect("bpftool JSON");
-        progs
+        let ids: Vec<u64> = progs
             .iter()
             .filter(|p| {
                 let name = p["name"].as_str().unwrap_or_default();
-                ["send_", "xmit_", "drop_"]
+                ["send_", "xmit_", "drop_", "nat_"]
                     .iter()
                     .any(|ours| name.starts_with(ours))
             })
-            .count()
+            .filter_map(|p| p["id"].as_u64())
+            .collect();
+        let out = sh(&["bpftool", "-j", "link", "show"]);
+        let links: Vec<Value> = serde_json::from_str(&out).expect("bpftool JSON");
+        let linked = links
+            .iter()
+            .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ids.contains(&id)))
+            .count();
+        (ids.len(), linked)
     };
     let before = ours();
-    let tracer = Tracer::start(&["--port", "20308"]);
+    let tracer = Tracer::start(&["--port", "20308", "--netns", "all"]);
+    let during = ours();
     assert!(
-        ours() > before,
-        "udptrace's programs are loaded while tracing"
+        during.0 > before.0 && during.1 > before.1,
+        "loaded and linked while tracing: {during:?}"
     );
     let status = tracer.stop();
     assert!(status.success(), "SIGINT is a clean stop: {status}");
-    assert_eq!(ours(), before, "every program udptrace loaded is gone");
+    assert_eq!(
+        ours(),
+        before,
+        "every program and link udptrace made is gone"
+    );
 }
 
 #[test]

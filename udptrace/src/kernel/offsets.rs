@@ -24,6 +24,8 @@ pub enum Group {
     TpXmit,
     /// Tracepoint `skb:kfree_skb` with its drop reason.
     TpDrop,
+    /// `struct nf_hook_state` (netfilter program context).
+    NfState,
 }
 
 /// Offsets for this kernel, and why any group could not be filled.
@@ -188,6 +190,16 @@ impl KernelLayout {
             })(),
         );
 
+        group(
+            Group::NfState,
+            (|| {
+                o.nf_state_hook = btf
+                    .offset_of("nf_hook_state", &["hook"])
+                    .map_err(|e| e.to_string())?;
+                Ok(())
+            })(),
+        );
+
         Self {
             offsets: o,
             problems,
@@ -210,7 +222,7 @@ mod tests {
         let tracefs = Tracefs::find().ok();
         let layout = KernelLayout::resolve(&btf, tracefs.as_ref());
         let o = layout.offsets;
-        let groups: [(Group, &[u32]); 8] = [
+        let groups: [(Group, &[u32]); 9] = [
             (
                 Group::Sock,
                 &[
@@ -264,6 +276,7 @@ mod tests {
             ),
             (Group::TpXmit, &[o.tp_xmit_skb]),
             (Group::TpDrop, &[o.tp_kfree_skb, o.tp_kfree_reason]),
+            (Group::NfState, &[o.nf_state_hook]),
         ];
         for (group, values) in groups {
             let unfilled = values.contains(&udptrace_common::OFFSET_MISSING);

@@ -194,6 +194,23 @@ pub fn nc_send(ns: Option<&Netns>, extra: &[&str], host: &str, port: u16) -> u32
     pid
 }
 
+/// tcpdump on `dev` in `ns`, ready when this returns.
+pub fn tcpdump(ns: &Netns, dev: &str, filter: &str) -> Child {
+    let mut child = ns
+        .cmd("tcpdump")
+        .args(["-i", dev, "-n", "-l", "-c", "1", filter])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("tcpdump");
+    let mut err = BufReader::new(child.stderr.take().unwrap());
+    let mut line = String::new();
+    while err.read_line(&mut line).unwrap_or(0) > 0 && !line.contains("listening on") {
+        line.clear();
+    }
+    child
+}
+
 /// The real udptrace binary, tracing.
 pub struct Tracer {
     child: Child,

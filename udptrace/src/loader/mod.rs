@@ -2,7 +2,12 @@
 //! hop with the best hook the kernel allows, falling back in order and recording why.
 //! Everything attached is owned by [`Tracer`]; dropping it detaches exactly that.
 
-use std::path::Path;
+mod netfilter;
+
+use std::{
+    os::fd::OwnedFd,
+    path::{Path, PathBuf},
+};
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
@@ -94,8 +99,10 @@ pub struct Tracer {
     ebpf: Ebpf,
     pub kernel: KernelFacts,
     pub send: HopReport,
-    /// xmit, drop, deliver.
+    /// nat, xmit, drop.
     pub skb_hops: Vec<HopReport>,
+    /// Netfilter programs and their links (dropping them detaches).
+    _netfilter: Vec<OwnedFd>,
     /// Drop reason names of this kernel.
     pub drop_reasons: DropReasons,
 }
@@ -118,7 +125,7 @@ fn chain(err: &dyn std::error::Error) -> String {
 
 impl Tracer {
     /// Checks privileges and the kernel, loads the programs and attaches every hop.
-    pub fn load() -> Result<Self, LoadError> {
+    pub fn load(scope: NetnsScope) -> Result<Self, LoadError> {
         preflight::check_privileges()?;
         let release = preflight::kernel_release();
         preflight::check_kernel(&release)?;
@@ -150,13 +157,16 @@ impl Tracer {
         let kernel = KernelFacts {
             tracefs: tracefs_fact,
         };
-        let skb_hops = attach_skb_hops(&mut ebpf, &layout);
+        let mut netfilter = Vec::new();
+        let mut skb_hops = vec![attach_nat(&ebpf, &layout, scope, &mut netfilter)];
+        skb_hops.extend(attach_skb_hops(&mut ebpf, &layout));
         Ok(Self {
             ebpf,
             kernel,
             send,
             skb_hops,
             drop_reasons,
+            _netfilter: netfilter,
         })
     }
 
@@ -249,6 +259,80 @@ fn attach_skb_hops(ebpf: &mut Ebpf, layout: &KernelLayout) -> Vec<HopReport> {
         ),
         attach_chain(ebpf, layout, "drop", &[("tracepoint:skb:kfree_skb", drop)]),
     ]
+}
+
+/// Which network namespaces per-namespace hooks (netfilter links) cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NetnsScope {
+    /// The namespace udptrace runs in.
+    #[default]
+    Host,
+    /// That one and every namespace named under /run/netns when tracing starts.
+    All,
+}
+
+impl NetnsScope {
+    fn files(self) -> Vec<PathBuf> {
+        let mut files = vec![PathBuf::from("/proc/self/ns/net")];
+        if self == Self::All {
+            let mut named: Vec<PathBuf> = std::fs::read_dir("/run/netns")
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok().map(|e| e.path()))
+                .collect();
+            named.sort();
+            files.extend(named);
+        }
+        files
+    }
+}
+
+/// The NAT hop: netfilter links just before and after NAT at each NAT hook, in each covered
+/// namespace. Programs and links go into `keep`.
+fn attach_nat(
+    ebpf: &Ebpf,
+    layout: &KernelLayout,
+    scope: NetnsScope,
+    keep: &mut Vec<OwnedFd>,
+) -> HopReport {
+    const HOOK: &str = "netfilter-link:nat";
+    let mut report = HopReport {
+        hop: "nat",
+        attempts: Vec::new(),
+        not_needed: Vec::new(),
+        notes: Vec::new(),
+    };
+    let outcome = if disabled(HOOK) {
+        Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
+    } else {
+        need(layout, &[Group::Skb, Group::Sock, Group::NfState]).and_then(|()| {
+            let progs = netfilter::load_programs(EBPF_OBJECT, ebpf, &["nat_before", "nat_after"])?;
+            let mut covered = 0;
+            for ns in scope.files() {
+                match netfilter::link_in(&ns, &progs[0], &progs[1]) {
+                    Ok(links) => {
+                        covered += 1;
+                        keep.extend(links);
+                    }
+                    Err(why) => report.notes.push(format!("{}: {why}", ns.display())),
+                }
+            }
+            if covered == 0 {
+                return Err("no namespace could be linked".into());
+            }
+            report.notes.push(format!(
+                "linked around NAT at prerouting, output, postrouting and input in {covered} \
+                 network namespace(s)"
+            ));
+            keep.extend(progs);
+            Ok(())
+        })
+    };
+    report.attempts.push(Attempt {
+        hook: HOOK,
+        outcome,
+    });
+    report
 }
 
 /// Loads tracepoint program `name` (once) and attaches it to `category:tp` for each `tp`.

@@ -1,0 +1,206 @@
+//! BPF netfilter programs and links, which aya 0.14 cannot load: the programs come from the
+//! same object (aya parses them as `classifier` sections and creates their maps); here they
+//! are relocated against aya's map fds and loaded with raw `bpf(BPF_PROG_LOAD)` as
+//! BPF_PROG_TYPE_NETFILTER, then linked with `bpf(BPF_LINK_CREATE)` in each network
+//! namespace. Links are file descriptors: dropping them detaches exactly what we attached.
+
+use std::{
+    collections::HashSet,
+    fs::File,
+    io,
+    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    path::PathBuf,
+};
+
+use aya::{maps::Map, Ebpf};
+use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type};
+use udptrace_common::{
+    NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING,
+};
+
+const NFPROTO_IPV4: u32 = 2;
+const NFPROTO_IPV6: u32 = 10;
+
+fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
+    // SAFETY: `attr` is a zero-initialised bpf_attr with the fields of `cmd` filled in; the
+    // pointers in it stay valid for the call.
+    let rc = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            cmd as libc::c_long,
+            attr as *mut bpf_attr,
+            size_of::<bpf_attr>(),
+        )
+    };
+    if rc < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
+    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
+}
+
+fn map_fd(map: &Map) -> Option<RawFd> {
+    let data = match map {
+        Map::Array(d)
+        | Map::PerCpuArray(d)
+        | Map::RingBuf(d)
+        | Map::LruHashMap(d)
+        | Map::HashMap(d) => d,
+        _ => return None,
+    };
+    Some(data.fd().as_fd().as_raw_fd())
+}
+
+/// Loads the named netfilter programs from `object`, using the maps aya created for `ebpf`.
+pub fn load_programs(object: &[u8], ebpf: &Ebpf, names: &[&str]) -> Result<Vec<OwnedFd>, String> {
+    let mut obj = aya_obj::Object::parse(object).map_err(|e| format!("parsing the object: {e}"))?;
+    let maps = obj.maps.clone();
+    let fds: Vec<(String, RawFd)> = ebpf
+        .maps()
+        .filter_map(|(name, map)| Some((name.to_string(), map_fd(map)?)))
+        .collect();
+    let text: HashSet<usize> = obj.functions.keys().map(|(section, _)| *section).collect();
+    obj.relocate_maps(
+        fds.iter()
+            .filter_map(|(name, fd)| maps.get(name).map(|m| (name.as_str(), *fd, m))),
+        &text,
+    )
+    .map_err(|e| format!("relocating maps: {e}"))?;
+    obj.relocate_calls(&text)
+        .map_err(|e| format!("relocating calls: {e}"))?;
+    names
+        .iter()
+        .map(|name| {
+            let prog = obj
+                .programs
+                .get(*name)
+                .ok_or_else(|| format!("program {name} missing from object"))?;
+            let func = obj
+                .functions
+                .get(&prog.function_key())
+                .ok_or_else(|| format!("{name}: no code"))?;
+            prog_load(name, &func.instructions)
+        })
+        .collect()
+}
+
+fn prog_load(name: &str, insns: &[bpf_insn]) -> Result<OwnedFd, String> {
+    let license = c"GPL";
+    let mut log = vec![0u8; 1 << 16];
+    let attempt = |with_log: bool, log: &mut Vec<u8>| {
+        // SAFETY: bpf_attr is plain data; all-zero is its valid empty value.
+        let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+        // SAFETY: writing the BPF_PROG_LOAD member of the union.
+        let a = unsafe { &mut attr.__bindgen_anon_3 };
+        a.prog_type = bpf_prog_type::BPF_PROG_TYPE_NETFILTER as u32;
+        a.expected_attach_type = bpf_attach_type::BPF_NETFILTER as u32;
+        a.insns = insns.as_ptr() as u64;
+        a.insn_cnt = insns.len() as u32;
+        a.license = license.as_ptr() as u64;
+        for (dst, src) in a.prog_name.iter_mut().zip(name.bytes().take(15)) {
+            *dst = src as libc::c_char;
+        }
+        if with_log {
+            a.log_level = 1;
+            a.log_buf = log.as_mut_ptr() as u64;
+            a.log_size = log.len() as u32;
+        }
+        bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
+    };
+    attempt(false, &mut log).or_else(|first| {
+        attempt(true, &mut log).map_err(|_| {
+            let end = log.iter().position(|&b| b == 0).unwrap_or(0);
+            let tail: String = String::from_utf8_lossy(&log[..end]).lines().rev().take(3).collect::<Vec<_>>().join(" / ");
+            match first.raw_os_error() {
+                Some(libc::EINVAL) if tail.is_empty() => format!(
+                    "loading {name}: {first}: this kernel has no BPF netfilter programs (Linux 6.4 or newer)"
+                ),
+                _ => format!("loading {name}: {first}: {tail}"),
+            }
+        })
+    })
+}
+
+fn link_create(prog: &OwnedFd, pf: u32, hook: u32, priority: i32) -> io::Result<OwnedFd> {
+    // SAFETY: bpf_attr is plain data; all-zero is its valid empty value.
+    let mut attr: bpf_attr = unsafe { std::mem::zeroed() };
+    // SAFETY: writing the BPF_LINK_CREATE member of the union.
+    let l = unsafe { &mut attr.link_create };
+    l.__bindgen_anon_1.prog_fd = prog.as_raw_fd() as u32;
+    l.attach_type = bpf_attach_type::BPF_NETFILTER as u32;
+    l.__bindgen_anon_3.netfilter.pf = pf;
+    l.__bindgen_anon_3.netfilter.hooknum = hook;
+    l.__bindgen_anon_3.netfilter.priority = priority;
+    bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+}
+
+/// Where NAT rewrites happen, and priorities just before and after it (NF_IP_PRI_NAT_DST is
+/// -100, NF_IP_PRI_NAT_SRC 100). A priority another hook already holds gives EBUSY, so each
+/// slot has a few candidates, nearest first.
+const SLOTS: [(u32, &[i32], &[i32]); 4] = [
+    (
+        NF_INET_PRE_ROUTING,
+        &[-101, -102, -105, -110],
+        &[-99, -98, -95, -90],
+    ),
+    (
+        NF_INET_LOCAL_OUT,
+        &[-101, -102, -105, -110],
+        &[-99, -98, -95, -90],
+    ),
+    (
+        NF_INET_POST_ROUTING,
+        &[99, 98, 95, 90],
+        &[101, 102, 105, 110],
+    ),
+    (NF_INET_LOCAL_IN, &[99, 98, 95, 90], &[101, 102, 105, 110]),
+];
+
+fn link_first_free(
+    prog: &OwnedFd,
+    pf: u32,
+    hook: u32,
+    priorities: &[i32],
+) -> Result<OwnedFd, String> {
+    let mut last = None;
+    for &priority in priorities {
+        match link_create(prog, pf, hook, priority) {
+            Ok(link) => return Ok(link),
+            Err(e) if e.raw_os_error() == Some(libc::EBUSY) => last = Some(e),
+            Err(e) => return Err(format!("linking at hook {hook} priority {priority}: {e}")),
+        }
+    }
+    Err(format!(
+        "every priority near NAT at hook {hook} is taken: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
+}
+
+/// Links `before`/`after` around NAT at every NAT hook, IPv4 and IPv6, in the network
+/// namespace of `netns` (a /run/netns or /proc/PID/ns/net file).
+pub fn link_in(netns: &PathBuf, before: &OwnedFd, after: &OwnedFd) -> Result<Vec<OwnedFd>, String> {
+    let file = File::open(netns).map_err(|e| format!("opening {}: {e}", netns.display()))?;
+    // The link attaches in the calling thread's namespace: do it from a thread of its own.
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a namespace fd we opened; it changes only this thread.
+            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "entering {}: {}",
+                    netns.display(),
+                    io::Error::last_os_error()
+                ));
+            }
+            let mut links = Vec::new();
+            for (hook, before_prios, after_prios) in SLOTS {
+                for pf in [NFPROTO_IPV4, NFPROTO_IPV6] {
+                    links.push(link_first_free(before, pf, hook, before_prios)?);
+                    links.push(link_first_free(after, pf, hook, after_prios)?);
+                }
+            }
+            Ok(links)
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the namespace thread panicked".into()))
+    })
+}

@@ -1,0 +1,193 @@
+//! NAT: every rewrite on the path, with the netfilter hook that made it and the namespace,
+//! checked against conntrack's own view of the flow and tcpdump on the receiving side.
+
+mod common;
+
+use std::process::Command;
+
+use common::*;
+use serde_json::Value;
+
+/// Whether this kernel has BPF netfilter links; prints why not when it has none.
+fn netfilter_links() -> bool {
+    let (_, out, _) = udptrace(Command::new(UDPTRACE).arg("doctor"));
+    let usable = out
+        .lines()
+        .any(|l| l.starts_with("nat hop") && l.contains("uses netfilter-link"));
+    if !usable {
+        let why = out
+            .lines()
+            .find(|l| l.contains("tried netfilter-link"))
+            .unwrap_or("no nat hop line");
+        eprintln!(
+            "skipped: this kernel has no usable BPF netfilter links: {}",
+            why.trim()
+        );
+    }
+    usable
+}
+
+fn iptables(ns: &Netns, args: &[&str]) {
+    let status = ns.cmd("iptables").args(args).status().expect("iptables");
+    assert!(status.success(), "iptables {args:?}");
+}
+
+fn hops<'a>(path: &'a Value, kind: &str) -> Vec<&'a Value> {
+    path["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["kind"] == kind)
+        .collect()
+}
+
+#[test]
+fn dnat_at_output_and_snat_at_postrouting_are_both_on_the_path() {
+    require_root();
+    if !netfilter_links() {
+        return;
+    }
+    let net = Pair::new(&[]);
+    // A Service-like virtual IP: 10.203.0.9:20501 is DNATed to the "pod" 10.203.0.2:20502,
+    // and the node masquerades the source to 10.203.0.7.
+    iptables(
+        &net.a,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "-d",
+            "10.203.0.9",
+            "--dport",
+            "20501",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.203.0.2:20502",
+        ],
+    );
+    iptables(
+        &net.a,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "POSTROUTING",
+            "-p",
+            "udp",
+            "--dport",
+            "20502",
+            "-j",
+            "SNAT",
+            "--to-source",
+            "10.203.0.7",
+        ],
+    );
+    let dump = tcpdump(&net.b, "ut-b", "udp port 20502");
+    let tracer = Tracer::start(&["--netns", "all", "--port", "20501", "--count", "1"]);
+    let (pid, out) = py_send(&net.a, "10.203.0.9", 20501, "sendto", 12);
+    let sport = out.split_whitespace().nth(1).unwrap().to_string();
+    let path = tracer.one_path();
+    let kinds: Vec<&str> = path["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|h| h["kind"].as_str().unwrap())
+        .collect();
+    assert_eq!(kinds, ["send", "nat", "nat", "xmit", "drop"], "{path}");
+    assert_eq!(path["hops"][0]["pid"], pid);
+    assert_eq!(
+        path["orig"]["dst"], "10.203.0.9:20501",
+        "as the application gave it"
+    );
+
+    let nat = hops(&path, "nat");
+    let (dnat, snat) = (nat[0], nat[1]);
+    assert_eq!(
+        (dnat["nat"].as_str(), dnat["nf_hook"].as_str()),
+        (Some("dnat"), Some("output"))
+    );
+    assert_eq!(dnat["before"]["dst"], "10.203.0.9:20501");
+    assert_eq!(dnat["after"]["dst"], "10.203.0.2:20502");
+    assert_eq!(dnat["netns"], net.a.inode());
+    assert_eq!(
+        (snat["nat"].as_str(), snat["nf_hook"].as_str()),
+        (Some("snat"), Some("postrouting"))
+    );
+    assert_eq!(snat["before"]["src"], format!("10.203.0.1:{sport}"));
+    assert_eq!(snat["after"]["src"], format!("10.203.0.7:{sport}"));
+    assert_eq!(snat["hook"], "netfilter-link");
+
+    // What the receiving side sees: the rewritten addresses, dropped for want of a socket.
+    let drop = hops(&path, "drop")[0];
+    assert_eq!(drop["reason"], "NO_SOCKET");
+    assert_eq!(drop["netns"], net.b.inode());
+    assert_eq!(path["final"]["src"], format!("10.203.0.7:{sport}"));
+    assert_eq!(path["final"]["dst"], "10.203.0.2:20502");
+
+    // Ground truth 1: conntrack's entry in A, original and reply tuples.
+    let ct = net
+        .a
+        .cmd("conntrack")
+        .args(["-L", "-p", "udp", "--orig-port-dst", "20501"])
+        .output()
+        .unwrap();
+    let ct = String::from_utf8_lossy(&ct.stdout);
+    let expected = format!(
+        "src=10.203.0.1 dst=10.203.0.9 sport={sport} dport=20501 [UNREPLIED] src=10.203.0.2 dst=10.203.0.7 sport=20502 dport={sport}"
+    );
+    assert!(
+        ct.contains(&expected),
+        "conntrack -L:\n{ct}\nexpected {expected}"
+    );
+    // Ground truth 2: what arrived on the receiver's interface.
+    let seen = dump.wait_with_output().unwrap();
+    let seen = String::from_utf8_lossy(&seen.stdout);
+    assert!(
+        seen.contains(&format!(
+            "10.203.0.7.{sport} > 10.203.0.2.20502: UDP, length 12"
+        )),
+        "{seen}"
+    );
+}
+
+#[test]
+fn without_nat_there_is_no_nat_hop_and_host_scope_skips_other_namespaces() {
+    require_root();
+    if !netfilter_links() {
+        return;
+    }
+    let net = Pair::new(&[]);
+    iptables(
+        &net.a,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "--dport",
+            "20503",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.203.0.2:20504",
+        ],
+    );
+    // Host scope: the rule in A is not watched, so no nat hop, but the rewritten datagram
+    // still shows its real addresses at xmit and drop.
+    let tracer = Tracer::start(&["--port", "20504", "--count", "1"]);
+    py_send(&net.a, B4, 20503, "sendto", 3);
+    let path = tracer.one_path();
+    assert!(hops(&path, "nat").is_empty(), "{path}");
+    assert_eq!(hops(&path, "xmit")[0]["dst"], "10.203.0.2:20504");
+    // A datagram no rule touches has no nat hop even when every namespace is watched.
+    let tracer = Tracer::start(&["--netns", "all", "--port", "20505", "--count", "1"]);
+    py_send(&net.a, B4, 20505, "sendto", 3);
+    let path = tracer.one_path();
+    assert!(hops(&path, "nat").is_empty(), "{path}");
+}

@@ -6,10 +6,12 @@ pub const KIND_SEND: u16 = 1;
 pub const KIND_XMIT: u16 = 2;
 /// The kernel freed the datagram with a drop reason ([`SkbEvent`]).
 pub const KIND_DROP: u16 = 3;
-/// A receiving socket got the datagram ([`SkbEvent`]); no hook emits it yet.
+/// A receiving socket queued the datagram ([`SkbEvent`], `sk` is the receiving socket).
 pub const KIND_DELIVER: u16 = 4;
 /// Netfilter NAT rewrote the datagram's addresses ([`NatEvent`]).
 pub const KIND_NAT: u16 = 5;
+/// An application reads (or waits to read) from a UDP socket ([`RecvEvent`]).
+pub const KIND_RECV: u16 = 6;
 
 /// Which kernel hook produced an event (`EventHeader::hook`).
 pub const HOOK_FENTRY_UDP_SENDMSG: u16 = 1;
@@ -20,6 +22,10 @@ pub const HOOK_TP_SOCK_SEND_LENGTH: u16 = 5;
 pub const HOOK_TP_NET_DEV_START_XMIT: u16 = 6;
 pub const HOOK_TP_KFREE_SKB: u16 = 7;
 pub const HOOK_NETFILTER_LINK: u16 = 8;
+pub const HOOK_FEXIT_UDP_ENQUEUE: u16 = 9;
+pub const HOOK_TP_SK_DATA_READY: u16 = 10;
+pub const HOOK_FENTRY_UDP_RECVMSG: u16 = 11;
+pub const HOOK_TP_SOCK_RECV_LENGTH: u16 = 12;
 
 /// `SendEvent::flags`: the destination came from the syscall's address argument
 /// (an unconnected send), not from the socket.
@@ -165,3 +171,20 @@ pub struct NatEvent {
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for NatEvent {}
 const _: () = assert!(core::mem::size_of::<NatEvent>() == 208);
+
+/// A task reading from a UDP socket: who receives what is queued on `sk`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RecvEvent {
+    pub header: EventHeader,
+    pub sk: u64,
+    pub cgroup: u64,
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub _pad: u32,
+    pub comm: [u8; 16],
+}
+#[cfg(feature = "user")]
+unsafe impl aya::Pod for RecvEvent {}
+const _: () = assert!(core::mem::size_of::<RecvEvent>() == 64);

@@ -23,6 +23,8 @@ pub mod names {
     pub const OFFSETS: &str = "OFFSETS";
     /// Per-CPU, per-netfilter-hook tuple seen just before NAT.
     pub const NAT_BEFORE: &str = "NAT_BEFORE";
+    /// Per-CPU skb that last passed the end of LOCAL_IN (about to reach its socket).
+    pub const LOCAL_IN_SKB: &str = "LOCAL_IN_SKB";
 }
 
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).

@@ -54,10 +54,17 @@ pub struct Offsets {
     pub tp_kfree_reason: u32,
     /// struct nf_hook_state -> hook
     pub nf_state_hook: u32,
+    // tracepoints sock:sk_data_ready, sock:sock_recv_length
+    pub tp_ready_sk: u32,
+    pub tp_ready_protocol: u32,
+    pub tp_recv_sk: u32,
+    pub tp_recv_protocol: u32,
+    pub tp_recv_ret: u32,
+    pub _pad3: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 36 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 42 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
@@ -98,5 +105,11 @@ impl Offsets {
         tp_kfree_skb: OFFSET_MISSING,
         tp_kfree_reason: OFFSET_MISSING,
         nf_state_hook: OFFSET_MISSING,
+        tp_ready_sk: OFFSET_MISSING,
+        tp_ready_protocol: OFFSET_MISSING,
+        tp_recv_sk: OFFSET_MISSING,
+        tp_recv_protocol: OFFSET_MISSING,
+        tp_recv_ret: OFFSET_MISSING,
+        _pad3: 0,
     };
 }

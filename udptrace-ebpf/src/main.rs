@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod deliver;
 mod drop;
 mod kernel;
 mod maps;

@@ -23,6 +23,10 @@ pub static PENDING_SENDS: LruHashMap<u64, PendingSend> =
 #[map(name = "NAT_BEFORE")]
 pub static NAT_BEFORE: PerCpuArray<SkbEvent> = PerCpuArray::with_max_entries(NF_INET_NUMHOOKS, 0);
 
+/// The skb that last passed the end of LOCAL_IN on this CPU (deliver hop, netfilter way).
+#[map(name = "LOCAL_IN_SKB")]
+pub static LOCAL_IN_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
 /// Kernel layout facts, filled from BTF and tracefs by the loader.
 #[unsafe(no_mangle)]
 pub static OFFSETS: Offsets = Offsets::MISSING;

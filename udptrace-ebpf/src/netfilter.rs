@@ -83,6 +83,7 @@ fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
         skb,
         0,
         Task::None,
+        0,
     ) {
         Ok(true) => ev.skb.src != before.src || ev.skb.dst != before.dst,
         _ => false,

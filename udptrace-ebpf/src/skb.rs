@@ -98,6 +98,7 @@ pub fn fill(
     skb: u64,
     reason: u32,
     task: Task,
+    sock: u64,
 ) -> Result<bool, ReadError> {
     if !read_udp(skb, ev)? {
         return Ok(false);
@@ -112,11 +113,18 @@ pub fn fill(
     ev.skb = skb;
     ev.reason = reason;
     ev._pad = 0;
-    ev.sk = read_kernel(skb, offset!(skb_sk))?;
-    let dev: u64 = read_kernel(skb, offset!(skb_dev))?;
     ev.ifname = [0; 16];
     ev.ifindex = 0;
     ev.netns = 0;
+    // A queued UDP datagram reuses skb->dev as scratch space: with a known receiving
+    // socket, take the namespace from the socket and leave the device out.
+    let dev: u64 = if sock != 0 {
+        ev.sk = sock;
+        0
+    } else {
+        ev.sk = read_kernel(skb, offset!(skb_sk))?;
+        read_kernel(skb, offset!(skb_dev))?
+    };
     if dev != 0 {
         ev.ifindex = read_kernel(dev, offset!(dev_ifindex))?;
         ev.ifname = read_kernel(dev, offset!(dev_name))?;
@@ -142,9 +150,28 @@ pub fn fill(
     Ok(true)
 }
 
+/// Sends one skb hop event for `skb` that a known socket `sk` (the receiver) holds.
+#[inline(always)]
+pub fn emit_for_sock(kind: u16, hook: u16, skb: u64, sk: u64) -> Result<(), ReadError> {
+    emit_inner(kind, hook, skb, 0, Task::None, sk)
+}
+
 /// Sends one skb hop event for `skb` if it carries a UDP datagram.
 #[inline(always)]
 pub fn emit(kind: u16, hook: u16, skb: u64, reason: u32, task: Task) -> Result<(), ReadError> {
+    emit_inner(kind, hook, skb, reason, task, 0)
+}
+
+/// `sk`, when not 0, replaces `skb->sk` (UDP does not set it on queued datagrams).
+#[inline(always)]
+fn emit_inner(
+    kind: u16,
+    hook: u16,
+    skb: u64,
+    reason: u32,
+    task: Task,
+    sk: u64,
+) -> Result<(), ReadError> {
     if skb == 0 {
         return Ok(());
     }
@@ -155,7 +182,15 @@ pub fn emit(kind: u16, hook: u16, skb: u64, reason: u32, task: Task) -> Result<(
     // SAFETY: the reservation is sized for an SkbEvent; `fill` writes every field before
     // submit, or the entry is discarded.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    match fill(ev, kind, hook, skb, reason, task) {
+    match fill(ev, kind, hook, skb, reason, task, sk) {
+        Ok(true)
+            if sk != 0 && read_kernel::<u16>(sk, offset!(sk_num)).ok() != Some(ev.dst.port) =>
+        {
+            // The socket is not bound to this datagram's port: a stale pairing (an skb
+            // that reached LOCAL_IN in a namespace we do not cover, say). Say nothing.
+            entry.discard(0);
+            Ok(())
+        }
         Ok(true) => {
             entry.submit(0);
             Ok(())

@@ -8,8 +8,8 @@ use std::{
 use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use udptrace_common::{
-    Addr, EventHeader, NatEvent, SendEvent, SkbEvent, AF_INET, AF_INET6, KIND_DELIVER, KIND_DROP,
-    KIND_NAT, KIND_SEND, KIND_XMIT,
+    Addr, EventHeader, NatEvent, RecvEvent, SendEvent, SkbEvent, AF_INET, AF_INET6, KIND_DELIVER,
+    KIND_DROP, KIND_NAT, KIND_RECV, KIND_SEND, KIND_XMIT,
 };
 
 /// A decoded hop event.
@@ -19,6 +19,8 @@ pub enum Event {
     /// xmit, drop or deliver (see `header.kind`).
     Skb(SkbEvent),
     Nat(NatEvent),
+    /// A task reading a UDP socket.
+    Recv(RecvEvent),
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -60,6 +62,7 @@ impl Event {
             KIND_SEND => read(kind, bytes).map(Event::Send),
             KIND_XMIT | KIND_DROP | KIND_DELIVER => read(kind, bytes).map(Event::Skb),
             KIND_NAT => read(kind, bytes).map(Event::Nat),
+            KIND_RECV => read(kind, bytes).map(Event::Recv),
             other => Err(DecodeError::Kind(other)),
         }
     }

@@ -5,10 +5,11 @@ use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
 
 use serde::{Serialize, Serializer};
 use udptrace_common::{
-    NatEvent, SendEvent, SkbEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
-    HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG, HOOK_NETFILTER_LINK, HOOK_TP_KFREE_SKB,
-    HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SOCK_SEND_LENGTH, KIND_DROP, KIND_XMIT, NF_INET_FORWARD,
-    NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING,
+    NatEvent, RecvEvent, SendEvent, SkbEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
+    HOOK_FEXIT_UDP_ENQUEUE, HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG,
+    HOOK_NETFILTER_LINK, HOOK_TP_KFREE_SKB, HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SK_DATA_READY,
+    HOOK_TP_SOCK_SEND_LENGTH, KIND_DROP, KIND_XMIT, NF_INET_FORWARD, NF_INET_LOCAL_IN,
+    NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING,
 };
 
 use crate::{
@@ -28,6 +29,8 @@ pub fn hook_name(hook: u16) -> &'static str {
         HOOK_TP_NET_DEV_START_XMIT => "tracepoint:net:net_dev_start_xmit",
         HOOK_TP_KFREE_SKB => "tracepoint:skb:kfree_skb",
         HOOK_NETFILTER_LINK => "netfilter-link",
+        HOOK_FEXIT_UDP_ENQUEUE => "fexit:__udp_enqueue_schedule_skb",
+        HOOK_TP_SK_DATA_READY => "netfilter-link+tracepoint:sock:sk_data_ready",
         _ => "unknown",
     }
 }
@@ -288,6 +291,8 @@ struct Open {
     verdict: Verdict,
     /// When the verdict was reached.
     ended_ns: Option<u64>,
+    /// The receiving socket of a delivered datagram whose reader is not known yet.
+    reader_sk: u64,
 }
 
 impl Open {
@@ -318,7 +323,10 @@ impl Open {
     /// Ready to print: a verdict, and the send hop if the datagram was sent here.
     fn done(&self, now_ns: u64) -> bool {
         match self.ended_ns {
-            Some(at) => self.send.is_some() || self.sock == 0 || now_ns >= at + GRACE_NS,
+            Some(at) => {
+                let have_send = self.send.is_some() || self.sock == 0;
+                (have_send && self.reader_sk == 0) || now_ns >= at + GRACE_NS
+            }
             None => false,
         }
     }
@@ -340,6 +348,8 @@ pub struct Assembler {
     evicted: Vec<u64>,
     /// Send-only paths superseded by a later send on the same socket, printed as incomplete.
     stale: Vec<u64>,
+    /// Who reads each receiving socket, from the recv hook (bounded by [`MAX_OPEN`]).
+    readers: HashMap<u64, Process>,
     next: u64,
 }
 
@@ -380,6 +390,7 @@ impl Assembler {
             last_ns: ts_ns,
             verdict: Verdict::Unknown,
             ended_ns: None,
+            reader_sk: 0,
         };
         self.open.insert(self.next, open);
         self.next
@@ -400,6 +411,10 @@ impl Assembler {
                 let hop = nat_hop(ev, &self.clock);
                 self.push_skb_hop(&ev.skb, hop);
                 ev.skb.header.ts_ns
+            }
+            Event::Recv(ev) => {
+                self.push_reader(ev);
+                ev.header.ts_ns
             }
         };
         self.collect(now, out);
@@ -445,8 +460,41 @@ impl Assembler {
         self.push_skb_hop(ev, hop);
     }
 
+    /// A task reads socket `ev.sk`: it is the receiver of what is (and will be) queued there.
+    fn push_reader(&mut self, ev: &RecvEvent) {
+        let reader = Process {
+            pid: ev.pid,
+            tid: ev.tid,
+            comm: comm(&ev.comm),
+            uid: Some(ev.uid),
+            cgroup: ev.cgroup,
+        };
+        for open in self.open.values_mut().filter(|o| o.reader_sk == ev.sk) {
+            if let Some(hop) = open
+                .hops
+                .iter_mut()
+                .rev()
+                .find(|h| h.kind == HopKind::Deliver)
+            {
+                hop.process = Some(reader.clone());
+            }
+            open.reader_sk = 0;
+        }
+        if self.readers.len() >= MAX_OPEN {
+            self.readers.clear();
+        }
+        self.readers.insert(ev.sk, reader);
+    }
+
     /// Adds a hop seen on `ev.skb` (xmit, drop, nat, deliver) to its datagram's path.
-    fn push_skb_hop(&mut self, ev: &SkbEvent, hop: Hop) {
+    fn push_skb_hop(&mut self, ev: &SkbEvent, mut hop: Hop) {
+        let mut reader_sk = 0;
+        if hop.kind == HopKind::Deliver && hop.process.is_none() {
+            match self.readers.get(&ev.sk) {
+                Some(reader) => hop.process = Some(reader.clone()),
+                None => reader_sk = ev.sk,
+            }
+        }
         let outbound = ev.sk != 0 && hop.kind != HopKind::Deliver;
         let known = self
             .by_skb
@@ -483,6 +531,9 @@ impl Assembler {
         }
         if open.verdict != Verdict::Unknown && open.ended_ns.is_none() {
             open.ended_ns = Some(ev.header.ts_ns);
+        }
+        if reader_sk != 0 {
+            open.reader_sk = reader_sk;
         }
         open.hops.push(hop);
     }
@@ -686,6 +737,58 @@ pub(crate) mod tests {
         assert_eq!(out.len(), 1);
         assert!(out[0].complete, "it has a verdict");
         assert_eq!(out[0].hops.len(), 2);
+    }
+
+    fn reader(ts: u64, sk: u64, pid: u32) -> Event {
+        let mut comm = [0u8; 16];
+        comm[..7].copy_from_slice(b"dnsmasq");
+        Event::Recv(RecvEvent {
+            header: udptrace_common::EventHeader {
+                kind: udptrace_common::KIND_RECV,
+                hook: udptrace_common::HOOK_TP_SOCK_RECV_LENGTH,
+                cpu: 0,
+                ts_ns: ts,
+            },
+            sk,
+            pid,
+            tid: pid,
+            comm,
+            ..RecvEvent::default()
+        })
+    }
+
+    fn delivered(ts: u64, sk: u64) -> Event {
+        let mut ev = sample_skb(KIND_DELIVER);
+        ev.header.ts_ns = ts;
+        ev.sk = sk;
+        Event::Skb(ev)
+    }
+
+    #[test]
+    fn the_reader_of_the_receiving_socket_is_named_whenever_it_reads() {
+        const RX: u64 = 0xffff_8880_9999_0000;
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        // Read after delivery (tracepoint sock_recv_length fires after the read).
+        a.push(&delivered(10, RX), &mut out);
+        assert!(out.is_empty(), "waits for the reader");
+        a.push(&reader(20, RX, 4242), &mut out);
+        assert_eq!(out.len(), 1);
+        let json = serde_json::to_value(&out[0].hops[0]).unwrap();
+        assert_eq!(
+            (json["pid"].as_u64(), json["comm"].as_str()),
+            (Some(4242), Some("dnsmasq"))
+        );
+        // Known reader (fentry on recvmsg fires before): named at once.
+        a.push(&delivered(30, RX), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].hops[0].process.as_ref().map(|p| p.pid), Some(4242));
+        // Nobody reads another socket: printed after the grace, without a process.
+        a.push(&delivered(40, 0xabc), &mut out);
+        a.tick(40 + GRACE_NS, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[2].verdict, Verdict::Delivered);
+        assert!(out[2].hops[0].process.is_none());
     }
 
     #[test]

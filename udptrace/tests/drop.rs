@@ -12,15 +12,6 @@ use std::{
 use common::*;
 use serde_json::Value;
 
-fn kinds(path: &Value) -> Vec<String> {
-    path["hops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["kind"].as_str().unwrap().to_string())
-        .collect()
-}
-
 fn last_hop(path: &Value) -> &Value {
     path["hops"].as_array().unwrap().last().unwrap()
 }
@@ -52,7 +43,7 @@ fn no_listener_in_another_namespace_is_no_socket_there() {
         let tracer = Tracer::start(&["--port", &p, "--count", "1"]);
         let (pid, out) = py_send(&net.a, dst, port, "sendto", 10);
         let path = tracer.one_path();
-        assert_eq!(kinds(&path), ["send", "xmit", "drop"], "{path}");
+        assert_eq!(hop_kinds(&path), ["send", "xmit", "drop"], "{path}");
         let (send, xmit, drop) = (&path["hops"][0], &path["hops"][1], &path["hops"][2]);
         assert_eq!(send["pid"], pid);
         assert_eq!(
@@ -67,7 +58,7 @@ fn no_listener_in_another_namespace_is_no_socket_there() {
         );
         assert_eq!(drop["ifname"], "ut-b");
         assert_eq!(path["verdict"], "dropped");
-        let sport = out.split_whitespace().nth(1).unwrap();
+        let sport = sent_port(&out);
         assert!(
             drop["src"]
                 .as_str()
@@ -153,7 +144,8 @@ fn a_receiver_that_never_reads_drops_socket_rcvbuff() {
         .unwrap();
     assert_eq!(ready.trim(), "ready");
     let before = nstat(&net.b, "UdpRcvbufErrors");
-    let tracer = Tracer::start(&["--port", "20404"]);
+    // --netns all: delivery into B's socket is seen from a link in B.
+    let tracer = Tracer::start(&["--netns", "all", "--port", "20404"]);
     let burst = 30;
     let sender = net
         .a
@@ -187,6 +179,24 @@ fn a_receiver_that_never_reads_drops_socket_rcvbuff() {
         assert_eq!(last_hop(p)["netns"], net.b.inode());
         assert_eq!(p["verdict"], "dropped");
     }
-    let queued = paths.iter().filter(|p| p["verdict"] == "unknown").count();
-    assert_eq!(queued as u64 + dropped, burst as u64, "{paths:?}");
+    // The rest sit in the socket's queue: delivered to it, with no reader to name.
+    let queued: Vec<&Value> = paths
+        .iter()
+        .filter(|p| p["verdict"] == "delivered")
+        .collect();
+    let verdicts: Vec<&str> = paths
+        .iter()
+        .map(|p| p["verdict"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        queued.len() as u64 + dropped,
+        burst as u64,
+        "verdicts: {verdicts:?}"
+    );
+    for p in queued {
+        let deliver = last_hop(p);
+        assert_eq!(deliver["kind"], "deliver");
+        assert!(deliver.get("pid").is_none(), "nobody read it: {deliver}");
+        assert_eq!(deliver["netns"], net.b.inode());
+    }
 }

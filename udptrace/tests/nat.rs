@@ -89,15 +89,13 @@ fn dnat_at_output_and_snat_at_postrouting_are_both_on_the_path() {
     let dump = tcpdump(&net.b, "ut-b", "udp port 20502");
     let tracer = Tracer::start(&["--netns", "all", "--port", "20501", "--count", "1"]);
     let (pid, out) = py_send(&net.a, "10.203.0.9", 20501, "sendto", 12);
-    let sport = out.split_whitespace().nth(1).unwrap().to_string();
+    let sport = sent_port(&out);
     let path = tracer.one_path();
-    let kinds: Vec<&str> = path["hops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["kind"].as_str().unwrap())
-        .collect();
-    assert_eq!(kinds, ["send", "nat", "nat", "xmit", "drop"], "{path}");
+    assert_eq!(
+        hop_kinds(&path),
+        ["send", "nat", "nat", "xmit", "drop"],
+        "{path}"
+    );
     assert_eq!(path["hops"][0]["pid"], pid);
     assert_eq!(
         path["orig"]["dst"], "10.203.0.9:20501",

@@ -56,13 +56,7 @@ fn nc_on_loopback_is_traced_with_its_pid() {
     // Nobody listens on 5353 here: out through lo, dropped for want of a socket.
     assert_eq!(path["verdict"], "dropped", "{path}");
     assert_eq!(path["complete"], true);
-    let kinds: Vec<&str> = path["hops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|h| h["kind"].as_str().unwrap())
-        .collect();
-    assert_eq!(kinds, ["send", "xmit", "drop"], "{path}");
+    assert_eq!(hop_kinds(&path), ["send", "xmit", "drop"], "{path}");
     assert_eq!(path["hops"][1]["ifname"], "lo");
     assert_eq!(path["hops"][2]["reason"], "NO_SOCKET");
     // RFC 3339 with nanoseconds.
@@ -85,10 +79,7 @@ fn unconnected_sendto_ipv4_in_a_namespace() {
     let (pid, out) = py_send(&net.a, B4, 20301, "sendto", 37);
     let path = tracer.one_path();
     let hop = send_hop(&path);
-    let sport = out
-        .split_whitespace()
-        .nth(1)
-        .expect("python printed its port");
+    let sport = sent_port(&out);
     assert_eq!(hop["pid"], pid);
     assert_eq!(hop["comm"], "python3");
     assert_eq!(
@@ -119,10 +110,7 @@ fn unconnected_sendmsg_ipv6() {
     let (pid, out) = py_send(&net.a, B6, 20302, "sendmsg", 1200);
     let path = tracer.one_path();
     let hop = send_hop(&path);
-    let sport = out
-        .split_whitespace()
-        .nth(1)
-        .expect("python printed its port");
+    let sport = sent_port(&out);
     assert_eq!(hop["pid"], pid);
     assert_eq!(hop["dst"], format!("[{B6}]:20302"));
     assert_eq!(hop["src"], format!("[::]:{sport}"));
@@ -509,7 +497,7 @@ fn every_usable_send_hook_reports_the_same_fields() {
         );
         assert_eq!(h1["dst"], format!("{B4}:{port}"));
         assert_eq!(h1["len"], 3);
-        let sport = out.split_whitespace().nth(1).unwrap();
+        let sport = sent_port(&out);
         assert_eq!(
             (h2["pid"].as_u64(), h2["comm"].as_str()),
             (Some(u64::from(py)), Some("python3"))

@@ -26,6 +26,10 @@ pub enum Group {
     TpDrop,
     /// `struct nf_hook_state` (netfilter program context).
     NfState,
+    /// Tracepoint `sock:sk_data_ready`.
+    TpReady,
+    /// Tracepoint `sock:sock_recv_length`.
+    TpRecv,
 }
 
 /// Offsets for this kernel, and why any group could not be filled.
@@ -200,6 +204,23 @@ impl KernelLayout {
             })(),
         );
 
+        group(
+            Group::TpReady,
+            (|| {
+                let f = tp("sock", "sk_data_ready", &["skaddr", "protocol"])?;
+                (o.tp_ready_sk, o.tp_ready_protocol) = (f[0], f[1]);
+                Ok(())
+            })(),
+        );
+        group(
+            Group::TpRecv,
+            (|| {
+                let f = tp("sock", "sock_recv_length", &["sk", "protocol", "ret"])?;
+                (o.tp_recv_sk, o.tp_recv_protocol, o.tp_recv_ret) = (f[0], f[1], f[2]);
+                Ok(())
+            })(),
+        );
+
         Self {
             offsets: o,
             problems,
@@ -222,7 +243,7 @@ mod tests {
         let tracefs = Tracefs::find().ok();
         let layout = KernelLayout::resolve(&btf, tracefs.as_ref());
         let o = layout.offsets;
-        let groups: [(Group, &[u32]); 9] = [
+        let groups: [(Group, &[u32]); 11] = [
             (
                 Group::Sock,
                 &[
@@ -277,6 +298,11 @@ mod tests {
             (Group::TpXmit, &[o.tp_xmit_skb]),
             (Group::TpDrop, &[o.tp_kfree_skb, o.tp_kfree_reason]),
             (Group::NfState, &[o.nf_state_hook]),
+            (Group::TpReady, &[o.tp_ready_sk, o.tp_ready_protocol]),
+            (
+                Group::TpRecv,
+                &[o.tp_recv_sk, o.tp_recv_protocol, o.tp_recv_ret],
+            ),
         ];
         for (group, values) in groups {
             let unfilled = values.contains(&udptrace_common::OFFSET_MISSING);

@@ -11,7 +11,7 @@ use std::{
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, KProbe, TracePoint},
+    programs::{FEntry, FExit, KProbe, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use udptrace_common::{names, STATS_LEN};
@@ -66,6 +66,15 @@ pub struct HopReport {
 }
 
 impl HopReport {
+    fn new(hop: &'static str) -> Self {
+        Self {
+            hop,
+            attempts: Vec::new(),
+            not_needed: Vec::new(),
+            notes: Vec::new(),
+        }
+    }
+
     /// The hook in use, if any.
     pub fn chosen(&self) -> Option<&'static str> {
         self.attempts
@@ -123,6 +132,23 @@ fn chain(err: &dyn std::error::Error) -> String {
     s
 }
 
+/// Unloads the named programs of type `$ty` (detaching their links) after a partial attach,
+/// so a fallback never runs beside half of a better hook.
+macro_rules! unload_all {
+    ($ty:ty, $ebpf:expr, $names:expr) => {
+        for name in $names {
+            if let Ok(prog) = program::<$ty>($ebpf, name) {
+                if prog.fd().is_err() {
+                    continue; // never loaded
+                }
+                if let Err(e) = prog.unload() {
+                    tracing::warn!("unloading {name}: {}", chain(&e));
+                }
+            }
+        }
+    };
+}
+
 impl Tracer {
     /// Checks privileges and the kernel, loads the programs and attaches every hop.
     pub fn load(scope: NetnsScope) -> Result<Self, LoadError> {
@@ -160,6 +186,7 @@ impl Tracer {
         let mut netfilter = Vec::new();
         let mut skb_hops = vec![attach_nat(&ebpf, &layout, scope, &mut netfilter)];
         skb_hops.extend(attach_skb_hops(&mut ebpf, &layout));
+        skb_hops.extend(attach_deliver(&mut ebpf, &layout, scope, &mut netfilter));
         Ok(Self {
             ebpf,
             kernel,
@@ -287,8 +314,38 @@ impl NetnsScope {
     }
 }
 
+/// Loads netfilter programs `names` and links them with `slots` in every namespace of
+/// `scope`; returns how many namespaces were covered. Programs and links go into `keep`.
+fn link_netfilter(
+    ebpf: &Ebpf,
+    scope: NetnsScope,
+    names: &[&str],
+    slots: for<'a> fn(&'a [OwnedFd]) -> Vec<netfilter::Slot<'a>>,
+    notes: &mut Vec<String>,
+    keep: &mut Vec<OwnedFd>,
+) -> Result<usize, String> {
+    let progs = netfilter::load_programs(EBPF_OBJECT, ebpf, names)?;
+    let slots = slots(&progs);
+    let mut covered = 0;
+    for ns in scope.files() {
+        match netfilter::link_in(&ns, &slots) {
+            Ok(links) => {
+                covered += 1;
+                keep.extend(links);
+            }
+            Err(why) => notes.push(format!("{}: {why}", ns.display())),
+        }
+    }
+    drop(slots);
+    keep.extend(progs);
+    if covered == 0 {
+        return Err("no namespace could be linked".into());
+    }
+    Ok(covered)
+}
+
 /// The NAT hop: netfilter links just before and after NAT at each NAT hook, in each covered
-/// namespace. Programs and links go into `keep`.
+/// namespace.
 fn attach_nat(
     ebpf: &Ebpf,
     layout: &KernelLayout,
@@ -296,35 +353,15 @@ fn attach_nat(
     keep: &mut Vec<OwnedFd>,
 ) -> HopReport {
     const HOOK: &str = "netfilter-link:nat";
-    let mut report = HopReport {
-        hop: "nat",
-        attempts: Vec::new(),
-        not_needed: Vec::new(),
-        notes: Vec::new(),
-    };
+    let mut report = HopReport::new("nat");
     let outcome = if disabled(HOOK) {
         Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
     } else {
         need(layout, &[Group::Skb, Group::Sock, Group::NfState]).and_then(|()| {
-            let progs = netfilter::load_programs(EBPF_OBJECT, ebpf, &["nat_before", "nat_after"])?;
-            let mut covered = 0;
-            for ns in scope.files() {
-                match netfilter::link_in(&ns, &progs[0], &progs[1]) {
-                    Ok(links) => {
-                        covered += 1;
-                        keep.extend(links);
-                    }
-                    Err(why) => report.notes.push(format!("{}: {why}", ns.display())),
-                }
-            }
-            if covered == 0 {
-                return Err("no namespace could be linked".into());
-            }
+            let n = link_netfilter(ebpf, scope, &["nat_before", "nat_after"], netfilter::nat_slots, &mut report.notes, keep)?;
             report.notes.push(format!(
-                "linked around NAT at prerouting, output, postrouting and input in {covered} \
-                 network namespace(s)"
+                "linked around NAT at prerouting, output, postrouting and input in {n} network namespace(s)"
             ));
-            keep.extend(progs);
             Ok(())
         })
     };
@@ -333,6 +370,106 @@ fn attach_nat(
         outcome,
     });
     report
+}
+
+/// The deliver hop: fexit on the UDP enqueue, else a netfilter link at the end of LOCAL_IN
+/// paired with tracepoint sock:sk_data_ready. Then who reads: fentry on udp_recvmsg, else
+/// tracepoint sock:sock_recv_length.
+fn attach_deliver(
+    ebpf: &mut Ebpf,
+    layout: &KernelLayout,
+    scope: NetnsScope,
+    keep: &mut Vec<OwnedFd>,
+) -> Vec<HopReport> {
+    const FEXIT: &str = "fexit:__udp_enqueue_schedule_skb";
+    const NF_TP: &str = "netfilter-link:local_in+tracepoint:sock:sk_data_ready";
+    let mut deliver = HopReport::new("deliver");
+    let fexit = if disabled(FEXIT) {
+        Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
+    } else {
+        need(layout, &[Group::Skb, Group::Sock]).and_then(|()| {
+            attach_fexit(ebpf, "deliver_fexit_enqueue", "__udp_enqueue_schedule_skb")
+        })
+    };
+    let fexit_ok = fexit.is_ok();
+    deliver.attempts.push(Attempt {
+        hook: FEXIT,
+        outcome: fexit,
+    });
+    if fexit_ok {
+        deliver.not_needed.push(NF_TP);
+    } else {
+        let outcome = if disabled(NF_TP) {
+            Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
+        } else {
+            need(layout, &[Group::Skb, Group::Sock, Group::TpReady]).and_then(|()| {
+                let n = link_netfilter(
+                    ebpf,
+                    scope,
+                    &["deliver_local_in"],
+                    netfilter::local_in_last,
+                    &mut deliver.notes,
+                    keep,
+                )?;
+                attach_tp(ebpf, "deliver_sk_data_ready", "sock", &["sk_data_ready"])?;
+                deliver
+                    .notes
+                    .push(format!("LOCAL_IN linked in {n} network namespace(s)"));
+                Ok(())
+            })
+        };
+        deliver.attempts.push(Attempt {
+            hook: NF_TP,
+            outcome,
+        });
+    }
+    fn fentry_recv(e: &mut Ebpf, _: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
+        let btf = Btf::from_sys_fs().map_err(|e| chain(&e))?;
+        let progs = [
+            ("recv_fentry_udp_recvmsg", "udp_recvmsg"),
+            ("recv_fentry_udpv6_recvmsg", "udpv6_recvmsg"),
+        ];
+        let result = progs.iter().try_for_each(|(name, func)| {
+            let prog: &mut FEntry = program(e, name)?;
+            prog.load(func, &btf)
+                .map_err(|err| format!("loading for {func}: {}", chain(&err)))?;
+            prog.attach()
+                .map(drop)
+                .map_err(|err| format!("attaching to {func}: {}", chain(&err)))
+        });
+        if result.is_err() {
+            unload_all!(FEntry, e, progs.map(|(n, _)| n));
+        }
+        result
+    }
+    fn tp_recv(e: &mut Ebpf, l: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
+        need(l, &[Group::TpRecv])?;
+        attach_tp(e, "recv_sock_recv_length", "sock", &["sock_recv_length"])
+    }
+    let recv = attach_chain(
+        ebpf,
+        layout,
+        "recv",
+        &[
+            ("fentry:udp_recvmsg+udpv6_recvmsg", fentry_recv),
+            ("tracepoint:sock:sock_recv_length", tp_recv),
+        ],
+    );
+    vec![deliver, recv]
+}
+
+/// Loads and attaches an fexit program on kernel function `func`.
+fn attach_fexit(ebpf: &mut Ebpf, name: &str, func: &str) -> Result<(), String> {
+    let btf = Btf::from_sys_fs().map_err(|e| chain(&e))?;
+    let prog: &mut FExit = program(ebpf, name)?;
+    prog.load(func, &btf)
+        .map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
+    if let Err(e) = prog.attach() {
+        let why = format!("attaching to {func}: {}", chain(&e));
+        let _ = prog.unload();
+        return Err(why);
+    }
+    Ok(())
 }
 
 /// Loads tracepoint program `name` (once) and attaches it to `category:tp` for each `tp`.
@@ -374,23 +511,6 @@ where
         .ok_or_else(|| format!("program {name} missing from object"))?;
     prog.try_into()
         .map_err(|e: aya::programs::ProgramError| chain(&e))
-}
-
-/// Unloads the named programs of type `$ty` (detaching their links) after a partial attach,
-/// so a fallback never runs beside half of a better hook.
-macro_rules! unload_all {
-    ($ty:ty, $ebpf:expr, $names:expr) => {
-        for name in $names {
-            if let Ok(prog) = program::<$ty>($ebpf, name) {
-                if prog.fd().is_err() {
-                    continue; // never loaded
-                }
-                if let Err(e) = prog.unload() {
-                    tracing::warn!("unloading {name}: {}", chain(&e));
-                }
-            }
-        }
-    };
 }
 
 fn send_fentry(ebpf: &mut Ebpf, layout: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {

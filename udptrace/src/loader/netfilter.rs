@@ -134,27 +134,59 @@ fn link_create(prog: &OwnedFd, pf: u32, hook: u32, priority: i32) -> io::Result<
     bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
 }
 
-/// Where NAT rewrites happen, and priorities just before and after it (NF_IP_PRI_NAT_DST is
-/// -100, NF_IP_PRI_NAT_SRC 100). A priority another hook already holds gives EBUSY, so each
-/// slot has a few candidates, nearest first.
-const SLOTS: [(u32, &[i32], &[i32]); 4] = [
-    (
-        NF_INET_PRE_ROUTING,
-        &[-101, -102, -105, -110],
-        &[-99, -98, -95, -90],
-    ),
-    (
-        NF_INET_LOCAL_OUT,
-        &[-101, -102, -105, -110],
-        &[-99, -98, -95, -90],
-    ),
-    (
-        NF_INET_POST_ROUTING,
-        &[99, 98, 95, 90],
-        &[101, 102, 105, 110],
-    ),
-    (NF_INET_LOCAL_IN, &[99, 98, 95, 90], &[101, 102, 105, 110]),
-];
+/// One program to link at one hook, at the first free priority of several.
+pub struct Slot<'a> {
+    pub prog: &'a OwnedFd,
+    pub hook: u32,
+    pub priorities: &'static [i32],
+}
+
+/// Just before and just after NAT (NF_IP_PRI_NAT_DST is -100, NF_IP_PRI_NAT_SRC 100): the
+/// NAT hop's slots. A priority another hook holds gives EBUSY, hence a few candidates each.
+/// `progs` are `nat_before` and `nat_after`.
+pub fn nat_slots(progs: &[OwnedFd]) -> Vec<Slot<'_>> {
+    let (before, after) = (&progs[0], &progs[1]);
+    const BEFORE_DST: &[i32] = &[-101, -102, -105, -110];
+    const AFTER_DST: &[i32] = &[-99, -98, -95, -90];
+    const BEFORE_SRC: &[i32] = &[99, 98, 95, 90];
+    const AFTER_SRC: &[i32] = &[101, 102, 105, 110];
+    let mut slots = Vec::new();
+    for hook in [NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT] {
+        slots.push(Slot {
+            prog: before,
+            hook,
+            priorities: BEFORE_DST,
+        });
+        slots.push(Slot {
+            prog: after,
+            hook,
+            priorities: AFTER_DST,
+        });
+    }
+    for hook in [NF_INET_POST_ROUTING, NF_INET_LOCAL_IN] {
+        slots.push(Slot {
+            prog: before,
+            hook,
+            priorities: BEFORE_SRC,
+        });
+        slots.push(Slot {
+            prog: after,
+            hook,
+            priorities: AFTER_SRC,
+        });
+    }
+    slots
+}
+
+/// The end of LOCAL_IN, after filtering and source NAT (only conntrack's confirm, at
+/// INT_MAX, comes later): the deliver hop's slot.
+pub fn local_in_last(progs: &[OwnedFd]) -> Vec<Slot<'_>> {
+    vec![Slot {
+        prog: &progs[0],
+        hook: NF_INET_LOCAL_IN,
+        priorities: &[1000, 1001, 1010, 2000],
+    }]
+}
 
 fn link_first_free(
     prog: &OwnedFd,
@@ -176,9 +208,9 @@ fn link_first_free(
     ))
 }
 
-/// Links `before`/`after` around NAT at every NAT hook, IPv4 and IPv6, in the network
-/// namespace of `netns` (a /run/netns or /proc/PID/ns/net file).
-pub fn link_in(netns: &PathBuf, before: &OwnedFd, after: &OwnedFd) -> Result<Vec<OwnedFd>, String> {
+/// Links every slot, IPv4 and IPv6, in the network namespace of `netns` (a /run/netns or
+/// /proc/PID/ns/net file).
+pub fn link_in(netns: &PathBuf, slots: &[Slot<'_>]) -> Result<Vec<OwnedFd>, String> {
     let file = File::open(netns).map_err(|e| format!("opening {}: {e}", netns.display()))?;
     // The link attaches in the calling thread's namespace: do it from a thread of its own.
     std::thread::scope(|s| {
@@ -192,10 +224,9 @@ pub fn link_in(netns: &PathBuf, before: &OwnedFd, after: &OwnedFd) -> Result<Vec
                 ));
             }
             let mut links = Vec::new();
-            for (hook, before_prios, after_prios) in SLOTS {
+            for slot in slots {
                 for pf in [NFPROTO_IPV4, NFPROTO_IPV6] {
-                    links.push(link_first_free(before, pf, hook, before_prios)?);
-                    links.push(link_first_free(after, pf, hook, after_prios)?);
+                    links.push(link_first_free(slot.prog, pf, slot.hook, slot.priorities)?);
                 }
             }
             Ok(links)

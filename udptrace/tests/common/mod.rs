@@ -211,6 +211,24 @@ pub fn tcpdump(ns: &Netns, dev: &str, filter: &str) -> Child {
     child
 }
 
+/// The kinds of a path's hops, in order.
+pub fn hop_kinds(path: &Value) -> Vec<String> {
+    path["hops"]
+        .as_array()
+        .expect("hops")
+        .iter()
+        .map(|h| h["kind"].as_str().unwrap().to_string())
+        .collect()
+}
+
+/// The source port [`PY_SEND`] printed ("<ip> <port>").
+pub fn sent_port(out: &str) -> String {
+    out.split_whitespace()
+        .nth(1)
+        .unwrap_or_else(|| panic!("python printed no port: {out:?}"))
+        .to_string()
+}
+
 /// The real udptrace binary, tracing.
 pub struct Tracer {
     child: Child,

@@ -1,0 +1,132 @@
+//! The deliver hop: a receiving socket queued the datagram; and who reads that socket.
+//!
+//! Best first, as the loader tries them:
+//! 1. fexit on `__udp_enqueue_schedule_skb` (socket and skb together, with the result).
+//! 2. A netfilter link at the very end of LOCAL_IN remembers the skb about to reach UDP on
+//!    this CPU; tracepoint `sock:sk_data_ready` (fired from the enqueue, same CPU, same
+//!    call chain) names the socket that took it.
+//!
+//! Readers: fentry on `udp_recvmsg`/`udpv6_recvmsg`, else tracepoint `sock:sock_recv_length`.
+
+use aya_ebpf::{
+    helpers::{
+        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+        bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+    },
+    macros::{classifier, fentry, fexit, tracepoint},
+    programs::{FEntryContext, FExitContext, TcContext, TracePointContext},
+    EbpfContext as _,
+};
+use udptrace_common::{
+    EventHeader, RecvEvent, HOOK_FENTRY_UDP_RECVMSG, HOOK_FEXIT_UDP_ENQUEUE, HOOK_TP_SK_DATA_READY,
+    HOOK_TP_SOCK_RECV_LENGTH, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL,
+};
+
+use crate::{
+    kernel::ReadError,
+    maps::{count, offset, EVENTS, LOCAL_IN_SKB},
+    skb::emit_for_sock,
+    tp::field,
+};
+
+/// int __udp_enqueue_schedule_skb(struct sock *sk, struct sk_buff *skb), 0 when queued.
+#[fexit(function = "__udp_enqueue_schedule_skb")]
+pub fn deliver_fexit_enqueue(ctx: FExitContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    let ret: i64 = ctx.arg(2);
+    if ret == 0 {
+        let _ = emit_for_sock(KIND_DELIVER, HOOK_FEXIT_UDP_ENQUEUE, skb, sk);
+    }
+    0
+}
+
+/// int (*)(struct bpf_nf_ctx *ctx), linked last at LOCAL_IN: the skb about to reach UDP.
+#[classifier]
+pub fn deliver_local_in(ctx: TcContext) -> i32 {
+    let p = ctx.as_ptr() as *const u64;
+    // SAFETY: a bpf_nf_ctx; the verifier allows the 8-byte read of its skb field.
+    let skb = unsafe { core::ptr::read(p.add(1)) };
+    if let Some(slot) = LOCAL_IN_SKB.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe { *slot = skb };
+    }
+    1 // NF_ACCEPT
+}
+
+/// sock:sk_data_ready(const struct sock *sk): a socket was told data is queued.
+#[tracepoint]
+pub fn deliver_sk_data_ready(ctx: TracePointContext) -> u32 {
+    let _ = try_data_ready(&ctx);
+    0
+}
+
+#[inline(always)]
+fn try_data_ready(ctx: &TracePointContext) -> Result<(), ReadError> {
+    let protocol: u16 = field(ctx, offset!(tp_ready_protocol))?;
+    let Some(slot) = LOCAL_IN_SKB.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // SAFETY: this CPU's slot, set by deliver_local_in earlier in this same call chain.
+    let skb = unsafe { core::ptr::replace(slot, 0) };
+    if protocol != IPPROTO_UDP || skb == 0 {
+        return Ok(());
+    }
+    let sk: u64 = field(ctx, offset!(tp_ready_sk))?;
+    emit_for_sock(KIND_DELIVER, HOOK_TP_SK_DATA_READY, skb, sk)
+}
+
+/// Reports the current task as a reader of UDP socket `sk`.
+#[inline(always)]
+fn emit_reader(hook: u16, sk: u64) {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let event = RecvEvent {
+        header: EventHeader {
+            kind: KIND_RECV,
+            hook,
+            // SAFETY: plain helper calls without pointer arguments.
+            cpu: unsafe { bpf_get_smp_processor_id() },
+            ts_ns: unsafe { bpf_ktime_get_ns() },
+        },
+        sk,
+        // SAFETY: plain helper call without pointer arguments.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: bpf_get_current_uid_gid() as u32,
+        _pad: 0,
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    };
+    if EVENTS.output::<RecvEvent>(&event, 0).is_err() {
+        count(STAT_RINGBUF_FULL);
+    }
+}
+
+/// int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len)
+#[fentry(function = "udp_recvmsg")]
+pub fn recv_fentry_udp_recvmsg(ctx: FEntryContext) -> u32 {
+    emit_reader(HOOK_FENTRY_UDP_RECVMSG, ctx.arg(0));
+    0
+}
+
+/// int udpv6_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len)
+#[fentry(function = "udpv6_recvmsg")]
+pub fn recv_fentry_udpv6_recvmsg(ctx: FEntryContext) -> u32 {
+    emit_reader(HOOK_FENTRY_UDP_RECVMSG, ctx.arg(0));
+    0
+}
+
+/// sock:sock_recv_length(struct sock *sk, int ret, int flags), after every socket read.
+#[tracepoint]
+pub fn recv_sock_recv_length(ctx: TracePointContext) -> u32 {
+    if let (Ok(protocol), Ok(sk), Ok(ret)) = (
+        field::<u16>(&ctx, offset!(tp_recv_protocol)),
+        field::<u64>(&ctx, offset!(tp_recv_sk)),
+        field::<i32>(&ctx, offset!(tp_recv_ret)),
+    ) {
+        if protocol == IPPROTO_UDP && ret >= 0 {
+            emit_reader(HOOK_TP_SOCK_RECV_LENGTH, sk);
+        }
+    }
+    0
+}

@@ -1,0 +1,84 @@
+//! Delivery: the path ends at the receiving socket, naming the process that reads it, and
+//! `final` is what that process sees.
+
+mod common;
+
+use std::{
+    io::{BufRead as _, BufReader},
+    process::Stdio,
+};
+
+use common::*;
+
+/// A receiver that prints "ready", then the source address of the first datagram.
+const PY_RECV: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, port))
+print("ready", flush=True)
+data, addr = s.recvfrom(2048)
+print(addr[0], addr[1], len(data), flush=True)
+"#;
+
+#[test]
+fn a_datagram_read_by_python_is_delivered_to_it() {
+    require_root();
+    for (dst, port) in [(B4, 20601u16), (B6, 20602)] {
+        let net = Pair::new(&[]);
+        let p = port.to_string();
+        let mut receiver = net
+            .b
+            .cmd(PYTHON)
+            .args(["-c", PY_RECV, dst, &p])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = BufReader::new(receiver.stdout.take().unwrap()).lines();
+        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        let tracer = Tracer::start(&["--netns", "all", "--port", &p, "--count", "1"]);
+        let nc = nc_send(Some(&net.a), &[], dst, port);
+        let seen = lines.next().unwrap().unwrap(); // "<src ip> <src port> <len>"
+        let path = tracer.one_path();
+        let _ = receiver.wait();
+
+        assert_eq!(path["verdict"], "delivered", "{path}");
+        assert_eq!(path["complete"], true);
+        let kinds = hop_kinds(&path);
+        assert_eq!(
+            (
+                kinds.first().map(String::as_str),
+                kinds.last().map(String::as_str)
+            ),
+            (Some("send"), Some("deliver")),
+            "{path}"
+        );
+        let deliver = path["hops"].as_array().unwrap().last().unwrap();
+        assert_eq!(
+            deliver["pid"],
+            receiver.id(),
+            "the reading process: {deliver}"
+        );
+        assert_eq!(deliver["comm"], "python3");
+        assert_eq!(deliver["netns"], net.b.inode());
+        assert_eq!(deliver["len"], 3);
+        assert_eq!(path["hops"][0]["pid"], nc);
+        // final is the receiving socket's view: exactly what the receiver printed.
+        let mut words = seen.split_whitespace();
+        let (ip, sport) = (words.next().unwrap(), words.next().unwrap());
+        let expected = if ip.contains(':') {
+            format!("[{ip}]:{sport}")
+        } else {
+            format!("{ip}:{sport}")
+        };
+        assert_eq!(path["final"]["src"], expected);
+        assert_eq!(
+            path["final"]["dst"],
+            if dst.contains(':') {
+                format!("[{dst}]:{port}")
+            } else {
+                format!("{dst}:{port}")
+            }
+        );
+    }
+}

@@ -1,4 +1,5 @@
-//! The terminal sink: one readable line per datagram, or JSON lines (docs/json.md).
+//! The terminal sink: for each datagram a summary line, its hops one per line with the
+//! rewrites and drops highlighted, and the explanation; or JSON lines (docs/json.md).
 
 use std::{net::SocketAddr, time::SystemTime};
 
@@ -7,7 +8,10 @@ use crate::paths::{Hop, HopKind, Path, Verdict};
 /// How `trace` prints paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Format {
-    Human,
+    /// The readable view; `color` adds ANSI highlights (stdout is a terminal).
+    Human {
+        color: bool,
+    },
     Json,
 }
 
@@ -22,64 +26,91 @@ fn clock_time(t: SystemTime) -> String {
     s.get(11..26).unwrap_or(&s).to_string()
 }
 
-fn hop_line(h: &Hop) -> String {
+/// Wraps `text` in an ANSI style when colors are on.
+fn paint(text: String, style: &str, color: bool) -> String {
+    if color {
+        format!("\x1b[{style}m{text}\x1b[0m")
+    } else {
+        text
+    }
+}
+
+const BOLD_YELLOW: &str = "1;33";
+const BOLD_RED: &str = "1;31";
+const GREEN: &str = "32";
+
+fn hop_line(h: &Hop, color: bool) -> String {
+    let netns = format!("netns {}", h.netns);
+    if let Some(nat) = &h.nat {
+        let (before, after) = if nat.nat == "snat" {
+            (nat.before.src, nat.after.src)
+        } else {
+            (nat.before.dst, nat.after.dst)
+        };
+        let text = format!(
+            "{:<8}{} at {}: {} ⇒ {}",
+            "nat",
+            nat.nat.to_uppercase(),
+            nat.nf_hook,
+            addr(before),
+            addr(after)
+        );
+        return format!(
+            "  {}  {netns}  via {}",
+            paint(text, BOLD_YELLOW, color),
+            h.hook
+        );
+    }
+    let kind = match h.kind {
+        HopKind::Send => "send",
+        HopKind::Nat => "nat",
+        HopKind::Xmit => "xmit",
+        HopKind::Drop => "drop",
+        HopKind::Deliver => "deliver",
+    };
     let who = h
         .process
         .as_ref()
-        .map(|p| format!(" {}[{}]", p.comm, p.pid))
+        .map(|p| format!("{}[{}] ", p.comm, p.pid))
         .unwrap_or_default();
     let dev = h
         .ifname
         .as_ref()
-        .map(|d| format!(" {d}"))
+        .map(|d| format!("{d} "))
         .unwrap_or_default();
-    let kind = match h.kind {
-        HopKind::Send => "send",
-        HopKind::Nat => "NAT",
-        HopKind::Xmit => "xmit",
-        HopKind::Drop => "DROP",
-        HopKind::Deliver => "deliver",
-    };
-    if let Some(nat) = &h.nat {
-        return format!(
-            "{} {} at {}: {} → {} became {} → {}  netns {}",
-            kind,
-            nat.nat.to_uppercase(),
-            nat.nf_hook,
-            addr(nat.before.src),
-            addr(nat.before.dst),
-            addr(nat.after.src),
-            addr(nat.after.dst),
-            h.netns
-        );
-    }
+    let flow = format!(
+        "{kind:<8}{dev}{who}{} → {}",
+        addr(h.addrs.src),
+        addr(h.addrs.dst)
+    );
     let outcome = match (&h.error, h.errno, &h.reason) {
-        (Some(e), Some(n), _) => format!("failed: {e} (errno {n})"),
-        (_, _, Some(reason)) => reason.to_string(),
+        (Some(e), Some(n), _) => paint(format!("failed: {e} (errno {n})"), BOLD_RED, color),
+        (_, _, Some(reason)) => paint(reason.clone(), BOLD_RED, color),
         _ => format!("{} B", h.len),
     };
-    format!(
-        "{kind}{dev}{who} {} → {} {outcome}  netns {}  via {}",
-        addr(h.addrs.src),
-        addr(h.addrs.dst),
-        h.netns,
-        h.hook
-    )
+    format!("  {flow}  {outcome}  {netns}  via {}", h.hook)
 }
 
-/// One line for a path.
+/// A path: one line (JSON) or a block of lines (human).
 pub fn render(path: &Path, format: Format) -> String {
     match format {
         Format::Json => serde_json::to_string(path).expect("paths always serialize"),
-        Format::Human => {
-            let hops: Vec<String> = path.hops.iter().map(hop_line).collect();
+        Format::Human { color } => {
             let verdict = match (path.verdict, path.complete) {
-                (Verdict::Delivered, _) => "delivered",
-                (Verdict::Dropped, _) => "dropped",
-                (Verdict::Unknown, true) => "unknown",
-                (Verdict::Unknown, false) => "incomplete",
+                (Verdict::Delivered, _) => paint("delivered".into(), GREEN, color),
+                (Verdict::Dropped, _) => paint("dropped".into(), BOLD_RED, color),
+                (Verdict::Unknown, true) => "unknown".into(),
+                (Verdict::Unknown, false) => "incomplete".into(),
             };
-            format!("{} {verdict}: {}", clock_time(path.ts), hops.join(" ⇒ "))
+            let mut lines = vec![format!(
+                "{} {verdict} {} → {}",
+                clock_time(path.ts),
+                addr(path.orig.src),
+                addr(path.orig.dst)
+            )];
+            lines.extend(path.hops.iter().map(|h| hop_line(h, color)));
+            lines.push(format!("  = {}", path.explain));
+            lines.join("\n")
         }
     }
 }
@@ -90,24 +121,30 @@ mod tests {
     use crate::paths::tests::sample_path;
 
     #[test]
-    fn human_line_reads_like_a_sentence() {
+    fn human_view_is_a_hop_list_with_the_explanation() {
         assert_eq!(
-            render(&sample_path(), Format::Human),
-            "08:00:00.000000 unknown: send nc[100] 127.0.0.1:40112 → 127.0.0.1:5353 3 B  netns \
-             4026531840  via tracepoint:sock:sock_send_length"
+            render(&sample_path(), Format::Human { color: false }),
+            "08:00:00.000000 unknown 127.0.0.1:40112 → 127.0.0.1:5353\n  \
+             send    nc[100] 127.0.0.1:40112 → 127.0.0.1:5353  3 B  netns 4026531840  \
+             via tracepoint:sock:sock_send_length\n  = no verdict observed"
         );
     }
 
     #[test]
-    fn human_line_shows_failures() {
+    fn failures_are_highlighted_in_color() {
         let mut path = sample_path();
         path.hops[0].errno = Some(1);
         path.hops[0].error = Some("Operation not permitted".into());
         path.hops[0].addrs.dst = None;
-        let line = render(&path, Format::Human);
+        let plain = render(&path, Format::Human { color: false });
         assert!(
-            line.contains("→ ? failed: Operation not permitted (errno 1)"),
-            "{line}"
+            plain.contains("→ ?  failed: Operation not permitted (errno 1)"),
+            "{plain}"
+        );
+        let color = render(&path, Format::Human { color: true });
+        assert!(
+            color.contains("\x1b[1;31mfailed: Operation not permitted (errno 1)\x1b[0m"),
+            "{color}"
         );
     }
 

@@ -5,6 +5,7 @@ mod cli;
 mod clock;
 mod doctor;
 mod events;
+mod explain;
 mod filter;
 mod kernel;
 mod loader;

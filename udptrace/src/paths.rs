@@ -15,6 +15,7 @@ use udptrace_common::{
 use crate::{
     clock::{rfc3339, Clock},
     events::{comm, socket_addr, Event},
+    explain::explain,
     kernel::drop_reasons::DropReasons,
 };
 
@@ -137,6 +138,8 @@ pub struct Path {
     #[serde(rename = "final")]
     pub last: Endpoints,
     pub verdict: Verdict,
+    /// One sentence a person can act on (see `explain`).
+    pub explain: String,
     pub hops: Vec<Hop>,
 }
 
@@ -304,7 +307,7 @@ impl Open {
             src: None,
             dst: None,
         };
-        Path {
+        let mut path = Path {
             ty: "path",
             id: self.id,
             ts: hops
@@ -316,8 +319,11 @@ impl Open {
             orig: first.unwrap_or(empty),
             last: last.unwrap_or(empty),
             verdict: self.verdict,
+            explain: String::new(),
             hops,
-        }
+        };
+        path.explain = explain(&path);
+        path
     }
 
     /// Ready to print: a verdict, and the send hop if the datagram was sent here.
@@ -622,6 +628,7 @@ pub(crate) mod tests {
             orig: hop.addrs,
             last: hop.addrs,
             verdict: Verdict::Unknown,
+            explain: "no verdict observed".into(),
             hops: vec![hop],
         }
     }
@@ -656,6 +663,7 @@ pub(crate) mod tests {
             "orig": {"src": "127.0.0.1:40112", "dst": "127.0.0.1:5353"},
             "final": {"src": "127.0.0.1:40112", "dst": "127.0.0.1:5353"},
             "verdict": "unknown",
+            "explain": "no verdict observed",
             "hops": [{
                 "kind": "send",
                 "ts": "2027-01-15T08:00:00.000000042Z",

@@ -1,7 +1,7 @@
 //! `udptrace trace`: load, attach, and print each datagram's path until stopped.
 
 use std::{
-    io::{self, Write},
+    io::{self, IsTerminal as _, Write},
     time::Duration,
 };
 
@@ -78,7 +78,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let format = if args.json {
         Format::Json
     } else {
-        Format::Human
+        Format::Human {
+            color: io::stdout().is_terminal(),
+        }
     };
     let mut assembler = Assembler::new(Clock::new(), tracer.drop_reasons.clone());
     let mut tick = tokio::time::interval(Duration::from_millis(50));

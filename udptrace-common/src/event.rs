@@ -24,7 +24,7 @@ pub const HOOK_TP_KFREE_SKB: u16 = 7;
 pub const HOOK_NETFILTER_LINK: u16 = 8;
 pub const HOOK_FEXIT_UDP_ENQUEUE: u16 = 9;
 pub const HOOK_TP_SK_DATA_READY: u16 = 10;
-pub const HOOK_FENTRY_UDP_RECVMSG: u16 = 11;
+pub const HOOK_FEXIT_UDP_RECVMSG: u16 = 11;
 pub const HOOK_TP_SOCK_RECV_LENGTH: u16 = 12;
 
 /// `SendEvent::flags`: the destination came from the syscall's address argument

@@ -39,8 +39,11 @@ pub const STAT_RINGBUF_FULL: u32 = 0;
 pub const STAT_READ_ERROR: u32 = 1;
 /// The pending-send table refused an insert.
 pub const STAT_PENDING_FULL: u32 = 2;
+/// A read of the sending application's memory failed (a page not resident, say): that
+/// send's destination is taken from its socket.
+pub const STAT_USER_READ_ERROR: u32 = 3;
 /// Number of counters in `STATS`.
-pub const STATS_LEN: u32 = 3;
+pub const STATS_LEN: u32 = 4;
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;

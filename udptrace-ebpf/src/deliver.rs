@@ -6,19 +6,20 @@
 //!    this CPU; tracepoint `sock:sk_data_ready` (fired from the enqueue, same CPU, same
 //!    call chain) names the socket that took it.
 //!
-//! Readers: fentry on `udp_recvmsg`/`udpv6_recvmsg`, else tracepoint `sock:sock_recv_length`.
+//! Readers: fexit on `udp_recvmsg`/`udpv6_recvmsg`, else tracepoint `sock:sock_recv_length`
+//! (both after the read, so a reader already blocked when tracing starts is seen too).
 
 use aya_ebpf::{
     helpers::{
         bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
         bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
     },
-    macros::{classifier, fentry, fexit, tracepoint},
-    programs::{FEntryContext, FExitContext, TcContext, TracePointContext},
+    macros::{classifier, fexit, tracepoint},
+    programs::{FExitContext, TcContext, TracePointContext},
     EbpfContext as _,
 };
 use udptrace_common::{
-    EventHeader, RecvEvent, HOOK_FENTRY_UDP_RECVMSG, HOOK_FEXIT_UDP_ENQUEUE, HOOK_TP_SK_DATA_READY,
+    EventHeader, RecvEvent, HOOK_FEXIT_UDP_ENQUEUE, HOOK_FEXIT_UDP_RECVMSG, HOOK_TP_SK_DATA_READY,
     HOOK_TP_SOCK_RECV_LENGTH, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL,
 };
 
@@ -102,17 +103,18 @@ fn emit_reader(hook: u16, sk: u64) {
     }
 }
 
-/// int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len)
-#[fentry(function = "udp_recvmsg")]
-pub fn recv_fentry_udp_recvmsg(ctx: FEntryContext) -> u32 {
-    emit_reader(HOOK_FENTRY_UDP_RECVMSG, ctx.arg(0));
+/// int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len),
+/// on return: a reader blocked before tracing started is seen once it has read.
+#[fexit(function = "udp_recvmsg")]
+pub fn recv_fexit_udp_recvmsg(ctx: FExitContext) -> u32 {
+    emit_reader(HOOK_FEXIT_UDP_RECVMSG, ctx.arg(0));
     0
 }
 
 /// int udpv6_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len)
-#[fentry(function = "udpv6_recvmsg")]
-pub fn recv_fentry_udpv6_recvmsg(ctx: FEntryContext) -> u32 {
-    emit_reader(HOOK_FENTRY_UDP_RECVMSG, ctx.arg(0));
+#[fexit(function = "udpv6_recvmsg")]
+pub fn recv_fexit_udpv6_recvmsg(ctx: FExitContext) -> u32 {
+    emit_reader(HOOK_FEXIT_UDP_RECVMSG, ctx.arg(0));
     0
 }
 

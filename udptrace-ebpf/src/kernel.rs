@@ -1,7 +1,9 @@
 //! Reads of kernel memory at offsets found in BTF at load time.
 
 use aya_ebpf::helpers::{bpf_probe_read_kernel, bpf_probe_read_user};
-use udptrace_common::{Addr, AF_INET, AF_INET6, OFFSET_MISSING, STAT_READ_ERROR};
+use udptrace_common::{
+    Addr, AF_INET, AF_INET6, OFFSET_MISSING, STAT_READ_ERROR, STAT_USER_READ_ERROR,
+};
 
 use crate::maps::{count, offset};
 
@@ -21,12 +23,23 @@ pub fn read_kernel<T>(base: u64, off: usize) -> Result<T, ReadError> {
     })
 }
 
+/// Like [`read_kernel`] for a pointer that may not be one (a field the kernel reuses as
+/// scratch space): a fault is an expected answer, not counted as an error.
+#[inline(always)]
+pub fn try_read_kernel<T>(base: u64, off: usize) -> Option<T> {
+    if off == OFFSET_MISSING as usize {
+        return None;
+    }
+    // SAFETY: bpf_probe_read_kernel checks the address; a fault is an error, not a crash.
+    unsafe { bpf_probe_read_kernel((base as usize + off) as *const T) }.ok()
+}
+
 /// Reads a `T` at `base + off` from the current task's user memory.
 #[inline(always)]
 pub fn read_user<T>(base: u64, off: usize) -> Result<T, ReadError> {
     // SAFETY: bpf_probe_read_user checks the address; a fault is an error.
     unsafe { bpf_probe_read_user((base as usize + off) as *const T) }.map_err(|_| {
-        count(STAT_READ_ERROR);
+        count(STAT_USER_READ_ERROR);
         ReadError
     })
 }

@@ -14,7 +14,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    kernel::{read_kernel, ReadError},
+    kernel::{read_kernel, try_read_kernel, ReadError},
     maps::{count, offset, EVENTS},
 };
 
@@ -125,11 +125,22 @@ pub fn fill(
         ev.sk = read_kernel(skb, offset!(skb_sk))?;
         read_kernel(skb, offset!(skb_dev))?
     };
-    if dev != 0 {
-        ev.ifindex = read_kernel(dev, offset!(dev_ifindex))?;
-        ev.ifname = read_kernel(dev, offset!(dev_name))?;
-        let net: u64 = read_kernel(dev, offset!(dev_net))?;
-        ev.netns = read_kernel(net, offset!(net_inum))?;
+    // UDP reuses skb->dev as scratch space while a datagram sits in a socket queue (it is
+    // dropped from there when the socket closes): a "device" that cannot be read is none.
+    let device = (dev != 0)
+        .then(|| {
+            let ifindex: u32 = try_read_kernel(dev, offset!(dev_ifindex))?;
+            let ifname: [u8; 16] = try_read_kernel(dev, offset!(dev_name))?;
+            let net: u64 = try_read_kernel(dev, offset!(dev_net))?;
+            Some((
+                ifindex,
+                ifname,
+                try_read_kernel::<u32>(net, offset!(net_inum))?,
+            ))
+        })
+        .flatten();
+    if let Some((ifindex, ifname, netns)) = device {
+        (ev.ifindex, ev.ifname, ev.netns) = (ifindex, ifname, netns);
     } else if ev.sk != 0 {
         let net: u64 = read_kernel(ev.sk, offset!(sk_net))?;
         ev.netns = read_kernel(net, offset!(net_inum))?;

@@ -10,7 +10,9 @@ use tokio::{
     signal::unix::{signal, SignalKind},
     time::Instant,
 };
-use udptrace_common::{STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL};
+use udptrace_common::{
+    STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
+};
 
 use crate::{
     args::TraceArgs,
@@ -84,6 +86,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     };
     let mut assembler = Assembler::new(Clock::new(), tracer.drop_reasons.clone());
     let mut tick = tokio::time::interval(Duration::from_millis(50));
+    // Namespaces (containers, pods) come and go: look for new ones every second.
+    let mut netns_scan = tokio::time::interval(Duration::from_secs(1));
     let deadline = args
         .duration
         .map(|s| Instant::now() + Duration::from_secs(s));
@@ -111,6 +115,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         tokio::select! {
             r = stream.next_batch(&mut batch, &mut bad) => r.context("reading the ring buffer")?,
             _ = tick.tick() => {}
+            _ = netns_scan.tick() => {
+                let new = tracer.cover_new_namespaces();
+                if new > 0 {
+                    tracing::info!("now covering {new} more network namespace(s)");
+                }
+            }
             () = sleep => break Stop::Duration,
             _ = sigterm.recv() => break Stop::Signal,
             _ = sigint.recv() => break Stop::Signal,
@@ -141,9 +151,10 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let lost = stat(STAT_RINGBUF_FULL);
     eprintln!(
         "udptrace: stopped ({stop:?}); {shown} datagram(s) shown, {lost} event(s) lost to a full \
-         ring buffer, {} kernel read error(s), {} pending-send table overflow(s), {} undecodable \
-         record(s)",
+         ring buffer, {} kernel read error(s), {} unreadable send destination(s), {} pending-send \
+         table overflow(s), {} undecodable record(s)",
         stat(STAT_READ_ERROR),
+        stat(STAT_USER_READ_ERROR),
         stat(STAT_PENDING_FULL),
         bad.0
     );

@@ -189,3 +189,38 @@ fn without_nat_there_is_no_nat_hop_and_host_scope_skips_other_namespaces() {
     let path = tracer.one_path();
     assert!(hops(&path, "nat").is_empty(), "{path}");
 }
+
+#[test]
+fn namespaces_created_while_tracing_are_covered() {
+    require_root();
+    if !netfilter_links() {
+        return;
+    }
+    // The tracer starts first; the "pod" namespaces and their rule appear afterwards.
+    let tracer = Tracer::start(&["--netns", "all", "--port", "20507", "--count", "1"]);
+    let net = Pair::new(&[]);
+    iptables(
+        &net.a,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "--dport",
+            "20506",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.203.0.2:20507",
+        ],
+    );
+    std::thread::sleep(std::time::Duration::from_millis(2500)); // the tracer scans every second
+    py_send(&net.a, B4, 20506, "sendto", 3);
+    let path = tracer.one_path();
+    let nat = hops(&path, "nat");
+    assert_eq!(nat.len(), 1, "{path}");
+    assert_eq!(nat[0]["netns"], net.a.inode());
+    assert_eq!(nat[0]["after"]["dst"], "10.203.0.2:20507");
+}

@@ -293,7 +293,19 @@ fn ctrl_c_stops_cleanly_and_removes_every_program() {
             .count();
         (ids.len(), linked)
     };
-    let before = ours();
+    // The kernel frees programs shortly after their last fd closes (earlier tests' tracers
+    // may still be going away): wait for a settled count.
+    let settle = |want: (usize, usize)| {
+        let deadline = std::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            let now = ours();
+            if now == want || std::time::Instant::now() > deadline {
+                return now;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    };
+    let before = settle((0, 0));
     let tracer = Tracer::start(&["--port", "20308", "--netns", "all"]);
     let during = ours();
     assert!(
@@ -303,7 +315,7 @@ fn ctrl_c_stops_cleanly_and_removes_every_program() {
     let status = tracer.stop();
     assert!(status.success(), "SIGINT is a clean stop: {status}");
     assert_eq!(
-        ours(),
+        settle(before),
         before,
         "every program and link udptrace made is gone"
     );

@@ -31,6 +31,11 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "sudo",
+    // Real containers for the origin-story test (netavark backend, runc runtime).
+    "podman",
+    "runc",
+    "netavark",
+    "aardvark-dns",
     // The VM tests: qemu, and the kernel modules index.
     "qemu-system-x86",
     "kmod",

@@ -4,10 +4,7 @@
 
 mod netfilter;
 
-use std::{
-    os::fd::OwnedFd,
-    path::{Path, PathBuf},
-};
+use std::path::{Path, PathBuf};
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
@@ -111,7 +108,8 @@ pub struct Tracer {
     /// nat, xmit, drop.
     pub skb_hops: Vec<HopReport>,
     /// Netfilter programs and their links (dropping them detaches).
-    _netfilter: Vec<OwnedFd>,
+    netfilter: netfilter::Coverage,
+    scope: NetnsScope,
     /// Drop reason names of this kernel.
     pub drop_reasons: DropReasons,
 }
@@ -183,18 +181,44 @@ impl Tracer {
         let kernel = KernelFacts {
             tracefs: tracefs_fact,
         };
-        let mut netfilter = Vec::new();
-        let mut skb_hops = vec![attach_nat(&ebpf, &layout, scope, &mut netfilter)];
+        let mut netfilter = netfilter::Coverage::default();
+        let mut skb_hops = vec![attach_nat(&ebpf, &layout, &mut netfilter)];
         skb_hops.extend(attach_skb_hops(&mut ebpf, &layout));
-        skb_hops.extend(attach_deliver(&mut ebpf, &layout, scope, &mut netfilter));
+        skb_hops.extend(attach_deliver(&mut ebpf, &layout, &mut netfilter));
+        if !netfilter.is_empty() {
+            let (covered, errors) = netfilter.cover(&scope.files());
+            let note =
+                format!("netfilter links in {covered} network namespace(s) ({scope:?} scope)");
+            for report in skb_hops
+                .iter_mut()
+                .filter(|r| r.chosen().is_some_and(|h| h.starts_with("netfilter-link")))
+            {
+                report.notes.push(note.clone());
+                report.notes.extend(errors.iter().cloned());
+            }
+        }
         Ok(Self {
             ebpf,
             kernel,
             send,
             skb_hops,
             drop_reasons,
-            _netfilter: netfilter,
+            netfilter,
+            scope,
         })
+    }
+
+    /// Links the netfilter programs in namespaces that appeared since the last call (with
+    /// `--netns all`); returns how many were added. Errors are logged, not fatal.
+    pub fn cover_new_namespaces(&mut self) -> usize {
+        if self.scope == NetnsScope::Host || self.netfilter.is_empty() {
+            return 0;
+        }
+        let (new, errors) = self.netfilter.cover(&self.scope.files());
+        for e in errors {
+            tracing::debug!("not covered: {e}");
+        }
+        new
     }
 
     /// The event ring buffer. Can be taken once.
@@ -299,69 +323,50 @@ pub enum NetnsScope {
 }
 
 impl NetnsScope {
+    /// Namespace files to cover: our own; with `All` also every /run/netns entry and every
+    /// process's namespace (containers and pods). Duplicates are removed by inode later.
     fn files(self) -> Vec<PathBuf> {
         let mut files = vec![PathBuf::from("/proc/self/ns/net")];
         if self == Self::All {
-            let mut named: Vec<PathBuf> = std::fs::read_dir("/run/netns")
-                .into_iter()
-                .flatten()
-                .filter_map(|e| e.ok().map(|e| e.path()))
-                .collect();
+            let entries = |dir: &str| -> Vec<PathBuf> {
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .collect()
+            };
+            let mut named = entries("/run/netns");
             named.sort();
             files.extend(named);
+            files.extend(
+                entries("/proc")
+                    .into_iter()
+                    .filter(|p| {
+                        p.file_name().is_some_and(|n| {
+                            n.to_string_lossy().bytes().all(|b| b.is_ascii_digit())
+                        })
+                    })
+                    .map(|p| p.join("ns/net")),
+            );
         }
         files
     }
 }
 
-/// Loads netfilter programs `names` and links them with `slots` in every namespace of
-/// `scope`; returns how many namespaces were covered. Programs and links go into `keep`.
-fn link_netfilter(
-    ebpf: &Ebpf,
-    scope: NetnsScope,
-    names: &[&str],
-    slots: for<'a> fn(&'a [OwnedFd]) -> Vec<netfilter::Slot<'a>>,
-    notes: &mut Vec<String>,
-    keep: &mut Vec<OwnedFd>,
-) -> Result<usize, String> {
-    let progs = netfilter::load_programs(EBPF_OBJECT, ebpf, names)?;
-    let slots = slots(&progs);
-    let mut covered = 0;
-    for ns in scope.files() {
-        match netfilter::link_in(&ns, &slots) {
-            Ok(links) => {
-                covered += 1;
-                keep.extend(links);
-            }
-            Err(why) => notes.push(format!("{}: {why}", ns.display())),
-        }
-    }
-    drop(slots);
-    keep.extend(progs);
-    if covered == 0 {
-        return Err("no namespace could be linked".into());
-    }
-    Ok(covered)
-}
-
 /// The NAT hop: netfilter links just before and after NAT at each NAT hook, in each covered
 /// namespace.
-fn attach_nat(
-    ebpf: &Ebpf,
-    layout: &KernelLayout,
-    scope: NetnsScope,
-    keep: &mut Vec<OwnedFd>,
-) -> HopReport {
+fn attach_nat(ebpf: &Ebpf, layout: &KernelLayout, cover: &mut netfilter::Coverage) -> HopReport {
     const HOOK: &str = "netfilter-link:nat";
     let mut report = HopReport::new("nat");
     let outcome = if disabled(HOOK) {
         Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
     } else {
         need(layout, &[Group::Skb, Group::Sock, Group::NfState]).and_then(|()| {
-            let n = link_netfilter(ebpf, scope, &["nat_before", "nat_after"], netfilter::nat_slots, &mut report.notes, keep)?;
-            report.notes.push(format!(
-                "linked around NAT at prerouting, output, postrouting and input in {n} network namespace(s)"
-            ));
+            let progs = netfilter::load_programs(EBPF_OBJECT, ebpf, &["nat_before", "nat_after"])?;
+            cover.add(progs, netfilter::nat_slots);
+            report
+                .notes
+                .push("linked around NAT at prerouting, output, postrouting and input".into());
             Ok(())
         })
     };
@@ -378,8 +383,7 @@ fn attach_nat(
 fn attach_deliver(
     ebpf: &mut Ebpf,
     layout: &KernelLayout,
-    scope: NetnsScope,
-    keep: &mut Vec<OwnedFd>,
+    cover: &mut netfilter::Coverage,
 ) -> Vec<HopReport> {
     const FEXIT: &str = "fexit:__udp_enqueue_schedule_skb";
     const NF_TP: &str = "netfilter-link:local_in+tracepoint:sock:sk_data_ready";
@@ -403,18 +407,12 @@ fn attach_deliver(
             Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
         } else {
             need(layout, &[Group::Skb, Group::Sock, Group::TpReady]).and_then(|()| {
-                let n = link_netfilter(
-                    ebpf,
-                    scope,
-                    &["deliver_local_in"],
-                    netfilter::local_in_last,
-                    &mut deliver.notes,
-                    keep,
-                )?;
+                let progs = netfilter::load_programs(EBPF_OBJECT, ebpf, &["deliver_local_in"])?;
                 attach_tp(ebpf, "deliver_sk_data_ready", "sock", &["sk_data_ready"])?;
+                cover.add(progs, netfilter::local_in_last);
                 deliver
                     .notes
-                    .push(format!("LOCAL_IN linked in {n} network namespace(s)"));
+                    .push("linked last at LOCAL_IN (priority 1000)".into());
                 Ok(())
             })
         };
@@ -423,22 +421,16 @@ fn attach_deliver(
             outcome,
         });
     }
-    fn fentry_recv(e: &mut Ebpf, _: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
-        let btf = Btf::from_sys_fs().map_err(|e| chain(&e))?;
+    fn fexit_recv(e: &mut Ebpf, _: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
         let progs = [
-            ("recv_fentry_udp_recvmsg", "udp_recvmsg"),
-            ("recv_fentry_udpv6_recvmsg", "udpv6_recvmsg"),
+            ("recv_fexit_udp_recvmsg", "udp_recvmsg"),
+            ("recv_fexit_udpv6_recvmsg", "udpv6_recvmsg"),
         ];
-        let result = progs.iter().try_for_each(|(name, func)| {
-            let prog: &mut FEntry = program(e, name)?;
-            prog.load(func, &btf)
-                .map_err(|err| format!("loading for {func}: {}", chain(&err)))?;
-            prog.attach()
-                .map(drop)
-                .map_err(|err| format!("attaching to {func}: {}", chain(&err)))
-        });
+        let result = progs
+            .iter()
+            .try_for_each(|(name, func)| attach_fexit(e, name, func));
         if result.is_err() {
-            unload_all!(FEntry, e, progs.map(|(n, _)| n));
+            unload_all!(FExit, e, progs.map(|(n, _)| n));
         }
         result
     }
@@ -451,7 +443,7 @@ fn attach_deliver(
         layout,
         "recv",
         &[
-            ("fentry:udp_recvmsg+udpv6_recvmsg", fentry_recv),
+            ("fexit:udp_recvmsg+udpv6_recvmsg", fexit_recv),
             ("tracepoint:sock:sock_recv_length", tp_recv),
         ],
     );

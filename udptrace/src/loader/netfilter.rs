@@ -235,3 +235,57 @@ pub fn link_in(netns: &PathBuf, slots: &[Slot<'_>]) -> Result<Vec<OwnedFd>, Stri
         .unwrap_or_else(|_| Err("the namespace thread panicked".into()))
     })
 }
+
+/// Builds the slots of one set of loaded programs.
+pub type SlotsFn = for<'a> fn(&'a [OwnedFd]) -> Vec<Slot<'a>>;
+
+/// Loaded netfilter programs, the namespaces they are linked in, and the links.
+#[derive(Default)]
+pub struct Coverage {
+    sets: Vec<(Vec<OwnedFd>, SlotsFn)>,
+    covered: HashSet<u64>,
+    links: Vec<OwnedFd>,
+}
+
+impl Coverage {
+    /// Adds loaded programs; [`Coverage::cover`] links them.
+    pub fn add(&mut self, progs: Vec<OwnedFd>, slots: SlotsFn) {
+        self.sets.push((progs, slots));
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.sets.is_empty()
+    }
+
+    /// Links every program set in each namespace of `files` not covered yet (the same
+    /// namespace may appear under several files). Returns how many were newly covered and
+    /// why any could not be.
+    pub fn cover(&mut self, files: &[PathBuf]) -> (usize, Vec<String>) {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut new = 0;
+        let mut errors = Vec::new();
+        for file in files {
+            let Ok(inode) = std::fs::metadata(file).map(|m| m.ino()) else {
+                continue;
+            };
+            if self.covered.contains(&inode) {
+                continue;
+            }
+            let mut links = Vec::new();
+            let linked = self.sets.iter().try_for_each(|(progs, slots)| {
+                links.extend(link_in(file, &slots(progs))?);
+                Ok::<(), String>(())
+            });
+            match linked {
+                Ok(()) => {
+                    self.covered.insert(inode);
+                    self.links.extend(links);
+                    new += 1;
+                }
+                // Dropping `links` detaches the part that did link.
+                Err(why) => errors.push(format!("netns {inode} ({}): {why}", file.display())),
+            }
+        }
+        (new, errors)
+    }
+}

@@ -137,15 +137,30 @@ pub struct SkbEvent {
     /// tuple they identify a datagram across nodes without touching it.
     pub ip_id: u16,
     pub udp_csum: u16,
-    pub _pad: u32,
+    /// `TUNNEL_*`: the datagram travels encapsulated here; `src`/`dst` are then the inner
+    /// addresses and `outer_*` the tunnel's.
+    pub tunnel: u16,
+    pub _pad: u16,
     pub ifname: [u8; 16],
     pub comm: [u8; 16],
     pub src: Addr,
     pub dst: Addr,
+    /// VXLAN/Geneve network identifier when `tunnel` is set.
+    pub vni: u32,
+    pub _pad2: u32,
+    pub outer_src: Addr,
+    pub outer_dst: Addr,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SkbEvent {}
-const _: () = assert!(core::mem::size_of::<SkbEvent>() == 152);
+const _: () = assert!(core::mem::size_of::<SkbEvent>() == 208);
+
+/// `SkbEvent::tunnel`: not encapsulated.
+pub const TUNNEL_NONE: u16 = 0;
+/// VXLAN (UDP 4789, and 8472 as Flannel uses it).
+pub const TUNNEL_VXLAN: u16 = 1;
+/// Geneve (UDP 6081).
+pub const TUNNEL_GENEVE: u16 = 2;
 
 /// Netfilter hook numbers (`enum nf_inet_hooks`, UAPI).
 pub const NF_INET_PRE_ROUTING: u32 = 0;
@@ -170,7 +185,7 @@ pub struct NatEvent {
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for NatEvent {}
-const _: () = assert!(core::mem::size_of::<NatEvent>() == 208);
+const _: () = assert!(core::mem::size_of::<NatEvent>() == 264);
 
 /// A task reading from a UDP socket: who receives what is queued on `sk`.
 #[repr(C)]

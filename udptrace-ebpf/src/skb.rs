@@ -10,7 +10,8 @@ use network_types::{
     udp::UdpHdr,
 };
 use udptrace_common::{
-    Addr, EventHeader, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, STAT_RINGBUF_FULL,
+    Addr, EventHeader, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, STAT_RINGBUF_FULL, TUNNEL_GENEVE,
+    TUNNEL_NONE, TUNNEL_VXLAN,
 };
 
 use crate::{
@@ -30,8 +31,78 @@ pub enum Task {
     None,
 }
 
+/// Reads an IPv4/IPv6 header at `ip` into `src`/`dst` (ports left 0) and `ip_id`; returns
+/// where the UDP header starts, or `None` for other protocols and non-first fragments.
+#[inline(always)]
+fn read_ip(
+    ip: u64,
+    src: &mut Addr,
+    dst: &mut Addr,
+    ip_id: &mut u16,
+) -> Result<Option<u64>, ReadError> {
+    let version: u8 = read_kernel::<u8>(ip, 0)? >> 4;
+    if version == 4 {
+        let h: Ipv4Hdr = read_kernel(ip, 0)?;
+        let frag = u16::from_be_bytes(h.frags) & 0x1fff;
+        if h.proto != IPPROTO_UDP as u8 || frag != 0 {
+            return Ok(None);
+        }
+        *src = Addr {
+            family: AF_INET,
+            port: 0,
+            _pad: 0,
+            ip: [0; 16],
+        };
+        *dst = *src;
+        src.ip[..4].copy_from_slice(&h.src_addr);
+        dst.ip[..4].copy_from_slice(&h.dst_addr);
+        *ip_id = u16::from_be_bytes(h.id);
+        Ok(Some(ip + u64::from(h.vihl & 0x0f) * 4))
+    } else if version == 6 {
+        let h: Ipv6Hdr = read_kernel(ip, 0)?;
+        // Extension headers are not followed yet: such datagrams are not reported.
+        if h.next_hdr != IPPROTO_UDP as u8 {
+            return Ok(None);
+        }
+        *src = Addr {
+            family: AF_INET6,
+            port: 0,
+            _pad: 0,
+            ip: h.src_addr,
+        };
+        *dst = Addr {
+            family: AF_INET6,
+            port: 0,
+            _pad: 0,
+            ip: h.dst_addr,
+        };
+        *ip_id = 0;
+        Ok(Some(ip + Ipv6Hdr::LEN as u64))
+    } else {
+        Ok(None)
+    }
+}
+
+/// Reads the UDP header at `udp` into the ports, payload length and checksum of `ev`.
+#[inline(always)]
+fn read_udp_header(udp: u64, ev: &mut SkbEvent) -> Result<(), ReadError> {
+    let h: UdpHdr = read_kernel(udp, 0)?;
+    ev.src.port = u16::from_be_bytes(h.src);
+    ev.dst.port = u16::from_be_bytes(h.dst);
+    ev.len = u32::from(u16::from_be_bytes(h.len).saturating_sub(UdpHdr::LEN as u16));
+    ev.udp_csum = u16::from_be_bytes(h.check);
+    Ok(())
+}
+
+const ETH_P_IP: u16 = 0x0800;
+const ETH_P_IPV6: u16 = 0x86dd;
+const ETH_P_8021Q: u16 = 0x8100;
+/// Geneve's protocol type for an Ethernet payload.
+const ETH_P_TEB: u16 = 0x6558;
+
 /// Reads the IP and UDP headers into `ev`. `Ok(false)` when the skb is not a UDP datagram
-/// with its UDP header present (other protocols, non-first fragments).
+/// with its UDP header present (other protocols, non-first fragments). A VXLAN or Geneve
+/// datagram carrying UDP is reported by its inner addresses, with the tunnel's in `outer_*`.
 #[inline(always)]
 pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
     let head: u64 = read_kernel(skb, offset!(skb_head))?;
@@ -39,55 +110,61 @@ pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
     if head == 0 || nh == HEADER_UNSET {
         return Ok(false);
     }
-    let ip = head + u64::from(nh);
-    let version: u8 = read_kernel::<u8>(ip, 0)? >> 4;
-    let udp = if version == 4 {
-        let h: Ipv4Hdr = read_kernel(ip, 0)?;
-        let frag = u16::from_be_bytes(h.frags) & 0x1fff;
-        if h.proto != IPPROTO_UDP as u8 || frag != 0 {
-            return Ok(false);
-        }
-        ev.src = Addr {
-            family: AF_INET,
-            port: 0,
-            _pad: 0,
-            ip: [0; 16],
-        };
-        ev.dst = ev.src;
-        ev.src.ip[..4].copy_from_slice(&h.src_addr);
-        ev.dst.ip[..4].copy_from_slice(&h.dst_addr);
-        ev.ip_id = u16::from_be_bytes(h.id);
-        ip + u64::from(h.vihl & 0x0f) * 4
-    } else if version == 6 {
-        let h: Ipv6Hdr = read_kernel(ip, 0)?;
-        // Extension headers are not followed yet: such datagrams are not reported.
-        if h.next_hdr != IPPROTO_UDP as u8 {
-            return Ok(false);
-        }
-        ev.src = Addr {
-            family: AF_INET6,
-            port: 0,
-            _pad: 0,
-            ip: h.src_addr,
-        };
-        ev.dst = Addr {
-            family: AF_INET6,
-            port: 0,
-            _pad: 0,
-            ip: h.dst_addr,
-        };
-        ev.ip_id = 0;
-        ip + Ipv6Hdr::LEN as u64
-    } else {
+    let Some(udp) = read_ip(
+        head + u64::from(nh),
+        &mut ev.src,
+        &mut ev.dst,
+        &mut ev.ip_id,
+    )?
+    else {
         return Ok(false);
     };
-    let h: UdpHdr = read_kernel(udp, 0)?;
-    ev.src.port = u16::from_be_bytes(h.src);
-    ev.dst.port = u16::from_be_bytes(h.dst);
-    ev.len = u32::from(u16::from_be_bytes(h.len).saturating_sub(UdpHdr::LEN as u16));
-    ev.udp_csum = u16::from_be_bytes(h.check);
+    read_udp_header(udp, ev)?;
+    ev.tunnel = TUNNEL_NONE;
+    ev.vni = 0;
+    ev._pad2 = 0;
+    ev.outer_src = Addr::default();
+    ev.outer_dst = Addr::default();
+    let tunnel_header: [u8; 8] = match ev.dst.port {
+        VXLAN_PORT | FLANNEL_VXLAN_PORT | GENEVE_PORT => read_kernel(udp, UdpHdr::LEN)?,
+        _ => return Ok(true),
+    };
+    let (tunnel, eth) = if ev.dst.port == GENEVE_PORT {
+        if u16::from_be_bytes([tunnel_header[2], tunnel_header[3]]) != ETH_P_TEB {
+            return Ok(true);
+        }
+        let options = u64::from(tunnel_header[0] & 0x3f) * 4;
+        (TUNNEL_GENEVE, udp + 16 + options)
+    } else {
+        // VXLAN: the I flag says the VNI is valid.
+        if tunnel_header[0] & 0x08 == 0 {
+            return Ok(true);
+        }
+        (TUNNEL_VXLAN, udp + 16)
+    };
+    let mut ethertype = u16::from_be(read_kernel::<u16>(eth, 12)?);
+    let mut inner = eth + 14;
+    if ethertype == ETH_P_8021Q {
+        ethertype = u16::from_be(read_kernel::<u16>(eth, 16)?);
+        inner += 4;
+    }
+    if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
+        return Ok(false);
+    }
+    ev.outer_src = ev.src;
+    ev.outer_dst = ev.dst;
+    let Some(inner_udp) = read_ip(inner, &mut ev.src, &mut ev.dst, &mut ev.ip_id)? else {
+        return Ok(false);
+    };
+    read_udp_header(inner_udp, ev)?;
+    ev.tunnel = tunnel;
+    ev.vni = u32::from_be_bytes([0, tunnel_header[4], tunnel_header[5], tunnel_header[6]]);
     Ok(true)
 }
+
+const VXLAN_PORT: u16 = 4789;
+const FLANNEL_VXLAN_PORT: u16 = 8472;
+const GENEVE_PORT: u16 = 6081;
 
 /// Fills everything but the headers. Returns false when `ev` should be discarded.
 #[inline(always)]

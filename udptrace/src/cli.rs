@@ -65,6 +65,7 @@ fn hop_line(h: &Hop, color: bool) -> String {
         HopKind::Send => "send",
         HopKind::Nat => "nat",
         HopKind::Xmit => "xmit",
+        HopKind::Encap => "encap",
         HopKind::Drop => "drop",
         HopKind::Deliver => "deliver",
     };
@@ -88,7 +89,21 @@ fn hop_line(h: &Hop, color: bool) -> String {
         (_, _, Some(reason)) => paint(reason.clone(), BOLD_RED, color),
         _ => format!("{} B", h.len),
     };
-    format!("  {flow}  {outcome}  {netns}  via {}", h.hook)
+    let overlay = h
+        .tunnel
+        .as_ref()
+        .map(|t| {
+            let text = format!(
+                "  in {} vni {} {} → {}",
+                t.tunnel.to_uppercase(),
+                t.vni,
+                addr(t.outer.src),
+                addr(t.outer.dst)
+            );
+            paint(text, BOLD_YELLOW, color)
+        })
+        .unwrap_or_default();
+    format!("  {flow}{overlay}  {outcome}  {netns}  via {}", h.hook)
 }
 
 /// A path: one line (JSON) or a block of lines (human).

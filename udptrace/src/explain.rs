@@ -108,6 +108,7 @@ fn kind_name(kind: HopKind) -> &'static str {
         HopKind::Send => "send",
         HopKind::Nat => "nat",
         HopKind::Xmit => "xmit",
+        HopKind::Encap => "encap",
         HopKind::Drop => "drop",
         HopKind::Deliver => "deliver",
     }

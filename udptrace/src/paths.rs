@@ -9,7 +9,7 @@ use udptrace_common::{
     HOOK_FEXIT_UDP_ENQUEUE, HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG,
     HOOK_NETFILTER_LINK, HOOK_TP_KFREE_SKB, HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SK_DATA_READY,
     HOOK_TP_SOCK_SEND_LENGTH, KIND_DROP, KIND_XMIT, NF_INET_FORWARD, NF_INET_LOCAL_IN,
-    NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING,
+    NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, TUNNEL_GENEVE, TUNNEL_VXLAN,
 };
 
 use crate::{
@@ -71,6 +71,8 @@ pub enum HopKind {
     Send,
     Nat,
     Xmit,
+    /// A device transmitted the datagram inside a VXLAN/Geneve packet.
+    Encap,
     Drop,
     Deliver,
 }
@@ -112,6 +114,18 @@ pub struct Hop {
     pub reason: Option<String>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub nat: Option<Nat>,
+    #[serde(flatten, skip_serializing_if = "Option::is_none")]
+    pub tunnel: Option<Tunnel>,
+}
+
+/// The overlay a datagram travels in at a hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Tunnel {
+    /// `vxlan` or `geneve`.
+    pub tunnel: &'static str,
+    pub vni: u32,
+    /// The tunnel packet's own addresses (node to node).
+    pub outer: Endpoints,
 }
 
 /// What a NAT hop rewrote.
@@ -185,12 +199,15 @@ pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
         }),
         reason: None,
         nat: None,
+        tunnel: None,
     }
 }
 
 /// The xmit, drop or deliver hop of an [`SkbEvent`].
 pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
+    let tunnel = tunnel(ev);
     let kind = match ev.header.kind {
+        KIND_XMIT if tunnel.is_some() => HopKind::Encap,
         KIND_XMIT => HopKind::Xmit,
         KIND_DROP => HopKind::Drop,
         _ => HopKind::Deliver,
@@ -222,7 +239,25 @@ pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
                 .map_or_else(|| format!("reason {}", ev.reason), str::to_string)
         }),
         nat: None,
+        tunnel,
     }
+}
+
+/// The overlay of an skb event, if it was encapsulated.
+fn tunnel(ev: &SkbEvent) -> Option<Tunnel> {
+    let name = match ev.tunnel {
+        TUNNEL_VXLAN => "vxlan",
+        TUNNEL_GENEVE => "geneve",
+        _ => return None,
+    };
+    Some(Tunnel {
+        tunnel: name,
+        vni: ev.vni,
+        outer: Endpoints {
+            src: socket_addr(&ev.outer_src),
+            dst: socket_addr(&ev.outer_dst),
+        },
+    })
 }
 
 /// The netfilter hook's name (`enum nf_inet_hooks`).
@@ -262,6 +297,7 @@ pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
         errno: None,
         error: None,
         reason: None,
+        tunnel: tunnel(&ev.skb),
         nat: Some(Nat {
             nat: if dnat { "dnat" } else { "snat" },
             nf_hook: nf_hook_name(ev.nf_hook),
@@ -854,6 +890,37 @@ pub(crate) mod tests {
         a.push(&skb(KIND_DROP, 30, 0), &mut out);
         assert_eq!(out.len(), 2);
         assert_ne!(out[0].id, out[1].id);
+    }
+
+    #[test]
+    fn an_encapsulated_xmit_is_an_encap_hop_with_vni_and_outer_addresses() {
+        let mut ev = sample_skb(KIND_XMIT);
+        ev.tunnel = TUNNEL_VXLAN;
+        ev.vni = 42;
+        ev.outer_src = udptrace_common::Addr {
+            family: 2,
+            port: 33000,
+            _pad: 0,
+            ip: [10, 203, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        ev.outer_dst = udptrace_common::Addr {
+            family: 2,
+            port: 4789,
+            _pad: 0,
+            ip: [10, 203, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        let json = serde_json::to_value(skb_hop(&ev, &clock(), &reasons())).unwrap();
+        assert_eq!(json["kind"], "encap");
+        assert_eq!(json["tunnel"], "vxlan");
+        assert_eq!(json["vni"], 42);
+        assert_eq!(
+            json["outer"],
+            serde_json::json!({"src": "10.203.0.1:33000", "dst": "10.203.0.2:4789"})
+        );
+        assert_eq!(
+            json["dst"], "127.0.0.1:5353",
+            "src/dst stay the inner datagram's"
+        );
     }
 
     #[test]

@@ -31,6 +31,8 @@ const PACKAGES: &[&str] = &[
     "util-linux",
     "procps",
     "sudo",
+    // A real DNS server behind the Service VIP in the kube-proxy-shaped test.
+    "dnsmasq-base",
     // Real containers for the origin-story test (netavark backend, runc runtime).
     "podman",
     "runc",

@@ -55,6 +55,8 @@ const TOOLS: &[&str] = &[
     "tcpdump",
     "dig",
     "nstat",
+    "dnsmasq",
+    "sysctl",
 ];
 
 /// Kernel module directories the tests' network setups use (veth, bridge, vxlan, netfilter,

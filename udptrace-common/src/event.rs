@@ -150,10 +150,13 @@ pub struct SkbEvent {
     pub _pad2: u32,
     pub outer_src: Addr,
     pub outer_dst: Addr,
+    /// Inode of the receiving socket (deliver only; 0 when unknown): userspace finds the
+    /// process holding it, as `ss -p` does, when no reader was seen.
+    pub sk_ino: u64,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SkbEvent {}
-const _: () = assert!(core::mem::size_of::<SkbEvent>() == 208);
+const _: () = assert!(core::mem::size_of::<SkbEvent>() == 216);
 
 /// `SkbEvent::tunnel`: not encapsulated.
 pub const TUNNEL_NONE: u16 = 0;
@@ -185,7 +188,7 @@ pub struct NatEvent {
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for NatEvent {}
-const _: () = assert!(core::mem::size_of::<NatEvent>() == 264);
+const _: () = assert!(core::mem::size_of::<NatEvent>() == 272);
 
 /// A task reading from a UDP socket: who receives what is queued on `sk`.
 #[repr(C)]

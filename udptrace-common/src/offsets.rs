@@ -60,11 +60,16 @@ pub struct Offsets {
     pub tp_recv_sk: u32,
     pub tp_recv_protocol: u32,
     pub tp_recv_ret: u32,
+    /// sock -> sk_socket -> file -> f_inode -> i_ino (the socket's inode)
+    pub sk_socket: u32,
+    pub socket_file: u32,
+    pub file_inode: u32,
+    pub inode_ino: u32,
     pub _pad3: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 42 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 46 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
@@ -110,6 +115,10 @@ impl Offsets {
         tp_recv_sk: OFFSET_MISSING,
         tp_recv_protocol: OFFSET_MISSING,
         tp_recv_ret: OFFSET_MISSING,
+        sk_socket: OFFSET_MISSING,
+        socket_file: OFFSET_MISSING,
+        file_inode: OFFSET_MISSING,
+        inode_ino: OFFSET_MISSING,
         _pad3: 0,
     };
 }

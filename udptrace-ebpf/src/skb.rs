@@ -162,6 +162,15 @@ pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
     Ok(true)
 }
 
+/// The inode of socket `sk` (sk->sk_socket->file->f_inode->i_ino), as /proc/PID/fd shows it.
+#[inline(always)]
+fn socket_inode(sk: u64) -> Option<u64> {
+    let socket: u64 = try_read_kernel(sk, offset!(sk_socket))?;
+    let file: u64 = try_read_kernel(socket, offset!(socket_file))?;
+    let inode: u64 = try_read_kernel(file, offset!(file_inode))?;
+    try_read_kernel(inode, offset!(inode_ino))
+}
+
 const VXLAN_PORT: u16 = 4789;
 const FLANNEL_VXLAN_PORT: u16 = 8472;
 const GENEVE_PORT: u16 = 6081;
@@ -280,6 +289,11 @@ fn emit_inner(
             Ok(())
         }
         Ok(true) => {
+            ev.sk_ino = if sk != 0 {
+                socket_inode(sk).unwrap_or(0)
+            } else {
+                0
+            };
             entry.submit(0);
             Ok(())
         }

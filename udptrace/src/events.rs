@@ -208,7 +208,7 @@ pub(crate) mod tests {
         bytes.truncate(128);
         assert!(matches!(
             Event::decode(&bytes),
-            Err(DecodeError::Size { expected: 208, .. })
+            Err(DecodeError::Size { expected: 216, .. })
         ));
     }
 

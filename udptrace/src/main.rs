@@ -10,6 +10,7 @@ mod filter;
 mod kernel;
 mod loader;
 mod paths;
+mod procs;
 mod trace;
 
 use std::process::ExitCode;

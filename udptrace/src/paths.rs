@@ -17,6 +17,7 @@ use crate::{
     events::{comm, socket_addr, Event},
     explain::explain,
     kernel::drop_reasons::DropReasons,
+    procs::SocketOwners,
 };
 
 /// The name of the hook that produced an event, as shown in `hook`.
@@ -116,6 +117,10 @@ pub struct Hop {
     pub nat: Option<Nat>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<Tunnel>,
+    /// The receiving socket's inode (deliver hops), to find its process when no reader
+    /// was seen.
+    #[serde(skip)]
+    pub sock_ino: u64,
 }
 
 /// The overlay a datagram travels in at a hop.
@@ -200,6 +205,7 @@ pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
         reason: None,
         nat: None,
         tunnel: None,
+        sock_ino: 0,
     }
 }
 
@@ -240,6 +246,7 @@ pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
         }),
         nat: None,
         tunnel,
+        sock_ino: ev.sk_ino,
     }
 }
 
@@ -298,6 +305,7 @@ pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
         error: None,
         reason: None,
         tunnel: tunnel(&ev.skb),
+        sock_ino: 0,
         nat: Some(Nat {
             nat: if dnat { "dnat" } else { "snat" },
             nf_hook: nf_hook_name(ev.nf_hook),
@@ -392,6 +400,8 @@ pub struct Assembler {
     stale: Vec<u64>,
     /// Who reads each receiving socket, from the recv hook (bounded by [`MAX_OPEN`]).
     readers: HashMap<u64, Process>,
+    /// Who holds a receiving socket, from /proc, when no reader was seen.
+    owners: SocketOwners,
     next: u64,
 }
 
@@ -617,6 +627,17 @@ impl Assembler {
         }
         if self.by_sock.get(&open.sock) == Some(&id) {
             self.by_sock.remove(&open.sock);
+        }
+        let mut open = open;
+        if let Some(hop) = open
+            .hops
+            .iter_mut()
+            .rev()
+            .find(|h| h.kind == HopKind::Deliver)
+        {
+            if hop.process.is_none() && hop.sock_ino != 0 {
+                hop.process = self.owners.owner(hop.sock_ino);
+            }
         }
         // A path that ended with a verdict is complete even if its send hop never came
         // (a datagram from elsewhere, or a sender whose send hook is unavailable).

@@ -30,6 +30,8 @@ pub enum Group {
     TpReady,
     /// Tracepoint `sock:sock_recv_length`.
     TpRecv,
+    /// From a `struct sock` to its socket's inode number.
+    SockInode,
 }
 
 /// Offsets for this kernel, and why any group could not be filled.
@@ -221,6 +223,18 @@ impl KernelLayout {
             })(),
         );
 
+        group(
+            Group::SockInode,
+            (|| {
+                let f = |s: &str, path: &[&str]| btf.offset_of(s, path).map_err(|e| e.to_string());
+                o.sk_socket = f("sock", &["sk_socket"])?;
+                o.socket_file = f("socket", &["file"])?;
+                o.file_inode = f("file", &["f_inode"])?;
+                o.inode_ino = f("inode", &["i_ino"])?;
+                Ok(())
+            })(),
+        );
+
         Self {
             offsets: o,
             problems,
@@ -243,7 +257,7 @@ mod tests {
         let tracefs = Tracefs::find().ok();
         let layout = KernelLayout::resolve(&btf, tracefs.as_ref());
         let o = layout.offsets;
-        let groups: [(Group, &[u32]); 11] = [
+        let groups: [(Group, &[u32]); 12] = [
             (
                 Group::Sock,
                 &[
@@ -303,6 +317,10 @@ mod tests {
                 Group::TpRecv,
                 &[o.tp_recv_sk, o.tp_recv_protocol, o.tp_recv_ret],
             ),
+            (
+                Group::SockInode,
+                &[o.sk_socket, o.socket_file, o.file_inode, o.inode_ino],
+            ),
         ];
         for (group, values) in groups {
             let unfilled = values.contains(&udptrace_common::OFFSET_MISSING);
@@ -314,5 +332,6 @@ mod tests {
         // Struct layouts every supported kernel has.
         assert_eq!(layout.missing(Group::Sock), None);
         assert_eq!(layout.missing(Group::Skb), None);
+        assert_eq!(layout.missing(Group::SockInode), None);
     }
 }

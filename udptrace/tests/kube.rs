@@ -378,6 +378,30 @@ fn a_pod_keeps_its_source_and_a_node_is_masqueraded() {
         let paths = tracer.paths(2, Duration::from_secs(5));
         drop(tracer);
         let path = query_path(&paths);
+        // Ground truth 2: node A's conntrack has the Service translation for this query.
+        let sport = path["orig"]["src"]
+            .as_str()
+            .unwrap()
+            .rsplit(':')
+            .next()
+            .unwrap()
+            .to_string();
+        let ct = cluster
+            .node_a
+            .cmd("conntrack")
+            .args(["-L", "-p", "udp", "--orig-dst", VIP])
+            .output()
+            .unwrap();
+        let ct = String::from_utf8_lossy(&ct.stdout);
+        let entry = ct
+            .lines()
+            .find(|l| l.contains(&format!("sport={sport} dport=53")));
+        let entry =
+            entry.unwrap_or_else(|| panic!("{who}: no conntrack entry for port {sport}:\n{ct}"));
+        assert!(
+            entry.contains(&format!("src={DNS_POD} dst={source} sport=53")),
+            "{who}: {entry}"
+        );
         // Ground truth: the source dnsmasq saw.
         assert!(
             logged.ends_with(&format!("from {source}")),

@@ -544,7 +544,20 @@ impl Assembler {
         if hop.kind == HopKind::Deliver && hop.process.is_none() {
             match self.readers.get(&ev.sk) {
                 Some(reader) => hop.process = Some(reader.clone()),
-                None => reader_sk = ev.sk,
+                None => {
+                    // Look the holder up now, while it surely still runs (a reader blocked in
+                    // recvmsg before an fexit was attached is never reported by it); a reader
+                    // seen within the grace replaces it.
+                    if hop.sock_ino != 0 {
+                        hop.process = self.owners.owner(hop.sock_ino);
+                    }
+                    tracing::debug!(
+                        "deliver on socket inode {}: holder {:?}",
+                        hop.sock_ino,
+                        hop.process.as_ref().map(|p| p.pid)
+                    );
+                    reader_sk = ev.sk;
+                }
             }
         }
         let outbound = ev.sk != 0 && hop.kind != HopKind::Deliver;
@@ -627,17 +640,6 @@ impl Assembler {
         }
         if self.by_sock.get(&open.sock) == Some(&id) {
             self.by_sock.remove(&open.sock);
-        }
-        let mut open = open;
-        if let Some(hop) = open
-            .hops
-            .iter_mut()
-            .rev()
-            .find(|h| h.kind == HopKind::Deliver)
-        {
-            if hop.process.is_none() && hop.sock_ino != 0 {
-                hop.process = self.owners.owner(hop.sock_ino);
-            }
         }
         // A path that ended with a verdict is complete even if its send hop never came
         // (a datagram from elsewhere, or a sender whose send hook is unavailable).

@@ -10,15 +10,18 @@ use std::{
 
 use common::*;
 
-/// A receiver that prints "ready", then the source address of the first datagram.
+/// A receiver that prints "ready", then the source address of the first datagram, and
+/// keeps running a moment as a server would (a reader already blocked in recvmsg when
+/// tracing starts is named from the socket's holder, which must still exist).
 const PY_RECV: &str = r#"
-import socket, sys
+import socket, sys, time
 host, port = sys.argv[1], int(sys.argv[2])
 s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
 s.bind((host, port))
 print("ready", flush=True)
 data, addr = s.recvfrom(2048)
 print(addr[0], addr[1], len(data), flush=True)
+time.sleep(2)
 "#;
 
 #[test]
@@ -40,6 +43,8 @@ fn a_datagram_read_by_python_is_delivered_to_it() {
         let nc = nc_send(Some(&net.a), &[], dst, port);
         let seen = lines.next().unwrap().unwrap(); // "<src ip> <src port> <len>"
         let path = tracer.one_path();
+        let stderr = tracer.stderr();
+        let _ = receiver.kill();
         let _ = receiver.wait();
 
         assert_eq!(path["verdict"], "delivered", "{path}");
@@ -57,7 +62,7 @@ fn a_datagram_read_by_python_is_delivered_to_it() {
         assert_eq!(
             deliver["pid"],
             receiver.id(),
-            "the reading process: {deliver}"
+            "the reading process: {deliver}\n{stderr}"
         );
         assert_eq!(deliver["comm"], "python3");
         assert_eq!(deliver["netns"], net.b.inode());

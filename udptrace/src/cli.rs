@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, time::SystemTime};
 
-use crate::paths::{Hop, HopKind, Path, Verdict};
+use crate::paths::{Hop, Path, Verdict};
 
 /// How `trace` prints paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -61,14 +61,7 @@ fn hop_line(h: &Hop, color: bool) -> String {
             h.hook
         );
     }
-    let kind = match h.kind {
-        HopKind::Send => "send",
-        HopKind::Nat => "nat",
-        HopKind::Xmit => "xmit",
-        HopKind::Encap => "encap",
-        HopKind::Drop => "drop",
-        HopKind::Deliver => "deliver",
-    };
+    let kind = h.kind.name();
     let who = h
         .process
         .as_ref()

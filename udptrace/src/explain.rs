@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use crate::paths::{Hop, HopKind, Path, Verdict};
+use crate::paths::{Hop, Path, Verdict};
 
 fn addr(a: Option<SocketAddr>) -> String {
     a.map_or_else(|| "?".into(), |a| a.to_string())
@@ -92,7 +92,7 @@ pub fn explain(path: &Path) -> String {
         }
         Verdict::Unknown if !path.complete => format!(
             "no verdict: last seen at {}{} in netns {}{after_dnat}",
-            kind_name(last.kind),
+            last.kind.name(),
             last.ifname
                 .as_ref()
                 .map(|d| format!(" on {d}"))
@@ -103,21 +103,10 @@ pub fn explain(path: &Path) -> String {
     }
 }
 
-fn kind_name(kind: HopKind) -> &'static str {
-    match kind {
-        HopKind::Send => "send",
-        HopKind::Nat => "nat",
-        HopKind::Xmit => "xmit",
-        HopKind::Encap => "encap",
-        HopKind::Drop => "drop",
-        HopKind::Deliver => "deliver",
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::paths::{tests::sample_path, Endpoints, Nat, Process};
+    use crate::paths::{tests::sample_path, Endpoints, HopKind, Nat, Process};
 
     fn sa(s: &str) -> Option<SocketAddr> {
         Some(s.parse().unwrap())

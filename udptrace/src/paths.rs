@@ -78,6 +78,20 @@ pub enum HopKind {
     Deliver,
 }
 
+impl HopKind {
+    /// The name in the JSON contract and the human view.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Send => "send",
+            Self::Nat => "nat",
+            Self::Xmit => "xmit",
+            Self::Encap => "encap",
+            Self::Drop => "drop",
+            Self::Deliver => "deliver",
+        }
+    }
+}
+
 /// Who sent or received, on send and deliver hops.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Process {

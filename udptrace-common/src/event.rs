@@ -26,6 +26,7 @@ pub const HOOK_FEXIT_UDP_ENQUEUE: u16 = 9;
 pub const HOOK_TP_SK_DATA_READY: u16 = 10;
 pub const HOOK_FEXIT_UDP_RECVMSG: u16 = 11;
 pub const HOOK_TP_SOCK_RECV_LENGTH: u16 = 12;
+pub const HOOK_KPROBE_NF_NAT: u16 = 13;
 
 /// `SendEvent::flags`: the destination came from the syscall's address argument
 /// (an unconnected send), not from the socket.

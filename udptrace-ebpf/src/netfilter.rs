@@ -4,8 +4,16 @@
 //! Loaded by userspace as BPF_PROG_TYPE_NETFILTER (aya has no API for it; the section is
 //! `classifier` so aya's ELF parser accepts the programs). Both always accept the packet.
 
-use aya_ebpf::{macros::classifier, programs::TcContext, EbpfContext as _};
-use udptrace_common::{NatEvent, HOOK_NETFILTER_LINK, KIND_NAT, STAT_RINGBUF_FULL};
+use aya_ebpf::{
+    macros::{classifier, kprobe, kretprobe, map},
+    maps::PerCpuArray,
+    programs::{ProbeContext, RetProbeContext, TcContext},
+    EbpfContext as _,
+};
+use udptrace_common::{
+    Addr, NatEvent, SkbEvent, HOOK_KPROBE_NF_NAT, HOOK_NETFILTER_LINK, KIND_NAT, NF_INET_LOCAL_OUT,
+    NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, STAT_RINGBUF_FULL,
+};
 
 use crate::{
     kernel::{read_kernel, ReadError},
@@ -70,27 +78,26 @@ fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
         return Ok(());
     }
     before.skb = 0;
+    emit_nat(HOOK_NETFILTER_LINK, skb, hook, before.src, before.dst)
+}
+
+/// Reports a NAT rewrite of `skb` at netfilter hook `hook` when its addresses differ from
+/// `src`/`dst` (what they were just before NAT).
+#[inline(always)]
+fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<(), ReadError> {
     let Some(mut entry) = EVENTS.reserve::<NatEvent>(0) else {
         count(STAT_RINGBUF_FULL);
         return Ok(());
     };
     // SAFETY: sized for a NatEvent; every field is written before submit, or discarded.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    let changed = match fill(
-        &mut ev.skb,
-        KIND_NAT,
-        HOOK_NETFILTER_LINK,
-        skb,
-        0,
-        Task::None,
-        0,
-    ) {
-        Ok(true) => ev.skb.src != before.src || ev.skb.dst != before.dst,
+    let changed = match fill(&mut ev.skb, KIND_NAT, source, skb, 0, Task::None, 0) {
+        Ok(true) => ev.skb.src != src || ev.skb.dst != dst,
         _ => false,
     };
     if changed {
-        ev.before_src = before.src;
-        ev.before_dst = before.dst;
+        ev.before_src = src;
+        ev.before_dst = dst;
         ev.nf_hook = hook;
         ev._pad = 0;
         entry.submit(0);
@@ -98,4 +105,58 @@ fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
         entry.discard(0);
     }
     Ok(())
+}
+
+// --- fallback for kernels without netfilter programs (< 6.4) ------------------------------
+
+/// The datagram as it entered `nf_nat_manip_pkt` on this CPU (the return probe compares);
+/// `reason` holds the manip type.
+#[map(name = "NAT_MANIP")]
+static NAT_MANIP: PerCpuArray<SkbEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// `enum nf_nat_manip_type`: NF_NAT_MANIP_SRC = 0, NF_NAT_MANIP_DST = 1.
+const NF_NAT_MANIP_DST: u32 = 1;
+
+/// unsigned int nf_nat_manip_pkt(struct sk_buff *skb, struct nf_conn *ct,
+///                               enum nf_nat_manip_type mtype, enum ip_conntrack_dir dir)
+#[kprobe]
+pub fn nat_kprobe_manip(ctx: ProbeContext) -> u32 {
+    let (Some(skb), Some(mtype)) = (ctx.arg::<u64>(0), ctx.arg::<u32>(2)) else {
+        return 0;
+    };
+    if let Some(slot) = NAT_MANIP.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; the return probe of this same call reads it.
+        let slot = unsafe { &mut *slot };
+        slot.skb = match read_udp(skb, slot) {
+            Ok(true) => skb,
+            _ => 0,
+        };
+        slot.reason = mtype;
+    }
+    0
+}
+
+/// Return of nf_nat_manip_pkt: the same skb, now rewritten.
+#[kretprobe]
+pub fn nat_kretprobe_manip(_ctx: RetProbeContext) -> u32 {
+    let Some(slot) = NAT_MANIP.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot, written by the entry probe of this call.
+    let before = unsafe { &mut *slot };
+    let skb = before.skb;
+    if skb == 0 {
+        return 0;
+    }
+    before.skb = 0;
+    // Which hook ran it is not an argument: destination NAT of a local socket's datagram
+    // happens at output, of a received one at prerouting; source NAT at postrouting.
+    let sk: u64 = read_kernel(skb, offset!(skb_sk)).unwrap_or(0);
+    let hook = match (before.reason == NF_NAT_MANIP_DST, sk != 0) {
+        (true, true) => NF_INET_LOCAL_OUT,
+        (true, false) => NF_INET_PRE_ROUTING,
+        _ => NF_INET_POST_ROUTING,
+    };
+    let _ = emit_nat(HOOK_KPROBE_NF_NAT, skb, hook, before.src, before.dst);
+    0
 }

@@ -6,7 +6,7 @@ use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
 use serde::{Serialize, Serializer};
 use udptrace_common::{
     NatEvent, RecvEvent, SendEvent, SkbEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
-    HOOK_FEXIT_UDP_ENQUEUE, HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG,
+    HOOK_FEXIT_UDP_ENQUEUE, HOOK_KPROBE_NF_NAT, HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG,
     HOOK_NETFILTER_LINK, HOOK_TP_KFREE_SKB, HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SK_DATA_READY,
     HOOK_TP_SOCK_SEND_LENGTH, KIND_DROP, KIND_XMIT, NF_INET_FORWARD, NF_INET_LOCAL_IN,
     NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, TUNNEL_GENEVE, TUNNEL_VXLAN,
@@ -31,6 +31,7 @@ pub fn hook_name(hook: u16) -> &'static str {
         HOOK_TP_NET_DEV_START_XMIT => "tracepoint:net:net_dev_start_xmit",
         HOOK_TP_KFREE_SKB => "tracepoint:skb:kfree_skb",
         HOOK_NETFILTER_LINK => "netfilter-link",
+        HOOK_KPROBE_NF_NAT => "kprobe:nf_nat_manip_pkt",
         HOOK_FEXIT_UDP_ENQUEUE => "fexit:__udp_enqueue_schedule_skb",
         HOOK_TP_SK_DATA_READY => "netfilter-link+tracepoint:sock:sk_data_ready",
         _ => "unknown",

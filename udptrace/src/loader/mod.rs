@@ -182,7 +182,7 @@ impl Tracer {
             tracefs: tracefs_fact,
         };
         let mut netfilter = netfilter::Coverage::default();
-        let mut skb_hops = vec![attach_nat(&ebpf, &layout, &mut netfilter)];
+        let mut skb_hops = vec![attach_nat(&mut ebpf, &layout, &mut netfilter)];
         skb_hops.extend(attach_skb_hops(&mut ebpf, &layout));
         skb_hops.extend(attach_deliver(&mut ebpf, &layout, &mut netfilter));
         if !netfilter.is_empty() {
@@ -355,7 +355,11 @@ impl NetnsScope {
 
 /// The NAT hop: netfilter links just before and after NAT at each NAT hook, in each covered
 /// namespace.
-fn attach_nat(ebpf: &Ebpf, layout: &KernelLayout, cover: &mut netfilter::Coverage) -> HopReport {
+fn attach_nat(
+    ebpf: &mut Ebpf,
+    layout: &KernelLayout,
+    cover: &mut netfilter::Coverage,
+) -> HopReport {
     const HOOK: &str = "netfilter-link:nat";
     let mut report = HopReport::new("nat");
     let outcome = if disabled(HOOK) {
@@ -370,8 +374,54 @@ fn attach_nat(ebpf: &Ebpf, layout: &KernelLayout, cover: &mut netfilter::Coverag
             Ok(())
         })
     };
+    let linked = outcome.is_ok();
     report.attempts.push(Attempt {
         hook: HOOK,
+        outcome,
+    });
+    const KPROBE: &str = "kprobe:nf_nat_manip_pkt";
+    if linked {
+        report.not_needed.push(KPROBE);
+        return report;
+    }
+    // Kernels before 6.4: the function every NAT rewrite goes through, entry and return.
+    let outcome = if disabled(KPROBE) {
+        Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
+    } else if !Path::new(KPROBE_PMU).exists() {
+        Err(format!(
+            "this kernel has no kprobes ({KPROBE_PMU} is missing)"
+        ))
+    } else {
+        need(layout, &[Group::Skb, Group::Sock]).and_then(|()| {
+            let result = ["nat_kprobe_manip", "nat_kretprobe_manip"]
+                .iter()
+                .try_for_each(|name| {
+                    let prog: &mut KProbe = program(ebpf, name)?;
+                    prog.load()
+                        .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
+                    prog.attach("nf_nat_manip_pkt", 0).map(drop).map_err(|e| {
+                        format!(
+                        "attaching to nf_nat_manip_pkt: {} (is the nf_nat module loaded? it is \
+                         once a NAT rule exists)",
+                        chain(&e)
+                    )
+                    })
+                });
+            if result.is_err() {
+                unload_all!(KProbe, ebpf, ["nat_kprobe_manip", "nat_kretprobe_manip"]);
+            }
+            result
+        })
+    };
+    if outcome.is_ok() {
+        report.notes.push(
+            "NAT seen in nf_nat_manip_pkt in every namespace; the hook is inferred (DNAT of a \
+             local socket's datagram: output, else prerouting; SNAT: postrouting)"
+                .into(),
+        );
+    }
+    report.attempts.push(Attempt {
+        hook: KPROBE,
         outcome,
     });
     report

@@ -229,6 +229,28 @@ pub fn sent_port(out: &str) -> String {
         .to_string()
 }
 
+/// The hook `udptrace doctor` says the NAT hop uses now (`netfilter-link:nat` or
+/// `kprobe:nf_nat_manip_pkt`), or `None` with the reason printed. Ask after creating the
+/// NAT rules: the kprobe fallback needs the nf_nat module, which a first rule loads.
+pub fn nat_hook() -> Option<String> {
+    let (_, out, _) = udptrace(Command::new(UDPTRACE).arg("doctor"));
+    let line = out
+        .lines()
+        .find(|l| l.starts_with("nat hop"))
+        .unwrap_or_default();
+    match line.split("uses ").nth(1) {
+        Some(hook) => Some(hook.trim().to_string()),
+        None => {
+            let why: Vec<&str> = out
+                .lines()
+                .filter(|l| l.contains("tried") && l.contains("nf"))
+                .collect();
+            eprintln!("skipped NAT assertions: this kernel offers no NAT hook: {why:?}");
+            None
+        }
+    }
+}
+
 /// The real udptrace binary, tracing.
 pub struct Tracer {
     child: Child,

@@ -186,10 +186,15 @@ pub struct NatEvent {
     /// `NF_INET_*`.
     pub nf_hook: u32,
     pub _pad: u32,
+    /// The conntrack entry's original and reply tuples (family 0 when unknown).
+    pub ct_orig_src: Addr,
+    pub ct_orig_dst: Addr,
+    pub ct_reply_src: Addr,
+    pub ct_reply_dst: Addr,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for NatEvent {}
-const _: () = assert!(core::mem::size_of::<NatEvent>() == 272);
+const _: () = assert!(core::mem::size_of::<NatEvent>() == 368);
 
 /// A task reading from a UDP socket: who receives what is queued on `sk`.
 #[repr(C)]

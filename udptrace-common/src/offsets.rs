@@ -65,11 +65,21 @@ pub struct Offsets {
     pub socket_file: u32,
     pub file_inode: u32,
     pub inode_ino: u32,
-    pub _pad3: u32,
+    /// sk_buff._nfct; nf_conn.tuplehash and its element size; nf_conntrack_tuple_hash.tuple;
+    /// in nf_conntrack_tuple: src.u3, src.u.all, src.l3num, dst.u3, dst.u.all
+    pub skb_nfct: u32,
+    pub ct_tuplehash: u32,
+    pub ct_tuplehash_size: u32,
+    pub ct_hash_tuple: u32,
+    pub tuple_src_u3: u32,
+    pub tuple_src_port: u32,
+    pub tuple_l3num: u32,
+    pub tuple_dst_u3: u32,
+    pub tuple_dst_port: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 46 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 54 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
@@ -119,6 +129,14 @@ impl Offsets {
         socket_file: OFFSET_MISSING,
         file_inode: OFFSET_MISSING,
         inode_ino: OFFSET_MISSING,
-        _pad3: 0,
+        skb_nfct: OFFSET_MISSING,
+        ct_tuplehash: OFFSET_MISSING,
+        ct_tuplehash_size: OFFSET_MISSING,
+        ct_hash_tuple: OFFSET_MISSING,
+        tuple_src_u3: OFFSET_MISSING,
+        tuple_src_port: OFFSET_MISSING,
+        tuple_l3num: OFFSET_MISSING,
+        tuple_dst_u3: OFFSET_MISSING,
+        tuple_dst_port: OFFSET_MISSING,
     };
 }

@@ -16,7 +16,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    kernel::{read_kernel, ReadError},
+    kernel::{read_kernel, try_read_kernel, ReadError},
     maps::{count, offset, EVENTS, NAT_BEFORE},
     skb::{fill, read_udp, Task},
 };
@@ -100,11 +100,65 @@ fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<()
         ev.before_dst = dst;
         ev.nf_hook = hook;
         ev._pad = 0;
+        conntrack(skb, ev);
         entry.submit(0);
     } else {
         entry.discard(0);
     }
     Ok(())
+}
+
+/// `skb->_nfct` keeps the conntrack info in its low bits (NFCT_PTRMASK).
+const NFCT_PTRMASK: u64 = !7;
+
+/// Reads one conntrack tuple at `tuple` into `src`/`dst` (family 0 when unreadable).
+#[inline(always)]
+fn read_tuple(tuple: u64, src: &mut Addr, dst: &mut Addr) {
+    *src = Addr::default();
+    *dst = Addr::default();
+    let Some(family) = try_read_kernel::<u16>(tuple, offset!(tuple_l3num)) else {
+        return;
+    };
+    let (Some(sip), Some(sport), Some(dip), Some(dport)) = (
+        try_read_kernel::<[u8; 16]>(tuple, offset!(tuple_src_u3)),
+        try_read_kernel::<u16>(tuple, offset!(tuple_src_port)),
+        try_read_kernel::<[u8; 16]>(tuple, offset!(tuple_dst_u3)),
+        try_read_kernel::<u16>(tuple, offset!(tuple_dst_port)),
+    ) else {
+        return;
+    };
+    *src = Addr {
+        family,
+        port: u16::from_be(sport),
+        _pad: 0,
+        ip: sip,
+    };
+    *dst = Addr {
+        family,
+        port: u16::from_be(dport),
+        _pad: 0,
+        ip: dip,
+    };
+}
+
+/// Fills the conntrack entry's original and reply tuples of `skb`, when it has one.
+#[inline(always)]
+fn conntrack(skb: u64, ev: &mut NatEvent) {
+    let ct = try_read_kernel::<u64>(skb, offset!(skb_nfct)).unwrap_or(0) & NFCT_PTRMASK;
+    let hashes = ct + offset!(ct_tuplehash) as u64 + offset!(ct_hash_tuple) as u64;
+    if ct == 0 {
+        ev.ct_orig_src = Addr::default();
+        ev.ct_orig_dst = Addr::default();
+        ev.ct_reply_src = Addr::default();
+        ev.ct_reply_dst = Addr::default();
+        return;
+    }
+    read_tuple(hashes, &mut ev.ct_orig_src, &mut ev.ct_orig_dst);
+    read_tuple(
+        hashes + offset!(ct_tuplehash_size) as u64,
+        &mut ev.ct_reply_src,
+        &mut ev.ct_reply_dst,
+    );
 }
 
 // --- fallback for kernels without netfilter programs (< 6.4) ------------------------------

@@ -143,6 +143,7 @@ mod tests {
                 src: sa(after.0),
                 dst: sa(after.1),
             },
+            conntrack: None,
         });
         h
     }

@@ -157,6 +157,16 @@ pub struct Nat {
     pub nf_hook: &'static str,
     pub before: Endpoints,
     pub after: Endpoints,
+    /// The conntrack entry's original and reply tuples, when the datagram has one.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub conntrack: Option<Conntrack>,
+}
+
+/// A conntrack entry as `conntrack -L` shows it: original and reply direction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+pub struct Conntrack {
+    pub orig: Endpoints,
+    pub reply: Endpoints,
 }
 
 /// A datagram's path.
@@ -326,6 +336,16 @@ pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
             nf_hook: nf_hook_name(ev.nf_hook),
             before,
             after,
+            conntrack: (ev.ct_orig_src.family != 0).then(|| Conntrack {
+                orig: Endpoints {
+                    src: socket_addr(&ev.ct_orig_src),
+                    dst: socket_addr(&ev.ct_orig_dst),
+                },
+                reply: Endpoints {
+                    src: socket_addr(&ev.ct_reply_src),
+                    dst: socket_addr(&ev.ct_reply_dst),
+                },
+            }),
         }),
     }
 }

@@ -115,6 +115,14 @@ fn dnat_at_output_and_snat_at_postrouting_are_both_on_the_path() {
     );
     assert_eq!(snat["before"]["src"], format!("10.203.0.1:{sport}"));
     assert_eq!(snat["after"]["src"], format!("10.203.0.7:{sport}"));
+    // The conntrack entry as the kernel keeps it (the one `conntrack -L` lists below); by
+    // the SNAT both directions are final, at the DNAT the reply side may still be partial.
+    let ct = serde_json::json!({
+        "orig": {"src": format!("10.203.0.1:{sport}"), "dst": "10.203.0.9:20501"},
+        "reply": {"src": "10.203.0.2:20502", "dst": format!("10.203.0.7:{sport}")},
+    });
+    assert_eq!(snat["conntrack"], ct, "{snat}");
+    assert_eq!(dnat["conntrack"]["orig"], ct["orig"], "{dnat}");
     assert!(
         nat_hook.starts_with(snat["hook"].as_str().unwrap().split(':').next().unwrap()),
         "{snat}"

@@ -32,6 +32,8 @@ pub enum Group {
     TpRecv,
     /// From a `struct sock` to its socket's inode number.
     SockInode,
+    /// From an skb to its conntrack entry's tuples.
+    Conntrack,
 }
 
 /// Offsets for this kernel, and why any group could not be filled.
@@ -235,6 +237,25 @@ impl KernelLayout {
             })(),
         );
 
+        group(
+            Group::Conntrack,
+            (|| {
+                let f = |s: &str, path: &[&str]| btf.offset_of(s, path).map_err(|e| e.to_string());
+                o.skb_nfct = f("sk_buff", &["_nfct"])?;
+                o.ct_tuplehash = f("nf_conn", &["tuplehash"])?;
+                o.ct_tuplehash_size = btf
+                    .size_of("nf_conntrack_tuple_hash")
+                    .map_err(|e| e.to_string())?;
+                o.ct_hash_tuple = f("nf_conntrack_tuple_hash", &["tuple"])?;
+                o.tuple_src_u3 = f("nf_conntrack_tuple", &["src", "u3"])?;
+                o.tuple_src_port = f("nf_conntrack_tuple", &["src", "u", "all"])?;
+                o.tuple_l3num = f("nf_conntrack_tuple", &["src", "l3num"])?;
+                o.tuple_dst_u3 = f("nf_conntrack_tuple", &["dst", "u3"])?;
+                o.tuple_dst_port = f("nf_conntrack_tuple", &["dst", "u", "all"])?;
+                Ok(())
+            })(),
+        );
+
         Self {
             offsets: o,
             problems,
@@ -257,7 +278,7 @@ mod tests {
         let tracefs = Tracefs::find().ok();
         let layout = KernelLayout::resolve(&btf, tracefs.as_ref());
         let o = layout.offsets;
-        let groups: [(Group, &[u32]); 12] = [
+        let groups: [(Group, &[u32]); 13] = [
             (
                 Group::Sock,
                 &[
@@ -321,6 +342,20 @@ mod tests {
                 Group::SockInode,
                 &[o.sk_socket, o.socket_file, o.file_inode, o.inode_ino],
             ),
+            (
+                Group::Conntrack,
+                &[
+                    o.skb_nfct,
+                    o.ct_tuplehash,
+                    o.ct_tuplehash_size,
+                    o.ct_hash_tuple,
+                    o.tuple_src_u3,
+                    o.tuple_src_port,
+                    o.tuple_l3num,
+                    o.tuple_dst_u3,
+                    o.tuple_dst_port,
+                ],
+            ),
         ];
         for (group, values) in groups {
             let unfilled = values.contains(&udptrace_common::OFFSET_MISSING);
@@ -333,5 +368,6 @@ mod tests {
         assert_eq!(layout.missing(Group::Sock), None);
         assert_eq!(layout.missing(Group::Skb), None);
         assert_eq!(layout.missing(Group::SockInode), None);
+        assert_eq!(layout.missing(Group::Conntrack), None);
     }
 }

@@ -287,11 +287,8 @@ fn attach_send(ebpf: &mut Ebpf, layout: &KernelLayout) -> HopReport {
     )
 }
 
-/// The skb hops. Each has one hook today; a kernel without it traces without that hop.
-///
-/// No deliver hop yet: 6.18 frees a datagram UDP has read through deferred frees in softirq,
-/// so neither `skb:consume_skb` in the reader's task nor `skb:skb_copy_datagram_iovec` (not
-/// called for linear skbs) identifies the delivery; see docs/architecture.md.
+/// The xmit and drop hops. Each has one hook; a kernel without it traces without that hop.
+/// (The deliver hop has its own chain, `attach_deliver`.)
 fn attach_skb_hops(ebpf: &mut Ebpf, layout: &KernelLayout) -> Vec<HopReport> {
     fn xmit(e: &mut Ebpf, l: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
         need(l, &[Group::Skb, Group::Sock, Group::TpXmit])?;
@@ -428,7 +425,7 @@ fn attach_nat(
 }
 
 /// The deliver hop: fexit on the UDP enqueue, else a netfilter link at the end of LOCAL_IN
-/// paired with tracepoint sock:sk_data_ready. Then who reads: fentry on udp_recvmsg, else
+/// paired with tracepoint sock:sk_data_ready. Then who reads: fexit on udp_recvmsg, else
 /// tracepoint sock:sock_recv_length.
 fn attach_deliver(
     ebpf: &mut Ebpf,

@@ -122,9 +122,10 @@ pub struct SkbEvent {
     pub skb: u64,
     /// The socket owning the skb (the sender's on the way out, the receiver's once queued).
     pub sk: u64,
-    /// cgroup v2 id of the current task (deliver only; 0 otherwise).
+    /// A task to name, for a hook that runs in the receiver's context; the current skb hooks
+    /// run in softirq or an unrelated task and leave these 0 (the reader comes from
+    /// [`RecvEvent`] or the socket's holder).
     pub cgroup: u64,
-    /// Current task (deliver only; 0 in softirq context otherwise).
     pub pid: u32,
     pub tid: u32,
     /// Network namespace of the device (or of the socket when there is no device).

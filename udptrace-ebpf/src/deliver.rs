@@ -10,20 +10,17 @@
 //! (both after the read, so a reader already blocked when tracing starts is seen too).
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-    },
     macros::{classifier, fexit, tracepoint},
     programs::{FExitContext, TcContext, TracePointContext},
     EbpfContext as _,
 };
 use udptrace_common::{
-    EventHeader, RecvEvent, HOOK_FEXIT_UDP_ENQUEUE, HOOK_FEXIT_UDP_RECVMSG, HOOK_TP_SK_DATA_READY,
+    RecvEvent, HOOK_FEXIT_UDP_ENQUEUE, HOOK_FEXIT_UDP_RECVMSG, HOOK_TP_SK_DATA_READY,
     HOOK_TP_SOCK_RECV_LENGTH, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL,
 };
 
 use crate::{
+    current::{header, task},
     kernel::ReadError,
     maps::{count, offset, EVENTS, LOCAL_IN_SKB},
     skb::emit_for_sock,
@@ -80,23 +77,16 @@ fn try_data_ready(ctx: &TracePointContext) -> Result<(), ReadError> {
 /// Reports the current task as a reader of UDP socket `sk`.
 #[inline(always)]
 fn emit_reader(hook: u16, sk: u64) {
-    let pid_tgid = bpf_get_current_pid_tgid();
+    let task = task();
     let event = RecvEvent {
-        header: EventHeader {
-            kind: KIND_RECV,
-            hook,
-            // SAFETY: plain helper calls without pointer arguments.
-            cpu: unsafe { bpf_get_smp_processor_id() },
-            ts_ns: unsafe { bpf_ktime_get_ns() },
-        },
+        header: header(KIND_RECV, hook),
         sk,
-        // SAFETY: plain helper call without pointer arguments.
-        cgroup: unsafe { bpf_get_current_cgroup_id() },
-        pid: (pid_tgid >> 32) as u32,
-        tid: pid_tgid as u32,
-        uid: bpf_get_current_uid_gid() as u32,
+        cgroup: task.cgroup,
+        pid: task.pid,
+        tid: task.tid,
+        uid: task.uid,
         _pad: 0,
-        comm: bpf_get_current_comm().unwrap_or_default(),
+        comm: task.comm,
     };
     if EVENTS.output::<RecvEvent>(&event, 0).is_err() {
         count(STAT_RINGBUF_FULL);

@@ -3,11 +3,7 @@
 use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
 use udptrace_common::{HOOK_TP_KFREE_SKB, KIND_DROP};
 
-use crate::{
-    maps::offset,
-    skb::{emit, Task},
-    tp::field,
-};
+use crate::{maps::offset, skb::emit, tp::field};
 
 /// skb:kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
 #[tracepoint]
@@ -18,6 +14,6 @@ pub fn drop_kfree_skb(ctx: TracePointContext) -> u32 {
     ) else {
         return 0;
     };
-    let _ = emit(KIND_DROP, HOOK_TP_KFREE_SKB, skb, reason, Task::None);
+    let _ = emit(KIND_DROP, HOOK_TP_KFREE_SKB, skb, reason);
     0
 }

@@ -3,6 +3,7 @@
 #![no_std]
 #![no_main]
 
+mod current;
 mod deliver;
 mod drop;
 mod kernel;

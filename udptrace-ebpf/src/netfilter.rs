@@ -18,7 +18,7 @@ use udptrace_common::{
 use crate::{
     kernel::{read_kernel, try_read_kernel, ReadError},
     maps::{count, offset, EVENTS, NAT_BEFORE},
-    skb::{fill, read_udp, Task},
+    skb::{fill, read_udp},
 };
 
 /// Netfilter verdict: let the packet go on.
@@ -91,7 +91,7 @@ fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<()
     };
     // SAFETY: sized for a NatEvent; every field is written before submit, or discarded.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    let changed = match fill(&mut ev.skb, KIND_NAT, source, skb, 0, Task::None, 0) {
+    let changed = match fill(&mut ev.skb, KIND_NAT, source, skb, 0, 0) {
         Ok(true) => ev.skb.src != src || ev.skb.dst != dst,
         _ => false,
     };

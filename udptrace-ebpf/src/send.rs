@@ -8,20 +8,18 @@
 //!    of unconnected sends, which the socket does not hold.
 
 use aya_ebpf::{
-    helpers::{
-        bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-        bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
-    },
+    helpers::bpf_get_current_pid_tgid,
     macros::{fentry, kprobe, tracepoint},
     programs::{FEntryContext, ProbeContext, TracePointContext},
 };
 use udptrace_common::{
-    Addr, EventHeader, PendingSend, SendEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
+    Addr, PendingSend, SendEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
     HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG, HOOK_TP_SOCK_SEND_LENGTH, IPPROTO_UDP,
     KIND_SEND, SEND_CONNECTED, SEND_DST_FROM_CALL, STAT_PENDING_FULL, STAT_RINGBUF_FULL,
 };
 
 use crate::{
+    current::{header, task},
     kernel::{read_kernel, read_sock, read_sockaddr, read_user, Mem, ReadError},
     maps::{count, offset, EVENTS, PENDING_SENDS},
     tp::field,
@@ -58,27 +56,19 @@ fn fill(ev: &mut SendEvent, hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Res
         flags |= SEND_DST_FROM_CALL;
         ev.dst = call_dst;
     }
-    let pid_tgid = bpf_get_current_pid_tgid();
-    let uid_gid = bpf_get_current_uid_gid();
-    ev.header = EventHeader {
-        kind: KIND_SEND,
-        hook,
-        // SAFETY: plain helper calls without pointer arguments.
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-    };
+    let task = task();
+    ev.header = header(KIND_SEND, hook);
     ev.sock = sk;
-    // SAFETY: plain helper call without pointer arguments.
-    ev.cgroup = unsafe { bpf_get_current_cgroup_id() };
-    ev.pid = (pid_tgid >> 32) as u32;
-    ev.tid = pid_tgid as u32;
-    ev.uid = uid_gid as u32;
-    ev.gid = (uid_gid >> 32) as u32;
+    ev.cgroup = task.cgroup;
+    ev.pid = task.pid;
+    ev.tid = task.tid;
+    ev.uid = task.uid;
+    ev.gid = task.gid;
     ev.netns = netns;
     ev.ret = ret;
     ev.flags = flags;
     ev._pad = 0;
-    ev.comm = bpf_get_current_comm().unwrap_or_default();
+    ev.comm = task.comm;
     Ok(())
 }
 

@@ -1,35 +1,23 @@
 //! What every skb-based hop reads: the UDP/IP headers of a `struct sk_buff`, its device and
 //! network namespace. One parser for xmit, drop and deliver.
 
-use aya_ebpf::helpers::{
-    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
-    bpf_get_smp_processor_id, bpf_ktime_get_ns,
-};
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     udp::UdpHdr,
 };
 use udptrace_common::{
-    Addr, EventHeader, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, STAT_RINGBUF_FULL, TUNNEL_GENEVE,
-    TUNNEL_NONE, TUNNEL_VXLAN,
+    Addr, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, STAT_RINGBUF_FULL, TUNNEL_GENEVE, TUNNEL_NONE,
+    TUNNEL_VXLAN,
 };
 
 use crate::{
+    current::header,
     kernel::{read_kernel, try_read_kernel, ReadError},
     maps::{count, offset, EVENTS},
 };
 
 /// `skb->network_header` when unset (`(typeof(skb->network_header))~0U`).
 const HEADER_UNSET: u16 = 0xffff;
-
-/// Whether the current task is worth naming for this hop.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub enum Task {
-    /// Process context where the task is the receiving application.
-    Current,
-    /// Softirq or any task: do not attribute.
-    None,
-}
 
 /// Reads an IPv4/IPv6 header at `ip` into `src`/`dst` (ports left 0) and `ip_id`; returns
 /// where the UDP header starts, or `None` for other protocols and non-first fragments.
@@ -183,19 +171,12 @@ pub fn fill(
     hook: u16,
     skb: u64,
     reason: u32,
-    task: Task,
     sock: u64,
 ) -> Result<bool, ReadError> {
     if !read_udp(skb, ev)? {
         return Ok(false);
     }
-    ev.header = EventHeader {
-        kind,
-        hook,
-        // SAFETY: plain helper calls without pointer arguments.
-        cpu: unsafe { bpf_get_smp_processor_id() },
-        ts_ns: unsafe { bpf_ktime_get_ns() },
-    };
+    ev.header = header(kind, hook);
     ev.skb = skb;
     ev.reason = reason;
     ev._pad = 0;
@@ -231,44 +212,29 @@ pub fn fill(
         let net: u64 = read_kernel(ev.sk, offset!(sk_net))?;
         ev.netns = read_kernel(net, offset!(net_inum))?;
     }
-    if task == Task::Current {
-        let pid_tgid = bpf_get_current_pid_tgid();
-        ev.pid = (pid_tgid >> 32) as u32;
-        ev.tid = pid_tgid as u32;
-        // SAFETY: plain helper call without pointer arguments.
-        ev.cgroup = unsafe { bpf_get_current_cgroup_id() };
-        ev.comm = bpf_get_current_comm().unwrap_or_default();
-    } else {
-        ev.pid = 0;
-        ev.tid = 0;
-        ev.cgroup = 0;
-        ev.comm = [0; 16];
-    }
+    // Skb hops run in softirq or in an unrelated task: no process to name.
+    ev.pid = 0;
+    ev.tid = 0;
+    ev.cgroup = 0;
+    ev.comm = [0; 16];
     Ok(true)
 }
 
 /// Sends one skb hop event for `skb` that a known socket `sk` (the receiver) holds.
 #[inline(always)]
 pub fn emit_for_sock(kind: u16, hook: u16, skb: u64, sk: u64) -> Result<(), ReadError> {
-    emit_inner(kind, hook, skb, 0, Task::None, sk)
+    emit_inner(kind, hook, skb, 0, sk)
 }
 
 /// Sends one skb hop event for `skb` if it carries a UDP datagram.
 #[inline(always)]
-pub fn emit(kind: u16, hook: u16, skb: u64, reason: u32, task: Task) -> Result<(), ReadError> {
-    emit_inner(kind, hook, skb, reason, task, 0)
+pub fn emit(kind: u16, hook: u16, skb: u64, reason: u32) -> Result<(), ReadError> {
+    emit_inner(kind, hook, skb, reason, 0)
 }
 
 /// `sk`, when not 0, replaces `skb->sk` (UDP does not set it on queued datagrams).
 #[inline(always)]
-fn emit_inner(
-    kind: u16,
-    hook: u16,
-    skb: u64,
-    reason: u32,
-    task: Task,
-    sk: u64,
-) -> Result<(), ReadError> {
+fn emit_inner(kind: u16, hook: u16, skb: u64, reason: u32, sk: u64) -> Result<(), ReadError> {
     if skb == 0 {
         return Ok(());
     }
@@ -279,7 +245,7 @@ fn emit_inner(
     // SAFETY: the reservation is sized for an SkbEvent; `fill` writes every field before
     // submit, or the entry is discarded.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    match fill(ev, kind, hook, skb, reason, task, sk) {
+    match fill(ev, kind, hook, skb, reason, sk) {
         Ok(true)
             if sk != 0 && read_kernel::<u16>(sk, offset!(sk_num)).ok() != Some(ev.dst.port) =>
         {

@@ -1,0 +1,44 @@
+//! What every hook family stamps on its events: the header, and the task it runs in.
+
+use aya_ebpf::helpers::{
+    bpf_get_current_cgroup_id, bpf_get_current_comm, bpf_get_current_pid_tgid,
+    bpf_get_current_uid_gid, bpf_get_smp_processor_id, bpf_ktime_get_ns,
+};
+use udptrace_common::EventHeader;
+
+/// The header of an event of `kind` from `hook`, stamped now on this CPU.
+#[inline(always)]
+pub fn header(kind: u16, hook: u16) -> EventHeader {
+    EventHeader {
+        kind,
+        hook,
+        // SAFETY: plain helper calls without pointer arguments.
+        cpu: unsafe { bpf_get_smp_processor_id() },
+        ts_ns: unsafe { bpf_ktime_get_ns() },
+    }
+}
+
+/// The task the program runs in (meaningful in process context: send, recv).
+pub struct Task {
+    pub pid: u32,
+    pub tid: u32,
+    pub uid: u32,
+    pub gid: u32,
+    pub cgroup: u64,
+    pub comm: [u8; 16],
+}
+
+#[inline(always)]
+pub fn task() -> Task {
+    let pid_tgid = bpf_get_current_pid_tgid();
+    let uid_gid = bpf_get_current_uid_gid();
+    Task {
+        pid: (pid_tgid >> 32) as u32,
+        tid: pid_tgid as u32,
+        uid: uid_gid as u32,
+        gid: (uid_gid >> 32) as u32,
+        // SAFETY: plain helper call without pointer arguments.
+        cgroup: unsafe { bpf_get_current_cgroup_id() },
+        comm: bpf_get_current_comm().unwrap_or_default(),
+    }
+}

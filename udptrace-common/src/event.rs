@@ -12,6 +12,8 @@ pub const KIND_DELIVER: u16 = 4;
 pub const KIND_NAT: u16 = 5;
 /// An application reads (or waits to read) from a UDP socket ([`RecvEvent`]).
 pub const KIND_RECV: u16 = 6;
+/// tc ingress saw the datagram arrive on a device ([`SkbEvent`]).
+pub const KIND_INGRESS: u16 = 7;
 
 /// Which kernel hook produced an event (`EventHeader::hook`).
 pub const HOOK_FENTRY_UDP_SENDMSG: u16 = 1;
@@ -27,6 +29,8 @@ pub const HOOK_TP_SK_DATA_READY: u16 = 10;
 pub const HOOK_FEXIT_UDP_RECVMSG: u16 = 11;
 pub const HOOK_TP_SOCK_RECV_LENGTH: u16 = 12;
 pub const HOOK_KPROBE_NF_NAT: u16 = 13;
+pub const HOOK_TCX_INGRESS: u16 = 14;
+pub const HOOK_TC_CLSACT_INGRESS: u16 = 15;
 
 /// `SendEvent::flags`: the destination came from the syscall's address argument
 /// (an unconnected send), not from the socket.
@@ -142,23 +146,37 @@ pub struct SkbEvent {
     /// `TUNNEL_*`: the datagram travels encapsulated here; `src`/`dst` are then the inner
     /// addresses and `outer_*` the tunnel's.
     pub tunnel: u16,
-    pub _pad: u16,
+    /// The IP fragment field in host order, `IP_DF | IP_MF | offset in 8-byte units`, as
+    /// IPv4 has it (IPv6: from a fragment header, without DF). A non-first fragment has
+    /// no UDP header: its ports are 0 and `len` is its share of the payload.
+    pub ip_frag: u16,
     pub ifname: [u8; 16],
     pub comm: [u8; 16],
     pub src: Addr,
     pub dst: Addr,
     /// VXLAN/Geneve network identifier when `tunnel` is set.
     pub vni: u32,
-    pub _pad2: u32,
+    /// The device's MTU (0 without a device).
+    pub mtu: u32,
     pub outer_src: Addr,
     pub outer_dst: Addr,
     /// Inode of the receiving socket (deliver only; 0 when unknown): userspace finds the
     /// process holding it, as `ss -p` does, when no reader was seen.
     pub sk_ino: u64,
+    /// The device's rtnetlink kind (`veth`, `bridge`, `vxlan`, `tun`, ...); empty for a
+    /// device without one (physical NICs, loopback).
+    pub ifkind: [u8; 16],
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SkbEvent {}
-const _: () = assert!(core::mem::size_of::<SkbEvent>() == 216);
+const _: () = assert!(core::mem::size_of::<SkbEvent>() == 232);
+
+/// `SkbEvent::ip_frag`: don't fragment (IPv4).
+pub const IP_DF: u16 = 0x4000;
+/// `SkbEvent::ip_frag`: more fragments follow.
+pub const IP_MF: u16 = 0x2000;
+/// `SkbEvent::ip_frag`: the fragment's offset in 8-byte units.
+pub const IP_OFFSET: u16 = 0x1fff;
 
 /// `SkbEvent::tunnel`: not encapsulated.
 pub const TUNNEL_NONE: u16 = 0;
@@ -195,7 +213,7 @@ pub struct NatEvent {
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for NatEvent {}
-const _: () = assert!(core::mem::size_of::<NatEvent>() == 368);
+const _: () = assert!(core::mem::size_of::<NatEvent>() == 384);
 
 /// A task reading from a UDP socket: who receives what is queued on `sk`.
 #[repr(C)]

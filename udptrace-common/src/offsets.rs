@@ -76,10 +76,14 @@ pub struct Offsets {
     pub tuple_l3num: u32,
     pub tuple_dst_u3: u32,
     pub tuple_dst_port: u32,
+    /// net_device -> mtu, rtnl_link_ops; rtnl_link_ops -> kind
+    pub dev_mtu: u32,
+    pub dev_link_ops: u32,
+    pub link_ops_kind: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 54 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 57 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
@@ -138,5 +142,8 @@ impl Offsets {
         tuple_l3num: OFFSET_MISSING,
         tuple_dst_u3: OFFSET_MISSING,
         tuple_dst_port: OFFSET_MISSING,
+        dev_mtu: OFFSET_MISSING,
+        dev_link_ops: OFFSET_MISSING,
+        link_ops_kind: OFFSET_MISSING,
     };
 }

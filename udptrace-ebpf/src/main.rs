@@ -6,6 +6,7 @@
 mod current;
 mod deliver;
 mod drop;
+mod ingress;
 mod kernel;
 mod maps;
 mod netfilter;

@@ -1,13 +1,14 @@
 //! What every skb-based hop reads: the UDP/IP headers of a `struct sk_buff`, its device and
 //! network namespace. One parser for xmit, drop and deliver.
 
+use aya_ebpf::helpers::bpf_probe_read_kernel_str_bytes;
 use network_types::{
     ip::{Ipv4Hdr, Ipv6Hdr},
     udp::UdpHdr,
 };
 use udptrace_common::{
-    Addr, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, STAT_RINGBUF_FULL, TUNNEL_GENEVE, TUNNEL_NONE,
-    TUNNEL_VXLAN,
+    Addr, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, IP_MF, IP_OFFSET, STAT_RINGBUF_FULL,
+    TUNNEL_GENEVE, TUNNEL_NONE, TUNNEL_VXLAN,
 };
 
 use crate::{
@@ -19,21 +20,39 @@ use crate::{
 /// `skb->network_header` when unset (`(typeof(skb->network_header))~0U`).
 const HEADER_UNSET: u16 = 0xffff;
 
-/// Reads an IPv4/IPv6 header at `ip` into `src`/`dst` (ports left 0) and `ip_id`; returns
-/// where the UDP header starts, or `None` for other protocols and non-first fragments.
+/// What follows an IP header.
+enum Payload {
+    /// A UDP header at this address.
+    Udp(u64),
+    /// A non-first fragment of a UDP datagram: this many payload bytes, no UDP header.
+    Fragment(u16),
+    /// Anything else.
+    Other,
+}
+
+const IPPROTO_HOPOPTS: u8 = 0;
+const IPPROTO_ROUTING: u8 = 43;
+const IPPROTO_FRAGMENT: u8 = 44;
+const IPPROTO_DSTOPTS: u8 = 60;
+/// IPv6 extension headers followed before giving up (hop-by-hop, routing, destination
+/// options and fragment cover what hosts send).
+const MAX_EXT_HEADERS: usize = 4;
+
+/// Reads an IPv4/IPv6 header at `ip` into `src`/`dst` (ports left 0), `ip_id` and
+/// `ip_frag`; says where the UDP header starts.
 #[inline(always)]
 fn read_ip(
     ip: u64,
     src: &mut Addr,
     dst: &mut Addr,
     ip_id: &mut u16,
-) -> Result<Option<u64>, ReadError> {
+    ip_frag: &mut u16,
+) -> Result<Payload, ReadError> {
     let version: u8 = read_kernel::<u8>(ip, 0)? >> 4;
     if version == 4 {
         let h: Ipv4Hdr = read_kernel(ip, 0)?;
-        let frag = u16::from_be_bytes(h.frags) & 0x1fff;
-        if h.proto != IPPROTO_UDP as u8 || frag != 0 {
-            return Ok(None);
+        if h.proto != IPPROTO_UDP as u8 {
+            return Ok(Payload::Other);
         }
         *src = Addr {
             family: AF_INET,
@@ -45,13 +64,15 @@ fn read_ip(
         src.ip[..4].copy_from_slice(&h.src_addr);
         dst.ip[..4].copy_from_slice(&h.dst_addr);
         *ip_id = u16::from_be_bytes(h.id);
-        Ok(Some(ip + u64::from(h.vihl & 0x0f) * 4))
+        *ip_frag = u16::from_be_bytes(h.frags);
+        let header = u16::from(h.vihl & 0x0f) * 4;
+        if *ip_frag & IP_OFFSET != 0 {
+            let total = u16::from_be_bytes(h.tot_len);
+            return Ok(Payload::Fragment(total.saturating_sub(header)));
+        }
+        Ok(Payload::Udp(ip + u64::from(header)))
     } else if version == 6 {
         let h: Ipv6Hdr = read_kernel(ip, 0)?;
-        // Extension headers are not followed yet: such datagrams are not reported.
-        if h.next_hdr != IPPROTO_UDP as u8 {
-            return Ok(None);
-        }
         *src = Addr {
             family: AF_INET6,
             port: 0,
@@ -65,11 +86,43 @@ fn read_ip(
             ip: h.dst_addr,
         };
         *ip_id = 0;
-        Ok(Some(ip + Ipv6Hdr::LEN as u64))
+        *ip_frag = 0;
+        let mut next = h.next_hdr;
+        let mut at = ip + Ipv6Hdr::LEN as u64;
+        let mut left = u16::from_be_bytes(h.payload_len);
+        for _ in 0..MAX_EXT_HEADERS {
+            match next {
+                IPPROTO_UDP_U8 if *ip_frag & IP_OFFSET != 0 => {
+                    return Ok(Payload::Fragment(left));
+                }
+                IPPROTO_UDP_U8 => return Ok(Payload::Udp(at)),
+                IPPROTO_FRAGMENT => {
+                    // next header, reserved, offset << 3 | M, identification
+                    let f: [u8; 8] = read_kernel(at, 0)?;
+                    let off_m = u16::from_be_bytes([f[2], f[3]]);
+                    *ip_frag = ((off_m >> 3) & IP_OFFSET) | if off_m & 1 != 0 { IP_MF } else { 0 };
+                    *ip_id = u16::from_be_bytes([f[6], f[7]]);
+                    next = f[0];
+                    at += 8;
+                    left = left.saturating_sub(8);
+                }
+                IPPROTO_HOPOPTS | IPPROTO_ROUTING | IPPROTO_DSTOPTS => {
+                    let e: [u8; 2] = read_kernel(at, 0)?;
+                    let len = (u16::from(e[1]) + 1) * 8;
+                    next = e[0];
+                    at += u64::from(len);
+                    left = left.saturating_sub(len);
+                }
+                _ => return Ok(Payload::Other),
+            }
+        }
+        Ok(Payload::Other)
     } else {
-        Ok(None)
+        Ok(Payload::Other)
     }
 }
+
+const IPPROTO_UDP_U8: u8 = IPPROTO_UDP as u8;
 
 /// Reads the UDP header at `udp` into the ports, payload length and checksum of `ev`.
 #[inline(always)]
@@ -89,7 +142,7 @@ const ETH_P_8021Q: u16 = 0x8100;
 const ETH_P_TEB: u16 = 0x6558;
 
 /// Reads the IP and UDP headers into `ev`. `Ok(false)` when the skb is not a UDP datagram
-/// with its UDP header present (other protocols, non-first fragments). A VXLAN or Geneve
+/// or a fragment of one. A non-first fragment is reported without ports. A VXLAN or Geneve
 /// datagram carrying UDP is reported by its inner addresses, with the tunnel's in `outer_*`.
 #[inline(always)]
 pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
@@ -98,21 +151,27 @@ pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
     if head == 0 || nh == HEADER_UNSET {
         return Ok(false);
     }
-    let Some(udp) = read_ip(
+    ev.tunnel = TUNNEL_NONE;
+    ev.vni = 0;
+    ev.udp_csum = 0;
+    ev.outer_src = Addr::default();
+    ev.outer_dst = Addr::default();
+    let udp = match read_ip(
         head + u64::from(nh),
         &mut ev.src,
         &mut ev.dst,
         &mut ev.ip_id,
-    )?
-    else {
-        return Ok(false);
+        &mut ev.ip_frag,
+    )? {
+        Payload::Udp(udp) => udp,
+        Payload::Fragment(len) => {
+            ev.len = u32::from(len);
+            return Ok(true);
+        }
+        Payload::Other => return Ok(false),
     };
     read_udp_header(udp, ev)?;
-    ev.tunnel = TUNNEL_NONE;
-    ev.vni = 0;
-    ev._pad2 = 0;
-    ev.outer_src = Addr::default();
-    ev.outer_dst = Addr::default();
+    // A tunnel packet's first fragment still holds the inner headers.
     let tunnel_header: [u8; 8] = match ev.dst.port {
         VXLAN_PORT | FLANNEL_VXLAN_PORT | GENEVE_PORT => read_kernel(udp, UdpHdr::LEN)?,
         _ => return Ok(true),
@@ -139,12 +198,23 @@ pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
     if ethertype != ETH_P_IP && ethertype != ETH_P_IPV6 {
         return Ok(false);
     }
-    ev.outer_src = ev.src;
-    ev.outer_dst = ev.dst;
-    let Some(inner_udp) = read_ip(inner, &mut ev.src, &mut ev.dst, &mut ev.ip_id)? else {
-        return Ok(false);
-    };
-    read_udp_header(inner_udp, ev)?;
+    let (outer_src, outer_dst) = (ev.src, ev.dst);
+    match read_ip(
+        inner,
+        &mut ev.src,
+        &mut ev.dst,
+        &mut ev.ip_id,
+        &mut ev.ip_frag,
+    )? {
+        Payload::Udp(inner_udp) => read_udp_header(inner_udp, ev)?,
+        Payload::Fragment(len) => {
+            ev.len = u32::from(len);
+            ev.udp_csum = 0;
+        }
+        Payload::Other => return Ok(false),
+    }
+    ev.outer_src = outer_src;
+    ev.outer_dst = outer_dst;
     ev.tunnel = tunnel;
     ev.vni = u32::from_be_bytes([0, tunnel_header[4], tunnel_header[5], tunnel_header[6]]);
     Ok(true)
@@ -157,6 +227,20 @@ fn socket_inode(sk: u64) -> Option<u64> {
     let file: u64 = try_read_kernel(socket, offset!(socket_file))?;
     let inode: u64 = try_read_kernel(file, offset!(file_inode))?;
     try_read_kernel(inode, offset!(inode_ino))
+}
+
+/// The device's rtnetlink kind (dev->rtnl_link_ops->kind) into `out`; left empty for a
+/// device without one (physical NICs, loopback).
+#[inline(always)]
+fn device_kind(dev: u64, out: &mut [u8; 16]) {
+    let Some(ops) = try_read_kernel::<u64>(dev, offset!(dev_link_ops)).filter(|&p| p != 0) else {
+        return;
+    };
+    let Some(kind) = try_read_kernel::<u64>(ops, offset!(link_ops_kind)).filter(|&p| p != 0) else {
+        return;
+    };
+    // SAFETY: the helper checks the address; a fault leaves `out` as it is.
+    let _ = unsafe { bpf_probe_read_kernel_str_bytes(kind as *const u8, out) };
 }
 
 const VXLAN_PORT: u16 = 4789;
@@ -179,9 +263,10 @@ pub fn fill(
     ev.header = header(kind, hook);
     ev.skb = skb;
     ev.reason = reason;
-    ev._pad = 0;
     ev.ifname = [0; 16];
+    ev.ifkind = [0; 16];
     ev.ifindex = 0;
+    ev.mtu = 0;
     ev.netns = 0;
     // A queued UDP datagram reuses skb->dev as scratch space: with a known receiving
     // socket, take the namespace from the socket and leave the device out.
@@ -208,6 +293,8 @@ pub fn fill(
         .flatten();
     if let Some((ifindex, ifname, netns)) = device {
         (ev.ifindex, ev.ifname, ev.netns) = (ifindex, ifname, netns);
+        ev.mtu = try_read_kernel(dev, offset!(dev_mtu)).unwrap_or(0);
+        device_kind(dev, &mut ev.ifkind);
     } else if ev.sk != 0 {
         let net: u64 = read_kernel(ev.sk, offset!(sk_net))?;
         ev.netns = read_kernel(net, offset!(net_inum))?;

@@ -3,7 +3,7 @@
 
 use std::{net::SocketAddr, time::SystemTime};
 
-use crate::paths::{Hop, Path, Verdict};
+use crate::paths::{Hop, HopKind, Path, Verdict};
 
 /// How `trace` prints paths.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,9 +77,28 @@ fn hop_line(h: &Hop, color: bool) -> String {
         addr(h.addrs.src),
         addr(h.addrs.dst)
     );
-    let outcome = match (&h.error, h.errno, &h.reason) {
-        (Some(e), Some(n), _) => paint(format!("failed: {e} (errno {n})"), BOLD_RED, color),
-        (_, _, Some(reason)) => paint(reason.clone(), BOLD_RED, color),
+    let outcome = match (&h.error, h.errno, &h.reason, &h.fragment) {
+        (Some(e), Some(n), _, _) => paint(format!("failed: {e} (errno {n})"), BOLD_RED, color),
+        (_, _, Some(reason), _) => paint(reason.clone(), BOLD_RED, color),
+        (_, _, _, Some(f)) if h.kind == HopKind::Fragment => {
+            let what = match f.action {
+                Some("reassembled") => {
+                    format!("{} B reassembled from {} fragments", h.len, f.fragments)
+                }
+                _ => format!(
+                    "{} B split into {} fragments (ip id {}{})",
+                    h.len,
+                    f.fragments,
+                    f.ip_id,
+                    h.mtu.map(|m| format!(", MTU {m}")).unwrap_or_default()
+                ),
+            };
+            paint(what, BOLD_YELLOW, color)
+        }
+        (_, _, _, Some(f)) if f.offset != 0 => {
+            format!("fragment at byte {}, {} B", f.offset, h.len)
+        }
+        (_, _, _, Some(f)) => format!("{} B in {} fragments", h.len, f.fragments),
         _ => format!("{} B", h.len),
     };
     let overlay = h
@@ -107,6 +126,7 @@ pub fn render(path: &Path, format: Format) -> String {
             let verdict = match (path.verdict, path.complete) {
                 (Verdict::Delivered, _) => paint("delivered".into(), GREEN, color),
                 (Verdict::Dropped, _) => paint("dropped".into(), BOLD_RED, color),
+                (Verdict::LeftHost, _) => paint("left host".into(), GREEN, color),
                 (Verdict::Unknown, true) => "unknown".into(),
                 (Verdict::Unknown, false) => "incomplete".into(),
             };

@@ -9,14 +9,14 @@ use aya::maps::{MapData, RingBuf};
 use tokio::io::unix::AsyncFd;
 use udptrace_common::{
     Addr, EventHeader, NatEvent, RecvEvent, SendEvent, SkbEvent, AF_INET, AF_INET6, KIND_DELIVER,
-    KIND_DROP, KIND_NAT, KIND_RECV, KIND_SEND, KIND_XMIT,
+    KIND_DROP, KIND_INGRESS, KIND_NAT, KIND_RECV, KIND_SEND, KIND_XMIT,
 };
 
 /// A decoded hop event.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Event {
     Send(SendEvent),
-    /// xmit, drop or deliver (see `header.kind`).
+    /// xmit, ingress, drop or deliver (see `header.kind`).
     Skb(SkbEvent),
     Nat(NatEvent),
     /// A task reading a UDP socket.
@@ -60,7 +60,9 @@ impl Event {
         let kind = u16::from_ne_bytes([bytes[0], bytes[1]]);
         match kind {
             KIND_SEND => read(kind, bytes).map(Event::Send),
-            KIND_XMIT | KIND_DROP | KIND_DELIVER => read(kind, bytes).map(Event::Skb),
+            KIND_XMIT | KIND_DROP | KIND_DELIVER | KIND_INGRESS => {
+                read(kind, bytes).map(Event::Skb)
+            }
             KIND_NAT => read(kind, bytes).map(Event::Nat),
             KIND_RECV => read(kind, bytes).map(Event::Recv),
             other => Err(DecodeError::Kind(other)),
@@ -176,6 +178,8 @@ pub(crate) mod tests {
     pub fn sample_skb(kind: u16) -> SkbEvent {
         let mut ifname = [0u8; 16];
         ifname[..4].copy_from_slice(b"ut-b");
+        let mut ifkind = [0u8; 16];
+        ifkind[..4].copy_from_slice(b"veth");
         SkbEvent {
             header: EventHeader {
                 kind,
@@ -192,6 +196,8 @@ pub(crate) mod tests {
             ip_id: 0x1234,
             udp_csum: 0xabcd,
             ifname,
+            ifkind,
+            mtu: 1500,
             src: sample_send().src,
             dst: sample_send().dst,
             ..SkbEvent::default()
@@ -200,7 +206,7 @@ pub(crate) mod tests {
 
     #[test]
     fn skb_events_decode_by_kind() {
-        for kind in [KIND_XMIT, KIND_DROP, KIND_DELIVER] {
+        for kind in [KIND_XMIT, KIND_DROP, KIND_DELIVER, KIND_INGRESS] {
             let ev = sample_skb(kind);
             assert_eq!(Event::decode(&as_bytes(&ev)), Ok(Event::Skb(ev)));
         }
@@ -208,7 +214,7 @@ pub(crate) mod tests {
         bytes.truncate(128);
         assert!(matches!(
             Event::decode(&bytes),
-            Err(DecodeError::Size { expected: 216, .. })
+            Err(DecodeError::Size { expected: 232, .. })
         ));
     }
 

@@ -3,7 +3,7 @@
 
 use std::net::SocketAddr;
 
-use crate::paths::{Hop, Path, Verdict};
+use crate::paths::{Hop, HopKind, Path, Verdict};
 
 fn addr(a: Option<SocketAddr>) -> String {
     a.map_or_else(|| "?".into(), |a| a.to_string())
@@ -42,8 +42,35 @@ fn who(hop: &Hop) -> String {
     )
 }
 
+/// "; cut into 3 fragments on vxlan0 (MTU 1450) in netns 4026532177", when it was.
+fn fragmentation(path: &Path) -> String {
+    let Some((hop, f)) = path.hops.iter().find_map(|h| {
+        let f = h.fragment.as_ref()?;
+        (h.kind == HopKind::Fragment && f.action == Some("split")).then_some((h, f))
+    }) else {
+        return String::new();
+    };
+    let dev = hop
+        .ifname
+        .as_ref()
+        .map(|d| match hop.mtu {
+            Some(mtu) => format!(" on {d} (MTU {mtu})"),
+            None => format!(" on {d}"),
+        })
+        .unwrap_or_default();
+    format!(
+        "; it travelled as {} IP fragments from{dev} in netns {}",
+        f.fragments, hop.netns
+    )
+}
+
 /// The sentence for `path`.
 pub fn explain(path: &Path) -> String {
+    let sentence = sentence(path);
+    format!("{sentence}{}", fragmentation(path))
+}
+
+fn sentence(path: &Path) -> String {
     let Some(last) = path.hops.last() else {
         return String::new();
     };
@@ -74,6 +101,13 @@ pub fn explain(path: &Path) -> String {
             let what = match reason {
                 "NO_SOCKET" => format!("no socket listens on {} {place}", addr(last.addrs.dst)),
                 "NETFILTER_DROP" => format!("a netfilter rule dropped it {place}"),
+                "PKT_TOO_BIG" => format!(
+                    "it is larger than the MTU of the way out {place} and its don't-fragment flag \
+                     is set: the kernel sent ICMP fragmentation-needed back to the sender"
+                ),
+                r if r.starts_with("FRAG_") || r.starts_with("IP_FRAG") => {
+                    format!("its IP fragments could not be put back together {place}")
+                }
                 "SOCKET_RCVBUFF" => {
                     format!(
                         "the receiving socket on {} {place} had a full buffer",
@@ -89,6 +123,23 @@ pub fn explain(path: &Path) -> String {
                 .map(|e| format!("; the sender got \"{e}\""))
                 .unwrap_or_default();
             format!("dropped: {what} ({reason}){after_dnat}{sender}")
+        }
+        Verdict::LeftHost => {
+            let via = if snat.is_empty() {
+                format!("source {} as sent", addr(path.last.src))
+            } else {
+                format!(
+                    "source {} because {}",
+                    addr(path.last.src),
+                    snat.join(" and then ")
+                )
+            };
+            format!(
+                "left the host on {} in netns {} for {}, {via}{after_dnat}",
+                last.ifname.as_deref().unwrap_or("?"),
+                last.netns,
+                addr(path.last.dst)
+            )
         }
         Verdict::Unknown if !path.complete => format!(
             "no verdict: last seen at {}{} in netns {}{after_dnat}",

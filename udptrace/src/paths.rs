@@ -1,14 +1,19 @@
 //! Datagram paths: the hops one datagram took, in the shape of the JSON contract
 //! (docs/json.md), assembled from hop events.
 
-use std::{collections::HashMap, net::SocketAddr, time::SystemTime};
+use std::{
+    collections::HashMap,
+    net::{IpAddr, SocketAddr},
+    time::SystemTime,
+};
 
 use serde::{Serialize, Serializer};
 use udptrace_common::{
     NatEvent, RecvEvent, SendEvent, SkbEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
     HOOK_FEXIT_UDP_ENQUEUE, HOOK_KPROBE_NF_NAT, HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG,
-    HOOK_NETFILTER_LINK, HOOK_TP_KFREE_SKB, HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SK_DATA_READY,
-    HOOK_TP_SOCK_SEND_LENGTH, KIND_DROP, KIND_XMIT, NF_INET_FORWARD, NF_INET_LOCAL_IN,
+    HOOK_NETFILTER_LINK, HOOK_TCX_INGRESS, HOOK_TC_CLSACT_INGRESS, HOOK_TP_KFREE_SKB,
+    HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SK_DATA_READY, HOOK_TP_SOCK_SEND_LENGTH, IP_DF, IP_MF,
+    IP_OFFSET, KIND_DROP, KIND_INGRESS, KIND_XMIT, NF_INET_FORWARD, NF_INET_LOCAL_IN,
     NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, TUNNEL_GENEVE, TUNNEL_VXLAN,
 };
 
@@ -34,6 +39,8 @@ pub fn hook_name(hook: u16) -> &'static str {
         HOOK_KPROBE_NF_NAT => "kprobe:nf_nat_manip_pkt",
         HOOK_FEXIT_UDP_ENQUEUE => "fexit:__udp_enqueue_schedule_skb",
         HOOK_TP_SK_DATA_READY => "netfilter-link+tracepoint:sock:sk_data_ready",
+        HOOK_TCX_INGRESS => "tcx:ingress",
+        HOOK_TC_CLSACT_INGRESS => "tc:clsact-ingress",
         _ => "unknown",
     }
 }
@@ -63,7 +70,9 @@ pub struct Endpoints {
 pub enum Verdict {
     Delivered,
     Dropped,
-    /// The contract also has "left-host"; it needs to know which devices leave the host.
+    /// Transmitted on a device that hands it out of this kernel: a NIC, or a tun/tap
+    /// device (a VM's or a VPN's).
+    LeftHost,
     Unknown,
 }
 
@@ -73,8 +82,15 @@ pub enum HopKind {
     Send,
     Nat,
     Xmit,
+    /// tc ingress: the datagram arrived on a device.
+    Ingress,
     /// A device transmitted the datagram inside a VXLAN/Geneve packet.
     Encap,
+    /// The datagram arrived on a device out of the VXLAN/Geneve packet that carried it.
+    Decap,
+    /// The datagram was cut into IP fragments, or put back together (a marker before the
+    /// hop where that was first seen).
+    Fragment,
     Drop,
     Deliver,
 }
@@ -86,7 +102,10 @@ impl HopKind {
             Self::Send => "send",
             Self::Nat => "nat",
             Self::Xmit => "xmit",
+            Self::Ingress => "ingress",
             Self::Encap => "encap",
+            Self::Decap => "decap",
+            Self::Fragment => "fragment",
             Self::Drop => "drop",
             Self::Deliver => "deliver",
         }
@@ -114,6 +133,13 @@ pub struct Hop {
     pub netns: u32,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub ifname: Option<String>,
+    /// The device's kind (`veth`, `bridge`, `vxlan`, `tun`, ...); absent for a device
+    /// without one (NICs, loopback) and where no device is involved.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ifkind: Option<String>,
+    /// The device's MTU.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
     #[serde(flatten)]
     pub addrs: Endpoints,
     /// Payload bytes.
@@ -132,6 +158,12 @@ pub struct Hop {
     pub nat: Option<Nat>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub tunnel: Option<Tunnel>,
+    /// The datagram travels as IP fragments here.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fragment: Option<Fragment>,
+    /// The IPv4 don't-fragment flag was set.
+    #[serde(skip)]
+    pub df: bool,
     /// The receiving socket's inode (deliver hops), to find its process when no reader
     /// was seen.
     #[serde(skip)]
@@ -146,6 +178,26 @@ pub struct Tunnel {
     pub vni: u32,
     /// The tunnel packet's own addresses (node to node).
     pub outer: Endpoints,
+}
+
+/// A datagram travelling as IP fragments at one hop.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Fragment {
+    /// IPv4 identification (IPv6: the low 16 bits of the fragment header's).
+    pub ip_id: u16,
+    /// Fragments of the datagram that passed this point (this hop's included).
+    pub fragments: u32,
+    /// Where this hop's fragment starts in the datagram, in bytes (absent for the first,
+    /// which carries the UDP header and stands for all of them).
+    #[serde(skip_serializing_if = "is_zero")]
+    pub offset: u32,
+    /// On `fragment` hops: `split` (cut into fragments from here on) or `reassembled`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<&'static str>,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 /// What a NAT hop rewrote.
@@ -230,26 +282,35 @@ pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
         reason: None,
         nat: None,
         tunnel: None,
+        fragment: None,
+        df: false,
         sock_ino: 0,
+        ifkind: None,
+        mtu: None,
     }
 }
 
-/// The xmit, drop or deliver hop of an [`SkbEvent`].
+/// The xmit, ingress, drop or deliver hop of an [`SkbEvent`].
 pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
     let tunnel = tunnel(ev);
     let kind = match ev.header.kind {
         KIND_XMIT if tunnel.is_some() => HopKind::Encap,
         KIND_XMIT => HopKind::Xmit,
+        KIND_INGRESS => HopKind::Ingress,
         KIND_DROP => HopKind::Drop,
         _ => HopKind::Deliver,
     };
     let ifname = comm(&ev.ifname);
+    let ifkind = comm(&ev.ifkind);
+    let has_dev = !ifname.is_empty();
     Hop {
         kind,
         ts: clock.wall(ev.header.ts_ns),
         hook: hook_name(ev.header.hook),
         netns: ev.netns,
-        ifname: (!ifname.is_empty()).then_some(ifname),
+        ifname: has_dev.then_some(ifname),
+        ifkind: (!ifkind.is_empty()).then_some(ifkind),
+        mtu: (has_dev && ev.mtu != 0).then_some(ev.mtu),
         addrs: Endpoints {
             src: socket_addr(&ev.src),
             dst: socket_addr(&ev.dst),
@@ -271,8 +332,20 @@ pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
         }),
         nat: None,
         tunnel,
+        fragment: fragment(ev),
+        df: ev.ip_frag & IP_DF != 0,
         sock_ino: ev.sk_ino,
     }
+}
+
+/// The fragment an skb event carries, if the datagram travels fragmented there.
+fn fragment(ev: &SkbEvent) -> Option<Fragment> {
+    (ev.ip_frag & (IP_MF | IP_OFFSET) != 0).then(|| Fragment {
+        ip_id: ev.ip_id,
+        fragments: 1,
+        offset: u32::from(ev.ip_frag & IP_OFFSET) * 8,
+        action: None,
+    })
 }
 
 /// The overlay of an skb event, if it was encapsulated.
@@ -323,6 +396,10 @@ pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
         hook: hook_name(ev.skb.header.hook),
         netns: ev.skb.netns,
         ifname: (!ifname.is_empty()).then_some(ifname),
+        ifkind: None,
+        mtu: None,
+        fragment: None,
+        df: false,
         addrs: after,
         len: ev.skb.len,
         process: None,
@@ -368,6 +445,10 @@ struct Open {
     /// The sending socket, from the send hop or the first skb hop.
     sock: u64,
     skb: u64,
+    /// Every skb that carried (part of) the datagram, and its IP identities: forgotten
+    /// when the path is printed.
+    skbs: Vec<u64>,
+    idents: Vec<Ident>,
     first_ns: u64,
     last_ns: u64,
     verdict: Verdict,
@@ -379,7 +460,7 @@ struct Open {
 
 impl Open {
     fn into_path(self, complete: bool) -> Path {
-        let hops: Vec<Hop> = self.send.into_iter().chain(self.hops).collect();
+        let hops = mark_fragmentation(self.send.into_iter().chain(self.hops));
         let first = hops.first().map(|h| h.addrs);
         let last = hops.last().map(|h| h.addrs);
         let empty = Endpoints {
@@ -417,6 +498,70 @@ impl Open {
     }
 }
 
+/// A datagram's IP identity: source, destination and identification. Fragments share it,
+/// and so do the pieces the kernel cuts a forwarded datagram into.
+type Ident = (IpAddr, IpAddr, u16);
+
+fn ident(hop: &Hop, ip_id: u16) -> Option<Ident> {
+    let (src, dst) = (hop.addrs.src?.ip(), hop.addrs.dst?.ip());
+    // IPv6 has an identification only in a fragment header.
+    (src.is_ipv4() || hop.fragment.is_some()).then_some((src, dst, ip_id))
+}
+
+/// The same observation point: one device's transmit (or ingress) in one namespace.
+fn same_point(a: &Hop, b: &Hop) -> bool {
+    let stage = |k: HopKind| match k {
+        HopKind::Encap => HopKind::Xmit,
+        HopKind::Decap => HopKind::Ingress,
+        k => k,
+    };
+    stage(a.kind) == stage(b.kind) && a.netns == b.netns && a.ifname == b.ifname
+}
+
+/// Whether transmitting on this hop's device hands the datagram out of this kernel: a
+/// device without a kind (a NIC; not loopback) or a tun/tap device (a VM or a VPN reads it).
+fn leaves_host(hop: &Hop) -> bool {
+    matches!(hop.kind, HopKind::Xmit | HopKind::Encap)
+        && hop.ifname.as_deref().is_some_and(|n| n != "lo")
+        && hop.ifkind.as_deref().is_none_or(|k| k == "tun")
+}
+
+/// Inserts a `fragment` hop where the datagram starts travelling as fragments, and where
+/// it is whole again.
+fn mark_fragmentation(hops: impl Iterator<Item = Hop>) -> Vec<Hop> {
+    let mut out: Vec<Hop> = Vec::new();
+    let mut last: Option<Fragment> = None;
+    for hop in hops {
+        if hop.kind != HopKind::Send {
+            let marker = match (&last, &hop.fragment) {
+                (None, Some(f)) => Some(Fragment {
+                    action: Some("split"),
+                    offset: 0,
+                    ..f.clone()
+                }),
+                (Some(f), None) => Some(Fragment {
+                    action: Some("reassembled"),
+                    ..f.clone()
+                }),
+                _ => None,
+            };
+            if let Some(fragment) = marker {
+                out.push(Hop {
+                    kind: HopKind::Fragment,
+                    nat: None,
+                    reason: None,
+                    process: None,
+                    fragment: Some(fragment),
+                    ..hop.clone()
+                });
+            }
+            last.clone_from(&hop.fragment);
+        }
+        out.push(hop);
+    }
+    out
+}
+
 /// Assembles hop events into one path per datagram.
 ///
 /// A datagram is identified by its skb pointer inside this kernel; its send hop joins by the
@@ -429,6 +574,9 @@ pub struct Assembler {
     open: HashMap<u64, Open>,
     by_skb: HashMap<u64, u64>,
     by_sock: HashMap<u64, u64>,
+    by_ident: HashMap<Ident, u64>,
+    /// Identities of printed paths, with when: their late fragments are not new datagrams.
+    printed_idents: HashMap<Ident, u64>,
     /// Paths pushed out by [`MAX_OPEN`], printed as incomplete.
     evicted: Vec<u64>,
     /// Send-only paths superseded by a later send on the same socket, printed as incomplete.
@@ -473,6 +621,8 @@ impl Assembler {
             hops: Vec::new(),
             sock: 0,
             skb: 0,
+            skbs: Vec::new(),
+            idents: Vec::new(),
             first_ns: ts_ns,
             last_ns: ts_ns,
             verdict: Verdict::Unknown,
@@ -595,12 +745,55 @@ impl Assembler {
                 }
             }
         }
-        let outbound = ev.sk != 0 && hop.kind != HopKind::Deliver;
+        let ident = ident(&hop, ev.ip_id);
+        let later_fragment = hop.fragment.as_ref().is_some_and(|f| f.offset != 0);
+        // Fragments after the first leave with the sender's socket too: they join by identity.
+        let outbound = ev.sk != 0 && hop.kind != HopKind::Deliver && !later_fragment;
+        // A datagram that reached its verdict is over: a new one may reuse its skb.
         let known = self
             .by_skb
             .get(&ev.skb)
             .copied()
-            .filter(|id| self.open.contains_key(id));
+            .filter(|id| self.open.get(id).is_some_and(|o| o.ended_ns.is_none()))
+            .or_else(|| {
+                // A fragment on an skb not seen yet: cut from a datagram already followed.
+                let id = self.by_ident.get(&ident?).copied()?;
+                (hop.fragment.is_some() && self.open.contains_key(&id)).then_some(id)
+            });
+        if later_fragment {
+            match known {
+                Some(id) => {
+                    let open = self.open.get_mut(&id).expect("open path");
+                    open.last_ns = open.last_ns.max(ev.header.ts_ns);
+                    if !open.skbs.contains(&ev.skb) {
+                        open.skbs.push(ev.skb);
+                    }
+                    self.by_skb.insert(ev.skb, id);
+                    // Counted on the first fragment's hop at the same point; only a fragment
+                    // seen alone (or dropped) is a hop of its own.
+                    let first = open.hops.iter_mut().rev().find(|h| {
+                        same_point(h, &hop)
+                            && h.fragment.as_ref().map(|f| f.ip_id) == Some(ev.ip_id)
+                    });
+                    if let (Some(first), false) = (first, hop.kind == HopKind::Drop) {
+                        if let Some(f) = first.fragment.as_mut() {
+                            f.fragments += 1;
+                        }
+                        return;
+                    }
+                }
+                // The rest of a datagram already printed.
+                None if ident.is_some_and(|i| {
+                    self.printed_idents
+                        .get(&i)
+                        .is_some_and(|at| ev.header.ts_ns.saturating_sub(*at) < IDLE_NS)
+                }) =>
+                {
+                    return
+                }
+                None => {}
+            }
+        }
         // An entry hook (fentry/kprobe) reported the send first: the socket's first skb joins it.
         let sent = || {
             self.by_sock.get(&ev.sk).copied().filter(|id| {
@@ -621,12 +814,31 @@ impl Assembler {
             }
         };
         self.by_skb.insert(ev.skb, id);
+        if let Some(ident) = ident {
+            self.by_ident.insert(ident, id);
+        }
         let open = self.open.get_mut(&id).expect("open path");
-        open.skb = ev.skb;
+        if !later_fragment {
+            open.skb = ev.skb;
+        }
+        if !open.skbs.contains(&ev.skb) {
+            open.skbs.push(ev.skb);
+        }
+        if let Some(ident) = ident.filter(|i| !open.idents.contains(i)) {
+            open.idents.push(ident);
+        }
         open.last_ns = open.last_ns.max(ev.header.ts_ns);
+        // Out of the tunnel packet that carried it: the device decapsulated it.
+        if hop.kind == HopKind::Ingress && hop.tunnel.is_none() {
+            if let Some(carried) = open.hops.last().and_then(|h| h.tunnel.clone()) {
+                hop.kind = HopKind::Decap;
+                hop.tunnel = Some(carried);
+            }
+        }
         match hop.kind {
             HopKind::Drop => open.verdict = Verdict::Dropped,
             HopKind::Deliver => open.verdict = Verdict::Delivered,
+            _ if leaves_host(&hop) => open.verdict = Verdict::LeftHost,
             _ => {}
         }
         if open.verdict != Verdict::Unknown && open.ended_ns.is_none() {
@@ -640,6 +852,10 @@ impl Assembler {
 
     /// Moves finished (and timed-out, and evicted) paths to `out`.
     fn collect(&mut self, now_ns: u64, out: &mut Vec<Path>) {
+        if self.printed_idents.len() > MAX_OPEN {
+            self.printed_idents
+                .retain(|_, at| now_ns.saturating_sub(*at) < IDLE_NS);
+        }
         let mut ready: Vec<(u64, bool)> = self
             .open
             .iter()
@@ -670,8 +886,16 @@ impl Assembler {
         let Some(open) = self.open.remove(&id) else {
             return;
         };
-        if self.by_skb.get(&open.skb) == Some(&id) {
-            self.by_skb.remove(&open.skb);
+        for skb in &open.skbs {
+            if self.by_skb.get(skb) == Some(&id) {
+                self.by_skb.remove(skb);
+            }
+        }
+        for ident in &open.idents {
+            if self.by_ident.get(ident) == Some(&id) {
+                self.by_ident.remove(ident);
+            }
+            self.printed_idents.insert(*ident, open.last_ns);
         }
         if self.by_sock.get(&open.sock) == Some(&id) {
             self.by_sock.remove(&open.sock);
@@ -1008,5 +1232,158 @@ pub(crate) mod tests {
         assert_eq!(hook_name(HOOK_KPROBE_UDPV6_SENDMSG), "kprobe:udpv6_sendmsg");
         assert_eq!(hook_name(HOOK_TP_KFREE_SKB), "tracepoint:skb:kfree_skb");
         assert_eq!(hook_name(999), "unknown");
+    }
+
+    /// An skb event on device `ifname` of kind `ifkind` (empty: a NIC).
+    fn on_dev(kind: u16, ts: u64, skb: u64, ifname: &str, ifkind: &str) -> SkbEvent {
+        let mut ev = sample_skb(kind);
+        ev.header.ts_ns = ts;
+        ev.skb = skb;
+        ev.sk = 0;
+        ev.ifname = [0; 16];
+        ev.ifname[..ifname.len()].copy_from_slice(ifname.as_bytes());
+        ev.ifkind = [0; 16];
+        ev.ifkind[..ifkind.len()].copy_from_slice(ifkind.as_bytes());
+        ev
+    }
+
+    #[test]
+    fn arriving_out_of_a_tunnel_is_a_decap_hop() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        let mut encap = on_dev(KIND_XMIT, 10, 7, "veth-a", "veth");
+        encap.tunnel = TUNNEL_VXLAN;
+        encap.vni = 42;
+        encap.outer_src = sample_send().src;
+        encap.outer_dst = sample_send().dst;
+        let mut underlay = encap;
+        underlay.header.kind = KIND_INGRESS;
+        underlay.header.ts_ns = 11;
+        a.push(&Event::Skb(encap), &mut out);
+        a.push(&Event::Skb(underlay), &mut out);
+        a.push(
+            &Event::Skb(on_dev(KIND_INGRESS, 12, 7, "vxlan0", "vxlan")),
+            &mut out,
+        );
+        a.push(&Event::Skb(on_dev(KIND_DELIVER, 13, 7, "", "")), &mut out);
+        a.tick(13 + GRACE_NS, &mut out);
+        let kinds: Vec<HopKind> = out[0].hops.iter().map(|h| h.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                HopKind::Encap,
+                HopKind::Ingress,
+                HopKind::Decap,
+                HopKind::Deliver
+            ]
+        );
+        let decap = &out[0].hops[2];
+        assert_eq!(decap.tunnel.as_ref().map(|t| t.vni), Some(42));
+        assert_eq!(decap.ifkind.as_deref(), Some("vxlan"));
+    }
+
+    #[test]
+    fn transmitting_on_a_nic_or_tap_leaves_the_host_but_a_veth_does_not() {
+        for (ifname, ifkind, verdict) in [
+            ("eth0", "", Verdict::LeftHost),
+            ("tap0", "tun", Verdict::LeftHost),
+            ("veth0", "veth", Verdict::Unknown),
+            ("lo", "", Verdict::Unknown),
+        ] {
+            let mut a = Assembler::new(clock(), reasons());
+            let mut out = Vec::new();
+            a.push(
+                &Event::Skb(on_dev(KIND_XMIT, 10, 7, ifname, ifkind)),
+                &mut out,
+            );
+            a.tick(10 + IDLE_NS, &mut out);
+            assert_eq!(out[0].verdict, verdict, "{ifname}");
+            assert_eq!(out[0].complete, verdict == Verdict::LeftHost, "{ifname}");
+        }
+    }
+
+    /// Fragment `n` (0-based) of a 3000-byte datagram cut at 1480 bytes, on skb `skb`.
+    fn fragment(kind: u16, ts: u64, skb: u64, n: u16, dev: (&str, &str)) -> SkbEvent {
+        let mut ev = on_dev(kind, ts, skb, dev.0, dev.1);
+        ev.ip_id = 0x4242;
+        ev.ip_frag = (n * 185) | if n < 2 { IP_MF } else { 0 };
+        if n > 0 {
+            ev.src.port = 0;
+            ev.dst.port = 0;
+            ev.len = 1480;
+        } else {
+            ev.len = 3000;
+        }
+        ev
+    }
+
+    #[test]
+    fn fragments_join_their_datagram_and_are_counted_not_listed() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        // Cut at the sender: the first fragment is the datagram's own skb, the others new.
+        let pod = ("eth0", "veth");
+        let mut first = fragment(KIND_XMIT, 10, 7, 0, pod);
+        first.sk = SOCK;
+        a.push(&send(5), &mut out);
+        a.push(&Event::Skb(first), &mut out);
+        for n in 1..3 {
+            let mut ev = fragment(KIND_XMIT, 10 + u64::from(n), 7 + u64::from(n), n, pod);
+            ev.sk = SOCK;
+            a.push(&Event::Skb(ev), &mut out);
+        }
+        // Cut again on a smaller MTU by a router: every piece is a new skb.
+        let vx = ("vxlan0", "vxlan");
+        for (i, n) in [0u16, 1, 2].into_iter().enumerate() {
+            a.push(
+                &Event::Skb(fragment(KIND_XMIT, 20 + i as u64, 100 + i as u64, n, vx)),
+                &mut out,
+            );
+        }
+        // Reassembled at the receiver into the last fragment's skb, then delivered.
+        let mut whole = on_dev(KIND_DELIVER, 30, 102, "", "");
+        whole.ip_id = 0x4242;
+        whole.len = 3000;
+        a.push(&Event::Skb(whole), &mut out);
+        a.tick(30 + GRACE_NS, &mut out);
+        assert_eq!(out.len(), 1, "one datagram: {out:#?}");
+        let p = &out[0];
+        assert_eq!(p.verdict, Verdict::Delivered);
+        let kinds: Vec<HopKind> = p.hops.iter().map(|h| h.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                HopKind::Send,
+                HopKind::Fragment,
+                HopKind::Xmit,
+                HopKind::Xmit,
+                HopKind::Fragment,
+                HopKind::Deliver
+            ]
+        );
+        let counts: Vec<u32> = p
+            .hops
+            .iter()
+            .filter_map(|h| h.fragment.as_ref().map(|f| f.fragments))
+            .collect();
+        assert_eq!(counts, [3, 3, 3, 3]);
+        assert_eq!(p.hops[1].fragment.as_ref().unwrap().action, Some("split"));
+        assert_eq!(
+            p.hops[4].fragment.as_ref().unwrap().action,
+            Some("reassembled")
+        );
+        assert!(p.explain.contains("3 IP fragments"), "{}", p.explain);
+        assert_eq!(a.open_paths(), 0);
+        assert!(
+            a.by_skb.is_empty() && a.by_ident.is_empty(),
+            "nothing left behind"
+        );
+        // A straggler of the printed datagram is not a new one.
+        a.push(
+            &Event::Skb(fragment(KIND_INGRESS, 40, 200, 2, vx)),
+            &mut out,
+        );
+        a.flush(&mut out);
+        assert_eq!(out.len(), 1);
     }
 }

@@ -114,7 +114,16 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         };
         tokio::select! {
             r = stream.next_batch(&mut batch, &mut bad) => r.context("reading the ring buffer")?,
-            _ = tick.tick() => {}
+            _ = tick.tick() => {
+                // A device appeared or went: attach to it now, and look for the namespace
+                // that may have come with it (a container's veth shows up in ours first).
+                if tracer.follow_devices() {
+                    let new = tracer.cover_new_namespaces();
+                    if new > 0 {
+                        tracing::info!("now covering {new} more network namespace(s)");
+                    }
+                }
+            }
             _ = netns_scan.tick() => {
                 let new = tracer.cover_new_namespaces();
                 if new > 0 {

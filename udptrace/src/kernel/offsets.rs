@@ -170,6 +170,11 @@ impl KernelLayout {
                 o.dev_ifindex = dev(&["ifindex"])?;
                 o.dev_name = dev(&["name"])?;
                 o.dev_net = dev(&["nd_net", "net"])?;
+                o.dev_mtu = dev(&["mtu"])?;
+                o.dev_link_ops = dev(&["rtnl_link_ops"])?;
+                o.link_ops_kind = btf
+                    .offset_of("rtnl_link_ops", &["kind"])
+                    .map_err(|e| e.to_string())?;
                 Ok(())
             })(),
         );
@@ -328,6 +333,9 @@ mod tests {
                     o.dev_ifindex,
                     o.dev_name,
                     o.dev_net,
+                    o.dev_mtu,
+                    o.dev_link_ops,
+                    o.link_ops_kind,
                 ],
             ),
             (Group::TpXmit, &[o.tp_xmit_skb]),

@@ -2,13 +2,18 @@
 //! hop with the best hook the kernel allows, falling back in order and recording why.
 //! Everything attached is owned by [`Tracer`]; dropping it detaches exactly that.
 
+mod ingress;
 mod netfilter;
+mod netns;
+mod rtnl;
 
-use std::path::{Path, PathBuf};
+pub use netns::NetnsScope;
+
+use std::path::Path;
 
 use aya::{
     maps::{MapData, PerCpuArray, RingBuf},
-    programs::{FEntry, FExit, KProbe, TracePoint},
+    programs::{FEntry, FExit, KProbe, SchedClassifier, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use udptrace_common::{names, STATS_LEN};
@@ -109,6 +114,8 @@ pub struct Tracer {
     pub skb_hops: Vec<HopReport>,
     /// Netfilter programs and their links (dropping them detaches).
     netfilter: netfilter::Coverage,
+    /// tc ingress attachments (dropping them detaches).
+    ingress: Option<ingress::Coverage>,
     scope: NetnsScope,
     /// Drop reason names of this kernel.
     pub drop_reasons: DropReasons,
@@ -185,6 +192,8 @@ impl Tracer {
         let mut skb_hops = vec![attach_nat(&mut ebpf, &layout, &mut netfilter)];
         skb_hops.extend(attach_skb_hops(&mut ebpf, &layout));
         skb_hops.extend(attach_deliver(&mut ebpf, &layout, &mut netfilter));
+        let (ingress_report, ingress) = attach_ingress(&mut ebpf, &layout, scope);
+        skb_hops.push(ingress_report);
         if !netfilter.is_empty() {
             let (covered, errors) = netfilter.cover(&scope.files());
             let note =
@@ -204,19 +213,51 @@ impl Tracer {
             skb_hops,
             drop_reasons,
             netfilter,
+            ingress,
             scope,
         })
+    }
+
+    /// Follows device changes in the covered namespaces (new veths get the ingress
+    /// program). True when something changed: new namespaces may have come with it.
+    pub fn follow_devices(&mut self) -> bool {
+        let Some(cover) = self.ingress.as_mut() else {
+            return false;
+        };
+        let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, cover.mode().program()) else {
+            return false;
+        };
+        let (changed, errors) = cover.follow(prog);
+        for e in errors {
+            tracing::debug!("ingress: {e}");
+        }
+        changed
     }
 
     /// Links the netfilter programs in namespaces that appeared since the last call (with
     /// `--netns all`); returns how many were added. Errors are logged, not fatal.
     pub fn cover_new_namespaces(&mut self) -> usize {
-        if self.scope == NetnsScope::Host || self.netfilter.is_empty() {
+        if self.scope == NetnsScope::Host {
             return 0;
         }
-        let (new, errors) = self.netfilter.cover(&self.scope.files());
-        for e in errors {
-            tracing::debug!("not covered: {e}");
+        let files = self.scope.files();
+        let mut new = 0;
+        if !self.netfilter.is_empty() {
+            let (n, errors) = self.netfilter.cover(&files);
+            new = new.max(n);
+            for e in errors {
+                tracing::debug!("not covered: {e}");
+            }
+        }
+        if let Some(cover) = self.ingress.as_mut() {
+            cover.prune(&files);
+            if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, cover.mode().program()) {
+                let (n, errors) = cover.cover(prog, &files);
+                new = new.max(n);
+                for e in errors {
+                    tracing::debug!("ingress not covered: {e}");
+                }
+            }
         }
         new
     }
@@ -309,45 +350,56 @@ fn attach_skb_hops(ebpf: &mut Ebpf, layout: &KernelLayout) -> Vec<HopReport> {
     ]
 }
 
-/// Which network namespaces per-namespace hooks (netfilter links) cover.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
-pub enum NetnsScope {
-    /// The namespace udptrace runs in.
-    #[default]
-    Host,
-    /// That one and every namespace named under /run/netns when tracing starts.
-    All,
-}
-
-impl NetnsScope {
-    /// Namespace files to cover: our own; with `All` also every /run/netns entry and every
-    /// process's namespace (containers and pods). Duplicates are removed by inode later.
-    fn files(self) -> Vec<PathBuf> {
-        let mut files = vec![PathBuf::from("/proc/self/ns/net")];
-        if self == Self::All {
-            let entries = |dir: &str| -> Vec<PathBuf> {
-                std::fs::read_dir(dir)
-                    .into_iter()
-                    .flatten()
-                    .filter_map(|e| e.ok().map(|e| e.path()))
-                    .collect()
-            };
-            let mut named = entries("/run/netns");
-            named.sort();
-            files.extend(named);
-            files.extend(
-                entries("/proc")
-                    .into_iter()
-                    .filter(|p| {
-                        p.file_name().is_some_and(|n| {
-                            n.to_string_lossy().bytes().all(|b| b.is_ascii_digit())
-                        })
-                    })
-                    .map(|p| p.join("ns/net")),
-            );
+/// The ingress hop: tc ingress on every device of the covered namespaces; tcx where the
+/// kernel has it (6.6+), else a clsact filter.
+fn attach_ingress(
+    ebpf: &mut Ebpf,
+    layout: &KernelLayout,
+    scope: NetnsScope,
+) -> (HopReport, Option<ingress::Coverage>) {
+    const TCX: &str = "tcx:ingress";
+    const CLSACT: &str = "tc:clsact-ingress";
+    let mut report = HopReport::new("ingress");
+    let files = scope.files();
+    let mut coverage = None;
+    for (hook, mode) in [(TCX, ingress::Mode::Tcx), (CLSACT, ingress::Mode::Clsact)] {
+        if coverage.is_some() {
+            report.not_needed.push(hook);
+            continue;
         }
-        files
+        let outcome = if disabled(hook) {
+            Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
+        } else if mode == ingress::Mode::Tcx
+            && !aya::util::KernelVersion::current()
+                .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+        {
+            Err("tcx needs Linux 6.6 or newer".into())
+        } else {
+            need(layout, &[Group::Skb, Group::Sock]).and_then(|()| {
+                let prog: &mut SchedClassifier = program(ebpf, mode.program())?;
+                prog.load()
+                    .map_err(|e| format!("loading {}: {}", mode.program(), chain(&e)))?;
+                let mut cover = ingress::Coverage::new(mode);
+                let (_, errors) = cover.cover(prog, &files);
+                if cover.devices() == 0 {
+                    let _ = prog.unload();
+                    return Err(format!(
+                        "no device accepted the program: {}",
+                        errors.join("; ")
+                    ));
+                }
+                report.notes.push(format!(
+                    "on {} device(s) ({scope:?} scope), first in line, never changing a verdict",
+                    cover.devices()
+                ));
+                report.notes.extend(errors);
+                coverage = Some(cover);
+                Ok(())
+            })
+        };
+        report.attempts.push(Attempt { hook, outcome });
     }
+    (report, coverage)
 }
 
 /// The NAT hop: netfilter links just before and after NAT at each NAT hook, in each covered

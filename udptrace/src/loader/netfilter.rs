@@ -6,10 +6,9 @@
 
 use std::{
     collections::HashSet,
-    fs::File,
     io,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-    path::PathBuf,
+    path::{Path, PathBuf},
 };
 
 use aya::{maps::Map, Ebpf};
@@ -210,30 +209,17 @@ fn link_first_free(
 
 /// Links every slot, IPv4 and IPv6, in the network namespace of `netns` (a /run/netns or
 /// /proc/PID/ns/net file).
-pub fn link_in(netns: &PathBuf, slots: &[Slot<'_>]) -> Result<Vec<OwnedFd>, String> {
-    let file = File::open(netns).map_err(|e| format!("opening {}: {e}", netns.display()))?;
-    // The link attaches in the calling thread's namespace: do it from a thread of its own.
-    std::thread::scope(|s| {
-        s.spawn(|| {
-            // SAFETY: setns on a namespace fd we opened; it changes only this thread.
-            if unsafe { libc::setns(file.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "entering {}: {}",
-                    netns.display(),
-                    io::Error::last_os_error()
-                ));
+pub fn link_in(netns: &Path, slots: &[Slot<'_>]) -> Result<Vec<OwnedFd>, String> {
+    // The link attaches in the calling thread's namespace.
+    super::netns::run_in(netns, None, || {
+        let mut links = Vec::new();
+        for slot in slots {
+            for pf in [NFPROTO_IPV4, NFPROTO_IPV6] {
+                links.push(link_first_free(slot.prog, pf, slot.hook, slot.priorities)?);
             }
-            let mut links = Vec::new();
-            for slot in slots {
-                for pf in [NFPROTO_IPV4, NFPROTO_IPV6] {
-                    links.push(link_first_free(slot.prog, pf, slot.hook, slot.priorities)?);
-                }
-            }
-            Ok(links)
-        })
-        .join()
-        .unwrap_or_else(|_| Err("the namespace thread panicked".into()))
-    })
+        }
+        Ok(links)
+    })?
 }
 
 /// Builds the slots of one set of loaded programs.
@@ -261,11 +247,10 @@ impl Coverage {
     /// namespace may appear under several files). Returns how many were newly covered and
     /// why any could not be.
     pub fn cover(&mut self, files: &[PathBuf]) -> (usize, Vec<String>) {
-        use std::os::unix::fs::MetadataExt as _;
         let mut new = 0;
         let mut errors = Vec::new();
         for file in files {
-            let Ok(inode) = std::fs::metadata(file).map(|m| m.ino()) else {
+            let Some(inode) = super::netns::inode(file) else {
                 continue;
             };
             if self.covered.contains(&inode) {

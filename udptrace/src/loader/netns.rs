@@ -1,0 +1,87 @@
+//! Network namespaces: which ones per-namespace hooks cover, and doing something inside one.
+
+use std::{
+    fs::File,
+    io,
+    os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
+    path::{Path, PathBuf},
+};
+
+/// Which network namespaces per-namespace hooks (netfilter links) cover.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum NetnsScope {
+    /// The namespace udptrace runs in.
+    #[default]
+    Host,
+    /// That one, every namespace named under /run/netns and every process's, including
+    /// those that appear while tracing.
+    All,
+}
+
+impl NetnsScope {
+    /// Namespace files to cover: our own; with `All` also every /run/netns entry and every
+    /// process's namespace (containers and pods). Duplicates are removed by inode later.
+    pub fn files(self) -> Vec<PathBuf> {
+        let mut files = vec![PathBuf::from("/proc/self/ns/net")];
+        if self == Self::All {
+            let entries = |dir: &str| -> Vec<PathBuf> {
+                std::fs::read_dir(dir)
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|e| e.ok().map(|e| e.path()))
+                    .collect()
+            };
+            let mut named = entries("/run/netns");
+            named.sort();
+            files.extend(named);
+            files.extend(
+                entries("/proc")
+                    .into_iter()
+                    .filter(|p| {
+                        p.file_name().is_some_and(|n| {
+                            n.to_string_lossy().bytes().all(|b| b.is_ascii_digit())
+                        })
+                    })
+                    .map(|p| p.join("ns/net")),
+            );
+        }
+        files
+    }
+}
+
+/// The inode identifying the network namespace of a namespace file.
+pub fn inode(file: &Path) -> Option<u64> {
+    std::fs::metadata(file).ok().map(|m| m.ino())
+}
+
+/// Runs `f` on a thread of its own that entered the network namespace of `file` (sockets,
+/// links and interface names then refer to that namespace; the caller's stays as it was).
+/// `Err` when the namespace cannot be entered, or is no longer the one numbered `expect`.
+pub fn run_in<T: Send>(
+    file: &Path,
+    expect: Option<u64>,
+    f: impl FnOnce() -> T + Send,
+) -> Result<T, String> {
+    let ns = File::open(file).map_err(|e| format!("opening {}: {e}", file.display()))?;
+    if let Some(expect) = expect {
+        let now = ns.metadata().map(|m| m.ino()).unwrap_or(0);
+        if now != expect {
+            return Err(format!("{} is no longer netns {expect}", file.display()));
+        }
+    }
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            // SAFETY: setns on a namespace fd we opened; it changes only this thread.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                return Err(format!(
+                    "entering {}: {}",
+                    file.display(),
+                    io::Error::last_os_error()
+                ));
+            }
+            Ok(f())
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the namespace thread panicked".into()))
+    })
+}

@@ -42,7 +42,7 @@ fn who(hop: &Hop) -> String {
     )
 }
 
-/// "; cut into 3 fragments on vxlan0 (MTU 1450) in netns 4026532177", when it was.
+/// "; it travelled as 3 IP fragments from vx0 (MTU 1450) in netns 4026532177", when it did.
 fn fragmentation(path: &Path) -> String {
     let Some((hop, f)) = path.hops.iter().find_map(|h| {
         let f = h.fragment.as_ref()?;
@@ -54,8 +54,8 @@ fn fragmentation(path: &Path) -> String {
         .ifname
         .as_ref()
         .map(|d| match hop.mtu {
-            Some(mtu) => format!(" on {d} (MTU {mtu})"),
-            None => format!(" on {d}"),
+            Some(mtu) => format!(" {d} (MTU {mtu})"),
+            None => format!(" {d}"),
         })
         .unwrap_or_default();
     format!(

@@ -91,10 +91,15 @@ fn dnat_at_output_and_snat_at_postrouting_are_both_on_the_path() {
     let path = tracer.one_path();
     assert_eq!(
         hop_kinds(&path),
-        ["send", "nat", "nat", "xmit", "drop"],
+        ["send", "nat", "nat", "xmit", "ingress", "drop"],
         "{path}"
     );
     assert_eq!(path["hops"][0]["pid"], pid);
+    // Across the veth: tc ingress on its peer, in the other namespace, after SNAT.
+    let ingress = hops(&path, "ingress")[0];
+    assert_eq!(ingress["ifname"], "ut-b");
+    assert_eq!(ingress["netns"], hops(&path, "drop")[0]["netns"]);
+    assert_eq!(ingress["src"], format!("10.203.0.7:{sport}"));
     assert_eq!(
         path["orig"]["dst"], "10.203.0.9:20501",
         "as the application gave it"

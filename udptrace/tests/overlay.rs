@@ -1,21 +1,22 @@
 //! Overlays: a datagram between two "nodes" over VXLAN keeps one path across the tunnel, with
-//! an encap hop naming the VNI and the node-to-node addresses, checked against tcpdump on the
-//! underlay.
+//! encap and decap hops naming the VNI and the node-to-node addresses, checked against tcpdump
+//! on the underlay. And datagrams larger than the overlay's MTU: cut into fragments and put
+//! back together, or (don't-fragment set) dropped with ICMP fragmentation-needed.
 
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader},
-    process::Stdio,
+    io::{BufRead as _, BufReader, Lines},
+    process::{Child, ChildStdout, Stdio},
 };
+
+use serde_json::Value;
 
 use common::*;
 
-#[test]
-fn a_datagram_over_vxlan_shows_its_encapsulation_and_arrives() {
-    require_root();
-    let net = Pair::new(&[]);
-    // The overlay: vx0 in each node, VNI 42, over the underlay veth (10.203.0.0/24).
+/// The overlay: vx0 in each node, VNI 42, 10.205.0.0/24 over the underlay veth
+/// (10.203.0.0/24). Its MTU is the underlay's less VXLAN's 50 bytes: 1450.
+fn overlay(net: &Pair) {
     for (ns, local, remote, overlay) in [
         (&net.a, A4, B4, "10.205.0.1/24"),
         (&net.b, B4, A4, "10.205.0.2/24"),
@@ -32,20 +33,37 @@ fn a_datagram_over_vxlan_shows_its_encapsulation_and_arrives() {
         ns.ip(&["addr", "add", overlay, "dev", "vx0"]);
         ns.ip(&["link", "set", "vx0", "up"]);
     }
-    let mut receiver = net
+}
+
+/// A receiver on 10.205.0.2:`port` in node b that prints "ready", then the source and
+/// the length of what it gets.
+fn receiver(net: &Pair, port: u16) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut child = net
         .b
         .cmd(PYTHON)
         .args([
             "-c",
-            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-             s.bind(('10.205.0.2',20701))\nprint('ready',flush=True)\n\
-             d,a=s.recvfrom(100)\nprint(a[0],a[1],flush=True)\nimport time\ntime.sleep(2)",
+            &format!(
+                "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+                 s.bind(('10.205.0.2',{port}))\nprint('ready',flush=True)\n\
+                 d,a=s.recvfrom(65535)\nprint(a[0],a[1],len(d),flush=True)\n\
+                 import time\ntime.sleep(2)"
+            ),
         ])
         .stdout(Stdio::piped())
         .spawn()
         .unwrap();
-    let mut lines = BufReader::new(receiver.stdout.take().unwrap()).lines();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    (child, lines)
+}
+
+#[test]
+fn a_datagram_over_vxlan_shows_its_encapsulation_and_arrives() {
+    require_root();
+    let net = Pair::new(&[]);
+    overlay(&net);
+    let (mut receiver, mut lines) = receiver(&net, 20701);
     // Only A's VXLAN packets whose inner packet is IPv4 UDP (not ARP, not MLD reports):
     // inner ethertype at UDP offset 8 + 8 + 12, inner IP protocol at 8 + 8 + 14 + 9.
     let dump = tcpdump(
@@ -89,6 +107,25 @@ fn a_datagram_over_vxlan_shows_its_encapsulation_and_arrives() {
         encap["dst"], "10.205.0.2:20701",
         "src/dst stay the inner datagram's"
     );
+    // Node b: tc ingress on the underlay sees the VXLAN packet, then the inner datagram comes
+    // out of vx0: the decap hop, with the tunnel it came in.
+    let kinds = hop_kinds(&path);
+    let at = kinds.iter().position(|k| k == "encap").unwrap();
+    assert_eq!(kinds[at + 1..at + 3], ["ingress", "decap"], "{path}");
+    let (underlay, decap) = (&hops[at + 1], &hops[at + 2]);
+    assert_eq!(
+        (underlay["ifname"].as_str(), underlay["vni"].as_u64()),
+        (Some("ut-b"), Some(42))
+    );
+    assert_eq!(underlay["netns"], net.b.inode());
+    assert_eq!(
+        (decap["ifname"].as_str(), decap["ifkind"].as_str()),
+        (Some("vx0"), Some("vxlan"))
+    );
+    assert_eq!(decap["netns"], net.b.inode());
+    assert_eq!(decap["vni"], 42);
+    assert_eq!(decap["outer"], encap["outer"]);
+    assert_eq!(decap["dst"], "10.205.0.2:20701");
     let deliver = hops.last().unwrap();
     assert_eq!(
         (deliver["kind"].as_str(), deliver["comm"].as_str()),
@@ -110,5 +147,166 @@ fn a_datagram_over_vxlan_shows_its_encapsulation_and_arrives() {
     assert!(
         out.contains("10.205.0.1.") && out.contains("> 10.205.0.2.20701: UDP, length 3"),
         "tcpdump: {out}"
+    );
+}
+
+fn kinds_of<'a>(path: &'a Value, kind: &str) -> Vec<&'a Value> {
+    path["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["kind"] == kind)
+        .collect()
+}
+
+/// Scenario 4, first half: a 3000-byte datagram over an overlay with a 1450-byte MTU is
+/// cut into fragments at the sender, carried one by one, and put back together.
+#[test]
+fn a_datagram_larger_than_the_overlay_mtu_travels_in_fragments() {
+    require_root();
+    let net = Pair::new(&[]);
+    overlay(&net);
+    let (mut receiver, mut lines) = receiver(&net, 20702);
+    // Ground truth: the inner fragments on b's overlay device.
+    let dump = tcpdump_with(
+        &net.b,
+        "vx0",
+        &["-c", "3", "-v"],
+        "ip and src host 10.205.0.1 and dst host 10.205.0.2",
+    );
+    let tracer = Tracer::start(&["--netns", "all", "--port", "20702", "--count", "1"]);
+    let (pid, _) = py_send(&net.a, "10.205.0.2", 20702, "sendto", 3000);
+    let seen = lines.next().unwrap().unwrap();
+    let path = tracer.one_path();
+    let _ = receiver.kill();
+    let _ = receiver.wait();
+
+    assert!(seen.ends_with(" 3000"), "the receiver got it whole: {seen}");
+    assert_eq!(path["verdict"], "delivered", "{path}");
+    assert_eq!(path["hops"][0]["pid"], pid);
+    let kinds = hop_kinds(&path);
+    assert_eq!(
+        kinds,
+        ["send", "fragment", "xmit", "encap", "ingress", "decap", "fragment", "deliver"],
+        "{path}"
+    );
+    let frag = kinds_of(&path, "fragment");
+    let (split, joined) = (frag[0], frag[1]);
+    assert_eq!(split["fragment"]["action"], "split");
+    assert_eq!(split["ifname"], "vx0");
+    assert_eq!(split["mtu"], 1450);
+    assert_eq!(split["netns"], net.a.inode());
+    assert_eq!(joined["fragment"]["action"], "reassembled");
+    assert_eq!(joined["netns"], net.b.inode());
+    let ip_id = split["fragment"]["ip_id"].as_u64().unwrap();
+    // Every fragment went through every point: 3008 bytes of UDP in 1424-byte pieces.
+    for hop in path["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["fragment"].is_object())
+    {
+        assert_eq!(hop["fragment"]["fragments"], 3, "{hop}");
+        assert_eq!(hop["fragment"]["ip_id"], ip_id, "{hop}");
+    }
+    assert_eq!(kinds_of(&path, "deliver")[0]["len"], 3000);
+    let explain = path["explain"].as_str().unwrap();
+    assert!(
+        explain.contains("as 3 IP fragments from vx0 (MTU 1450)"),
+        "{explain}"
+    );
+
+    let out = dump.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    let pieces = out
+        .lines()
+        .filter(|l| l.contains(&format!("id {ip_id},")))
+        .count();
+    assert_eq!(pieces, 3, "tcpdump on b's vx0 saw the fragments: {out}");
+}
+
+/// Whether this kernel names the drop of an oversized don't-fragment datagram.
+fn kernel_has_pkt_too_big() -> bool {
+    sh(&["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"])
+        .contains("SKB_DROP_REASON_PKT_TOO_BIG")
+}
+
+/// Scenario 4, second half: a "pod" behind node a sends 1460 bytes with don't-fragment
+/// set. It fits the pod's 1500-byte link but not node a's overlay (1450): node a drops it
+/// and answers ICMP fragmentation-needed, which the pod's tcpdump sees.
+#[test]
+fn a_dont_fragment_datagram_too_big_for_the_overlay_is_dropped_with_frag_needed() {
+    require_root();
+    let net = Pair::new(&[]);
+    overlay(&net);
+    let pod = Netns::new("pod");
+    sh(&[
+        "ip",
+        "link",
+        "add",
+        "ut-c",
+        "netns",
+        &pod.name,
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "ut-ca",
+        "netns",
+        &net.a.name,
+    ]);
+    pod.ip(&["addr", "add", "10.206.0.2/24", "dev", "ut-c"]);
+    pod.ip(&["link", "set", "ut-c", "up"]);
+    pod.ip(&["route", "add", "default", "via", "10.206.0.1"]);
+    net.a.ip(&["addr", "add", "10.206.0.1/24", "dev", "ut-ca"]);
+    net.a.ip(&["link", "set", "ut-ca", "up"]);
+    sh(&[
+        "ip",
+        "netns",
+        "exec",
+        &net.a.name,
+        "sysctl",
+        "-qw",
+        "net.ipv4.ip_forward=1",
+    ]);
+    let icmp = tcpdump_with(&pod, "ut-c", &["-c", "1", "-v"], "icmp");
+    let tracer = Tracer::start(&["--netns", "all", "--port", "20703", "--count", "1"]);
+    let send = pod
+        .cmd(PYTHON)
+        .args([
+            "-c",
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+             s.setsockopt(socket.IPPROTO_IP, 10, 2)  # IP_MTU_DISCOVER, IP_PMTUDISC_DO\n\
+             s.sendto(b'x'*1460, ('10.205.0.2', 20703))",
+        ])
+        .status()
+        .unwrap();
+    assert!(send.success());
+    let path = tracer.one_path();
+
+    assert_eq!(path["verdict"], "dropped", "{path}");
+    assert_eq!(
+        hop_kinds(&path),
+        ["send", "xmit", "ingress", "drop"],
+        "{path}"
+    );
+    let drop = kinds_of(&path, "drop")[0];
+    assert_eq!(drop["netns"], net.a.inode(), "dropped by the node: {path}");
+    assert_eq!(kinds_of(&path, "ingress")[0]["ifname"], "ut-ca");
+    assert_eq!(kinds_of(&path, "xmit")[0]["mtu"], 1500);
+    if kernel_has_pkt_too_big() {
+        assert_eq!(drop["reason"], "PKT_TOO_BIG", "{path}");
+        let explain = path["explain"].as_str().unwrap();
+        assert!(
+            explain.contains("larger than the MTU") && explain.contains("fragmentation-needed"),
+            "{explain}"
+        );
+    }
+    // Ground truth: node a told the pod the overlay's MTU.
+    let out = icmp.wait_with_output().unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.contains("need to frag (mtu 1450)"),
+        "tcpdump in the pod: {out}"
     );
 }

@@ -53,12 +53,17 @@ fn nc_on_loopback_is_traced_with_its_pid() {
     assert_hook(hop);
     assert_eq!(path["orig"]["dst"], "127.0.0.1:5353");
     assert_eq!(path["orig"], path["final"], "nothing rewrote it");
-    // Nobody listens on 5353 here: out through lo, dropped for want of a socket.
+    // Nobody listens on 5353 here: out through lo and back in, dropped for want of a socket.
     assert_eq!(path["verdict"], "dropped", "{path}");
     assert_eq!(path["complete"], true);
-    assert_eq!(hop_kinds(&path), ["send", "xmit", "drop"], "{path}");
+    assert_eq!(
+        hop_kinds(&path),
+        ["send", "xmit", "ingress", "drop"],
+        "{path}"
+    );
     assert_eq!(path["hops"][1]["ifname"], "lo");
-    assert_eq!(path["hops"][2]["reason"], "NO_SOCKET");
+    assert_eq!(path["hops"][2]["ifname"], "lo");
+    assert_eq!(path["hops"][3]["reason"], "NO_SOCKET");
     // RFC 3339 with nanoseconds.
     let ts = path["ts"].as_str().unwrap();
     assert!(

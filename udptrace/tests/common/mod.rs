@@ -196,9 +196,16 @@ pub fn nc_send(ns: Option<&Netns>, extra: &[&str], host: &str, port: u16) -> u32
 
 /// tcpdump on `dev` in `ns`, ready when this returns.
 pub fn tcpdump(ns: &Netns, dev: &str, filter: &str) -> Child {
+    tcpdump_with(ns, dev, &["-c", "1"], filter)
+}
+
+/// tcpdump with more options (`-c N`, `-v`, ...), ready when this returns.
+pub fn tcpdump_with(ns: &Netns, dev: &str, options: &[&str], filter: &str) -> Child {
     let mut child = ns
         .cmd("tcpdump")
-        .args(["-i", dev, "-n", "-l", "-c", "1", filter])
+        .args(["-i", dev, "-n", "-l"])
+        .args(options)
+        .arg(filter)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()

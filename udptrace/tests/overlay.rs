@@ -225,12 +225,6 @@ fn a_datagram_larger_than_the_overlay_mtu_travels_in_fragments() {
     assert_eq!(pieces, 3, "tcpdump on b's vx0 saw the fragments: {out}");
 }
 
-/// Whether this kernel names the drop of an oversized don't-fragment datagram.
-fn kernel_has_pkt_too_big() -> bool {
-    sh(&["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"])
-        .contains("SKB_DROP_REASON_PKT_TOO_BIG")
-}
-
 /// Scenario 4, second half: a "pod" behind node a sends 1460 bytes with don't-fragment
 /// set. It fits the pod's 1500-byte link but not node a's overlay (1450): node a drops it
 /// and answers ICMP fragmentation-needed, which the pod's tcpdump sees.
@@ -294,7 +288,7 @@ fn a_dont_fragment_datagram_too_big_for_the_overlay_is_dropped_with_frag_needed(
     assert_eq!(drop["netns"], net.a.inode(), "dropped by the node: {path}");
     assert_eq!(kinds_of(&path, "ingress")[0]["ifname"], "ut-ca");
     assert_eq!(kinds_of(&path, "xmit")[0]["mtu"], 1500);
-    if kernel_has_pkt_too_big() {
+    if kernel_has_drop_reason("PKT_TOO_BIG") {
         assert_eq!(drop["reason"], "PKT_TOO_BIG", "{path}");
         let explain = path["explain"].as_str().unwrap();
         assert!(

@@ -34,6 +34,7 @@ const FAILURE: &str = "udptrace-vm: FAILURE";
 const TOOLS: &[&str] = &[
     "sh",
     "mount",
+    "umount",
     "cat",
     "sleep",
     "uname",
@@ -57,6 +58,7 @@ const TOOLS: &[&str] = &[
     "nstat",
     "dnsmasq",
     "sysctl",
+    "tc",
 ];
 
 /// Kernel module directories the tests' network setups use (veth, bridge, vxlan, netfilter,

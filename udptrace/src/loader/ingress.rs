@@ -42,6 +42,9 @@ impl Mode {
     }
 }
 
+/// The clsact filter priority that runs first.
+const FIRST_PRIORITY: u16 = 1;
+
 struct Device {
     name: String,
     link: SchedClassifierLink,
@@ -77,12 +80,26 @@ fn attach(
                 Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
                 Err(e) => return Err(format!("adding a clsact qdisc to {name}: {e}")),
             };
-            // Priority 0: the kernel puts the filter before every existing one.
-            (TcAttachOptions::Netlink(NlOptions::default()), added)
+            // Priority 1 runs before any other filter (the kernel's automatic choice is
+            // after the existing ones).
+            let options = NlOptions {
+                priority: FIRST_PRIORITY,
+                ..NlOptions::default()
+            };
+            (TcAttachOptions::Netlink(options), added)
         }
     };
     let attached = prog
         .attach_with_options(name, TcAttachType::Ingress, options)
+        .or_else(|e| match mode {
+            // Priority 1 holds another kind of filter: after it, then.
+            Mode::Clsact => prog.attach_with_options(
+                name,
+                TcAttachType::Ingress,
+                TcAttachOptions::Netlink(NlOptions::default()),
+            ),
+            Mode::Tcx => Err(e),
+        })
         .and_then(|id| prog.take_link(id));
     match attached {
         Ok(link) => Ok(Device {

@@ -377,7 +377,19 @@ impl Tracer {
 }
 
 impl Drop for Tracer {
+    /// A failed test still stops udptrace the way a user would (SIGINT), so it removes what
+    /// it attached (tc filters on older kernels outlive a killed process); SIGKILL if it
+    /// does not exit.
     fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -418,4 +430,11 @@ pub fn send_hook_family() -> String {
         .expect("send hop line");
     let hook = line.split("uses ").nth(1).expect("uses <hook>");
     hook.split(':').next().unwrap().to_string()
+}
+
+/// Whether the running kernel has drop reason `SKB_DROP_REASON_<name>` (newer kernels name
+/// more of their drops).
+pub fn kernel_has_drop_reason(name: &str) -> bool {
+    sh(&["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"])
+        .contains(&format!("'SKB_DROP_REASON_{name}'"))
 }

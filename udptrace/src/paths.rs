@@ -760,6 +760,12 @@ impl Assembler {
                 let id = self.by_ident.get(&ident?).copied()?;
                 (hop.fragment.is_some() && self.open.contains_key(&id)).then_some(id)
             });
+        if known.is_some_and(|id| self.open.get(&id).is_some_and(|o| o.ended_ns.is_some())) {
+            // A fragment of a datagram that already reached its verdict: a piece being freed
+            // with it (6.1 reports a reassembled datagram's fragments as kfree_skb
+            // NOT_SPECIFIED once it is read), not news about it.
+            return;
+        }
         if later_fragment {
             match known {
                 Some(id) => {
@@ -835,10 +841,14 @@ impl Assembler {
                 hop.tunnel = Some(carried);
             }
         }
+        // The first verdict stands; a drop or delivery after leaving on a NIC is more precise.
+        let open_verdict = matches!(open.verdict, Verdict::Unknown | Verdict::LeftHost);
         match hop.kind {
-            HopKind::Drop => open.verdict = Verdict::Dropped,
-            HopKind::Deliver => open.verdict = Verdict::Delivered,
-            _ if leaves_host(&hop) => open.verdict = Verdict::LeftHost,
+            HopKind::Drop if open_verdict => open.verdict = Verdict::Dropped,
+            HopKind::Deliver if open_verdict => open.verdict = Verdict::Delivered,
+            _ if open.verdict == Verdict::Unknown && leaves_host(&hop) => {
+                open.verdict = Verdict::LeftHost;
+            }
             _ => {}
         }
         if open.verdict != Verdict::Unknown && open.ended_ns.is_none() {
@@ -1385,5 +1395,26 @@ pub(crate) mod tests {
         );
         a.flush(&mut out);
         assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn fragments_freed_after_the_delivery_do_not_make_it_a_drop() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        let dev = ("ut-b", "veth");
+        a.push(&Event::Skb(fragment(KIND_INGRESS, 10, 1, 0, dev)), &mut out);
+        a.push(&Event::Skb(fragment(KIND_INGRESS, 11, 2, 1, dev)), &mut out);
+        a.push(&Event::Skb(fragment(KIND_INGRESS, 12, 3, 2, dev)), &mut out);
+        let mut whole = on_dev(KIND_DELIVER, 13, 3, "", "");
+        whole.ip_id = 0x4242;
+        a.push(&Event::Skb(whole), &mut out);
+        // Linux 6.1 frees the frag_list of a read datagram through kfree_skb.
+        let mut freed = fragment(KIND_DROP, 14, 1, 1, ("", ""));
+        freed.netns = 0;
+        freed.reason = 2;
+        a.push(&Event::Skb(freed), &mut out);
+        a.flush(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].verdict, Verdict::Delivered, "{:#?}", out[0]);
     }
 }

@@ -39,7 +39,7 @@ fn uses_tcx(env: &[(&str, &str)]) -> bool {
 }
 
 /// A receiver in `b` bound to both ports; prints "ready", then "<port> <len>" per datagram
-/// until nothing came for a second.
+/// until nothing came for 1.5 s after the first (or for a minute before it).
 fn receiver(net: &Pair, ports: [u16; 2]) -> (std::process::Child, impl Iterator<Item = String>) {
     let mut child = net
         .b
@@ -51,9 +51,11 @@ fn receiver(net: &Pair, ports: [u16; 2]) -> (std::process::Child, impl Iterator<
                  ss=[socket.socket(socket.AF_INET,socket.SOCK_DGRAM) for _ in range(2)]\n\
                  ss[0].bind(('{B4}',{}))\nss[1].bind(('{B4}',{}))\n\
                  print('ready',flush=True)\n\
+                 t=60\n\
                  while True:\n\
-                 \x20r,_,_=select.select(ss,[],[],1.5)\n\
+                 \x20r,_,_=select.select(ss,[],[],t)\n\
                  \x20if not r: break\n\
+                 \x20t=1.5\n\
                  \x20for s in r: print(s.getsockname()[1],len(s.recv(100)),flush=True)\n\
                  print('done',flush=True)",
                 ports[0], ports[1]

@@ -6,9 +6,11 @@
 #![no_std]
 
 pub mod event;
+pub mod flow;
 pub mod offsets;
 
 pub use event::*;
+pub use flow::*;
 pub use offsets::*;
 
 /// Names of the maps and globals in the eBPF object, used by both sides.
@@ -25,6 +27,8 @@ pub mod names {
     pub const NAT_BEFORE: &str = "NAT_BEFORE";
     /// Per-CPU skb that last passed the end of LOCAL_IN (about to reach its socket).
     pub const LOCAL_IN_SKB: &str = "LOCAL_IN_SKB";
+    /// Per-CPU LRU hash of [`crate::FlowKey`] → [`crate::FlowStats`].
+    pub const FLOWS: &str = "FLOWS";
 }
 
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
@@ -42,8 +46,12 @@ pub const STAT_PENDING_FULL: u32 = 2;
 /// A read of the sending application's memory failed (a page not resident, say): that
 /// send's destination is taken from its socket.
 pub const STAT_USER_READ_ERROR: u32 = 3;
+/// A flow not in `FLOWS` was added (with the map's size, says how many were evicted).
+pub const STAT_FLOW_NEW: u32 = 4;
+/// Adding a flow to `FLOWS` failed.
+pub const STAT_FLOW_FULL: u32 = 5;
 /// Number of counters in `STATS`.
-pub const STATS_LEN: u32 = 4;
+pub const STATS_LEN: u32 = 6;
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;

@@ -2,10 +2,11 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, PerCpuArray, RingBuf},
+    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use udptrace_common::{
-    Offsets, PendingSend, SkbEvent, EVENTS_BYTES, NF_INET_NUMHOOKS, PENDING_SENDS_MAX, STATS_LEN,
+    FlowKey, FlowStats, Offsets, PendingSend, SkbEvent, EVENTS_BYTES, FLOWS_DEFAULT,
+    NF_INET_NUMHOOKS, PENDING_SENDS_MAX, STATS_LEN,
 };
 
 #[map(name = "EVENTS")]
@@ -13,6 +14,11 @@ pub static EVENTS: RingBuf = RingBuf::with_byte_size(EVENTS_BYTES, 0);
 
 #[map(name = "STATS")]
 pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0);
+
+/// Every datagram sent, counted per flow; the loader sets the size (`--flow-entries`).
+#[map(name = "FLOWS")]
+pub static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> =
+    LruPerCpuHashMap::with_max_entries(FLOWS_DEFAULT, 0);
 
 #[map(name = "PENDING_SENDS")]
 pub static PENDING_SENDS: LruHashMap<u64, PendingSend> =

@@ -8,20 +8,21 @@
 //!    of unconnected sends, which the socket does not hold.
 
 use aya_ebpf::{
-    helpers::bpf_get_current_pid_tgid,
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
     macros::{fentry, kprobe, tracepoint},
     programs::{FEntryContext, ProbeContext, TracePointContext},
 };
 use udptrace_common::{
-    Addr, PendingSend, SendEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
-    HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG, HOOK_TP_SOCK_SEND_LENGTH, IPPROTO_UDP,
-    KIND_SEND, SEND_CONNECTED, SEND_DST_FROM_CALL, STAT_PENDING_FULL, STAT_RINGBUF_FULL,
+    Addr, FlowKey, FlowStats, PendingSend, SendEvent, HOOK_FENTRY_UDPV6_SENDMSG,
+    HOOK_FENTRY_UDP_SENDMSG, HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG,
+    HOOK_TP_SOCK_SEND_LENGTH, IPPROTO_UDP, KIND_SEND, SEND_CONNECTED, SEND_DST_FROM_CALL,
+    STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_PENDING_FULL, STAT_RINGBUF_FULL,
 };
 
 use crate::{
     current::{header, task},
     kernel::{read_kernel, read_sock, read_sockaddr, read_user, Mem, ReadError},
-    maps::{count, offset, EVENTS, PENDING_SENDS},
+    maps::{count, offset, EVENTS, FLOWS, PENDING_SENDS},
     tp::field,
 };
 
@@ -32,6 +33,13 @@ use crate::{
 fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
     let Some(mut entry) = EVENTS.reserve::<SendEvent>(0) else {
         count(STAT_RINGBUF_FULL);
+        // The event is lost; the flow's count is not.
+        let mut key = FlowKey::default();
+        key.netns = read_sock(sk, &mut key.src, &mut key.dst)?;
+        if call_dst.family != 0 {
+            key.dst = call_dst;
+        }
+        count_flow(&key, ret);
         return Ok(());
     };
     // SAFETY: the reservation is sized for a SendEvent; every field is written below
@@ -41,8 +49,45 @@ fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
         entry.discard(0);
         return Err(e);
     }
+    let key = FlowKey {
+        netns: ev.netns,
+        _pad: 0,
+        src: ev.src,
+        dst: ev.dst,
+    };
+    count_flow(&key, ret);
     entry.submit(0);
     Ok(())
+}
+
+/// Counts one datagram of `key` (`ret`: bytes sent, or a negative errno).
+#[inline(always)]
+fn count_flow(key: &FlowKey, ret: i32) {
+    // SAFETY: plain helper call without pointer arguments.
+    let now = unsafe { bpf_ktime_get_ns() };
+    let (bytes, error) = if ret < 0 { (0, 1) } else { (ret as u64, 0) };
+    if let Some(stats) = FLOWS.get_ptr_mut(key) {
+        // SAFETY: this CPU's value of the entry; a program cannot be preempted on its CPU.
+        let stats = unsafe { &mut *stats };
+        stats.packets += 1 - error;
+        stats.bytes += bytes;
+        stats.errors += error;
+        stats.last_ns = now;
+        return;
+    }
+    let stats = FlowStats {
+        packets: 1 - error,
+        bytes,
+        errors: error,
+        first_ns: now,
+        last_ns: now,
+    };
+    // A program's update of a per-CPU map writes only this CPU's slot: if another CPU added
+    // the flow since the lookup, this still counts exactly once.
+    match FLOWS.insert(key, stats, 0) {
+        Ok(()) => count(STAT_FLOW_NEW),
+        Err(_) => count(STAT_FLOW_FULL),
+    }
 }
 
 #[inline(always)]

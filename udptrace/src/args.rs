@@ -18,15 +18,18 @@ pub struct Cli {
 pub enum Command {
     /// Print the path of each UDP datagram, live.
     Trace(TraceArgs),
+    /// Count every UDP flow, live: a refreshing table, or one JSON snapshot.
+    Flows(FlowsArgs),
+    /// Run as a daemon: count flows, keep recent paths, serve them over HTTP with
+    /// Prometheus metrics.
+    Agent(AgentArgs),
     /// Show which hooks this kernel allows and which one each hop uses, and why.
     Doctor,
 }
 
-#[derive(Debug, Args)]
-pub struct TraceArgs {
-    /// Print JSON lines (one path object per line; see docs/json.md).
-    #[arg(long)]
-    pub json: bool,
+/// `--port`, `--host`, `--pid`, `--comm`: which datagrams or flows to show.
+#[derive(Debug, Clone, Args)]
+pub struct FilterArgs {
     /// Only datagrams with this source or destination port (before or after any rewrite).
     #[arg(long, value_name = "PORT")]
     pub port: Option<u16>,
@@ -39,11 +42,94 @@ pub struct TraceArgs {
     /// Only datagrams sent or received by a process with this name (as in /proc/PID/comm).
     #[arg(long, value_name = "NAME")]
     pub comm: Option<String>,
+}
+
+impl FilterArgs {
+    pub fn filter(&self) -> crate::filter::Filter {
+        crate::filter::Filter {
+            port: self.port,
+            host: self.host,
+            pid: self.pid,
+            comm: self.comm.clone(),
+        }
+    }
+}
+
+/// How `flows` orders its table.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, clap::ValueEnum)]
+pub enum SortBy {
+    #[default]
+    Packets,
+    Bytes,
+    Drops,
+}
+
+#[derive(Debug, Args)]
+pub struct FlowsArgs {
+    #[command(flatten)]
+    pub filter: FilterArgs,
+    /// Print one JSON snapshot ({"flows":[...]}, as the agent's /api/v1/flows) when tracing
+    /// stops (after --duration, default 1 s, or on Ctrl-C) instead of a live table.
+    #[arg(long)]
+    pub json: bool,
+    /// Order of the table.
+    #[arg(long, value_enum, default_value_t = SortBy::Packets)]
+    pub sort: SortBy,
+    /// Network namespaces to cover with per-namespace hooks, as for `trace`.
+    #[arg(long, value_enum, default_value_t = NetnsScope::Host)]
+    pub netns: NetnsScope,
+    /// Stop after this many seconds.
+    #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
+    pub duration: Option<u64>,
+    /// Flows the kernel keeps (least recently used evicted first).
+    #[arg(long, value_name = "N", default_value_t = udptrace_common::FLOWS_DEFAULT,
+          value_parser = clap::value_parser!(u32).range(16..))]
+    pub flow_entries: u32,
+}
+
+/// The agent's settings: each from the command line, else its environment variable, else
+/// the config file (TOML, keys as the long option names with `_`), else the default.
+#[derive(Debug, Args)]
+pub struct AgentArgs {
+    /// A TOML file with any of the settings below (e.g. `listen = "0.0.0.0:9720"`).
+    #[arg(long, env = "UDPTRACE_CONFIG", value_name = "FILE")]
+    pub config: Option<std::path::PathBuf>,
+    /// Address of the HTTP API and metrics [default: 127.0.0.1:9720; port 0 picks one].
+    #[arg(long, env = "UDPTRACE_LISTEN", value_name = "ADDR")]
+    pub listen: Option<std::net::SocketAddr>,
+    /// Network namespaces to cover [default: host].
+    #[arg(long, env = "UDPTRACE_NETNS", value_enum)]
+    pub netns: Option<NetnsScope>,
+    /// Flows the kernel keeps; the least recently used is evicted first [default: 65536].
+    #[arg(long, env = "UDPTRACE_FLOW_ENTRIES", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(16..))]
+    pub flow_entries: Option<u32>,
+    /// A flow with nothing new for this many seconds is forgotten [default: 300].
+    #[arg(long, env = "UDPTRACE_FLOW_IDLE", value_name = "SECS",
+          value_parser = clap::value_parser!(u64).range(1..))]
+    pub flow_idle: Option<u64>,
+    /// Recent paths kept for /api/v1/paths [default: 1000].
+    #[arg(long, env = "UDPTRACE_PATHS_KEPT", value_name = "N")]
+    pub paths_kept: Option<usize>,
+    /// Also export per-flow series (labels netns, src, dst: one series per flow)
+    /// [default: false].
+    #[arg(long, env = "UDPTRACE_PER_FLOW_METRICS", value_name = "BOOL")]
+    pub per_flow_metrics: Option<bool>,
+}
+
+#[derive(Debug, Args)]
+pub struct TraceArgs {
+    /// Print JSON lines (one path object per line; see docs/json.md).
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub filter: FilterArgs,
     /// Stop after printing this many datagrams.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
-    /// Network namespaces to cover with per-namespace hooks (NAT): the host's, or also every
-    /// namespace under /run/netns when tracing starts. Tracepoint hops see every namespace.
+    /// Network namespaces to cover with per-namespace hooks (NAT, delivery, tc ingress): the
+    /// host's, or every namespace (/run/netns and every process's, also those created while
+    /// tracing). Tracepoint hops (send, xmit, drop) see every namespace.
     #[arg(long, value_enum, default_value_t = NetnsScope::Host)]
     pub netns: NetnsScope,
     /// Stop after this many seconds.
@@ -102,10 +188,10 @@ mod tests {
             panic!("not trace")
         };
         assert!(t.json);
-        assert_eq!(t.port, Some(5353));
-        assert_eq!(t.host, Some("::1".parse().unwrap()));
+        assert_eq!(t.filter.port, Some(5353));
+        assert_eq!(t.filter.host, Some("::1".parse().unwrap()));
         assert_eq!(
-            (t.pid, t.comm.as_deref(), t.count, t.duration),
+            (t.filter.pid, t.filter.comm.as_deref(), t.count, t.duration),
             (Some(7), Some("nc"), Some(1), Some(5))
         );
     }

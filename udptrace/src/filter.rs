@@ -3,7 +3,7 @@
 
 use std::net::IpAddr;
 
-use crate::paths::Path;
+use crate::{flows::FlowView, paths::Path};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Filter {
@@ -32,6 +32,35 @@ impl Filter {
             .comm
             .as_ref()
             .is_none_or(|c| procs().any(|pr| &pr.comm == c));
+        port && host && pid && comm
+    }
+
+    /// A flow matches on any of its addresses (as sent, rewritten, as received) and on its
+    /// sending process.
+    pub fn matches_flow(&self, flow: &FlowView) -> bool {
+        fn ends(e: &crate::paths::Endpoints) -> [Option<std::net::SocketAddr>; 2] {
+            [e.src, e.dst]
+        }
+        let addresses = || {
+            ends(&flow.orig)
+                .into_iter()
+                .chain(flow.last.iter().flat_map(ends))
+                .chain(
+                    flow.nat
+                        .iter()
+                        .flat_map(|n| ends(&n.before).into_iter().chain(ends(&n.after))),
+                )
+                .flatten()
+        };
+        let port = self.port.is_none_or(|p| addresses().any(|a| a.port() == p));
+        let host = self
+            .host
+            .is_none_or(|h| addresses().any(|a| same_host(a.ip(), h)));
+        let pid = self.pid.is_none_or(|p| flow.pid == Some(p));
+        let comm = self
+            .comm
+            .as_ref()
+            .is_none_or(|c| flow.comm.as_ref() == Some(c));
         port && host && pid && comm
     }
 }

@@ -1,5 +1,6 @@
 //! udptrace: where did my UDP datagram go, and why does the receiver see that source?
 
+mod agent;
 mod args;
 mod cli;
 mod clock;
@@ -7,10 +8,13 @@ mod doctor;
 mod events;
 mod explain;
 mod filter;
+mod flows;
 mod kernel;
 mod loader;
 mod paths;
+mod pipeline;
 mod procs;
+mod top;
 mod trace;
 
 use std::process::ExitCode;
@@ -45,24 +49,29 @@ fn main() -> ExitCode {
                 ExitCode::FAILURE
             }
         }
-        Command::Trace(args) => {
-            let runtime = match tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("udptrace: error: starting the runtime: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            match runtime.block_on(trace::run(args)) {
-                Ok(()) => ExitCode::SUCCESS,
-                Err(e) => {
-                    eprintln!("udptrace: error: {e:#}");
-                    ExitCode::FAILURE
-                }
-            }
+        Command::Trace(args) => block_on(trace::run(args)),
+        Command::Flows(args) => block_on(top::run(args)),
+        Command::Agent(args) => block_on(agent::run(args)),
+    }
+}
+
+/// Runs a command on a single-threaded runtime; an error is printed with its causes.
+fn block_on(command: impl std::future::Future<Output = anyhow::Result<()>>) -> ExitCode {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("udptrace: error: starting the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("udptrace: error: {e:#}");
+            ExitCode::FAILURE
         }
     }
 }

@@ -12,11 +12,11 @@ pub use netns::NetnsScope;
 use std::path::Path;
 
 use aya::{
-    maps::{MapData, PerCpuArray, RingBuf},
+    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{FEntry, FExit, KProbe, SchedClassifier, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use udptrace_common::{names, STATS_LEN};
+use udptrace_common::{names, FlowKey, FlowStats, STATS_LEN};
 
 use crate::kernel::{
     btf::{BtfError, KernelBtf},
@@ -157,6 +157,11 @@ macro_rules! unload_all {
 impl Tracer {
     /// Checks privileges and the kernel, loads the programs and attaches every hop.
     pub fn load(scope: NetnsScope) -> Result<Self, LoadError> {
+        Self::load_with(scope, udptrace_common::FLOWS_DEFAULT)
+    }
+
+    /// Like [`Tracer::load`], keeping up to `flow_entries` flows in the kernel.
+    pub fn load_with(scope: NetnsScope, flow_entries: u32) -> Result<Self, LoadError> {
         preflight::check_privileges()?;
         let release = preflight::kernel_release();
         preflight::check_kernel(&release)?;
@@ -175,6 +180,7 @@ impl Tracer {
         }
         let mut ebpf = EbpfLoader::new()
             .override_global(names::OFFSETS, &layout.offsets, true)
+            .map_max_entries(names::FLOWS, flow_entries)
             .load(EBPF_OBJECT)
             .map_err(|e| LoadError::Object(chain(&e)))?;
         let drop_reasons = DropReasons::from_btf(&kbtf).unwrap_or_default();
@@ -260,6 +266,50 @@ impl Tracer {
             }
         }
         new
+    }
+
+    /// Every flow the kernel counts, its CPUs summed. A flow evicted by the LRU since the
+    /// last read is simply absent.
+    pub fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
+        let Some(map) = self.ebpf.map(names::FLOWS) else {
+            return Vec::new();
+        };
+        let Ok(flows) = PerCpuHashMap::<_, FlowKey, FlowStats>::try_from(map) else {
+            return Vec::new();
+        };
+        flows
+            .iter()
+            .filter_map(Result::ok)
+            .map(|(key, per_cpu)| {
+                let mut sum = FlowStats {
+                    first_ns: u64::MAX,
+                    ..FlowStats::default()
+                };
+                for s in per_cpu.iter().filter(|s| s.last_ns != 0) {
+                    sum.packets += s.packets;
+                    sum.bytes += s.bytes;
+                    sum.errors += s.errors;
+                    sum.first_ns = sum.first_ns.min(s.first_ns);
+                    sum.last_ns = sum.last_ns.max(s.last_ns);
+                }
+                if sum.first_ns == u64::MAX {
+                    sum.first_ns = 0;
+                }
+                (key, sum)
+            })
+            .collect()
+    }
+
+    /// Forgets flows in the kernel (expired by the agent).
+    pub fn remove_flows(&mut self, keys: &[FlowKey]) {
+        let Some(map) = self.ebpf.map_mut(names::FLOWS) else {
+            return;
+        };
+        if let Ok(mut flows) = PerCpuHashMap::<_, FlowKey, FlowStats>::try_from(map) {
+            for key in keys {
+                let _ = flows.remove(key);
+            }
+        }
     }
 
     /// The event ring buffer. Can be taken once.

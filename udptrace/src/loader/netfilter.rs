@@ -44,6 +44,7 @@ fn map_fd(map: &Map) -> Option<RawFd> {
         | Map::PerCpuArray(d)
         | Map::RingBuf(d)
         | Map::LruHashMap(d)
+        | Map::PerCpuLruHashMap(d)
         | Map::HashMap(d) => d,
         _ => return None,
     };

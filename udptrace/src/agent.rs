@@ -1,0 +1,457 @@
+//! `udptrace agent`: the daemon. The pipeline's paths feed a flow table and a ring of recent
+//! paths; the kernel's flow counters are read every second; an HTTP server answers
+//! `/healthz`, `/metrics` (Prometheus text), `/api/v1/flows` and `/api/v1/paths`.
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    path::Path as FsPath,
+    sync::{Arc, Mutex},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use axum::{
+    extract::{Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use serde::Deserialize;
+
+use crate::{
+    args::AgentArgs,
+    clock::{monotonic_ns, Clock},
+    filter::Filter,
+    flows::FlowTable,
+    loader::NetnsScope,
+    paths::Path,
+    pipeline::{Losses, Pipeline},
+};
+
+/// The agent's settings after command line, environment and config file are merged.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Settings {
+    pub listen: SocketAddr,
+    pub netns: NetnsScope,
+    pub flow_entries: u32,
+    pub flow_idle: Duration,
+    pub paths_kept: usize,
+    pub per_flow_metrics: bool,
+}
+
+/// The config file: the same settings, all optional.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ConfigFile {
+    listen: Option<SocketAddr>,
+    netns: Option<String>,
+    flow_entries: Option<u32>,
+    flow_idle: Option<u64>,
+    paths_kept: Option<usize>,
+    per_flow_metrics: Option<bool>,
+}
+
+impl Settings {
+    /// Command line (and environment, which clap reads) first, then the config file.
+    pub fn resolve(args: &AgentArgs) -> anyhow::Result<Self> {
+        let file = match &args.config {
+            Some(path) => read_config(path)?,
+            None => ConfigFile::default(),
+        };
+        let netns = match (args.netns, file.netns.as_deref()) {
+            (Some(n), _) => n,
+            (None, Some("host")) | (None, None) => NetnsScope::Host,
+            (None, Some("all")) => NetnsScope::All,
+            (None, Some(other)) => {
+                anyhow::bail!("config file: netns = {other:?}: expected \"host\" or \"all\"")
+            }
+        };
+        let flow_entries = args
+            .flow_entries
+            .or(file.flow_entries)
+            .unwrap_or(udptrace_common::FLOWS_DEFAULT);
+        anyhow::ensure!(
+            flow_entries >= 16,
+            "flow_entries = {flow_entries}: at least 16"
+        );
+        let flow_idle = args.flow_idle.or(file.flow_idle).unwrap_or(300);
+        anyhow::ensure!(flow_idle >= 1, "flow_idle = 0: at least 1 second");
+        Ok(Self {
+            listen: args
+                .listen
+                .or(file.listen)
+                .unwrap_or_else(|| SocketAddr::from(([127, 0, 0, 1], 9720))),
+            netns,
+            flow_entries,
+            flow_idle: Duration::from_secs(flow_idle),
+            paths_kept: args.paths_kept.or(file.paths_kept).unwrap_or(1000),
+            per_flow_metrics: args
+                .per_flow_metrics
+                .or(file.per_flow_metrics)
+                .unwrap_or(false),
+        })
+    }
+}
+
+fn read_config(path: &FsPath) -> anyhow::Result<ConfigFile> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("reading the config file {}", path.display()))?;
+    toml::from_str(&text).with_context(|| format!("config file {}", path.display()))
+}
+
+/// What the HTTP handlers read.
+struct Shared {
+    flows: FlowTable,
+    paths: VecDeque<Path>,
+    paths_kept: usize,
+    losses: Losses,
+    /// (hop, hook) in use.
+    hooks: Vec<(&'static str, &'static str)>,
+    per_flow_metrics: bool,
+}
+
+type AppState = Arc<Mutex<Shared>>;
+
+pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
+    let settings = Settings::resolve(&args)?;
+    let listener = tokio::net::TcpListener::bind(settings.listen)
+        .await
+        .with_context(|| format!("listening on {}", settings.listen))?;
+    let bound = listener.local_addr()?;
+    let mut pipeline = Pipeline::start(settings.netns, settings.flow_entries, None)?;
+    let mut hooks: Vec<(&'static str, &'static str)> = Vec::new();
+    for report in std::iter::once(&pipeline.tracer.send).chain(&pipeline.tracer.skb_hops) {
+        if let Some(hook) = report.chosen() {
+            hooks.push((report.hop, hook));
+        }
+    }
+    let state: AppState = Arc::new(Mutex::new(Shared {
+        flows: FlowTable::new(Clock::new(), settings.flow_idle),
+        paths: VecDeque::new(),
+        paths_kept: settings.paths_kept,
+        losses: Losses::default(),
+        hooks,
+        per_flow_metrics: settings.per_flow_metrics,
+    }));
+    let app = Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/flows", get(flows))
+        .route("/api/v1/paths", get(paths))
+        .with_state(state.clone());
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(async move {
+        axum::serve(listener, app)
+            .with_graceful_shutdown(async {
+                let _ = stop_rx.await;
+            })
+            .await
+    });
+    // Tests and scripts wait for this line.
+    eprintln!("udptrace: agent listening on http://{bound}");
+
+    let mut read_counts = tokio::time::interval(Duration::from_secs(1));
+    let mut finished = Vec::new();
+    let stop = loop {
+        tokio::select! {
+            step = pipeline.step(&mut finished) => {
+                if let Some(stop) = step? {
+                    break stop;
+                }
+            }
+            _ = read_counts.tick() => {
+                let kernel = pipeline.tracer.flows();
+                let losses = pipeline.losses();
+                let expired = {
+                    let mut s = state.lock().expect("agent state");
+                    s.flows.update_counts(&kernel);
+                    s.losses = losses;
+                    s.flows.expire(monotonic_ns())
+                };
+                pipeline.tracer.remove_flows(&expired);
+            }
+        }
+        if !finished.is_empty() {
+            let now = monotonic_ns();
+            let mut s = state.lock().expect("agent state");
+            for path in finished.drain(..) {
+                s.flows.observe(&path, now);
+                if s.paths.len() >= s.paths_kept {
+                    s.paths.pop_front();
+                }
+                if s.paths_kept > 0 {
+                    s.paths.push_back(path);
+                }
+            }
+        }
+    };
+    // Detach everything before saying goodbye; the server finishes its requests.
+    let _ = stop_tx.send(());
+    let losses = pipeline.losses();
+    drop(pipeline);
+    match tokio::time::timeout(Duration::from_secs(5), server).await {
+        Ok(Ok(Err(e))) => tracing::warn!("HTTP server: {e}"),
+        Err(_) => tracing::warn!("HTTP server did not finish its requests in 5 s"),
+        _ => {}
+    }
+    eprintln!("udptrace: agent stopped ({stop:?}); {losses}");
+    Ok(())
+}
+
+/// `?port=&host=&pid=&comm=`, as the command-line filters.
+#[derive(Debug, Default, Deserialize)]
+struct FilterQuery {
+    port: Option<u16>,
+    host: Option<std::net::IpAddr>,
+    pid: Option<u32>,
+    comm: Option<String>,
+}
+
+impl From<FilterQuery> for Filter {
+    fn from(q: FilterQuery) -> Self {
+        Self {
+            port: q.port,
+            host: q.host,
+            pid: q.pid,
+            comm: q.comm,
+        }
+    }
+}
+
+async fn flows(State(state): State<AppState>, Query(q): Query<FilterQuery>) -> Response {
+    let filter = Filter::from(q);
+    let views = state.lock().expect("agent state").flows.snapshot(&filter);
+    Json(serde_json::json!({ "flows": views })).into_response()
+}
+
+async fn paths(State(state): State<AppState>, Query(q): Query<FilterQuery>) -> Response {
+    let filter = Filter::from(q);
+    let s = state.lock().expect("agent state");
+    let paths: Vec<&Path> = s.paths.iter().filter(|p| filter.matches(p)).collect();
+    Json(serde_json::json!({ "paths": paths })).into_response()
+}
+
+/// Builds a counter or gauge family (or a single one, without labels) and sets its values.
+fn family<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    make: impl FnOnce() -> prometheus::Result<M>,
+) -> prometheus::Result<M> {
+    let metric = make()?;
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+/// The Prometheus text exposition (format 0.0.4) of the agent's state. Counters are the
+/// totals since the agent started: they only grow.
+fn render_metrics(s: &Shared) -> prometheus::Result<String> {
+    let registry = Registry::new();
+    let totals = s.flows.totals();
+    for (name, help, values) in [
+        (
+            "udptrace_datagrams_total",
+            "UDP datagrams sent, by the sender's network namespace",
+            &totals.datagrams,
+        ),
+        (
+            "udptrace_bytes_total",
+            "UDP payload bytes sent, by the sender's network namespace",
+            &totals.bytes,
+        ),
+        (
+            "udptrace_send_errors_total",
+            "UDP sends that failed, by the sender's network namespace",
+            &totals.errors,
+        ),
+    ] {
+        let c = family(&registry, || {
+            IntCounterVec::new(Opts::new(name, help), &["netns"])
+        })?;
+        for (netns, v) in values {
+            c.with_label_values(&[&netns.to_string()]).inc_by(*v);
+        }
+    }
+    let drops = family(&registry, || {
+        IntCounterVec::new(
+            Opts::new(
+                "udptrace_drops_total",
+                "UDP datagrams dropped, by the kernel's reason and the namespace where it happened",
+            ),
+            &["reason", "netns"],
+        )
+    })?;
+    for ((reason, netns), v) in &totals.drops {
+        drops
+            .with_label_values(&[reason.as_str(), &netns.to_string()])
+            .inc_by(*v);
+    }
+    let nat = family(&registry, || {
+        IntCounterVec::new(
+            Opts::new(
+                "udptrace_nat_translations_total",
+                "NAT rewrites of UDP datagrams, by netfilter hook and kind",
+            ),
+            &["hook", "nat"],
+        )
+    })?;
+    for ((hook, kind), v) in &totals.nat {
+        nat.with_label_values(&[*hook, *kind]).inc_by(*v);
+    }
+    for (name, help, value) in [
+        (
+            "udptrace_events_lost_total",
+            "Hop events lost to a full ring buffer",
+            s.losses.ring_full,
+        ),
+        (
+            "udptrace_flow_evictions_total",
+            "Flows the kernel's LRU table evicted before they went idle",
+            totals.evictions,
+        ),
+        (
+            "udptrace_flows_expired_total",
+            "Flows forgotten after the idle time",
+            totals.expired,
+        ),
+        (
+            "udptrace_flows_not_counted_total",
+            "Datagrams whose flow could not be added to the kernel's table",
+            s.losses.flow_full,
+        ),
+    ] {
+        family(&registry, || IntCounter::new(name, help))?.inc_by(value);
+    }
+    family(&registry, || {
+        IntGauge::new("udptrace_flows", "Flows tracked now")
+    })?
+    .set(i64::try_from(s.flows.len()).unwrap_or(i64::MAX));
+    let hooks = family(&registry, || {
+        IntGaugeVec::new(
+            Opts::new("udptrace_hook_info", "The kernel hook each hop uses"),
+            &["hop", "hook"],
+        )
+    })?;
+    for (hop, hook) in &s.hooks {
+        hooks.with_label_values(&[*hop, *hook]).set(1);
+    }
+    family(&registry, || {
+        IntGaugeVec::new(
+            Opts::new("udptrace_build_info", "The agent's version"),
+            &["version"],
+        )
+    })?
+    .with_label_values(&[env!("CARGO_PKG_VERSION")])
+    .set(1);
+    if s.per_flow_metrics {
+        let per_flow = family(&registry, || {
+            IntCounterVec::new(
+                Opts::new(
+                    "udptrace_flow_datagrams_total",
+                    "UDP datagrams sent, per flow (only with --per-flow-metrics)",
+                ),
+                &["netns", "src", "dst"],
+            )
+        })?;
+        for flow in s.flows.snapshot(&Filter::default()) {
+            let show = |a: Option<SocketAddr>| a.map_or_else(|| "?".into(), |a| a.to_string());
+            per_flow
+                .with_label_values(&[
+                    &flow.netns.to_string(),
+                    &show(flow.orig.src),
+                    &show(flow.orig.dst),
+                ])
+                .inc_by(flow.packets);
+        }
+    }
+    TextEncoder::new().encode_to_string(&registry.gather())
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = render_metrics(&state.lock().expect("agent state"));
+    match text {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use clap::Parser as _;
+
+    use super::*;
+    use crate::args::{Cli, Command};
+
+    fn agent_args(argv: &[&str]) -> AgentArgs {
+        let mut all = vec!["udptrace", "agent"];
+        all.extend_from_slice(argv);
+        match Cli::try_parse_from(all).unwrap().command {
+            Command::Agent(a) => a,
+            _ => unreachable!(),
+        }
+    }
+
+    #[test]
+    fn defaults_then_config_file_then_command_line() {
+        let s = Settings::resolve(&agent_args(&[])).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:9720".parse().unwrap());
+        assert_eq!((s.netns, s.flow_entries), (NetnsScope::Host, 65_536));
+        let dir = std::env::temp_dir().join(format!("udpt-cfg-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let file = dir.join("agent.toml");
+        std::fs::write(
+            &file,
+            "listen = \"0.0.0.0:9999\"\nnetns = \"all\"\nflow_idle = 60\n",
+        )
+        .unwrap();
+        let f = file.to_str().unwrap();
+        let s = Settings::resolve(&agent_args(&["--config", f])).unwrap();
+        assert_eq!(s.listen, "0.0.0.0:9999".parse().unwrap());
+        assert_eq!(
+            (s.netns, s.flow_idle),
+            (NetnsScope::All, Duration::from_secs(60))
+        );
+        let s =
+            Settings::resolve(&agent_args(&["--config", f, "--listen", "127.0.0.1:0"])).unwrap();
+        assert_eq!(s.listen, "127.0.0.1:0".parse().unwrap());
+        std::fs::write(&file, "listen = \"0.0.0.0:9999\"\nlisten_on = 3\n").unwrap();
+        let err = Settings::resolve(&agent_args(&["--config", f])).unwrap_err();
+        assert!(format!("{err:#}").contains("listen_on"), "{err:#}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn metrics_are_prometheus_text_with_our_names() {
+        let mut flows = FlowTable::new(Clock::new(), Duration::from_secs(60));
+        let key = udptrace_common::FlowKey {
+            netns: 7,
+            ..Default::default()
+        };
+        let stats = udptrace_common::FlowStats {
+            packets: 3,
+            bytes: 30,
+            ..Default::default()
+        };
+        flows.update_counts(&[(key, stats)]);
+        let s = Shared {
+            flows,
+            paths: VecDeque::new(),
+            paths_kept: 10,
+            losses: Losses::default(),
+            hooks: vec![("send", "tracepoint:sock:sock_send_length")],
+            per_flow_metrics: false,
+        };
+        let text = render_metrics(&s).unwrap();
+        for needle in [
+            "# TYPE udptrace_datagrams_total counter",
+            "udptrace_datagrams_total{netns=\"7\"} 3",
+            "udptrace_bytes_total{netns=\"7\"} 30",
+            "udptrace_hook_info{hook=\"tracepoint:sock:sock_send_length\",hop=\"send\"} 1",
+            "udptrace_build_info{version=",
+            "udptrace_events_lost_total 0",
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,163 @@
+//! The stages every mode shares: load and attach, read the ring buffer, assemble paths,
+//! follow devices and namespaces as they come and go, until a signal or a deadline.
+//! `trace`, `flows` and `agent` consume its paths.
+
+use std::time::Duration;
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{signal, Signal, SignalKind},
+    time::{Instant, Interval},
+};
+use udptrace_common::{
+    STAT_FLOW_FULL, STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
+};
+
+use crate::{
+    clock::{monotonic_ns, Clock},
+    events::{Event, EventStream, Undecodable},
+    loader::{NetnsScope, Tracer},
+    paths::{Assembler, Path},
+};
+
+/// Why the pipeline stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `--count` reached.
+    Count,
+    /// `--duration` elapsed.
+    Duration,
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// stdout was closed.
+    ClosedOutput,
+}
+
+/// Loaded programs, the event stream and the assembler, driven by [`Pipeline::step`].
+pub struct Pipeline {
+    pub tracer: Tracer,
+    stream: EventStream,
+    assembler: Assembler,
+    batch: Vec<Event>,
+    bad: Undecodable,
+    tick: Interval,
+    netns_scan: Interval,
+    deadline: Option<Instant>,
+    sigterm: Signal,
+    sigint: Signal,
+}
+
+impl Pipeline {
+    /// Loads and attaches everything; stops by itself after `duration` if given.
+    pub fn start(
+        scope: NetnsScope,
+        flow_entries: u32,
+        duration: Option<Duration>,
+    ) -> anyhow::Result<Self> {
+        let mut tracer = Tracer::load_with(scope, flow_entries)?;
+        let ring = tracer
+            .take_events()
+            .context("the eBPF object has no EVENTS ring buffer")?;
+        let stream = EventStream::new(ring).context("registering the ring buffer with tokio")?;
+        let assembler = Assembler::new(Clock::new(), tracer.drop_reasons.clone());
+        Ok(Self {
+            tracer,
+            stream,
+            assembler,
+            batch: Vec::new(),
+            bad: Undecodable::default(),
+            tick: tokio::time::interval(Duration::from_millis(50)),
+            // Namespaces (containers, pods) come and go: look for new ones every second.
+            netns_scan: tokio::time::interval(Duration::from_secs(1)),
+            deadline: duration.map(|d| Instant::now() + d),
+            sigterm: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            sigint: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+        })
+    }
+
+    /// Waits for events or the next tick and appends the paths that finished to `out`.
+    /// `Some` when a signal came or the deadline passed.
+    pub async fn step(&mut self, out: &mut Vec<Path>) -> anyhow::Result<Option<Stop>> {
+        let sleep = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = self.stream.next_batch(&mut self.batch, &mut self.bad) => {
+                r.context("reading the ring buffer")?;
+            }
+            _ = self.tick.tick() => {
+                // A device appeared or went: attach to it now, and look for the namespace
+                // that may have come with it (a container's veth shows up in ours first).
+                if self.tracer.follow_devices() {
+                    self.cover_new_namespaces();
+                }
+            }
+            _ = self.netns_scan.tick() => self.cover_new_namespaces(),
+            () = sleep => return Ok(Some(Stop::Duration)),
+            _ = self.sigterm.recv() => return Ok(Some(Stop::Signal)),
+            _ = self.sigint.recv() => return Ok(Some(Stop::Signal)),
+        }
+        for event in self.batch.drain(..) {
+            self.assembler.push(&event, out);
+        }
+        self.assembler.tick(monotonic_ns(), out);
+        Ok(None)
+    }
+
+    fn cover_new_namespaces(&mut self) {
+        let new = self.tracer.cover_new_namespaces();
+        if new > 0 {
+            tracing::info!("now covering {new} more network namespace(s)");
+        }
+    }
+
+    /// Ends every path being assembled (printed as incomplete if it has no verdict).
+    pub fn flush(&mut self, out: &mut Vec<Path>) {
+        self.assembler.flush(out);
+    }
+
+    /// What the kernel side lost or could not read, and records that did not decode.
+    pub fn losses(&self) -> Losses {
+        let stats = self.tracer.stats();
+        let stat = |i: u32| stats.get(i as usize).copied().unwrap_or(0);
+        Losses {
+            ring_full: stat(STAT_RINGBUF_FULL),
+            read_errors: stat(STAT_READ_ERROR),
+            user_read_errors: stat(STAT_USER_READ_ERROR),
+            pending_full: stat(STAT_PENDING_FULL),
+            flow_full: stat(STAT_FLOW_FULL),
+            undecodable: self.bad.0,
+        }
+    }
+}
+
+/// Counters of what was lost, for the exit line and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Losses {
+    pub ring_full: u64,
+    pub read_errors: u64,
+    pub user_read_errors: u64,
+    pub pending_full: u64,
+    pub flow_full: u64,
+    pub undecodable: u64,
+}
+
+impl std::fmt::Display for Losses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} event(s) lost to a full ring buffer, {} kernel read error(s), {} unreadable send \
+             destination(s), {} pending-send table overflow(s), {} flow(s) not counted (flow \
+             table full), {} undecodable record(s)",
+            self.ring_full,
+            self.read_errors,
+            self.user_read_errors,
+            self.pending_full,
+            self.flow_full,
+            self.undecodable
+        )
+    }
+}

@@ -1,0 +1,132 @@
+//! `udptrace flows`: the flow table, live like top (redrawn every second on a terminal,
+//! printed every second otherwise), or one JSON snapshot when tracing stops.
+
+use std::{
+    io::{self, IsTerminal as _, Write as _},
+    net::SocketAddr,
+    time::Duration,
+};
+
+use crate::{
+    args::{FlowsArgs, SortBy},
+    clock::{monotonic_ns, Clock},
+    flows::{FlowTable, FlowView},
+    pipeline::Pipeline,
+};
+
+/// Flows in the table between refreshes.
+const IDLE: Duration = Duration::from_secs(300);
+/// Rows shown on a terminal.
+const ROWS: usize = 40;
+
+fn addr(a: Option<SocketAddr>) -> String {
+    a.map_or_else(|| "?".into(), |a| a.to_string())
+}
+
+fn sort(views: &mut [FlowView], by: SortBy) {
+    use std::cmp::Reverse;
+    match by {
+        SortBy::Packets => views.sort_by_key(|v| Reverse(v.packets)),
+        SortBy::Bytes => views.sort_by_key(|v| Reverse(v.bytes)),
+        SortBy::Drops => views.sort_by_key(|v| Reverse(v.drops.values().sum::<u64>())),
+    }
+}
+
+/// The table: one row per flow, NAT before→after and the receiver's view in columns.
+pub fn table(views: &[FlowView], rows: usize) -> String {
+    let mut out = format!(
+        "{:>9} {:>11} {:>6}  {:<22} {:<22} {:<30} {:<22} {}\n",
+        "DGRAMS", "BYTES", "DROPS", "SOURCE", "DESTINATION", "NAT", "RECEIVER SEES", "PROCESS"
+    );
+    for v in views.iter().take(rows) {
+        let drops: u64 = v.drops.values().sum();
+        let nat = v
+            .nat
+            .iter()
+            .map(|n| {
+                let (before, after) = if n.nat == "snat" {
+                    (n.before.src, n.after.src)
+                } else {
+                    (n.before.dst, n.after.dst)
+                };
+                format!("{} {}⇒{}", n.nat.to_uppercase(), addr(before), addr(after))
+            })
+            .collect::<Vec<_>>()
+            .join(", ");
+        let sees = v.last.map(|e| addr(e.src)).unwrap_or_default();
+        let process = match (&v.comm, v.pid) {
+            (Some(c), Some(p)) => format!("{c}[{p}]"),
+            _ => String::new(),
+        };
+        out.push_str(&format!(
+            "{:>9} {:>11} {:>6}  {:<22} {:<22} {:<30} {:<22} {}\n",
+            v.packets,
+            v.bytes,
+            drops,
+            addr(v.orig.src),
+            addr(v.orig.dst),
+            if nat.is_empty() { "-".into() } else { nat },
+            sees,
+            process
+        ));
+    }
+    out
+}
+
+pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
+    // JSON is one snapshot: by default after a second.
+    let duration = match (args.duration, args.json) {
+        (Some(s), _) => Some(Duration::from_secs(s)),
+        (None, true) => Some(Duration::from_secs(1)),
+        (None, false) => None,
+    };
+    let mut pipeline = Pipeline::start(args.netns, args.flow_entries, duration)?;
+    let filter = args.filter.filter();
+    let mut table_state = FlowTable::new(Clock::new(), IDLE);
+    let terminal = io::stdout().is_terminal();
+    eprintln!("udptrace: tracing; counting flows (Ctrl-C to stop)");
+    let mut redraw = tokio::time::interval(Duration::from_secs(1));
+    redraw.tick().await;
+    let mut finished = Vec::new();
+    let stop = loop {
+        tokio::select! {
+            step = pipeline.step(&mut finished) => {
+                if let Some(stop) = step? {
+                    break stop;
+                }
+            }
+            _ = redraw.tick() => {
+                table_state.update_counts(&pipeline.tracer.flows());
+                let expired = table_state.expire(monotonic_ns());
+                pipeline.tracer.remove_flows(&expired);
+                if !args.json {
+                    let mut views = table_state.snapshot(&filter);
+                    sort(&mut views, args.sort);
+                    let mut out = io::stdout().lock();
+                    let screen = if terminal { "\x1b[H\x1b[2J" } else { "" };
+                    let rows = if terminal { ROWS } else { usize::MAX };
+                    if write!(out, "{screen}{}", table(&views, rows)).and_then(|()| out.flush()).is_err() {
+                        break crate::pipeline::Stop::ClosedOutput;
+                    }
+                }
+            }
+        }
+        let now = monotonic_ns();
+        for path in finished.drain(..) {
+            table_state.observe(&path, now);
+        }
+    };
+    pipeline.flush(&mut finished);
+    let now = monotonic_ns();
+    for path in finished.drain(..) {
+        table_state.observe(&path, now);
+    }
+    table_state.update_counts(&pipeline.tracer.flows());
+    if args.json {
+        let mut views = table_state.snapshot(&filter);
+        sort(&mut views, args.sort);
+        println!("{}", serde_json::json!({ "flows": views }));
+    }
+    eprintln!("udptrace: stopped ({stop:?}); {}", pipeline.losses());
+    Ok(())
+}

@@ -129,7 +129,11 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         }
     }
     let state: AppState = Arc::new(Mutex::new(Shared {
-        flows: FlowTable::new(Clock::new(), settings.flow_idle),
+        flows: FlowTable::new(
+            Clock::new(),
+            settings.flow_idle,
+            settings.flow_entries as usize,
+        ),
         paths: VecDeque::new(),
         paths_kept: settings.paths_kept,
         losses: Losses::default(),
@@ -163,11 +167,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
             _ = read_counts.tick() => {
-                let kernel = pipeline.tracer.flows();
+                // Creations first, then the table: a flow created in between is in the
+                // table but not in the count, so evictions are never overestimated.
                 let losses = pipeline.losses();
+                let kernel = pipeline.tracer.flows();
                 let expired = {
                     let mut s = state.lock().expect("agent state");
-                    s.flows.update_counts(&kernel);
+                    s.flows.update_counts(&kernel, losses.flows_created, monotonic_ns());
+                    tracing::debug!(
+                        "flows: {} in the kernel's table, {} created there, {} here",
+                        kernel.len(),
+                        losses.flows_created,
+                        s.flows.len()
+                    );
                     s.losses = losses;
                     s.flows.expire(monotonic_ns())
                 };
@@ -423,7 +435,7 @@ mod tests {
 
     #[test]
     fn metrics_are_prometheus_text_with_our_names() {
-        let mut flows = FlowTable::new(Clock::new(), Duration::from_secs(60));
+        let mut flows = FlowTable::new(Clock::new(), Duration::from_secs(60), 16);
         let key = udptrace_common::FlowKey {
             netns: 7,
             ..Default::default()
@@ -433,7 +445,7 @@ mod tests {
             bytes: 30,
             ..Default::default()
         };
-        flows.update_counts(&[(key, stats)]);
+        flows.update_counts(&[(key, stats)], 1, 0);
         let s = Shared {
             flows,
             paths: VecDeque::new(),

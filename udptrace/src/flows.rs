@@ -59,6 +59,8 @@ pub struct FlowNat {
 
 /// Distinct rewrites kept per flow (a flow normally has one or two).
 const MAX_NAT: usize = 8;
+/// How long a flow seen only in a path waits for the kernel's table to show it.
+const PATH_ONLY_NS: u64 = 2_000_000_000;
 /// Datagrams in a row DNATed and then not delivered before a flow is called a black hole.
 const STALE_AFTER: u32 = 3;
 
@@ -123,7 +125,7 @@ pub struct Totals {
     pub drops: BTreeMap<(String, u32), u64>,
     /// By (netfilter hook, dnat/snat).
     pub nat: BTreeMap<(&'static str, &'static str), u64>,
-    /// Flows the kernel's LRU map evicted before they expired here.
+    /// Flows the kernel's LRU map evicted (created, not alive, not expired by us).
     pub evictions: u64,
     /// Flows expired after `idle`.
     pub expired: u64,
@@ -136,15 +138,22 @@ pub struct FlowTable {
     idle_ns: u64,
     flows: HashMap<FlowId, Flow>,
     totals: Totals,
+    /// Flows removed from the kernel's map by [`FlowTable::expire`].
+    removed: u64,
+    max_flows: usize,
 }
 
 impl FlowTable {
-    pub fn new(clock: Clock, idle: std::time::Duration) -> Self {
+    /// A table of at most `max_flows` flows (the kernel map's size: a flow the kernel no
+    /// longer counts is not kept here either), forgotten after `idle`.
+    pub fn new(clock: Clock, idle: std::time::Duration, max_flows: usize) -> Self {
         Self {
+            max_flows,
             clock,
             idle_ns: u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX),
             flows: HashMap::new(),
             totals: Totals::default(),
+            removed: 0,
         }
     }
 
@@ -156,9 +165,19 @@ impl FlowTable {
         &self.totals
     }
 
-    /// Takes in a read of the kernel's map (every flow it holds, CPUs summed): counts grow by
-    /// what is new since the last read; a flow the map no longer has was evicted.
-    pub fn update_counts(&mut self, kernel: &[(FlowKey, FlowStats)]) {
+    /// Takes in a read of the kernel's map (every flow it holds, CPUs summed) and how many
+    /// flows the kernel had created just before that read: counts grow by what is new since the last read;
+    /// flows created that neither live nor expired here were evicted by the LRU, whether or
+    /// not a read ever saw them.
+    pub fn update_counts(&mut self, kernel: &[(FlowKey, FlowStats)], created: u64, now_ns: u64) {
+        self.read_counts(kernel, now_ns);
+        self.totals.evictions = self
+            .totals
+            .evictions
+            .max(created.saturating_sub(kernel.len() as u64 + self.removed));
+    }
+
+    fn read_counts(&mut self, kernel: &[(FlowKey, FlowStats)], now_ns: u64) {
         let mut present = std::collections::HashSet::with_capacity(kernel.len());
         for (key, stats) in kernel {
             let id = FlowId::from_kernel(key);
@@ -183,16 +202,12 @@ impl FlowTable {
             flow.kernel = Some(*key);
             flow.counted = *stats;
         }
-        let evicted: Vec<FlowId> = self
-            .flows
-            .iter()
-            .filter(|(id, f)| f.kernel.is_some() && !present.contains(id))
-            .map(|(id, _)| *id)
-            .collect();
-        self.totals.evictions += evicted.len() as u64;
-        for id in evicted {
-            self.flows.remove(&id);
-        }
+        // Evicted by the kernel's LRU: forgotten here too (counted from the creations). A
+        // flow known only from a path is kept until the next read could have shown it.
+        self.flows.retain(|id, f| {
+            present.contains(id)
+                || (f.kernel.is_none() && now_ns.saturating_sub(f.active_ns) < PATH_ONLY_NS)
+        });
     }
 
     /// Takes in a finished path: its drops, rewrites, what the receiver saw.
@@ -211,6 +226,10 @@ impl FlowTable {
         let Some(id) = FlowId::of_path(path) else {
             return;
         };
+        if !self.flows.contains_key(&id) && self.flows.len() >= self.max_flows {
+            // The kernel's table is full too: this flow was (or will be) evicted there.
+            return;
+        }
         let flow = self.flows.entry(id).or_default();
         flow.active_ns = flow.active_ns.max(now_ns);
         if flow.first_path_ns == 0 {
@@ -265,10 +284,12 @@ impl FlowTable {
             .map(|(id, _)| *id)
             .collect();
         self.totals.expired += stale.len() as u64;
-        stale
+        let keys: Vec<FlowKey> = stale
             .into_iter()
             .filter_map(|id| self.flows.remove(&id)?.kernel)
-            .collect()
+            .collect();
+        self.removed += keys.len() as u64;
+        keys
     }
 
     /// The flows that pass `filter`, most datagrams first.
@@ -371,25 +392,25 @@ mod tests {
 
     #[test]
     fn counts_come_from_the_kernel_and_totals_only_grow() {
-        let mut t = FlowTable::new(clock(), Duration::from_secs(60));
-        t.update_counts(&[(key(), stats(5, 100))]);
-        t.update_counts(&[(key(), stats(8, 200))]);
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        t.update_counts(&[(key(), stats(5, 100))], 1, 0);
+        t.update_counts(&[(key(), stats(8, 200))], 1, 0);
         let v = t.snapshot(&Filter::default());
         assert_eq!((v[0].packets, v[0].bytes), (8, 24));
         assert_eq!(t.totals().datagrams[&key().netns], 8);
         // Evicted by the kernel's LRU: gone here, counted as an eviction, totals kept.
-        t.update_counts(&[]);
+        t.update_counts(&[], 1, 0);
         assert_eq!(t.len(), 0);
         assert_eq!(t.totals().evictions, 1);
         // Back with fresh counts: the totals grow by them.
-        t.update_counts(&[(key(), stats(2, 300))]);
+        t.update_counts(&[(key(), stats(2, 300))], 2, 0);
         assert_eq!(t.totals().datagrams[&key().netns], 10);
     }
 
     #[test]
     fn paths_add_drops_nat_and_the_receivers_view() {
-        let mut t = FlowTable::new(clock(), Duration::from_secs(60));
-        t.update_counts(&[(key(), stats(2, 100))]);
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        t.update_counts(&[(key(), stats(2, 100))], 1, 0);
         let mut dropped = sample_path();
         dropped.verdict = Verdict::Dropped;
         let mut drop = dropped.hops[0].clone();
@@ -426,8 +447,8 @@ mod tests {
 
     #[test]
     fn idle_flows_expire_and_leave_the_kernel_map_too() {
-        let mut t = FlowTable::new(clock(), Duration::from_nanos(1_000));
-        t.update_counts(&[(key(), stats(1, 100))]);
+        let mut t = FlowTable::new(clock(), Duration::from_nanos(1_000), 100);
+        t.update_counts(&[(key(), stats(1, 100))], 1, 0);
         assert!(t.expire(1_000).is_empty());
         assert_eq!(t.expire(1_101), vec![key()]);
         assert_eq!(t.len(), 0);
@@ -436,7 +457,7 @@ mod tests {
 
     #[test]
     fn repeated_dnat_without_delivery_is_called_stale() {
-        let mut t = FlowTable::new(clock(), Duration::from_secs(60));
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
         let mut path = sample_path();
         let mut nat = path.hops[0].clone();
         nat.kind = HopKind::Nat;

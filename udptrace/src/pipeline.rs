@@ -10,7 +10,8 @@ use tokio::{
     time::{Instant, Interval},
 };
 use udptrace_common::{
-    STAT_FLOW_FULL, STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
+    STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL,
+    STAT_USER_READ_ERROR,
 };
 
 use crate::{
@@ -129,6 +130,7 @@ impl Pipeline {
             user_read_errors: stat(STAT_USER_READ_ERROR),
             pending_full: stat(STAT_PENDING_FULL),
             flow_full: stat(STAT_FLOW_FULL),
+            flows_created: stat(STAT_FLOW_NEW),
             undecodable: self.bad.0,
         }
     }
@@ -142,6 +144,8 @@ pub struct Losses {
     pub user_read_errors: u64,
     pub pending_full: u64,
     pub flow_full: u64,
+    /// Flows the kernel added to its table (not a loss: with its size, gives evictions).
+    pub flows_created: u64,
     pub undecodable: u64,
 }
 

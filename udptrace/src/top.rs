@@ -82,7 +82,7 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
     };
     let mut pipeline = Pipeline::start(args.netns, args.flow_entries, duration)?;
     let filter = args.filter.filter();
-    let mut table_state = FlowTable::new(Clock::new(), IDLE);
+    let mut table_state = FlowTable::new(Clock::new(), IDLE, args.flow_entries as usize);
     let terminal = io::stdout().is_terminal();
     eprintln!("udptrace: tracing; counting flows (Ctrl-C to stop)");
     let mut redraw = tokio::time::interval(Duration::from_secs(1));
@@ -96,7 +96,8 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
                 }
             }
             _ = redraw.tick() => {
-                table_state.update_counts(&pipeline.tracer.flows());
+                let created = pipeline.losses().flows_created;
+                table_state.update_counts(&pipeline.tracer.flows(), created, monotonic_ns());
                 let expired = table_state.expire(monotonic_ns());
                 pipeline.tracer.remove_flows(&expired);
                 if !args.json {
@@ -121,7 +122,8 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
     for path in finished.drain(..) {
         table_state.observe(&path, now);
     }
-    table_state.update_counts(&pipeline.tracer.flows());
+    let created = pipeline.losses().flows_created;
+    table_state.update_counts(&pipeline.tracer.flows(), created, monotonic_ns());
     if args.json {
         let mut views = table_state.snapshot(&filter);
         sort(&mut views, args.sort);

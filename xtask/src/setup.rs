@@ -38,6 +38,8 @@ const PACKAGES: &[&str] = &[
     "runc",
     "netavark",
     "aardvark-dns",
+    // A real Prometheus server scrapes the agent in a test; promtool lints /metrics.
+    "prometheus",
     // The VM tests: qemu, and the kernel modules index.
     "qemu-system-x86",
     "kmod",

@@ -438,3 +438,116 @@ pub fn kernel_has_drop_reason(name: &str) -> bool {
     sh(&["bpftool", "btf", "dump", "file", "/sys/kernel/btf/vmlinux"])
         .contains(&format!("'SKB_DROP_REASON_{name}'"))
 }
+
+/// A running `udptrace agent` (stopped with SIGINT when dropped).
+pub struct Agent {
+    child: Child,
+    /// `http://127.0.0.1:PORT`
+    pub url: String,
+    stderr: Arc<Mutex<String>>,
+}
+
+impl Agent {
+    /// Starts `udptrace agent --listen 127.0.0.1:0 ARGS` and waits until it serves.
+    pub fn start(args: &[&str]) -> Self {
+        let mut child = Command::new(UDPTRACE)
+            .args(["agent", "--listen", "127.0.0.1:0"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("start udptrace agent");
+        let stderr = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        {
+            let stderr = stderr.clone();
+            let pipe = child.stderr.take().expect("stderr");
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if let Some(url) = line.strip_prefix("udptrace: agent listening on ") {
+                        let _ = tx.send(url.to_string());
+                    }
+                    let mut s = stderr.lock().unwrap();
+                    s.push_str(&line);
+                    s.push('\n');
+                }
+            });
+        }
+        let Ok(url) = rx.recv_timeout(Duration::from_secs(60)) else {
+            let _ = child.kill();
+            panic!("the agent did not start:\n{}", stderr.lock().unwrap());
+        };
+        Self { child, url, stderr }
+    }
+
+    pub fn stderr(&self) -> String {
+        self.stderr.lock().unwrap().clone()
+    }
+
+    /// The agent's resident memory (VmRSS) in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .expect("VmRSS")
+    }
+
+    /// A metric's value in /metrics (the first sample whose line starts with `series`).
+    pub fn metric(&self, series: &str) -> Option<f64> {
+        self.get("/metrics")
+            .lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+    }
+
+    /// GET `path` (with its query) from the agent: the body.
+    pub fn get(&self, path: &str) -> String {
+        http_get(&format!("{}{path}", self.url))
+    }
+
+    /// Stops with `signal` and returns the exit status.
+    pub fn stop(mut self, signal: i32) -> ExitStatus {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            if let Some(status) = self.child.try_wait().expect("wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "agent did not exit:\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A plain HTTP GET (only to the servers the tests start on 127.0.0.1): the body.
+pub fn http_get(url: &str) -> String {
+    ureq::get(url)
+        .call()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+        .body_mut()
+        .read_to_string()
+        .unwrap_or_else(|e| panic!("GET {url}: {e}"))
+}

@@ -167,23 +167,8 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                 }
             }
             _ = read_counts.tick() => {
-                // Creations first, then the table: a flow created in between is in the
-                // table but not in the count, so evictions are never overestimated.
-                let losses = pipeline.losses();
-                let kernel = pipeline.tracer.flows();
-                let expired = {
-                    let mut s = state.lock().expect("agent state");
-                    s.flows.update_counts(&kernel, losses.flows_created, monotonic_ns());
-                    tracing::debug!(
-                        "flows: {} in the kernel's table, {} created there, {} here",
-                        kernel.len(),
-                        losses.flows_created,
-                        s.flows.len()
-                    );
-                    s.losses = losses;
-                    s.flows.expire(monotonic_ns())
-                };
-                pipeline.tracer.remove_flows(&expired);
+                let mut s = state.lock().expect("agent state");
+                s.losses = pipeline.refresh_flows(&mut s.flows);
             }
         }
         if !finished.is_empty() {

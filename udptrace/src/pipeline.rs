@@ -17,6 +17,7 @@ use udptrace_common::{
 use crate::{
     clock::{monotonic_ns, Clock},
     events::{Event, EventStream, Undecodable},
+    flows::FlowTable,
     loader::{NetnsScope, Tracer},
     paths::{Assembler, Path},
 };
@@ -106,6 +107,25 @@ impl Pipeline {
         }
         self.assembler.tick(monotonic_ns(), out);
         Ok(None)
+    }
+
+    /// Brings `table` up to date with the kernel's flow counters, expires idle flows (here
+    /// and in the kernel) and returns the loss counters read along the way.
+    pub fn refresh_flows(&mut self, table: &mut FlowTable) -> Losses {
+        // Creations first, then the table: a flow created in between is in the table but
+        // not in the count, so evictions are never overestimated.
+        let losses = self.losses();
+        let kernel = self.tracer.flows();
+        table.update_counts(&kernel, losses.flows_created, monotonic_ns());
+        tracing::debug!(
+            "flows: {} in the kernel's table, {} created there, {} here",
+            kernel.len(),
+            losses.flows_created,
+            table.len()
+        );
+        let expired = table.expire(monotonic_ns());
+        self.tracer.remove_flows(&expired);
+        losses
     }
 
     fn cover_new_namespaces(&mut self) {

@@ -96,10 +96,7 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
                 }
             }
             _ = redraw.tick() => {
-                let created = pipeline.losses().flows_created;
-                table_state.update_counts(&pipeline.tracer.flows(), created, monotonic_ns());
-                let expired = table_state.expire(monotonic_ns());
-                pipeline.tracer.remove_flows(&expired);
+                pipeline.refresh_flows(&mut table_state);
                 if !args.json {
                     let mut views = table_state.snapshot(&filter);
                     sort(&mut views, args.sort);
@@ -122,8 +119,7 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
     for path in finished.drain(..) {
         table_state.observe(&path, now);
     }
-    let created = pipeline.losses().flows_created;
-    table_state.update_counts(&pipeline.tracer.flows(), created, monotonic_ns());
+    pipeline.refresh_flows(&mut table_state);
     if args.json {
         let mut views = table_state.snapshot(&filter);
         sort(&mut views, args.sort);

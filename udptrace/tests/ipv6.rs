@@ -4,18 +4,14 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader},
-    process::Stdio,
+    io::{BufRead as _, BufReader, Lines},
+    process::{Child, ChildStdout, Stdio},
 };
 
 use common::*;
 
-#[test]
-fn a_datagram_behind_a_destination_options_header_is_followed() {
-    require_root();
-    let net = Pair::new(&[]);
-    let dump = tcpdump_with(&net.b, "ut-b", &["-c", "1", "-v"], "ip6[6] = 60");
-    let tracer = Tracer::start(&["--netns", "all", "--port", "20831", "--count", "1"]);
+/// A receiver on [B6]:`port` in `b`, ready: it prints the length of what it gets.
+fn receiver(net: &Pair, port: u16) -> (Child, Lines<BufReader<ChildStdout>>) {
     let mut rx = net
         .b
         .cmd(PYTHON)
@@ -23,8 +19,8 @@ fn a_datagram_behind_a_destination_options_header_is_followed() {
             "-c",
             &format!(
                 "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
-                 s.bind(('{B6}',20831))\nprint('ready',flush=True)\n\
-                 print(len(s.recv(100)),flush=True)"
+                 s.bind(('{B6}',{port}))\nprint('ready',flush=True)\n\
+                 print(len(s.recv(65535)),flush=True)"
             ),
         ])
         .stdout(Stdio::piped())
@@ -32,6 +28,16 @@ fn a_datagram_behind_a_destination_options_header_is_followed() {
         .unwrap();
     let mut lines = BufReader::new(rx.stdout.take().unwrap()).lines();
     assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    (rx, lines)
+}
+
+#[test]
+fn a_datagram_behind_a_destination_options_header_is_followed() {
+    require_root();
+    let net = Pair::new(&[]);
+    let dump = tcpdump_with(&net.b, "ut-b", &["-c", "1", "-v"], "ip6[6] = 60");
+    let tracer = Tracer::start(&["--netns", "all", "--port", "20831", "--count", "1"]);
+    let (mut rx, mut lines) = receiver(&net, 20831);
     // A sticky destination options header holding one PadN option.
     let sent = net
         .a
@@ -76,22 +82,7 @@ fn an_ipv6_datagram_fragmented_by_its_sender_is_one_path() {
         "ip6 and src host fd0c:203::1 and ip6[6] = 44",
     );
     let tracer = Tracer::start(&["--netns", "all", "--port", "20832", "--count", "1"]);
-    let mut rx = net
-        .b
-        .cmd(PYTHON)
-        .args([
-            "-c",
-            &format!(
-                "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
-                 s.bind(('{B6}',20832))\nprint('ready',flush=True)\n\
-                 print(len(s.recv(65535)),flush=True)"
-            ),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(rx.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
+    let (mut rx, mut lines) = receiver(&net, 20832);
     let (pid, _) = py_send(&net.a, B6, 20832, "sendto", 3000);
     assert_eq!(lines.next().unwrap().unwrap(), "3000");
     let _ = rx.wait();

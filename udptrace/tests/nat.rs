@@ -6,7 +6,6 @@ mod common;
 use std::process::Command;
 
 use common::*;
-use serde_json::Value;
 
 /// Whether this kernel has BPF netfilter links; prints why not when it has none.
 fn netfilter_links() -> bool {
@@ -30,15 +29,6 @@ fn netfilter_links() -> bool {
 fn iptables(ns: &Netns, args: &[&str]) {
     let status = ns.cmd("iptables").args(args).status().expect("iptables");
     assert!(status.success(), "iptables {args:?}");
-}
-
-fn hops<'a>(path: &'a Value, kind: &str) -> Vec<&'a Value> {
-    path["hops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["kind"] == kind)
-        .collect()
 }
 
 #[test]
@@ -96,16 +86,16 @@ fn dnat_at_output_and_snat_at_postrouting_are_both_on_the_path() {
     );
     assert_eq!(path["hops"][0]["pid"], pid);
     // Across the veth: tc ingress on its peer, in the other namespace, after SNAT.
-    let ingress = hops(&path, "ingress")[0];
+    let ingress = hops_of(&path, "ingress")[0];
     assert_eq!(ingress["ifname"], "ut-b");
-    assert_eq!(ingress["netns"], hops(&path, "drop")[0]["netns"]);
+    assert_eq!(ingress["netns"], hops_of(&path, "drop")[0]["netns"]);
     assert_eq!(ingress["src"], format!("10.203.0.7:{sport}"));
     assert_eq!(
         path["orig"]["dst"], "10.203.0.9:20501",
         "as the application gave it"
     );
 
-    let nat = hops(&path, "nat");
+    let nat = hops_of(&path, "nat");
     let (dnat, snat) = (nat[0], nat[1]);
     assert_eq!(
         (dnat["nat"].as_str(), dnat["nf_hook"].as_str()),
@@ -134,7 +124,7 @@ fn dnat_at_output_and_snat_at_postrouting_are_both_on_the_path() {
     );
 
     // What the receiving side sees: the rewritten addresses, dropped for want of a socket.
-    let drop = hops(&path, "drop")[0];
+    let drop = hops_of(&path, "drop")[0];
     assert_eq!(drop["reason"], "NO_SOCKET");
     assert_eq!(drop["netns"], net.b.inode());
     assert_eq!(path["final"]["src"], format!("10.203.0.7:{sport}"));
@@ -195,13 +185,13 @@ fn without_nat_there_is_no_nat_hop_and_host_scope_skips_other_namespaces() {
     let tracer = Tracer::start(&["--port", "20504", "--count", "1"]);
     py_send(&net.a, B4, 20503, "sendto", 3);
     let path = tracer.one_path();
-    assert!(hops(&path, "nat").is_empty(), "{path}");
-    assert_eq!(hops(&path, "xmit")[0]["dst"], "10.203.0.2:20504");
+    assert!(hops_of(&path, "nat").is_empty(), "{path}");
+    assert_eq!(hops_of(&path, "xmit")[0]["dst"], "10.203.0.2:20504");
     // A datagram no rule touches has no nat hop even when every namespace is watched.
     let tracer = Tracer::start(&["--netns", "all", "--port", "20505", "--count", "1"]);
     py_send(&net.a, B4, 20505, "sendto", 3);
     let path = tracer.one_path();
-    assert!(hops(&path, "nat").is_empty(), "{path}");
+    assert!(hops_of(&path, "nat").is_empty(), "{path}");
 }
 
 #[test]
@@ -233,7 +223,7 @@ fn namespaces_created_while_tracing_are_covered() {
     std::thread::sleep(std::time::Duration::from_millis(2500)); // the tracer scans every second
     py_send(&net.a, B4, 20506, "sendto", 3);
     let path = tracer.one_path();
-    let nat = hops(&path, "nat");
+    let nat = hops_of(&path, "nat");
     assert_eq!(nat.len(), 1, "{path}");
     assert_eq!(nat[0]["netns"], net.a.inode());
     assert_eq!(nat[0]["after"]["dst"], "10.203.0.2:20507");

@@ -10,7 +10,6 @@ use std::{
     process::{Child, ChildStdout, Stdio},
 };
 
-use serde_json::Value;
 
 use common::*;
 
@@ -150,15 +149,6 @@ fn a_datagram_over_vxlan_shows_its_encapsulation_and_arrives() {
     );
 }
 
-fn kinds_of<'a>(path: &'a Value, kind: &str) -> Vec<&'a Value> {
-    path["hops"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter(|h| h["kind"] == kind)
-        .collect()
-}
-
 /// Scenario 4, first half: a 3000-byte datagram over an overlay with a 1450-byte MTU is
 /// cut into fragments at the sender, carried one by one, and put back together.
 #[test]
@@ -190,7 +180,7 @@ fn a_datagram_larger_than_the_overlay_mtu_travels_in_fragments() {
         ["send", "fragment", "xmit", "encap", "ingress", "decap", "fragment", "deliver"],
         "{path}"
     );
-    let frag = kinds_of(&path, "fragment");
+    let frag = hops_of(&path, "fragment");
     let (split, joined) = (frag[0], frag[1]);
     assert_eq!(split["fragment"]["action"], "split");
     assert_eq!(split["ifname"], "vx0");
@@ -209,7 +199,7 @@ fn a_datagram_larger_than_the_overlay_mtu_travels_in_fragments() {
         assert_eq!(hop["fragment"]["fragments"], 3, "{hop}");
         assert_eq!(hop["fragment"]["ip_id"], ip_id, "{hop}");
     }
-    assert_eq!(kinds_of(&path, "deliver")[0]["len"], 3000);
+    assert_eq!(hops_of(&path, "deliver")[0]["len"], 3000);
     let explain = path["explain"].as_str().unwrap();
     assert!(
         explain.contains("as 3 IP fragments from vx0 (MTU 1450)"),
@@ -284,10 +274,10 @@ fn a_dont_fragment_datagram_too_big_for_the_overlay_is_dropped_with_frag_needed(
         ["send", "xmit", "ingress", "drop"],
         "{path}"
     );
-    let drop = kinds_of(&path, "drop")[0];
+    let drop = hops_of(&path, "drop")[0];
     assert_eq!(drop["netns"], net.a.inode(), "dropped by the node: {path}");
-    assert_eq!(kinds_of(&path, "ingress")[0]["ifname"], "ut-ca");
-    assert_eq!(kinds_of(&path, "xmit")[0]["mtu"], 1500);
+    assert_eq!(hops_of(&path, "ingress")[0]["ifname"], "ut-ca");
+    assert_eq!(hops_of(&path, "xmit")[0]["mtu"], 1500);
     if kernel_has_drop_reason("PKT_TOO_BIG") {
         assert_eq!(drop["reason"], "PKT_TOO_BIG", "{path}");
         let explain = path["explain"].as_str().unwrap();

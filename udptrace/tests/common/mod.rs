@@ -218,6 +218,16 @@ pub fn tcpdump_with(ns: &Netns, dev: &str, options: &[&str], filter: &str) -> Ch
     child
 }
 
+/// The hops of `kind` in a path, in order.
+pub fn hops_of<'a>(path: &'a Value, kind: &str) -> Vec<&'a Value> {
+    path["hops"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|h| h["kind"] == kind)
+        .collect()
+}
+
 /// The kinds of a path's hops, in order.
 pub fn hop_kinds(path: &Value) -> Vec<String> {
     path["hops"]
@@ -376,22 +386,35 @@ impl Tracer {
     }
 }
 
-impl Drop for Tracer {
-    /// A failed test still stops udptrace the way a user would (SIGINT), so it removes what
-    /// it attached (tc filters on older kernels outlive a killed process); SIGKILL if it
-    /// does not exit.
-    fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+/// Sends `signal` to `child` and waits up to `timeout` for it to exit.
+fn signal_and_wait(child: &mut Child, signal: i32, timeout: Duration) -> Option<ExitStatus> {
+    // SAFETY: kill(2) on our own child.
+    unsafe { libc::kill(child.id() as i32, signal) };
+    let deadline = Instant::now() + timeout;
+    loop {
+        if let Ok(Some(status)) = child.try_wait() {
+            return Some(status);
         }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        if Instant::now() >= deadline {
+            return None;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// A failed test still stops udptrace the way a user would (SIGINT), so it removes what it
+/// attached (tc filters on older kernels outlive a killed process); SIGKILL if it does not
+/// exit.
+fn stop_child(child: &mut Child) {
+    if signal_and_wait(child, libc::SIGINT, Duration::from_secs(10)).is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+}
+
+impl Drop for Tracer {
+    fn drop(&mut self) {
+        stop_child(&mut self.child);
     }
 }
 
@@ -509,36 +532,14 @@ impl Agent {
 
     /// Stops with `signal` and returns the exit status.
     pub fn stop(mut self, signal: i32) -> ExitStatus {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, signal) };
-        let deadline = Instant::now() + Duration::from_secs(15);
-        loop {
-            if let Some(status) = self.child.try_wait().expect("wait") {
-                return status;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "agent did not exit:\n{}",
-                self.stderr()
-            );
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        signal_and_wait(&mut self.child, signal, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("agent did not exit:\n{}", self.stderr()))
     }
 }
 
 impl Drop for Agent {
     fn drop(&mut self) {
-        // SAFETY: kill(2) on our own child.
-        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while Instant::now() < deadline {
-            if let Ok(Some(_)) = self.child.try_wait() {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        stop_child(&mut self.child);
     }
 }
 

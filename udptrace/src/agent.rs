@@ -185,7 +185,16 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
         }
     };
-    // Detach everything before saying goodbye; the server finishes its requests.
+    // Paths still being assembled count as they are (a drop seen is a drop), then detach
+    // everything before saying goodbye; the server finishes its requests.
+    pipeline.flush(&mut finished);
+    {
+        let now = monotonic_ns();
+        let mut s = state.lock().expect("agent state");
+        for path in finished.drain(..) {
+            s.flows.observe(&path, now);
+        }
+    }
     let _ = stop_tx.send(());
     let losses = pipeline.losses();
     drop(pipeline);

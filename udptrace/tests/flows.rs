@@ -289,3 +289,77 @@ fn memory_is_bounded_at_100k_flows_and_evictions_are_counted() {
     assert!(kept <= 1024.0, "{kept} flows kept, {evicted} evicted");
     assert!(evicted >= 3_976.0, "{kept} flows kept, {evicted} evicted");
 }
+
+/// A Service-like DNAT in the sender's namespace to a backend address where nothing listens
+/// any more: the flow shows the rewrite, every drop, and is called a black hole.
+#[test]
+fn nat_and_drops_are_counted_per_flow_and_a_black_hole_is_named() {
+    require_root();
+    let net = Pair::new(&[]);
+    let rule = [
+        "-t",
+        "nat",
+        "-A",
+        "OUTPUT",
+        "-p",
+        "udp",
+        "-d",
+        "10.203.0.9",
+        "--dport",
+        "20931",
+        "-j",
+        "DNAT",
+        "--to-destination",
+        "10.203.0.2:20932",
+    ];
+    assert!(net.a.cmd("iptables").args(rule).status().unwrap().success());
+    if nat_hook().is_none() {
+        eprintln!("skipped: no NAT hook on this kernel");
+        return;
+    }
+    let agent = Agent::start(&["--netns", "all"]);
+    burst(&net.a, "10.203.0.9", 20931, 5, 20);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let flow = loop {
+        let body: Value = serde_json::from_str(&agent.get("/api/v1/flows?port=20931")).unwrap();
+        let flow = body["flows"][0].clone();
+        if (flow["drops"]["NO_SOCKET"] == 5 && flow["packets"] == 5) || Instant::now() > deadline {
+            break flow;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    assert_eq!(flow["packets"], 5, "{flow}");
+    assert_eq!(flow["orig"]["dst"], "10.203.0.9:20931");
+    assert_eq!(flow["drops"]["NO_SOCKET"], 5, "{flow}");
+    let nat = flow["nat"].as_array().unwrap();
+    assert_eq!(nat.len(), 1, "{flow}");
+    assert_eq!(
+        (nat[0]["nat"].as_str(), nat[0]["after"]["dst"].as_str()),
+        (Some("dnat"), Some("10.203.0.2:20932"))
+    );
+    assert_eq!(flow["stale_dnat"], true, "{flow}");
+    assert!(
+        flow["explain"]
+            .as_str()
+            .unwrap()
+            .contains("stale conntrack"),
+        "{flow}"
+    );
+    // Ground truth: conntrack has the entry the datagrams were DNATed by.
+    let ct = net
+        .a
+        .cmd("conntrack")
+        .args(["-L", "-p", "udp", "--dport", "20931"])
+        .output()
+        .unwrap();
+    let ct = String::from_utf8_lossy(&ct.stdout);
+    assert!(
+        ct.contains("dst=10.203.0.9") && ct.contains("src=10.203.0.2"),
+        "{ct}"
+    );
+    let metrics = agent.get("/metrics");
+    assert!(
+        metrics.contains("udptrace_nat_translations_total{hook=\"output\",nat=\"dnat\"} 5"),
+        "{metrics}"
+    );
+}

@@ -10,7 +10,6 @@ use std::{
     process::{Child, ChildStdout, Stdio},
 };
 
-
 use common::*;
 
 /// The overlay: vx0 in each node, VNI 42, 10.205.0.0/24 over the underlay veth

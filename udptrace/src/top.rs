@@ -128,3 +128,68 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
     eprintln!("udptrace: stopped ({stop:?}); {}", pipeline.losses());
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use std::{collections::BTreeMap, time::SystemTime};
+
+    use super::*;
+    use crate::{flows::FlowNat, paths::Endpoints};
+
+    fn view(packets: u64, drops: u64) -> FlowView {
+        let sa = |s: &str| Some(s.parse::<SocketAddr>().unwrap());
+        FlowView {
+            orig: Endpoints {
+                src: sa("10.88.0.34:43090"),
+                dst: sa("10.88.0.1:5353"),
+            },
+            last: Some(Endpoints {
+                src: sa("10.88.0.1:43090"),
+                dst: sa("10.88.0.33:5353"),
+            }),
+            netns: 1,
+            packets,
+            bytes: packets * 3,
+            errors: 0,
+            drops: BTreeMap::from([("NO_SOCKET".to_string(), drops)]),
+            nat: vec![FlowNat {
+                nat: "dnat",
+                nf_hook: "prerouting",
+                netns: 1,
+                before: Endpoints {
+                    src: sa("10.88.0.34:43090"),
+                    dst: sa("10.88.0.1:5353"),
+                },
+                after: Endpoints {
+                    src: sa("10.88.0.34:43090"),
+                    dst: sa("10.88.0.33:5353"),
+                },
+            }],
+            first_seen: SystemTime::UNIX_EPOCH,
+            last_seen: SystemTime::UNIX_EPOCH,
+            pid: Some(7),
+            comm: Some("nc".into()),
+            stale_dnat: false,
+            explain: String::new(),
+        }
+    }
+
+    #[test]
+    fn the_table_shows_nat_and_what_the_receiver_sees_sorted_as_asked() {
+        let mut views = vec![view(1, 9), view(5, 0)];
+        sort(&mut views, SortBy::Packets);
+        assert_eq!(views[0].packets, 5);
+        sort(&mut views, SortBy::Drops);
+        assert_eq!(views[0].packets, 1);
+        let text = table(&views, 1);
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines.len(), 2, "header and one row: {text}");
+        assert!(lines[0].contains("RECEIVER SEES"));
+        assert!(
+            lines[1].contains("DNAT 10.88.0.1:5353⇒10.88.0.33:5353"),
+            "{text}"
+        );
+        assert!(lines[1].contains("10.88.0.1:43090"), "{text}");
+        assert!(lines[1].contains("nc[7]"), "{text}");
+    }
+}

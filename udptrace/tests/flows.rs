@@ -51,7 +51,12 @@ fn flows_to(agent: &Agent, port: u16, want: u64) -> Vec<Value> {
 fn the_agent_counts_every_datagram_of_a_flow_exactly() {
     require_root();
     let net = Pair::new(&[]);
+    let before = udptrace_program_ids();
     let agent = Agent::start(&["--netns", "all"]);
+    let mine: std::collections::BTreeSet<u64> = udptrace_program_ids()
+        .difference(&before)
+        .copied()
+        .collect();
     for (n, port) in [(1u64, 20901u16), (10, 20902), (250, 20903)] {
         burst(&net.a, B4, port, n as usize, 100);
         let flows = flows_to(&agent, port, n);
@@ -106,10 +111,8 @@ fn the_agent_counts_every_datagram_of_a_flow_exactly() {
     }
     // SIGTERM: detach everything, exit 0.
     assert!(agent.stop(libc::SIGTERM).success());
-    let progs = sh(&["bpftool", "prog", "show"]);
-    for name in ["send_sock_send", "ingress_", "drop_kfree_skb", "nat_before"] {
-        assert!(!progs.contains(name), "{name} still loaded:\n{progs}");
-    }
+    assert!(!mine.is_empty());
+    assert_eq!(wait_unloaded(&mine), Vec::<u64>::new(), "left loaded");
 }
 
 #[test]

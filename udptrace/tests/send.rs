@@ -277,52 +277,21 @@ fn count_and_duration_stop_the_trace() {
 #[test]
 fn ctrl_c_stops_cleanly_and_removes_every_program() {
     require_root();
-    let ours = || {
-        let out = sh(&["bpftool", "-j", "prog", "show"]);
-        let progs: Vec<Value> = serde_json::from_str(&out).expect("bpftool JSON");
-        let ids: Vec<u64> = progs
-            .iter()
-            .filter(|p| {
-                let name = p["name"].as_str().unwrap_or_default();
-                ["send_", "xmit_", "drop_", "nat_"]
-                    .iter()
-                    .any(|ours| name.starts_with(ours))
-            })
-            .filter_map(|p| p["id"].as_u64())
-            .collect();
-        let out = sh(&["bpftool", "-j", "link", "show"]);
-        let links: Vec<Value> = serde_json::from_str(&out).expect("bpftool JSON");
-        let linked = links
-            .iter()
-            .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ids.contains(&id)))
-            .count();
-        (ids.len(), linked)
-    };
-    // The kernel frees programs shortly after their last fd closes (earlier tests' tracers
-    // may still be going away): wait for a settled count.
-    let settle = |want: (usize, usize)| {
-        let deadline = std::time::Instant::now() + Duration::from_secs(5);
-        loop {
-            let now = ours();
-            if now == want || std::time::Instant::now() > deadline {
-                return now;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
-    };
-    let before = settle((0, 0));
+    // Programs already loaded (another udptrace on this host, say) are not ours to judge.
+    let before = udptrace_program_ids();
     let tracer = Tracer::start(&["--port", "20308", "--netns", "all"]);
-    let during = ours();
-    assert!(
-        during.0 > before.0 && during.1 > before.1,
-        "loaded and linked while tracing: {during:?}"
-    );
+    let mine: std::collections::BTreeSet<u64> = udptrace_program_ids()
+        .difference(&before)
+        .copied()
+        .collect();
+    assert!(!mine.is_empty(), "programs loaded while tracing");
+    assert!(links_to(&mine) > 0, "and linked");
     let status = tracer.stop();
     assert!(status.success(), "SIGINT is a clean stop: {status}");
     assert_eq!(
-        settle(before),
-        before,
-        "every program and link udptrace made is gone"
+        wait_unloaded(&mine),
+        Vec::<u64>::new(),
+        "every program udptrace loaded is gone, and with them their links"
     );
 }
 

@@ -1,6 +1,7 @@
-//! Project tasks: `cargo xtask setup | build | run | test`.
+//! Project tasks: `cargo xtask setup | build | image | run | test`.
 
 mod cmd;
+mod image;
 mod setup;
 mod test;
 mod vm;
@@ -24,6 +25,8 @@ enum Task {
     Setup,
     /// Build target/release/udptrace with its eBPF programs embedded.
     Build,
+    /// Build the agent's container image (udptrace:VERSION) with podman.
+    Image,
     /// Set up, build, and run udptrace as root with the given arguments.
     Run {
         /// Arguments for udptrace, e.g. `trace --port 53`.
@@ -53,6 +56,7 @@ fn main() -> ExitCode {
     let result: Result<()> = match cli.task {
         Task::Setup => setup::run(),
         Task::Build => setup::run().and_then(|()| test::build_release()),
+        Task::Image => setup::run().and_then(|()| image::build()),
         Task::Run { args } => setup::run()
             .and_then(|()| test::build_release())
             .and_then(|()| {

@@ -49,6 +49,36 @@ pub fn run() -> Result<()> {
     packages()?;
     rust_src()?;
     bpf_linker()?;
+    python_tools()?;
+    musl_target()
+}
+
+/// The static target the container image's binary is built for.
+fn musl_target() -> Result<()> {
+    let installed = output(Command::new("rustup").args(["target", "list", "--installed"]))?;
+    if installed.lines().any(|l| l.trim() == crate::image::TARGET) {
+        return Ok(());
+    }
+    exec(Command::new("rustup").args(["target", "add", crate::image::TARGET]))
+}
+
+/// The Kubernetes schema validator the deploy test runs, pinned, in a venv of its own.
+const KUBERNETES_VALIDATE: &str = "kubernetes-validate==1.37.0";
+
+/// Where `python_tools` puts its venv (`bin/kubernetes-validate`).
+fn venv() -> Result<PathBuf> {
+    Ok(home()?.join(".cache/udptrace/venv"))
+}
+
+fn python_tools() -> Result<()> {
+    let venv = venv()?;
+    let stamp = venv.join("udptrace.stamp");
+    if fs::read_to_string(&stamp).is_ok_and(|s| s == KUBERNETES_VALIDATE) {
+        return Ok(());
+    }
+    exec(Command::new("python3").arg("-m").arg("venv").arg(&venv))?;
+    exec(Command::new(venv.join("bin/pip")).args(["install", "-q", KUBERNETES_VALIDATE]))?;
+    fs::write(&stamp, KUBERNETES_VALIDATE)?;
     Ok(())
 }
 

@@ -97,7 +97,11 @@ pub fn build_tests() -> Result<Vec<String>> {
 }
 
 /// Runs every test binary on this host: as root, one test at a time (they share the kernel).
+/// The agent's image is built first where podman is, for the test that runs it.
 pub fn run_host(totals: &mut Totals) -> Result<()> {
+    if crate::image::podman_available() {
+        crate::image::build()?;
+    }
     let binaries = build_tests()?;
     let mut failed = Vec::new();
     for exe in &binaries {

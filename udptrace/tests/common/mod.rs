@@ -552,3 +552,60 @@ pub fn http_get(url: &str) -> String {
         .read_to_string()
         .unwrap_or_else(|e| panic!("GET {url}: {e}"))
 }
+
+/// deploy/base/daemonset.yaml, compiled in (tests also run where the repository is not).
+pub const DAEMONSET: &str = include_str!("../../../deploy/base/daemonset.yaml");
+
+/// The capabilities the DaemonSet adds, in order.
+pub fn daemonset_capabilities() -> Vec<&'static str> {
+    DAEMONSET
+        .lines()
+        .skip_while(|l| !l.trim_start().starts_with("add:"))
+        .skip(1)
+        .map(str::trim)
+        .filter(|l| !l.starts_with('#'))
+        .take_while(|l| l.starts_with("- "))
+        .map(|l| l.trim_start_matches("- "))
+        .collect()
+}
+
+/// Ids of the loaded BPF programs that are udptrace's (by their names).
+pub fn udptrace_program_ids() -> std::collections::BTreeSet<u64> {
+    let out = sh(&["bpftool", "-j", "prog", "show"]);
+    let progs: Vec<Value> = serde_json::from_str(&out).expect("bpftool JSON");
+    progs
+        .iter()
+        .filter(|p| {
+            let name = p["name"].as_str().unwrap_or_default();
+            [
+                "send_", "xmit_", "drop_", "nat_", "deliver_", "recv_", "ingress_",
+            ]
+            .iter()
+            .any(|ours| name.starts_with(ours))
+        })
+        .filter_map(|p| p["id"].as_u64())
+        .collect()
+}
+
+/// How many BPF links point at the programs `ids`.
+pub fn links_to(ids: &std::collections::BTreeSet<u64>) -> usize {
+    let out = sh(&["bpftool", "-j", "link", "show"]);
+    let links: Vec<Value> = serde_json::from_str(&out).expect("bpftool JSON");
+    links
+        .iter()
+        .filter(|l| l["prog_id"].as_u64().is_some_and(|id| ids.contains(&id)))
+        .count()
+}
+
+/// Waits (up to 5 s: the kernel frees a program shortly after its last reference goes)
+/// until none of `ids` is loaded; the ones still there.
+pub fn wait_unloaded(ids: &std::collections::BTreeSet<u64>) -> Vec<u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let left: Vec<u64> = udptrace_program_ids().intersection(ids).copied().collect();
+        if left.is_empty() || Instant::now() > deadline {
+            return left;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

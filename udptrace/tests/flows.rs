@@ -110,15 +110,21 @@ fn the_agent_counts_every_datagram_of_a_flow_exactly() {
         );
     }
     // SIGTERM: detach everything, exit 0.
-    assert!(agent.stop(libc::SIGTERM).success());
+    let (status, stderr) = agent.stop(libc::SIGTERM);
+    assert!(status.success(), "{stderr}");
     assert!(!mine.is_empty());
-    assert_eq!(wait_unloaded(&mine), Vec::<u64>::new(), "left loaded");
+    assert_eq!(
+        wait_unloaded(&mine),
+        Vec::<u64>::new(),
+        "left loaded; the agent said:\n{stderr}"
+    );
 }
 
 #[test]
 fn flows_json_prints_one_exact_snapshot() {
     require_root();
     let net = Pair::new(&[]);
+    let before = udptrace_program_ids();
     let child = Command::new(UDPTRACE)
         .args(["flows", "--json", "--duration", "4", "--port", "20911"])
         .stdout(Stdio::piped())
@@ -133,9 +139,24 @@ fn flows_json_prints_one_exact_snapshot() {
     while err.read_line(&mut line).unwrap() > 0 && !line.contains("tracing") {
         line.clear();
     }
+    let mine: std::collections::BTreeSet<u64> = udptrace_program_ids()
+        .difference(&before)
+        .copied()
+        .collect();
     burst(&net.a, B4, 20911, 37, 12);
+    let rest = std::thread::spawn(move || {
+        let mut rest = String::new();
+        let _ = std::io::Read::read_to_string(&mut err, &mut rest);
+        rest
+    });
     let out = child.wait_with_output().unwrap();
-    assert!(out.status.success());
+    let stderr = rest.join().unwrap();
+    assert!(out.status.success(), "{stderr}");
+    assert_eq!(
+        wait_unloaded(&mine),
+        Vec::<u64>::new(),
+        "left loaded; udptrace said:\n{stderr}"
+    );
     let snapshot: Value = serde_json::from_slice(&out.stdout).unwrap();
     let flows = snapshot["flows"].as_array().unwrap();
     assert_eq!(flows.len(), 1, "{snapshot}");

@@ -530,10 +530,13 @@ impl Agent {
         http_get(&format!("{}{path}", self.url))
     }
 
-    /// Stops with `signal` and returns the exit status.
-    pub fn stop(mut self, signal: i32) -> ExitStatus {
-        signal_and_wait(&mut self.child, signal, Duration::from_secs(15))
-            .unwrap_or_else(|| panic!("agent did not exit:\n{}", self.stderr()))
+    /// Stops with `signal`: the exit status and everything the agent wrote to stderr.
+    pub fn stop(mut self, signal: i32) -> (ExitStatus, String) {
+        let status = signal_and_wait(&mut self.child, signal, Duration::from_secs(15))
+            .unwrap_or_else(|| panic!("agent did not exit:\n{}", self.stderr()));
+        // The reader thread sees the pipe close right after the exit.
+        std::thread::sleep(Duration::from_millis(200));
+        (status, self.stderr())
     }
 }
 

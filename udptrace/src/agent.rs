@@ -185,19 +185,20 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
         }
     };
-    // Paths still being assembled count as they are (a drop seen is a drop), then detach
-    // everything before saying goodbye; the server finishes its requests.
-    pipeline.flush(&mut finished);
-    {
-        let now = monotonic_ns();
+    // Detach everything first; then paths still being assembled count as they are (a drop
+    // seen is a drop), and the server finishes its requests.
+    let losses = {
         let mut s = state.lock().expect("agent state");
-        for path in finished.drain(..) {
+        // No last read of the kernel's counters: they go with the process anyway, and
+        // with a large table the read would keep our programs attached for a while.
+        let (losses, rest) = pipeline.finish(None);
+        let now = monotonic_ns();
+        for path in finished.drain(..).chain(rest) {
             s.flows.observe(&path, now);
         }
-    }
+        losses
+    };
     let _ = stop_tx.send(());
-    let losses = pipeline.losses();
-    drop(pipeline);
     match tokio::time::timeout(Duration::from_secs(5), server).await {
         Ok(Ok(Err(e))) => tracing::warn!("HTTP server: {e}"),
         Err(_) => tracing::warn!("HTTP server did not finish its requests in 5 s"),

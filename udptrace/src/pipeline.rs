@@ -135,9 +135,23 @@ impl Pipeline {
         }
     }
 
-    /// Ends every path being assembled (printed as incomplete if it has no verdict).
-    pub fn flush(&mut self, out: &mut Vec<Path>) {
-        self.assembler.flush(out);
+    /// Stops: reads the kernel's flow counters into `table` a last time, detaches
+    /// everything at once (nothing of ours stays in the kernel while the rest winds down),
+    /// then ends every path being assembled (incomplete if it has no verdict).
+    pub fn finish(mut self, table: Option<&mut FlowTable>) -> (Losses, Vec<Path>) {
+        if let Some(table) = table {
+            self.refresh_flows(table);
+        }
+        let losses = self.losses();
+        let Self {
+            tracer,
+            mut assembler,
+            ..
+        } = self;
+        drop(tracer);
+        let mut paths = Vec::new();
+        assembler.flush(&mut paths);
+        (losses, paths)
     }
 
     /// What the kernel side lost or could not read, and records that did not decode.

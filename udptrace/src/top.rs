@@ -114,18 +114,17 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
             table_state.observe(&path, now);
         }
     };
-    pipeline.flush(&mut finished);
+    let (losses, rest) = pipeline.finish(Some(&mut table_state));
     let now = monotonic_ns();
-    for path in finished.drain(..) {
+    for path in finished.drain(..).chain(rest) {
         table_state.observe(&path, now);
     }
-    pipeline.refresh_flows(&mut table_state);
     if args.json {
         let mut views = table_state.snapshot(&filter);
         sort(&mut views, args.sort);
         println!("{}", serde_json::json!({ "flows": views }));
     }
-    eprintln!("udptrace: stopped ({stop:?}); {}", pipeline.losses());
+    eprintln!("udptrace: stopped ({stop:?}); {losses}");
     Ok(())
 }
 

@@ -81,17 +81,12 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             break stop;
         }
     };
-    // Stopped by time or signal: what is still being assembled is printed as incomplete,
-    // never silently dropped.
+    // Detached; stopped by time or signal: what is still being assembled is printed as
+    // incomplete, never silently dropped.
+    let (losses, mut rest) = pipeline.finish(None);
     if matches!(stop, Stop::Duration | Stop::Signal) {
-        pipeline.flush(&mut paths);
-        print(
-            &mut out, &mut paths, &filter, format, &mut shown, args.count,
-        )?;
+        print(&mut out, &mut rest, &filter, format, &mut shown, args.count)?;
     }
-    eprintln!(
-        "udptrace: stopped ({stop:?}); {shown} datagram(s) shown, {}",
-        pipeline.losses()
-    );
+    eprintln!("udptrace: stopped ({stop:?}); {shown} datagram(s) shown, {losses}");
     Ok(())
 }

@@ -352,6 +352,17 @@ for t in {tests}; do
     echo "udptrace-vm: running $t"
     "$t" --test-threads=1 --show-output || status=1
 done
+# Nothing else loads BPF programs here: any of ours still loaded after every run stopped
+# is a leak (a filter or link left behind). The kernel frees programs a moment after
+# their last user goes.
+sleep 2
+left=$(bpftool prog show | grep -E 'name (send|xmit|drop|nat|deliver|recv|ingress)_')
+if [ -n "$left" ]; then
+    echo "udptrace-vm: programs left loaded after the suite:"
+    echo "$left"
+    for dev in $(ls /sys/class/net); do tc filter show dev "$dev" ingress; done
+    status=1
+fi
 if [ $status = 0 ]; then echo "{SUCCESS}"; else echo "{FAILURE}"; fi
 echo o > /proc/sysrq-trigger
 sleep 30

@@ -406,7 +406,7 @@ fn signal_and_wait(child: &mut Child, signal: i32, timeout: Duration) -> Option<
 /// attached (tc filters on older kernels outlive a killed process); SIGKILL if it does not
 /// exit.
 fn stop_child(child: &mut Child) {
-    if signal_and_wait(child, libc::SIGINT, Duration::from_secs(10)).is_none() {
+    if signal_and_wait(child, libc::SIGINT, Duration::from_secs(30)).is_none() {
         let _ = child.kill();
         let _ = child.wait();
     }

@@ -157,7 +157,19 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     // Tests and scripts wait for this line.
     eprintln!("udptrace: agent listening on http://{bound}");
 
-    let mut read_counts = tokio::time::interval(Duration::from_secs(1));
+    // The kernel's flow counters are read every second on a thread of their own: a large
+    // table takes a while, and events and signals must not wait for it.
+    let reader = pipeline
+        .tracer
+        .flow_reader()
+        .context("the eBPF object has no FLOWS or STATS map")?;
+    let (counts_tx, mut counts) = tokio::sync::mpsc::channel(1);
+    std::thread::spawn(move || loop {
+        std::thread::sleep(Duration::from_secs(1));
+        if counts_tx.blocking_send(reader.read()).is_err() {
+            break;
+        }
+    });
     let mut finished = Vec::new();
     let stop = loop {
         tokio::select! {
@@ -166,9 +178,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     break stop;
                 }
             }
-            _ = read_counts.tick() => {
-                let mut s = state.lock().expect("agent state");
-                s.losses = pipeline.refresh_flows(&mut s.flows);
+            Some((created, kernel)) = counts.recv() => {
+                let losses = pipeline.losses();
+                let expired = {
+                    let mut s = state.lock().expect("agent state");
+                    s.flows.update_counts(&kernel, created, monotonic_ns());
+                    s.losses = losses;
+                    s.flows.expire(monotonic_ns())
+                };
+                pipeline.tracer.remove_flows(&expired);
             }
         }
         if !finished.is_empty() {
@@ -185,6 +203,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             }
         }
     };
+    tracing::debug!("stopping ({stop:?})");
     // Detach everything first; then paths still being assembled count as they are (a drop
     // seen is a drop), and the server finishes its requests.
     let losses = {
@@ -204,6 +223,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         Err(_) => tracing::warn!("HTTP server did not finish its requests in 5 s"),
         _ => {}
     }
+    tracing::debug!("HTTP server done");
     eprintln!("udptrace: agent stopped ({stop:?}); {losses}");
     Ok(())
 }

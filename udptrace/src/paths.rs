@@ -2,7 +2,7 @@
 //! (docs/json.md), assembled from hop events.
 
 use std::{
-    collections::HashMap,
+    collections::{BTreeMap, HashMap},
     net::{IpAddr, SocketAddr},
     time::SystemTime,
 };
@@ -434,6 +434,8 @@ const GRACE_NS: u64 = 100_000_000;
 const IDLE_NS: u64 = 2_000_000_000;
 /// Paths assembled at once; beyond this the oldest is printed as incomplete.
 pub const MAX_OPEN: usize = 65_536;
+/// How often open paths are scanned for idleness.
+const SCAN_NS: u64 = 50_000_000;
 
 /// A path being assembled.
 #[derive(Debug)]
@@ -571,16 +573,23 @@ fn mark_fragmentation(hops: impl Iterator<Item = Hop>) -> Vec<Hop> {
 pub struct Assembler {
     clock: Clock,
     reasons: DropReasons,
-    open: HashMap<u64, Open>,
+    /// By id, which grows with time: the first is the oldest.
+    open: BTreeMap<u64, Open>,
     by_skb: HashMap<u64, u64>,
     by_sock: HashMap<u64, u64>,
     by_ident: HashMap<Ident, u64>,
     /// Identities of printed paths, with when: their late fragments are not new datagrams.
     printed_idents: HashMap<Ident, u64>,
-    /// Paths pushed out by [`MAX_OPEN`], printed as incomplete.
-    evicted: Vec<u64>,
-    /// Send-only paths superseded by a later send on the same socket, printed as incomplete.
-    stale: Vec<u64>,
+    /// Paths finished early — pushed out by [`MAX_OPEN`], or send-only paths superseded by a
+    /// later send on the same socket — waiting to be handed out (incomplete).
+    pending: Vec<Path>,
+    /// Paths that reached a verdict and wait (up to [`GRACE_NS`]) for their send hop or
+    /// reader: the only ones `collect` looks at on every call.
+    ended: Vec<u64>,
+    /// Paths delivered to a socket whose reader is not known yet, by socket.
+    waiting_readers: HashMap<u64, Vec<u64>>,
+    /// When the open paths were last scanned for idleness.
+    last_scan_ns: u64,
     /// Who reads each receiving socket, from the recv hook (bounded by [`MAX_OPEN`]).
     readers: HashMap<u64, Process>,
     /// Who holds a receiving socket, from /proc, when no reader was seen.
@@ -605,13 +614,10 @@ impl Assembler {
 
     fn start(&mut self, ts_ns: u64, key: u64) -> u64 {
         if self.open.len() >= MAX_OPEN {
-            if let Some(oldest) = self
-                .open
-                .iter()
-                .min_by_key(|(_, o)| o.first_ns)
-                .map(|(k, _)| *k)
-            {
-                self.evicted.push(oldest);
+            if let Some(oldest) = self.open.keys().next().copied() {
+                let mut out = std::mem::take(&mut self.pending);
+                self.finish(oldest, false, &mut out);
+                self.pending = out;
             }
         }
         self.next += 1;
@@ -678,7 +684,9 @@ impl Assembler {
                         .get(&old)
                         .is_some_and(|o| o.send.is_some() && o.skb == 0)
                     {
-                        self.stale.push(old);
+                        let mut out = std::mem::take(&mut self.pending);
+                        self.finish(old, false, &mut out);
+                        self.pending = out;
                     }
                 }
                 let id = self.start(ev.header.ts_ns, ev.sock);
@@ -706,7 +714,10 @@ impl Assembler {
             uid: Some(ev.uid),
             cgroup: ev.cgroup,
         };
-        for open in self.open.values_mut().filter(|o| o.reader_sk == ev.sk) {
+        for id in self.waiting_readers.remove(&ev.sk).unwrap_or_default() {
+            let Some(open) = self.open.get_mut(&id).filter(|o| o.reader_sk == ev.sk) else {
+                continue;
+            };
             if let Some(hop) = open
                 .hops
                 .iter_mut()
@@ -853,38 +864,54 @@ impl Assembler {
         }
         if open.verdict != Verdict::Unknown && open.ended_ns.is_none() {
             open.ended_ns = Some(ev.header.ts_ns);
+            self.ended.push(id);
         }
         if reader_sk != 0 {
             open.reader_sk = reader_sk;
+            let waiting = self.waiting_readers.entry(reader_sk).or_default();
+            if waiting.len() < MAX_OPEN {
+                waiting.push(id);
+            }
         }
         open.hops.push(hop);
     }
 
-    /// Moves finished (and timed-out, and evicted) paths to `out`.
+    /// Moves finished (and timed-out, and evicted) paths to `out`. Cheap on every event:
+    /// only paths with a verdict are looked at each time; the scan of every open path for
+    /// idleness runs at most every [`SCAN_NS`].
     fn collect(&mut self, now_ns: u64, out: &mut Vec<Path>) {
-        if self.printed_idents.len() > MAX_OPEN {
+        out.append(&mut self.pending);
+        let mut ready: Vec<(u64, bool)> = Vec::new();
+        let open = &self.open;
+        self.ended.retain(|id| match open.get(id) {
+            Some(o) if o.done(now_ns) => {
+                ready.push((*id, true));
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
+        if now_ns.saturating_sub(self.last_scan_ns) >= SCAN_NS {
+            self.last_scan_ns = now_ns;
+            ready.extend(
+                self.open
+                    .iter()
+                    .filter(|(_, o)| {
+                        o.ended_ns.is_none()
+                            && now_ns.saturating_sub(o.last_ns.max(o.first_ns)) >= IDLE_NS
+                    })
+                    .map(|(id, _)| (*id, false)),
+            );
             self.printed_idents
                 .retain(|_, at| now_ns.saturating_sub(*at) < IDLE_NS);
+            if self.printed_idents.len() > MAX_OPEN {
+                self.printed_idents.clear();
+            }
+            self.waiting_readers.retain(|_, ids| {
+                ids.retain(|id| open.contains_key(id));
+                !ids.is_empty()
+            });
         }
-        let mut ready: Vec<(u64, bool)> = self
-            .open
-            .iter()
-            .filter_map(|(id, o)| {
-                if o.done(now_ns) {
-                    Some((*id, true))
-                } else if now_ns.saturating_sub(o.last_ns.max(o.first_ns)) >= IDLE_NS {
-                    Some((*id, false))
-                } else {
-                    None
-                }
-            })
-            .collect();
-        ready.extend(
-            self.evicted
-                .drain(..)
-                .chain(self.stale.drain(..))
-                .map(|id| (id, false)),
-        );
         ready.sort_by_key(|(id, _)| *id);
         ready.dedup_by_key(|(id, _)| *id);
         for (id, complete) in ready {
@@ -1143,7 +1170,8 @@ pub(crate) mod tests {
         a.push(&send(5), &mut out);
         a.tick(5 + IDLE_NS - 1, &mut out);
         assert!(out.is_empty());
-        a.tick(5 + IDLE_NS, &mut out);
+        // Idleness is looked for every SCAN_NS, not on every call.
+        a.tick(5 + IDLE_NS + SCAN_NS, &mut out);
         assert_eq!(out.len(), 1);
         assert!(!out[0].complete);
         assert_eq!(out[0].verdict, Verdict::Unknown);

@@ -143,14 +143,17 @@ impl Pipeline {
             self.refresh_flows(table);
         }
         let losses = self.losses();
+        tracing::debug!("detaching");
         let Self {
             tracer,
             mut assembler,
             ..
         } = self;
         drop(tracer);
+        tracing::debug!("detached");
         let mut paths = Vec::new();
         assembler.flush(&mut paths);
+        tracing::debug!("{} open path(s) ended", paths.len());
         (losses, paths)
     }
 

@@ -9,7 +9,7 @@ mod rtnl;
 
 pub use netns::NetnsScope;
 
-use std::path::Path;
+use std::{os::fd::AsFd as _, path::Path};
 
 use aya::{
     maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -271,33 +271,29 @@ impl Tracer {
     /// Every flow the kernel counts, its CPUs summed. A flow evicted by the LRU since the
     /// last read is simply absent.
     pub fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
-        let Some(map) = self.ebpf.map(names::FLOWS) else {
-            return Vec::new();
+        self.ebpf
+            .map(names::FLOWS)
+            .and_then(|map| PerCpuHashMap::<_, FlowKey, FlowStats>::try_from(map).ok())
+            .map(|flows| sum_flows(&flows))
+            .unwrap_or_default()
+    }
+
+    /// A handle of its own on the flow table and the counters, for a thread that reads them
+    /// while the event loop goes on (a table of 100k flows takes most of a second to read).
+    pub fn flow_reader(&self) -> Option<FlowReader> {
+        let dup = |name: &str| -> Option<MapData> {
+            let data = match self.ebpf.map(name)? {
+                aya::maps::Map::PerCpuLruHashMap(d) | aya::maps::Map::PerCpuArray(d) => d,
+                _ => return None,
+            };
+            let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
+            MapData::from_fd(fd).ok()
         };
-        let Ok(flows) = PerCpuHashMap::<_, FlowKey, FlowStats>::try_from(map) else {
-            return Vec::new();
-        };
-        flows
-            .iter()
-            .filter_map(Result::ok)
-            .map(|(key, per_cpu)| {
-                let mut sum = FlowStats {
-                    first_ns: u64::MAX,
-                    ..FlowStats::default()
-                };
-                for s in per_cpu.iter().filter(|s| s.last_ns != 0) {
-                    sum.packets += s.packets;
-                    sum.bytes += s.bytes;
-                    sum.errors += s.errors;
-                    sum.first_ns = sum.first_ns.min(s.first_ns);
-                    sum.last_ns = sum.last_ns.max(s.last_ns);
-                }
-                if sum.first_ns == u64::MAX {
-                    sum.first_ns = 0;
-                }
-                (key, sum)
-            })
-            .collect()
+        Some(FlowReader {
+            flows: PerCpuHashMap::try_from(aya::maps::Map::PerCpuLruHashMap(dup(names::FLOWS)?))
+                .ok()?,
+            stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(dup(names::STATS)?)).ok()?,
+        })
     }
 
     /// Forgets flows in the kernel (expired by the agent).
@@ -330,6 +326,54 @@ impl Tracer {
         (0..STATS_LEN)
             .map(|i| array.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
             .collect()
+    }
+}
+
+/// Sums each flow's per-CPU counts.
+fn sum_flows<T: std::borrow::Borrow<MapData>>(
+    flows: &PerCpuHashMap<T, FlowKey, FlowStats>,
+) -> Vec<(FlowKey, FlowStats)> {
+    flows
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, per_cpu)| {
+            let mut sum = FlowStats {
+                first_ns: u64::MAX,
+                ..FlowStats::default()
+            };
+            for s in per_cpu.iter().filter(|s| s.last_ns != 0) {
+                sum.packets += s.packets;
+                sum.bytes += s.bytes;
+                sum.errors += s.errors;
+                sum.first_ns = sum.first_ns.min(s.first_ns);
+                sum.last_ns = sum.last_ns.max(s.last_ns);
+            }
+            if sum.first_ns == u64::MAX {
+                sum.first_ns = 0;
+            }
+            (key, sum)
+        })
+        .collect()
+}
+
+/// The flow table and the counters through file descriptors of their own: usable from
+/// another thread, and after the programs are gone.
+pub struct FlowReader {
+    flows: PerCpuHashMap<MapData, FlowKey, FlowStats>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl FlowReader {
+    /// How many flows the kernel had created, read first, then every flow it holds: a flow
+    /// created in between is in the table but not in the count, so evictions computed
+    /// from the two are never overestimated.
+    pub fn read(&self) -> (u64, Vec<(FlowKey, FlowStats)>) {
+        let created = self
+            .stats
+            .get(&udptrace_common::STAT_FLOW_NEW, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0);
+        (created, sum_flows(&self.flows))
     }
 }
 

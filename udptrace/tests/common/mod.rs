@@ -406,7 +406,7 @@ fn signal_and_wait(child: &mut Child, signal: i32, timeout: Duration) -> Option<
 /// attached (tc filters on older kernels outlive a killed process); SIGKILL if it does not
 /// exit.
 fn stop_child(child: &mut Child) {
-    if signal_and_wait(child, libc::SIGINT, Duration::from_secs(30)).is_none() {
+    if signal_and_wait(child, libc::SIGINT, Duration::from_secs(60)).is_none() {
         let _ = child.kill();
         let _ = child.wait();
     }
@@ -532,7 +532,9 @@ impl Agent {
 
     /// Stops with `signal`: the exit status and everything the agent wrote to stderr.
     pub fn stop(mut self, signal: i32) -> (ExitStatus, String) {
-        let status = signal_and_wait(&mut self.child, signal, Duration::from_secs(15))
+        // Unlinking netfilter hooks waits for RCU grace periods, one per link: slow under
+        // an emulated CPU.
+        let status = signal_and_wait(&mut self.child, signal, Duration::from_secs(90))
             .unwrap_or_else(|| panic!("agent did not exit:\n{}", self.stderr()));
         // The reader thread sees the pipe close right after the exit.
         std::thread::sleep(Duration::from_millis(200));

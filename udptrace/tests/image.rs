@@ -46,6 +46,9 @@ fn the_image_runs_with_the_daemonsets_capabilities_and_counts_a_flow() {
         .unwrap()
         .port();
     let name = format!("udpt-agent-{}", std::process::id());
+    // What the DaemonSet's hostPath (DirectoryOrCreate) does: a fresh host may have no
+    // named namespace yet.
+    std::fs::create_dir_all("/run/netns").unwrap();
     let caps = daemonset_capabilities().join(",");
     let listen = format!("UDPTRACE_LISTEN=127.0.0.1:{port}");
     // As the DaemonSet runs it: host network and PIDs, all capabilities dropped but the

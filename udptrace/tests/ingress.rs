@@ -343,6 +343,28 @@ fn transmitting_on_a_tap_leaves_the_host() {
         "dev",
         "ut-tap",
     ]);
+    // The carrier comes up when the reader attaches, and the kernel activates the device's
+    // queue a moment later (linkwatch; slow under an emulated CPU): until then a datagram
+    // would go nowhere. Wait for a real qdisc and the lower layer up.
+    let deadline = std::time::Instant::now() + Duration::from_secs(15);
+    loop {
+        let link = String::from_utf8_lossy(
+            &ns.cmd("ip")
+                .args(["-o", "link", "show", "ut-tap"])
+                .output()
+                .unwrap()
+                .stdout,
+        )
+        .into_owned();
+        if link.contains("LOWER_UP") && !link.contains("qdisc noop") {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "ut-tap never came up: {link}"
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
     let tracer = Tracer::start(&["--netns", "all", "--port", "20821", "--count", "1"]);
     let (pid, _) = py_send(&ns, "10.209.0.2", 20821, "sendto", 9);
     let path = tracer.one_path();

@@ -3,11 +3,6 @@
 
 mod common;
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::Stdio,
-};
-
 use common::*;
 
 /// A receiver that prints "ready", then the source address of the first datagram, and
@@ -30,15 +25,8 @@ fn a_datagram_read_by_python_is_delivered_to_it() {
     for (dst, port) in [(B4, 20601u16), (B6, 20602)] {
         let net = Pair::new(&[]);
         let p = port.to_string();
-        let mut receiver = net
-            .b
-            .cmd(PYTHON)
-            .args(["-c", PY_RECV, dst, &p])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut lines = BufReader::new(receiver.stdout.take().unwrap()).lines();
-        assert_eq!(lines.next().unwrap().unwrap(), "ready");
+        let (mut receiver, mut lines) =
+            spawn_ready(net.b.cmd(PYTHON).args(["-c", PY_RECV, dst, &p]));
         let tracer = Tracer::start(&["--netns", "all", "--port", &p, "--count", "1"]);
         let nc = nc_send(Some(&net.a), &[], dst, port);
         let seen = lines.next().unwrap().unwrap(); // "<src ip> <src port> <len>"

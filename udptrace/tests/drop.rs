@@ -82,15 +82,10 @@ fn an_input_drop_rule_is_netfilter_drop_in_that_namespace() {
     require_root();
     let net = Pair::new(&[]);
     // Like a NetworkPolicy ingress rule on the receiving "pod".
-    let rule = ["INPUT", "-p", "udp", "--dport", "20403", "-j", "DROP"];
-    assert!(net
-        .b
-        .cmd("iptables")
-        .arg("-A")
-        .args(rule)
-        .status()
-        .unwrap()
-        .success());
+    iptables(
+        &net.b,
+        &["-A", "INPUT", "-p", "udp", "--dport", "20403", "-j", "DROP"],
+    );
     let tracer = Tracer::start(&["--port", "20403", "--count", "1"]);
     py_send(&net.a, B4, 20403, "sendto", 7);
     let path = tracer.one_path();

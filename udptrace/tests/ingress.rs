@@ -4,11 +4,7 @@
 
 mod common;
 
-use std::{
-    io::{BufRead as _, BufReader},
-    process::Stdio,
-    time::Duration,
-};
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
@@ -41,13 +37,10 @@ fn uses_tcx(env: &[(&str, &str)]) -> bool {
 /// A receiver in `b` bound to both ports; prints "ready", then "<port> <len>" per datagram
 /// until nothing came for 1.5 s after the first (or for a minute before it).
 fn receiver(net: &Pair, ports: [u16; 2]) -> (std::process::Child, impl Iterator<Item = String>) {
-    let mut child = net
-        .b
-        .cmd(PYTHON)
-        .args([
-            "-c",
-            &format!(
-                "import select,socket\n\
+    let (child, lines) = spawn_ready(net.b.cmd(PYTHON).args([
+        "-c",
+        &format!(
+            "import select,socket\n\
                  ss=[socket.socket(socket.AF_INET,socket.SOCK_DGRAM) for _ in range(2)]\n\
                  ss[0].bind(('{B4}',{}))\nss[1].bind(('{B4}',{}))\n\
                  print('ready',flush=True)\n\
@@ -58,17 +51,10 @@ fn receiver(net: &Pair, ports: [u16; 2]) -> (std::process::Child, impl Iterator<
                  \x20t=1.5\n\
                  \x20for s in r: print(s.getsockname()[1],len(s.recv(100)),flush=True)\n\
                  print('done',flush=True)",
-                ports[0], ports[1]
-            ),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok);
-    assert_eq!(lines.next().as_deref(), Some("ready"));
-    (child, lines)
+            ports[0], ports[1]
+        ),
+    ]));
+    (child, lines.map_while(Result::ok))
 }
 
 /// One eBPF instruction: opcode, registers, offset, immediate.
@@ -311,7 +297,7 @@ fn transmitting_on_a_tap_leaves_the_host() {
     let _ = std::process::Command::new("modprobe").arg("tun").status();
     let ns = Netns::new("tap");
     // The "VM": opens ut-tap, prints ready, then counts frames to UDP port 20821.
-    let mut vm = ns
+    let (mut vm, lines) = spawn_ready(ns
         .cmd(PYTHON)
         .args([
             "-c",
@@ -324,14 +310,8 @@ fn transmitting_on_a_tap_leaves_the_host() {
              \x20f=os.read(fd,2048)\n\
              \x20if len(f)>=38 and f[12:14]==b'\\x08\\x00' and f[23]==17 and f[36:38]==(20821).to_bytes(2,'big'): n+=1\n\
              print('frames',n,flush=True)",
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(vm.stdout.take().unwrap())
-        .lines()
-        .map_while(Result::ok);
-    assert_eq!(lines.next().as_deref(), Some("ready"));
+        ]));
+    let mut lines = lines.map_while(Result::ok);
     ns.ip(&["addr", "add", "10.209.0.1/24", "dev", "ut-tap"]);
     ns.ip(&["link", "set", "ut-tap", "up"]);
     ns.ip(&[

@@ -4,31 +4,22 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Lines},
-    process::{Child, ChildStdout, Stdio},
+    io::{BufReader, Lines},
+    process::{Child, ChildStdout},
 };
 
 use common::*;
 
 /// A receiver on [B6]:`port` in `b`, ready: it prints the length of what it gets.
 fn receiver(net: &Pair, port: u16) -> (Child, Lines<BufReader<ChildStdout>>) {
-    let mut rx = net
-        .b
-        .cmd(PYTHON)
-        .args([
-            "-c",
-            &format!(
-                "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
+    spawn_ready(net.b.cmd(PYTHON).args([
+        "-c",
+        &format!(
+            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
                  s.bind(('{B6}',{port}))\nprint('ready',flush=True)\n\
                  print(len(s.recv(65535)),flush=True)"
-            ),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(rx.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    (rx, lines)
+        ),
+    ]))
 }
 
 #[test]

@@ -31,13 +31,9 @@ fn sysctl(ns: &Netns, kv: &str) {
 }
 
 fn iptables_nat(ns: &Netns, rule: &[&str]) {
-    let status = ns
-        .cmd("iptables")
-        .args(["-t", "nat"])
-        .args(rule)
-        .status()
-        .unwrap();
-    assert!(status.success(), "iptables -t nat {rule:?}");
+    let mut args = vec!["-t", "nat"];
+    args.extend_from_slice(rule);
+    iptables(ns, &args);
 }
 
 /// A node namespace with a bridge `cbr0` (`.1` of `pod_cidr`) and one pod attached.

@@ -26,11 +26,6 @@ fn netfilter_links() -> bool {
     usable
 }
 
-fn iptables(ns: &Netns, args: &[&str]) {
-    let status = ns.cmd("iptables").args(args).status().expect("iptables");
-    assert!(status.success(), "iptables {args:?}");
-}
-
 #[test]
 fn dnat_at_output_and_snat_at_postrouting_are_both_on_the_path() {
     require_root();

@@ -6,8 +6,8 @@
 mod common;
 
 use std::{
-    io::{BufRead as _, BufReader, Lines},
-    process::{Child, ChildStdout, Stdio},
+    io::{BufReader, Lines},
+    process::{Child, ChildStdout},
 };
 
 use common::*;
@@ -36,24 +36,15 @@ fn overlay(net: &Pair) {
 /// A receiver on 10.205.0.2:`port` in node b that prints "ready", then the source and
 /// the length of what it gets.
 fn receiver(net: &Pair, port: u16) -> (Child, Lines<BufReader<ChildStdout>>) {
-    let mut child = net
-        .b
-        .cmd(PYTHON)
-        .args([
-            "-c",
-            &format!(
-                "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
+    spawn_ready(net.b.cmd(PYTHON).args([
+        "-c",
+        &format!(
+            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
                  s.bind(('10.205.0.2',{port}))\nprint('ready',flush=True)\n\
                  d,a=s.recvfrom(65535)\nprint(a[0],a[1],len(d),flush=True)\n\
                  import time\ntime.sleep(2)"
-            ),
-        ])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-    assert_eq!(lines.next().unwrap().unwrap(), "ready");
-    (child, lines)
+        ),
+    ]))
 }
 
 #[test]

@@ -3,9 +3,9 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
-    io::{BufRead as _, BufReader, Read as _},
+    io::{BufRead as _, BufReader, Lines, Read as _},
     os::unix::fs::MetadataExt as _,
-    process::{Child, Command, ExitStatus, Stdio},
+    process::{Child, ChildStdout, Command, ExitStatus, Stdio},
     sync::{
         atomic::{AtomicU32, Ordering},
         mpsc, Arc, Mutex,
@@ -613,4 +613,23 @@ pub fn wait_unloaded(ids: &std::collections::BTreeSet<u64>) -> Vec<u64> {
         }
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// Spawns `cmd` (a program that prints "ready" once it can receive) and waits for that line:
+/// the child and the rest of its output.
+pub fn spawn_ready(cmd: &mut Command) -> (Child, Lines<BufReader<ChildStdout>>) {
+    let mut child = cmd.stdout(Stdio::piped()).spawn().expect("spawn");
+    let mut lines = BufReader::new(child.stdout.take().expect("stdout")).lines();
+    assert_eq!(
+        lines.next().and_then(Result::ok).as_deref(),
+        Some("ready"),
+        "{cmd:?} did not get ready"
+    );
+    (child, lines)
+}
+
+/// iptables `args` in `ns`; the rule must be accepted.
+pub fn iptables(ns: &Netns, args: &[&str]) {
+    let status = ns.cmd("iptables").args(args).status().expect("iptables");
+    assert!(status.success(), "iptables {args:?}");
 }

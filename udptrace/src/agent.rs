@@ -178,15 +178,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
                     break stop;
                 }
             }
-            Some((created, kernel)) = counts.recv() => {
-                let losses = pipeline.losses();
-                let expired = {
-                    let mut s = state.lock().expect("agent state");
-                    s.flows.update_counts(&kernel, created, monotonic_ns());
-                    s.losses = losses;
-                    s.flows.expire(monotonic_ns())
-                };
-                pipeline.tracer.remove_flows(&expired);
+            Some(read) = counts.recv() => {
+                let mut s = state.lock().expect("agent state");
+                s.losses = pipeline.apply_flow_counts(&mut s.flows, read);
             }
         }
         if !finished.is_empty() {

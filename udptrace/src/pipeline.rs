@@ -10,15 +10,15 @@ use tokio::{
     time::{Instant, Interval},
 };
 use udptrace_common::{
-    STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL,
-    STAT_USER_READ_ERROR,
+    FlowKey, FlowStats, STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_PENDING_FULL, STAT_READ_ERROR,
+    STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
 };
 
 use crate::{
     clock::{monotonic_ns, Clock},
     events::{Event, EventStream, Undecodable},
     flows::FlowTable,
-    loader::{NetnsScope, Tracer},
+    loader::{FlowReader, NetnsScope, Tracer},
     paths::{Assembler, Path},
 };
 
@@ -38,6 +38,8 @@ pub enum Stop {
 /// Loaded programs, the event stream and the assembler, driven by [`Pipeline::step`].
 pub struct Pipeline {
     pub tracer: Tracer,
+    /// The kernel's flow table, read for `refresh_flows`.
+    flows: FlowReader,
     stream: EventStream,
     assembler: Assembler,
     batch: Vec<Event>,
@@ -62,8 +64,12 @@ impl Pipeline {
             .context("the eBPF object has no EVENTS ring buffer")?;
         let stream = EventStream::new(ring).context("registering the ring buffer with tokio")?;
         let assembler = Assembler::new(Clock::new(), tracer.drop_reasons.clone());
+        let flows = tracer
+            .flow_reader()
+            .context("the eBPF object has no FLOWS or STATS map")?;
         Ok(Self {
             tracer,
+            flows,
             stream,
             assembler,
             batch: Vec::new(),
@@ -110,22 +116,28 @@ impl Pipeline {
     }
 
     /// Brings `table` up to date with the kernel's flow counters, expires idle flows (here
-    /// and in the kernel) and returns the loss counters read along the way.
+    /// and in the kernel) and returns the loss counters.
     pub fn refresh_flows(&mut self, table: &mut FlowTable) -> Losses {
-        // Creations first, then the table: a flow created in between is in the table but
-        // not in the count, so evictions are never overestimated.
-        let losses = self.losses();
-        let kernel = self.tracer.flows();
-        table.update_counts(&kernel, losses.flows_created, monotonic_ns());
+        let counts = self.flows.read();
+        self.apply_flow_counts(table, counts)
+    }
+
+    /// Like [`Pipeline::refresh_flows`] with counts already read by a [`FlowReader`] (on
+    /// another thread, say).
+    pub fn apply_flow_counts(
+        &mut self,
+        table: &mut FlowTable,
+        (created, kernel): (u64, Vec<(FlowKey, FlowStats)>),
+    ) -> Losses {
+        table.update_counts(&kernel, created, monotonic_ns());
         tracing::debug!(
-            "flows: {} in the kernel's table, {} created there, {} here",
+            "flows: {} in the kernel's table, {created} created there, {} here",
             kernel.len(),
-            losses.flows_created,
             table.len()
         );
         let expired = table.expire(monotonic_ns());
         self.tracer.remove_flows(&expired);
-        losses
+        self.losses()
     }
 
     fn cover_new_namespaces(&mut self) {

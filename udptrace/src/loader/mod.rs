@@ -268,16 +268,6 @@ impl Tracer {
         new
     }
 
-    /// Every flow the kernel counts, its CPUs summed. A flow evicted by the LRU since the
-    /// last read is simply absent.
-    pub fn flows(&self) -> Vec<(FlowKey, FlowStats)> {
-        self.ebpf
-            .map(names::FLOWS)
-            .and_then(|map| PerCpuHashMap::<_, FlowKey, FlowStats>::try_from(map).ok())
-            .map(|flows| sum_flows(&flows))
-            .unwrap_or_default()
-    }
-
     /// A handle of its own on the flow table and the counters, for a thread that reads them
     /// while the event loop goes on (a table of 100k flows takes most of a second to read).
     pub fn flow_reader(&self) -> Option<FlowReader> {
@@ -330,9 +320,7 @@ impl Tracer {
 }
 
 /// Sums each flow's per-CPU counts.
-fn sum_flows<T: std::borrow::Borrow<MapData>>(
-    flows: &PerCpuHashMap<T, FlowKey, FlowStats>,
-) -> Vec<(FlowKey, FlowStats)> {
+fn sum_flows(flows: &PerCpuHashMap<MapData, FlowKey, FlowStats>) -> Vec<(FlowKey, FlowStats)> {
     flows
         .iter()
         .filter_map(Result::ok)

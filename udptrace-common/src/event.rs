@@ -166,10 +166,17 @@ pub struct SkbEvent {
     /// The device's rtnetlink kind (`veth`, `bridge`, `vxlan`, `tun`, ...); empty for a
     /// device without one (physical NICs, loopback).
     pub ifkind: [u8; 16],
+    /// `SKB_*` flags.
+    pub flags: u32,
+    pub _pad: u32,
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for SkbEvent {}
-const _: () = assert!(core::mem::size_of::<SkbEvent>() == 232);
+const _: () = assert!(core::mem::size_of::<SkbEvent>() == 240);
+
+/// `SkbEvent::flags`: the datagram was not sampled; this hop is reported anyway (a drop, a
+/// new NAT rewrite) and the hops before it were not recorded.
+pub const SKB_UNSAMPLED: u32 = 1 << 0;
 
 /// `SkbEvent::ip_frag`: don't fragment (IPv4).
 pub const IP_DF: u16 = 0x4000;
@@ -213,7 +220,7 @@ pub struct NatEvent {
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for NatEvent {}
-const _: () = assert!(core::mem::size_of::<NatEvent>() == 384);
+const _: () = assert!(core::mem::size_of::<NatEvent>() == 392);
 
 /// A task reading from a UDP socket: who receives what is queued on `sk`.
 #[repr(C)]

@@ -8,10 +8,12 @@
 pub mod event;
 pub mod flow;
 pub mod offsets;
+pub mod sample;
 
 pub use event::*;
 pub use flow::*;
 pub use offsets::*;
+pub use sample::*;
 
 /// Names of the maps and globals in the eBPF object, used by both sides.
 pub mod names {
@@ -29,6 +31,8 @@ pub mod names {
     pub const LOCAL_IN_SKB: &str = "LOCAL_IN_SKB";
     /// Per-CPU LRU hash of [`crate::FlowKey`] → [`crate::FlowStats`].
     pub const FLOWS: &str = "FLOWS";
+    /// One [`crate::SampleConfig`]: which datagrams get their hops reported (runtime-settable).
+    pub const SAMPLING: &str = "SAMPLING";
 }
 
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).
@@ -50,8 +54,11 @@ pub const STAT_USER_READ_ERROR: u32 = 3;
 pub const STAT_FLOW_NEW: u32 = 4;
 /// Adding a flow to `FLOWS` failed.
 pub const STAT_FLOW_FULL: u32 = 5;
+/// First of the NAT rewrite counters: `STAT_NAT_BASE + 2 * nf_hook + (1 if DNAT else 0)`,
+/// counted for every rewrite whatever is sampled.
+pub const STAT_NAT_BASE: u32 = 6;
 /// Number of counters in `STATS`.
-pub const STATS_LEN: u32 = 6;
+pub const STATS_LEN: u32 = STAT_NAT_BASE + 2 * event::NF_INET_NUMHOOKS;
 
 /// Address families as the kernel numbers them.
 pub const AF_INET: u16 = 2;

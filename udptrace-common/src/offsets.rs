@@ -37,7 +37,8 @@ pub struct Offsets {
     pub tp_sendmsg_msg: u32,
     pub tp_sendmmsg_mmsg: u32,
     pub tp_sendmmsg_vlen: u32,
-    pub _pad: u32,
+    /// tracepoint skb:consume_skb -> skbaddr (sampling forgets a freed skb's decision)
+    pub tp_consume_skb: u32,
     // struct sk_buff
     pub skb_head: u32,
     pub skb_network_header: u32,
@@ -111,7 +112,7 @@ impl Offsets {
         tp_sendmsg_msg: OFFSET_MISSING,
         tp_sendmmsg_mmsg: OFFSET_MISSING,
         tp_sendmmsg_vlen: OFFSET_MISSING,
-        _pad: 0,
+        tp_consume_skb: OFFSET_MISSING,
         skb_head: OFFSET_MISSING,
         skb_network_header: OFFSET_MISSING,
         skb_transport_header: OFFSET_MISSING,

@@ -23,6 +23,7 @@ use crate::{
     current::{header, task},
     kernel::ReadError,
     maps::{count, offset, EVENTS, LOCAL_IN_SKB},
+    sample,
     skb::emit_for_sock,
     tp::field,
 };
@@ -77,6 +78,9 @@ fn try_data_ready(ctx: &TracePointContext) -> Result<(), ReadError> {
 /// Reports the current task as a reader of UDP socket `sk`.
 #[inline(always)]
 fn emit_reader(hook: u16, sk: u64) {
+    if !sample::reader_due(sk) {
+        return;
+    }
     let task = task();
     let event = RecvEvent {
         header: header(KIND_RECV, hook),

@@ -10,6 +10,7 @@ mod ingress;
 mod kernel;
 mod maps;
 mod netfilter;
+mod sample;
 mod send;
 mod skb;
 mod tp;

@@ -12,12 +12,14 @@ use aya_ebpf::{
 };
 use udptrace_common::{
     Addr, NatEvent, SkbEvent, HOOK_KPROBE_NF_NAT, HOOK_NETFILTER_LINK, KIND_NAT, NF_INET_LOCAL_OUT,
-    NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, STAT_RINGBUF_FULL,
+    NF_INET_NUMHOOKS, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_UNSAMPLED, STAT_NAT_BASE,
+    STAT_RINGBUF_FULL,
 };
 
 use crate::{
     kernel::{read_kernel, try_read_kernel, ReadError},
     maps::{count, offset, EVENTS, NAT_BEFORE},
+    sample::{self, Decision},
     skb::{fill, read_udp},
 };
 
@@ -82,19 +84,41 @@ fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
 }
 
 /// Reports a NAT rewrite of `skb` at netfilter hook `hook` when its addresses differ from
-/// `src`/`dst` (what they were just before NAT).
+/// `src`/`dst` (what they were just before NAT). A datagram not sampled has its rewrite
+/// reported when it is a new one (flagged `SKB_UNSAMPLED`), and is traced from there on.
 #[inline(always)]
 fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<(), ReadError> {
+    let decision = sample::lookup(skb);
     let Some(mut entry) = EVENTS.reserve::<NatEvent>(0) else {
         count(STAT_RINGBUF_FULL);
         return Ok(());
     };
     // SAFETY: sized for a NatEvent; every field is written before submit, or discarded.
     let ev = unsafe { &mut *entry.as_mut_ptr() };
-    let changed = match fill(&mut ev.skb, KIND_NAT, source, skb, 0, 0) {
+    let mut changed = match fill(&mut ev.skb, KIND_NAT, source, skb, 0, 0) {
         Ok(true) => ev.skb.src != src || ev.skb.dst != dst,
         _ => false,
     };
+    if changed && hook < NF_INET_NUMHOOKS {
+        count(STAT_NAT_BASE + 2 * hook + u32::from(ev.skb.dst != dst));
+    }
+    if changed {
+        let traced = match decision {
+            Decision::All => true,
+            Decision::Known(traced) => traced,
+            Decision::Unknown(cfg) => {
+                sample::decide_skb(&cfg, skb, &ev.skb, Some((src, dst)), ev.skb.sk)
+            }
+        };
+        let new = sample::nat_is_new(hook, ev.skb.netns, (src, dst), (ev.skb.src, ev.skb.dst));
+        if !traced {
+            changed = new;
+            if new {
+                ev.skb.flags = SKB_UNSAMPLED;
+                sample::remember(skb, true);
+            }
+        }
+    }
     if changed {
         ev.before_src = src;
         ev.before_dst = dst;

@@ -23,39 +23,42 @@ use crate::{
     current::{header, task},
     kernel::{read_kernel, read_sock, read_sockaddr, read_user, Mem, ReadError},
     maps::{count, offset, EVENTS, FLOWS, PENDING_SENDS},
+    sample,
     tp::field,
 };
 
-/// Builds and sends one send-hop event for socket `sk`. `call_dst` is the destination
-/// the application named in the call (family 0 when it named none). The event is built
-/// in place in the ring buffer: the BPF stack is too small for a copy.
+/// Counts one datagram of socket `sk` on its flow and, when it is sampled (or failed), sends
+/// its send-hop event. `call_dst` is the destination the application named in the call
+/// (family 0 when it named none). The event is built in place in the ring buffer: the BPF
+/// stack is too small for a copy.
 #[inline(always)]
 fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
+    let mut key = FlowKey::default();
+    key.netns = read_sock(sk, &mut key.src, &mut key.dst)?;
+    let connected = key.dst.port != 0;
+    if call_dst.family != 0 {
+        key.dst = call_dst;
+    }
+    count_flow(&key, ret);
+    let traced = sample::decide_send(sk, &key, hook == HOOK_TP_SOCK_SEND_LENGTH);
+    if !traced && ret >= 0 {
+        return Ok(());
+    }
     let Some(mut entry) = EVENTS.reserve::<SendEvent>(0) else {
-        count(STAT_RINGBUF_FULL);
         // The event is lost; the flow's count is not.
-        let mut key = FlowKey::default();
-        key.netns = read_sock(sk, &mut key.src, &mut key.dst)?;
-        if call_dst.family != 0 {
-            key.dst = call_dst;
-        }
-        count_flow(&key, ret);
+        count(STAT_RINGBUF_FULL);
         return Ok(());
     };
-    // SAFETY: the reservation is sized for a SendEvent; every field is written below
-    // before submit.
-    let ev = unsafe { &mut *entry.as_mut_ptr() };
-    if let Err(e) = fill(ev, hook, sk, call_dst, ret) {
-        entry.discard(0);
-        return Err(e);
-    }
-    let key = FlowKey {
-        netns: ev.netns,
-        _pad: 0,
-        src: ev.src,
-        dst: ev.dst,
-    };
-    count_flow(&key, ret);
+    // SAFETY: the reservation is sized for a SendEvent; `fill` writes every field.
+    fill(
+        unsafe { &mut *entry.as_mut_ptr() },
+        hook,
+        sk,
+        &key,
+        connected,
+        call_dst.family != 0,
+        ret,
+    );
     entry.submit(0);
     Ok(())
 }
@@ -91,15 +94,21 @@ fn count_flow(key: &FlowKey, ret: i32) {
 }
 
 #[inline(always)]
-fn fill(ev: &mut SendEvent, hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
-    let netns = read_sock(sk, &mut ev.src, &mut ev.dst)?;
+fn fill(
+    ev: &mut SendEvent,
+    hook: u16,
+    sk: u64,
+    key: &FlowKey,
+    connected: bool,
+    dst_from_call: bool,
+    ret: i32,
+) {
     let mut flags = 0;
-    if ev.dst.port != 0 {
+    if connected {
         flags |= SEND_CONNECTED;
     }
-    if call_dst.family != 0 {
+    if dst_from_call {
         flags |= SEND_DST_FROM_CALL;
-        ev.dst = call_dst;
     }
     let task = task();
     ev.header = header(KIND_SEND, hook);
@@ -109,12 +118,13 @@ fn fill(ev: &mut SendEvent, hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Res
     ev.tid = task.tid;
     ev.uid = task.uid;
     ev.gid = task.gid;
-    ev.netns = netns;
+    ev.netns = key.netns;
     ev.ret = ret;
     ev.flags = flags;
     ev._pad = 0;
     ev.comm = task.comm;
-    Ok(())
+    ev.src = key.src;
+    ev.dst = key.dst;
 }
 
 /// The destination in a kernel `struct msghdr` (already copied from the caller).

@@ -7,14 +7,15 @@ use network_types::{
     udp::UdpHdr,
 };
 use udptrace_common::{
-    Addr, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, IP_MF, IP_OFFSET, STAT_RINGBUF_FULL,
-    TUNNEL_GENEVE, TUNNEL_NONE, TUNNEL_VXLAN,
+    Addr, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, IP_MF, IP_OFFSET, KIND_DELIVER, KIND_DROP,
+    KIND_XMIT, SKB_UNSAMPLED, STAT_RINGBUF_FULL, TUNNEL_GENEVE, TUNNEL_NONE, TUNNEL_VXLAN,
 };
 
 use crate::{
     current::header,
     kernel::{read_kernel, try_read_kernel, ReadError},
     maps::{count, offset, EVENTS},
+    sample::{self, Decision},
 };
 
 /// `skb->network_header` when unset (`(typeof(skb->network_header))~0U`).
@@ -263,6 +264,8 @@ pub fn fill(
     ev.header = header(kind, hook);
     ev.skb = skb;
     ev.reason = reason;
+    ev.flags = 0;
+    ev._pad = 0;
     ev.ifname = [0; 16];
     ev.ifkind = [0; 16];
     ev.ifindex = 0;
@@ -319,10 +322,42 @@ pub fn emit(kind: u16, hook: u16, skb: u64, reason: u32) -> Result<(), ReadError
     emit_inner(kind, hook, skb, reason, 0)
 }
 
+/// Whether this hop ends the datagram's way through this kernel (for the sampling).
+#[inline(always)]
+fn verdict(kind: u16, skb: u64) -> bool {
+    match kind {
+        KIND_DROP | KIND_DELIVER => true,
+        KIND_XMIT => sample::leaves_host(try_read_kernel(skb, offset!(skb_dev)).unwrap_or(0)),
+        _ => false,
+    }
+}
+
 /// `sk`, when not 0, replaces `skb->sk` (UDP does not set it on queued datagrams).
+/// A datagram not sampled is reported only when dropped (flagged [`SKB_UNSAMPLED`]).
 #[inline(always)]
 fn emit_inner(kind: u16, hook: u16, skb: u64, reason: u32, sk: u64) -> Result<(), ReadError> {
     if skb == 0 {
+        return Ok(());
+    }
+    let decision = sample::lookup(skb);
+    let ends = !matches!(decision, Decision::All) && verdict(kind, skb);
+    let result = emit_sampled(kind, hook, skb, reason, sk, decision);
+    if ends {
+        sample::forget(skb);
+    }
+    result
+}
+
+#[inline(always)]
+fn emit_sampled(
+    kind: u16,
+    hook: u16,
+    skb: u64,
+    reason: u32,
+    sk: u64,
+    decision: Decision,
+) -> Result<(), ReadError> {
+    if matches!(decision, Decision::Known(false)) && kind != KIND_DROP {
         return Ok(());
     }
     let Some(mut entry) = EVENTS.reserve::<SkbEvent>(0) else {
@@ -342,6 +377,22 @@ fn emit_inner(kind: u16, hook: u16, skb: u64, reason: u32, sk: u64) -> Result<()
             Ok(())
         }
         Ok(true) => {
+            let traced = match decision {
+                Decision::All => true,
+                Decision::Known(traced) => traced,
+                // Delivered: `ev.sk` is the receiver, not a sender.
+                Decision::Unknown(cfg) => {
+                    let sender = if kind == KIND_DELIVER { 0 } else { ev.sk };
+                    sample::decide_skb(&cfg, skb, ev, None, sender)
+                }
+            };
+            if !traced {
+                if kind != KIND_DROP {
+                    entry.discard(0);
+                    return Ok(());
+                }
+                ev.flags = SKB_UNSAMPLED;
+            }
             ev.sk_ino = if sk != 0 {
                 socket_inode(sk).unwrap_or(0)
             } else {

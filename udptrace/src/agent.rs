@@ -20,13 +20,14 @@ use axum::{
 };
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use serde::Deserialize;
+use udptrace_common::SampleConfig;
 
 use crate::{
-    args::AgentArgs,
+    args::{AgentArgs, SAMPLE_FIRST_DEFAULT},
     clock::{monotonic_ns, Clock},
     filter::Filter,
     flows::FlowTable,
-    loader::NetnsScope,
+    loader::{NetnsScope, Sampler},
     paths::Path,
     pipeline::{Losses, Pipeline},
 };
@@ -40,7 +41,11 @@ pub struct Settings {
     pub flow_idle: Duration,
     pub paths_kept: usize,
     pub per_flow_metrics: bool,
+    pub sampling: SampleConfig,
 }
+
+/// The agent's default sampling: the first datagrams of each flow, then 1 in 100.
+pub const SAMPLE_EVERY_DEFAULT: u32 = 100;
 
 /// The config file: the same settings, all optional.
 #[derive(Debug, Default, Deserialize)]
@@ -52,6 +57,8 @@ struct ConfigFile {
     flow_idle: Option<u64>,
     paths_kept: Option<usize>,
     per_flow_metrics: Option<bool>,
+    sample_every: Option<u32>,
+    sample_first: Option<u32>,
 }
 
 impl Settings {
@@ -79,6 +86,20 @@ impl Settings {
         );
         let flow_idle = args.flow_idle.or(file.flow_idle).unwrap_or(300);
         anyhow::ensure!(flow_idle >= 1, "flow_idle = 0: at least 1 second");
+        let sampling = SampleConfig {
+            every: args
+                .sample_every
+                .or(file.sample_every)
+                .unwrap_or(SAMPLE_EVERY_DEFAULT),
+            first: args
+                .sample_first
+                .or(file.sample_first)
+                .unwrap_or(SAMPLE_FIRST_DEFAULT),
+        };
+        anyhow::ensure!(
+            sampling.every >= 1,
+            "sample_every = 0: at least 1 (1 traces every datagram)"
+        );
         Ok(Self {
             listen: args
                 .listen
@@ -92,6 +113,7 @@ impl Settings {
                 .per_flow_metrics
                 .or(file.per_flow_metrics)
                 .unwrap_or(false),
+            sampling,
         })
     }
 }
@@ -111,6 +133,9 @@ struct Shared {
     /// (hop, hook) in use.
     hooks: Vec<(&'static str, &'static str)>,
     per_flow_metrics: bool,
+    /// Changes the kernel's sampling at runtime.
+    sampler: Option<Sampler>,
+    sampling: SampleConfig,
 }
 
 type AppState = Arc<Mutex<Shared>>;
@@ -121,7 +146,12 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
     let bound = listener.local_addr()?;
-    let mut pipeline = Pipeline::start(settings.netns, settings.flow_entries, None)?;
+    let mut pipeline = Pipeline::start(
+        settings.netns,
+        settings.flow_entries,
+        settings.sampling,
+        None,
+    )?;
     let mut hooks: Vec<(&'static str, &'static str)> = Vec::new();
     for report in std::iter::once(&pipeline.tracer.send).chain(&pipeline.tracer.skb_hops) {
         if let Some(hook) = report.chosen() {
@@ -139,12 +169,15 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         losses: Losses::default(),
         hooks,
         per_flow_metrics: settings.per_flow_metrics,
+        sampler: pipeline.tracer.sampler(),
+        sampling: settings.sampling,
     }));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
         .route("/metrics", get(metrics))
         .route("/api/v1/flows", get(flows))
         .route("/api/v1/paths", get(paths))
+        .route("/api/v1/sampling", get(sampling).put(set_sampling))
         .with_state(state.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -181,6 +214,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
             Some(read) = counts.recv() => {
                 let mut s = state.lock().expect("agent state");
                 s.losses = pipeline.apply_flow_counts(&mut s.flows, read);
+                s.flows.set_nat_totals(pipeline.nat_counts());
             }
         }
         if !finished.is_empty() {
@@ -253,6 +287,62 @@ async fn paths(State(state): State<AppState>, Query(q): Query<FilterQuery>) -> R
     let s = state.lock().expect("agent state");
     let paths: Vec<&Path> = s.paths.iter().filter(|p| filter.matches(p)).collect();
     Json(serde_json::json!({ "paths": paths })).into_response()
+}
+
+fn sampling_json(c: SampleConfig) -> serde_json::Value {
+    serde_json::json!({ "first": c.first, "every": c.every })
+}
+
+async fn sampling(State(state): State<AppState>) -> Response {
+    let s = state.lock().expect("agent state");
+    // What the kernel has, in effect now.
+    let now = s.sampler.as_ref().and_then(|m| m.get().ok());
+    Json(sampling_json(now.unwrap_or(s.sampling))).into_response()
+}
+
+/// `PUT /api/v1/sampling` with `{"every": N, "first": K}` (either may be left out).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SamplingChange {
+    every: Option<u32>,
+    first: Option<u32>,
+}
+
+async fn set_sampling(
+    State(state): State<AppState>,
+    change: Result<Json<SamplingChange>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let bad = |msg: String| (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response();
+    let Json(change) = match change {
+        Ok(c) => c,
+        Err(e) => {
+            return bad(format!(
+                "{}; expected {{\"every\": N, \"first\": K}}",
+                e.body_text()
+            ))
+        }
+    };
+    let mut s = state.lock().expect("agent state");
+    let new = SampleConfig {
+        every: change.every.unwrap_or(s.sampling.every),
+        first: change.first.unwrap_or(s.sampling.first),
+    };
+    if new.every == 0 {
+        return bad("every = 0: at least 1 (1 traces every datagram)".into());
+    }
+    let Some(sampler) = s.sampler.as_mut() else {
+        return (
+            StatusCode::CONFLICT,
+            "sampling is not available: the drop hop is not attached (see `udptrace doctor`)\n",
+        )
+            .into_response();
+    };
+    if let Err(e) = sampler.set(new) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response();
+    }
+    tracing::info!("sampling now: first {}, then 1 in {}", new.first, new.every);
+    s.sampling = new;
+    Json(sampling_json(new)).into_response()
 }
 
 /// Builds a counter or gauge family (or a single one, without labels) and sets its values.
@@ -345,6 +435,13 @@ fn render_metrics(s: &Shared) -> prometheus::Result<String> {
         family(&registry, || IntCounter::new(name, help))?.inc_by(value);
     }
     family(&registry, || {
+        IntGauge::new(
+            "udptrace_sample_every",
+            "1 in this many datagrams of a flow is traced hop by hop after its first ones",
+        )
+    })?
+    .set(i64::from(s.sampling.every));
+    family(&registry, || {
         IntGauge::new("udptrace_flows", "Flows tracked now")
     })?
     .set(i64::try_from(s.flows.len()).unwrap_or(i64::MAX));
@@ -418,20 +515,21 @@ mod tests {
         let s = Settings::resolve(&agent_args(&[])).unwrap();
         assert_eq!(s.listen, "127.0.0.1:9720".parse().unwrap());
         assert_eq!((s.netns, s.flow_entries), (NetnsScope::Host, 65_536));
+        assert_eq!((s.sampling.first, s.sampling.every), (10, 100));
         let dir = std::env::temp_dir().join(format!("udpt-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("agent.toml");
         std::fs::write(
             &file,
-            "listen = \"0.0.0.0:9999\"\nnetns = \"all\"\nflow_idle = 60\n",
+            "listen = \"0.0.0.0:9999\"\nnetns = \"all\"\nflow_idle = 60\nsample_every = 7\n",
         )
         .unwrap();
         let f = file.to_str().unwrap();
         let s = Settings::resolve(&agent_args(&["--config", f])).unwrap();
         assert_eq!(s.listen, "0.0.0.0:9999".parse().unwrap());
         assert_eq!(
-            (s.netns, s.flow_idle),
-            (NetnsScope::All, Duration::from_secs(60))
+            (s.netns, s.flow_idle, s.sampling.every),
+            (NetnsScope::All, Duration::from_secs(60), 7)
         );
         let s =
             Settings::resolve(&agent_args(&["--config", f, "--listen", "127.0.0.1:0"])).unwrap();
@@ -462,6 +560,11 @@ mod tests {
             losses: Losses::default(),
             hooks: vec![("send", "tracepoint:sock:sock_send_length")],
             per_flow_metrics: false,
+            sampler: None,
+            sampling: SampleConfig {
+                first: 10,
+                every: 100,
+            },
         };
         let text = render_metrics(&s).unwrap();
         for needle in [
@@ -471,6 +574,7 @@ mod tests {
             "udptrace_hook_info{hook=\"tracepoint:sock:sock_send_length\",hop=\"send\"} 1",
             "udptrace_build_info{version=",
             "udptrace_events_lost_total 0",
+            "udptrace_sample_every 100",
         ] {
             assert!(text.contains(needle), "{needle} in\n{text}");
         }

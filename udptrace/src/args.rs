@@ -64,6 +64,31 @@ pub enum SortBy {
     Drops,
 }
 
+/// Which datagrams are traced hop by hop. Every datagram is counted in its flow whatever
+/// is sampled; drops and new NAT rewrites are always reported.
+#[derive(Debug, Clone, Copy, Args)]
+pub struct SampleArgs {
+    /// Trace 1 datagram in N of each flow hop by hop, after the first ones (1: every one).
+    #[arg(long, value_name = "N", default_value_t = 1,
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub sample_every: u32,
+    /// Datagrams at the start of each flow always traced when sampling.
+    #[arg(long, value_name = "N", default_value_t = SAMPLE_FIRST_DEFAULT)]
+    pub sample_first: u32,
+}
+
+/// Datagrams at the start of each flow traced whatever the sampling rate.
+pub const SAMPLE_FIRST_DEFAULT: u32 = 10;
+
+impl SampleArgs {
+    pub fn config(&self) -> udptrace_common::SampleConfig {
+        udptrace_common::SampleConfig {
+            first: self.sample_first,
+            every: self.sample_every,
+        }
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct FlowsArgs {
     #[command(flatten)]
@@ -85,6 +110,8 @@ pub struct FlowsArgs {
     #[arg(long, value_name = "N", default_value_t = udptrace_common::FLOWS_DEFAULT,
           value_parser = clap::value_parser!(u32).range(16..))]
     pub flow_entries: u32,
+    #[command(flatten)]
+    pub sample: SampleArgs,
 }
 
 /// The agent's settings: each from the command line, else its environment variable, else
@@ -115,6 +142,15 @@ pub struct AgentArgs {
     /// [default: false].
     #[arg(long, env = "UDPTRACE_PER_FLOW_METRICS", value_name = "BOOL")]
     pub per_flow_metrics: Option<bool>,
+    /// Trace 1 datagram in N of each flow hop by hop, after the first ones; 1 traces every
+    /// one. Counts stay exact; drops and new NAT rewrites are always reported. Changeable at
+    /// runtime: PUT /api/v1/sampling [default: 100].
+    #[arg(long, env = "UDPTRACE_SAMPLE_EVERY", value_name = "N",
+          value_parser = clap::value_parser!(u32).range(1..))]
+    pub sample_every: Option<u32>,
+    /// Datagrams at the start of each flow always traced [default: 10].
+    #[arg(long, env = "UDPTRACE_SAMPLE_FIRST", value_name = "N")]
+    pub sample_first: Option<u32>,
 }
 
 #[derive(Debug, Args)]
@@ -135,6 +171,8 @@ pub struct TraceArgs {
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
     pub duration: Option<u64>,
+    #[command(flatten)]
+    pub sample: SampleArgs,
 }
 
 #[cfg(test)]
@@ -146,6 +184,23 @@ mod tests {
     #[test]
     fn definition_is_consistent() {
         Cli::command().debug_assert();
+    }
+
+    #[test]
+    fn sampling_traces_the_first_then_one_in_n() {
+        let c = SampleArgs {
+            sample_every: 10,
+            sample_first: 3,
+        }
+        .config();
+        let traced: Vec<u64> = (0..53).filter(|&n| c.traces(n)).collect();
+        assert_eq!(traced, [0, 1, 2, 10, 20, 30, 40, 50]);
+        let all = SampleArgs {
+            sample_every: 1,
+            sample_first: 0,
+        }
+        .config();
+        assert!(all.is_all() && (0..100).all(|n| all.traces(n)));
     }
 
     #[test]

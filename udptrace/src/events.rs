@@ -214,7 +214,7 @@ pub(crate) mod tests {
         bytes.truncate(128);
         assert!(matches!(
             Event::decode(&bytes),
-            Err(DecodeError::Size { expected: 232, .. })
+            Err(DecodeError::Size { expected: 240, .. })
         ));
     }
 

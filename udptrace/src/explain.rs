@@ -67,7 +67,12 @@ fn fragmentation(path: &Path) -> String {
 /// The sentence for `path`.
 pub fn explain(path: &Path) -> String {
     let sentence = sentence(path);
-    format!("{sentence}{}", fragmentation(path))
+    let sampled = if path.sampled {
+        ""
+    } else {
+        " (not sampled: the hops before the first one shown were not recorded)"
+    };
+    format!("{sentence}{}{sampled}", fragmentation(path))
 }
 
 fn sentence(path: &Path) -> String {

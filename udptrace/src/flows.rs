@@ -123,7 +123,8 @@ pub struct Totals {
     pub errors: BTreeMap<u32, u64>,
     /// By (reason, namespace where dropped).
     pub drops: BTreeMap<(String, u32), u64>,
-    /// By (netfilter hook, dnat/snat).
+    /// By (netfilter hook, dnat/snat): from the kernel's counters when given
+    /// ([`FlowTable::set_nat_totals`]), else from the paths seen.
     pub nat: BTreeMap<(&'static str, &'static str), u64>,
     /// Flows the kernel's LRU map evicted (created, not alive, not expired by us).
     pub evictions: u64,
@@ -141,7 +142,19 @@ pub struct FlowTable {
     /// Flows removed from the kernel's map by [`FlowTable::expire`].
     removed: u64,
     max_flows: usize,
+    /// The flow of each (namespace, source, destination) its sampled paths showed at some
+    /// hop: a datagram sampling left out, reported from its drop or NAT hop on, is
+    /// counted in its flow through it.
+    seen_at: HashMap<HopTuple, FlowId>,
+    /// `totals.nat` comes from the kernel.
+    kernel_nat: bool,
 }
+
+/// A datagram's addresses at one hop, with the hop's namespace.
+type HopTuple = (u32, Option<SocketAddr>, Option<SocketAddr>);
+
+/// Tuples remembered per flow, on average, before [`FlowTable::seen_at`] starts over.
+const TUPLES_PER_FLOW: usize = 8;
 
 impl FlowTable {
     /// A table of at most `max_flows` flows (the kernel map's size: a flow the kernel no
@@ -154,6 +167,8 @@ impl FlowTable {
             flows: HashMap::new(),
             totals: Totals::default(),
             removed: 0,
+            seen_at: HashMap::new(),
+            kernel_nat: false,
         }
     }
 
@@ -210,9 +225,15 @@ impl FlowTable {
         });
     }
 
+    /// The kernel's count of every NAT rewrite (paths show only the sampled ones).
+    pub fn set_nat_totals(&mut self, counts: BTreeMap<(&'static str, &'static str), u64>) {
+        self.kernel_nat = true;
+        self.totals.nat = counts;
+    }
+
     /// Takes in a finished path: its drops, rewrites, what the receiver saw.
     pub fn observe(&mut self, path: &Path, now_ns: u64) {
-        for hop in &path.hops {
+        for hop in path.hops.iter().filter(|_| !self.kernel_nat) {
             if let Some(nat) = &hop.nat {
                 *self.totals.nat.entry((nat.nf_hook, nat.nat)).or_default() += 1;
             }
@@ -223,8 +244,17 @@ impl FlowTable {
                 *self.totals.drops.entry((reason, drop.netns)).or_default() += 1;
             }
         }
-        let Some(id) = FlowId::of_path(path) else {
-            return;
+        let id = match FlowId::of_path(path) {
+            Some(id) => {
+                self.learn_tuples(path, id);
+                id
+            }
+            None if !path.sampled => match self.flow_of_unsampled(path) {
+                Some(id) => id,
+                None => return,
+            },
+            // A datagram not sent here.
+            None => return,
         };
         if !self.flows.contains_key(&id) && self.flows.len() >= self.max_flows {
             // The kernel's table is full too: this flow was (or will be) evicted there.
@@ -271,6 +301,29 @@ impl FlowTable {
             (false, _) => flow.undelivered_dnat,
         };
         flow.explain.clone_from(&path.explain);
+    }
+
+    fn learn_tuples(&mut self, path: &Path, id: FlowId) {
+        if self.seen_at.len() >= self.max_flows.saturating_mul(TUPLES_PER_FLOW) {
+            self.seen_at.clear();
+        }
+        for hop in &path.hops {
+            self.seen_at
+                .insert((hop.netns, hop.addrs.src, hop.addrs.dst), id);
+            if let Some(nat) = &hop.nat {
+                self.seen_at
+                    .insert((hop.netns, nat.before.src, nat.before.dst), id);
+            }
+        }
+    }
+
+    /// The flow of a path sampling left out, by the addresses at its first hop (before the
+    /// rewrite, for a NAT hop) as an earlier sampled path of the flow showed them.
+    fn flow_of_unsampled(&self, path: &Path) -> Option<FlowId> {
+        let hop = path.hops.iter().find(|h| h.kind != HopKind::Fragment)?;
+        let addrs = hop.nat.as_ref().map_or(hop.addrs, |n| n.before);
+        let id = self.seen_at.get(&(hop.netns, addrs.src, addrs.dst))?;
+        self.flows.contains_key(id).then_some(*id)
     }
 
     /// Forgets flows with nothing new for longer than the idle setting; returns their
@@ -443,6 +496,33 @@ mod tests {
         ] {
             assert!(json.get(field).is_some(), "{field} in {json}");
         }
+    }
+
+    #[test]
+    fn an_unsampled_drop_counts_in_the_flow_its_sampled_paths_showed() {
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        t.update_counts(&[(key(), stats(2, 100))], 1, 0);
+        let path = sample_path();
+        t.observe(&path, 0);
+        // The next datagram was not sampled: only its drop, with the same addresses.
+        let mut drop = path.hops[0].clone();
+        drop.kind = HopKind::Drop;
+        drop.process = None;
+        drop.reason = Some("NO_SOCKET".into());
+        let mut unsampled = sample_path();
+        unsampled.sampled = false;
+        unsampled.verdict = Verdict::Dropped;
+        unsampled.hops = vec![drop.clone()];
+        t.observe(&unsampled, 0);
+        let v = t.snapshot(&Filter::default());
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].drops["NO_SOCKET"], 1);
+        // Addresses no sampled path showed belong to no flow here.
+        drop.addrs.dst = Some("127.0.0.1:9".parse().unwrap());
+        unsampled.hops = vec![drop];
+        t.observe(&unsampled, 0);
+        assert_eq!(t.snapshot(&Filter::default())[0].drops["NO_SOCKET"], 1);
+        assert_eq!(t.totals().drops[&("NO_SOCKET".to_string(), key().netns)], 2);
     }
 
     #[test]

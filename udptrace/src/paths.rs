@@ -14,7 +14,8 @@ use udptrace_common::{
     HOOK_NETFILTER_LINK, HOOK_TCX_INGRESS, HOOK_TC_CLSACT_INGRESS, HOOK_TP_KFREE_SKB,
     HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SK_DATA_READY, HOOK_TP_SOCK_SEND_LENGTH, IP_DF, IP_MF,
     IP_OFFSET, KIND_DROP, KIND_INGRESS, KIND_XMIT, NF_INET_FORWARD, NF_INET_LOCAL_IN,
-    NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, TUNNEL_GENEVE, TUNNEL_VXLAN,
+    NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_UNSAMPLED, TUNNEL_GENEVE,
+    TUNNEL_VXLAN,
 };
 
 use crate::{
@@ -230,6 +231,9 @@ pub struct Path {
     #[serde(serialize_with = "ts")]
     pub ts: SystemTime,
     pub complete: bool,
+    /// False for a datagram that sampling left out and that is reported anyway because it
+    /// was dropped or newly NATed: the hops before the first one shown were not recorded.
+    pub sampled: bool,
     pub orig: Endpoints,
     #[serde(rename = "final")]
     pub last: Endpoints,
@@ -240,11 +244,20 @@ pub struct Path {
 }
 
 impl Path {
-    /// Every address on the path (each hop's source and destination).
+    /// Every address on the path (each hop's source and destination, and what a NAT hop
+    /// rewrote).
     pub fn addresses(&self) -> impl Iterator<Item = SocketAddr> + '_ {
         self.hops
             .iter()
-            .flat_map(|h| [h.addrs.src, h.addrs.dst])
+            .flat_map(|h| {
+                let before = h.nat.as_ref().map(|n| n.before);
+                [
+                    h.addrs.src,
+                    h.addrs.dst,
+                    before.and_then(|b| b.src),
+                    before.and_then(|b| b.dst),
+                ]
+            })
             .flatten()
     }
 }
@@ -458,10 +471,13 @@ struct Open {
     ended_ns: Option<u64>,
     /// The receiving socket of a delivered datagram whose reader is not known yet.
     reader_sk: u64,
+    /// Its first hop came flagged `SKB_UNSAMPLED`.
+    unsampled: bool,
 }
 
 impl Open {
     fn into_path(self, complete: bool) -> Path {
+        let sampled = !self.unsampled || self.send.is_some();
         let hops = mark_fragmentation(self.send.into_iter().chain(self.hops));
         let first = hops.first().map(|h| h.addrs);
         let last = hops.last().map(|h| h.addrs);
@@ -478,6 +494,7 @@ impl Open {
                 .min()
                 .unwrap_or(SystemTime::UNIX_EPOCH),
             complete,
+            sampled,
             orig: first.unwrap_or(empty),
             last: last.unwrap_or(empty),
             verdict: self.verdict,
@@ -634,6 +651,7 @@ impl Assembler {
             verdict: Verdict::Unknown,
             ended_ns: None,
             reader_sk: 0,
+            unsampled: false,
         };
         self.open.insert(self.next, open);
         self.next
@@ -665,13 +683,16 @@ impl Assembler {
 
     fn push_send(&mut self, ev: &SendEvent) {
         let hop = send_hop(ev, &self.clock);
-        // The tracepoint hook reports the send after its skb hops: join that path.
+        // The tracepoint hook reports the send after its skb hops: join that path. (An
+        // entry hook runs before them: a path waiting then is an earlier datagram's.)
+        let after = ev.header.hook == HOOK_TP_SOCK_SEND_LENGTH;
         let waiting = self.by_sock.get(&ev.sock).copied().filter(|id| {
-            self.open.get(id).is_some_and(|o| {
-                o.send.is_none()
-                    && o.hops.first().and_then(|h| h.addrs.src).map(|a| a.port())
-                        == Some(ev.src.port)
-            })
+            after
+                && self.open.get(id).is_some_and(|o| {
+                    o.send.is_none()
+                        && o.hops.first().and_then(|h| h.addrs.src).map(|a| a.port())
+                            == Some(ev.src.port)
+                })
         });
         let id = match waiting {
             Some(id) => id,
@@ -823,6 +844,8 @@ impl Assembler {
             Some(id) => id,
             None => {
                 let id = self.start(ev.header.ts_ns, ev.skb);
+                self.open.get_mut(&id).expect("open path").unsampled =
+                    ev.flags & SKB_UNSAMPLED != 0;
                 if outbound {
                     self.by_sock.insert(ev.sk, id);
                     self.open.get_mut(&id).expect("open path").sock = ev.sk;
@@ -980,6 +1003,7 @@ pub(crate) mod tests {
             id: "2a-65".into(),
             ts: hop.ts,
             complete: true,
+            sampled: true,
             orig: hop.addrs,
             last: hop.addrs,
             verdict: Verdict::Unknown,
@@ -1015,6 +1039,7 @@ pub(crate) mod tests {
             "id": "2a-65",
             "ts": "2027-01-15T08:00:00.000000042Z",
             "complete": true,
+            "sampled": true,
             "orig": {"src": "127.0.0.1:40112", "dst": "127.0.0.1:5353"},
             "final": {"src": "127.0.0.1:40112", "dst": "127.0.0.1:5353"},
             "verdict": "unknown",
@@ -1181,6 +1206,57 @@ pub(crate) mod tests {
         assert_eq!(out.len(), 2);
         assert!(!out[1].complete);
         assert_eq!(a.open_paths(), 0);
+    }
+
+    #[test]
+    fn an_unsampled_drop_is_a_path_of_its_own_that_says_so() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        // Reported only because it was dropped, in the receiver's namespace (no socket).
+        let Event::Skb(mut drop) = skb(KIND_DROP, 10, 0) else {
+            unreachable!()
+        };
+        drop.reason = 3;
+        drop.flags = SKB_UNSAMPLED;
+        a.push(&Event::Skb(drop), &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].complete && !out[0].sampled);
+        assert_eq!(out[0].verdict, Verdict::Dropped);
+        assert!(out[0].explain.contains("not sampled"), "{}", out[0].explain);
+        // A sampled one is what it always was.
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        assert!(out[1].sampled);
+    }
+
+    #[test]
+    fn an_entry_hook_send_never_joins_an_earlier_datagram() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        // An unsampled datagram's drop on its way out (its send hop was not reported)...
+        let Event::Skb(mut drop) = skb(KIND_DROP, 10, SOCK) else {
+            unreachable!()
+        };
+        drop.flags = SKB_UNSAMPLED;
+        a.push(&Event::Skb(drop), &mut out);
+        // ...then the next datagram's send, reported by fentry before its skb hops.
+        let Event::Send(mut ev) = send(20) else {
+            unreachable!()
+        };
+        ev.header.hook = HOOK_FENTRY_UDP_SENDMSG;
+        a.push(&Event::Send(ev), &mut out);
+        a.push(&skb(KIND_XMIT, 30, SOCK), &mut out);
+        a.push(&skb(KIND_DELIVER, 40, 0), &mut out);
+        a.tick(40 + GRACE_NS, &mut out);
+        assert_eq!(out.len(), 2, "{out:#?}");
+        let dropped = out.iter().find(|p| p.verdict == Verdict::Dropped).unwrap();
+        assert_eq!(dropped.hops.len(), 1);
+        assert!(!dropped.sampled);
+        let delivered = out
+            .iter()
+            .find(|p| p.verdict == Verdict::Delivered)
+            .unwrap();
+        assert_eq!(delivered.hops[0].kind, HopKind::Send);
+        assert!(delivered.sampled);
     }
 
     #[test]

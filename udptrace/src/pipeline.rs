@@ -2,7 +2,7 @@
 //! follow devices and namespaces as they come and go, until a signal or a deadline.
 //! `trace`, `flows` and `agent` consume its paths.
 
-use std::time::Duration;
+use std::{collections::BTreeMap, time::Duration};
 
 use anyhow::Context as _;
 use tokio::{
@@ -10,8 +10,8 @@ use tokio::{
     time::{Instant, Interval},
 };
 use udptrace_common::{
-    FlowKey, FlowStats, STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_PENDING_FULL, STAT_READ_ERROR,
-    STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
+    FlowKey, FlowStats, SampleConfig, NF_INET_NUMHOOKS, STAT_FLOW_FULL, STAT_FLOW_NEW,
+    STAT_NAT_BASE, STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
 };
 
 use crate::{
@@ -19,7 +19,7 @@ use crate::{
     events::{Event, EventStream, Undecodable},
     flows::FlowTable,
     loader::{FlowReader, NetnsScope, Tracer},
-    paths::{Assembler, Path},
+    paths::{nf_hook_name, Assembler, Path},
 };
 
 /// Why the pipeline stopped.
@@ -56,9 +56,21 @@ impl Pipeline {
     pub fn start(
         scope: NetnsScope,
         flow_entries: u32,
+        sampling: SampleConfig,
         duration: Option<Duration>,
     ) -> anyhow::Result<Self> {
         let mut tracer = Tracer::load_with(scope, flow_entries)?;
+        if !sampling.is_all() {
+            tracer
+                .sampler()
+                .context(
+                    "sampling needs the drop hop (tracepoints skb:kfree_skb and \
+                     skb:consume_skb), which this kernel did not attach; run without sampling \
+                     (--sample-every 1) or see `udptrace doctor`",
+                )?
+                .set(sampling)
+                .context("setting the sampling rate")?;
+        }
         let ring = tracer
             .take_events()
             .context("the eBPF object has no EVENTS ring buffer")?;
@@ -167,6 +179,25 @@ impl Pipeline {
         assembler.flush(&mut paths);
         tracing::debug!("{} open path(s) ended", paths.len());
         (losses, paths)
+    }
+
+    /// NAT rewrites the kernel counted, by (netfilter hook, `dnat`/`snat`): every one,
+    /// whatever is sampled.
+    pub fn nat_counts(&self) -> BTreeMap<(&'static str, &'static str), u64> {
+        let stats = self.tracer.stats();
+        let mut out = BTreeMap::new();
+        for hook in 0..NF_INET_NUMHOOKS {
+            for (dnat, kind) in [(0, "snat"), (1, "dnat")] {
+                let i = (STAT_NAT_BASE + 2 * hook + dnat) as usize;
+                match stats.get(i) {
+                    Some(&n) if n > 0 => {
+                        out.insert((nf_hook_name(hook), kind), n);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
     }
 
     /// What the kernel side lost or could not read, and records that did not decode.

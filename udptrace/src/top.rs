@@ -80,7 +80,12 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
         (None, true) => Some(Duration::from_secs(1)),
         (None, false) => None,
     };
-    let mut pipeline = Pipeline::start(args.netns, args.flow_entries, duration)?;
+    let mut pipeline = Pipeline::start(
+        args.netns,
+        args.flow_entries,
+        args.sample.config(),
+        duration,
+    )?;
     let filter = args.filter.filter();
     let mut table_state = FlowTable::new(Clock::new(), IDLE, args.flow_entries as usize);
     let terminal = io::stdout().is_terminal();

@@ -52,6 +52,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let mut pipeline = Pipeline::start(
         args.netns,
         FLOWS_DEFAULT,
+        args.sample.config(),
         args.duration.map(Duration::from_secs),
     )?;
     let filter = args.filter.filter();

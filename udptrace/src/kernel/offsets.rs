@@ -22,7 +22,7 @@ pub enum Group {
     Skb,
     /// Tracepoint `net:net_dev_start_xmit`.
     TpXmit,
-    /// Tracepoint `skb:kfree_skb` with its drop reason.
+    /// Tracepoints `skb:kfree_skb` with its drop reason, and `skb:consume_skb`: where skbs end.
     TpDrop,
     /// `struct nf_hook_state` (netfilter program context).
     NfState,
@@ -199,6 +199,7 @@ impl KernelLayout {
             (|| {
                 let f = tp("skb", "kfree_skb", &["skbaddr", "reason"])?;
                 (o.tp_kfree_skb, o.tp_kfree_reason) = (f[0], f[1]);
+                o.tp_consume_skb = tp("skb", "consume_skb", &["skbaddr"])?[0];
                 Ok(())
             })(),
         );
@@ -339,7 +340,10 @@ mod tests {
                 ],
             ),
             (Group::TpXmit, &[o.tp_xmit_skb]),
-            (Group::TpDrop, &[o.tp_kfree_skb, o.tp_kfree_reason]),
+            (
+                Group::TpDrop,
+                &[o.tp_kfree_skb, o.tp_kfree_reason, o.tp_consume_skb],
+            ),
             (Group::NfState, &[o.nf_state_hook]),
             (Group::TpReady, &[o.tp_ready_sk, o.tp_ready_protocol]),
             (

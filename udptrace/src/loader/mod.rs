@@ -12,11 +12,11 @@ pub use netns::NetnsScope;
 use std::{os::fd::AsFd as _, path::Path};
 
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::{FEntry, FExit, KProbe, SchedClassifier, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
-use udptrace_common::{names, FlowKey, FlowStats, STATS_LEN};
+use udptrace_common::{names, FlowKey, FlowStats, SampleConfig, STATS_LEN};
 
 use crate::kernel::{
     btf::{BtfError, KernelBtf},
@@ -271,18 +271,19 @@ impl Tracer {
     /// A handle of its own on the flow table and the counters, for a thread that reads them
     /// while the event loop goes on (a table of 100k flows takes most of a second to read).
     pub fn flow_reader(&self) -> Option<FlowReader> {
-        let dup = |name: &str| -> Option<MapData> {
-            let data = match self.ebpf.map(name)? {
-                aya::maps::Map::PerCpuLruHashMap(d) | aya::maps::Map::PerCpuArray(d) => d,
-                _ => return None,
-            };
-            let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
-            MapData::from_fd(fd).ok()
-        };
         Some(FlowReader {
-            flows: PerCpuHashMap::try_from(aya::maps::Map::PerCpuLruHashMap(dup(names::FLOWS)?))
-                .ok()?,
-            stats: PerCpuArray::try_from(aya::maps::Map::PerCpuArray(dup(names::STATS)?)).ok()?,
+            flows: PerCpuHashMap::try_from(own_map(&self.ebpf, names::FLOWS)?).ok()?,
+            stats: PerCpuArray::try_from(own_map(&self.ebpf, names::STATS)?).ok()?,
+        })
+    }
+
+    /// A handle of its own on the sampling setting, to change it while the pipeline runs.
+    /// `None` without the drop hop: its tracepoints are where a datagram's decision ends.
+    pub fn sampler(&self) -> Option<Sampler> {
+        let drop = self.skb_hops.iter().find(|r| r.hop == "drop")?;
+        drop.chosen()?;
+        Some(Sampler {
+            map: Array::try_from(own_map(&self.ebpf, names::SAMPLING)?).ok()?,
         })
     }
 
@@ -316,6 +317,34 @@ impl Tracer {
         (0..STATS_LEN)
             .map(|i| array.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
             .collect()
+    }
+}
+
+/// `name`'s map through a file descriptor of its own.
+fn own_map(ebpf: &Ebpf, name: &str) -> Option<Map> {
+    let (data, wrap): (&MapData, fn(MapData) -> Map) = match ebpf.map(name)? {
+        Map::PerCpuLruHashMap(d) => (d, Map::PerCpuLruHashMap),
+        Map::PerCpuArray(d) => (d, Map::PerCpuArray),
+        Map::Array(d) => (d, Map::Array),
+        _ => return None,
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
+    Some(wrap(MapData::from_fd(fd).ok()?))
+}
+
+/// Sets which datagrams are traced hop by hop (`udptrace_common::SampleConfig`); the kernel
+/// programs read it for every new datagram.
+pub struct Sampler {
+    map: Array<MapData, SampleConfig>,
+}
+
+impl Sampler {
+    pub fn set(&mut self, config: SampleConfig) -> std::io::Result<()> {
+        self.map.set(0, config, 0).map_err(std::io::Error::other)
+    }
+
+    pub fn get(&self) -> std::io::Result<SampleConfig> {
+        self.map.get(&0, 0).map_err(std::io::Error::other)
     }
 }
 
@@ -419,7 +448,9 @@ fn attach_skb_hops(ebpf: &mut Ebpf, layout: &KernelLayout) -> Vec<HopReport> {
     }
     fn drop(e: &mut Ebpf, l: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
         need(l, &[Group::Skb, Group::Sock, Group::TpDrop])?;
-        attach_tp(e, "drop_kfree_skb", "skb", &["kfree_skb"])
+        attach_tp(e, "drop_kfree_skb", "skb", &["kfree_skb"])?;
+        // Sampling forgets a datagram's decision when its skb is freed either way.
+        attach_tp(e, "sample_consume_skb", "skb", &["consume_skb"])
     }
     vec![
         attach_chain(

@@ -27,6 +27,7 @@ use crate::{
     clock::{monotonic_ns, Clock},
     filter::Filter,
     flows::FlowTable,
+    k8s::{ApiServer, Cluster},
     loader::{NetnsScope, Sampler},
     paths::Path,
     pipeline::{Losses, Pipeline},
@@ -42,6 +43,8 @@ pub struct Settings {
     pub paths_kept: usize,
     pub per_flow_metrics: bool,
     pub sampling: SampleConfig,
+    /// Kubernetes enrichment: where the API server is, and this node's name.
+    pub kube: Option<(ApiServer, String)>,
 }
 
 /// The agent's default sampling: the first datagrams of each flow, then 1 in 100.
@@ -59,6 +62,8 @@ struct ConfigFile {
     per_flow_metrics: Option<bool>,
     sample_every: Option<u32>,
     sample_first: Option<u32>,
+    kube_api: Option<String>,
+    node_name: Option<String>,
 }
 
 impl Settings {
@@ -114,6 +119,20 @@ impl Settings {
                 .or(file.per_flow_metrics)
                 .unwrap_or(false),
             sampling,
+            kube: ApiServer::find(args.kube_api.as_deref().or(file.kube_api.as_deref())).map(
+                |server| {
+                    let node = args
+                        .node_name
+                        .clone()
+                        .or(file.node_name)
+                        .unwrap_or_else(|| {
+                            std::fs::read_to_string("/proc/sys/kernel/hostname")
+                                .map(|h| h.trim().to_string())
+                                .unwrap_or_default()
+                        });
+                    (server, node)
+                },
+            ),
         })
     }
 }
@@ -136,6 +155,8 @@ struct Shared {
     /// Changes the kernel's sampling at runtime.
     sampler: Option<Sampler>,
     sampling: SampleConfig,
+    /// Kubernetes names, when in a cluster.
+    cluster: Option<Cluster>,
 }
 
 type AppState = Arc<Mutex<Shared>>;
@@ -146,6 +167,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
     let bound = listener.local_addr()?;
+    let cluster = match &settings.kube {
+        Some((server, node)) => Some(watch_cluster(server, node).await?),
+        None => None,
+    };
     let mut pipeline = Pipeline::start(
         settings.netns,
         settings.flow_entries,
@@ -171,6 +196,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         per_flow_metrics: settings.per_flow_metrics,
         sampler: pipeline.tracer.sampler(),
         sampling: settings.sampling,
+        cluster,
     }));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -276,17 +302,54 @@ impl From<FilterQuery> for Filter {
     }
 }
 
+/// Starts watching the cluster; waits up to 10 s for the first lists (the agent serves
+/// without names meanwhile if the API server is slow: the watchers keep trying).
+async fn watch_cluster(server: &ApiServer, node: &str) -> anyhow::Result<Cluster> {
+    anyhow::ensure!(
+        !node.is_empty(),
+        "the node's name is needed to watch its pods: --node-name or UDPTRACE_NODE_NAME (in a \
+         DaemonSet, from the downward API's spec.nodeName)"
+    );
+    let cluster = Cluster::start(server, node)?;
+    match tokio::time::timeout(Duration::from_secs(10), cluster.ready()).await {
+        Ok(Ok(())) => eprintln!("udptrace: watching Kubernetes (node {node})"),
+        Ok(Err(e)) => return Err(e),
+        Err(_) => {
+            tracing::warn!("Kubernetes API: no first list in 10 s; names come when it answers")
+        }
+    }
+    Ok(cluster)
+}
+
 async fn flows(State(state): State<AppState>, Query(q): Query<FilterQuery>) -> Response {
     let filter = Filter::from(q);
-    let views = state.lock().expect("agent state").flows.snapshot(&filter);
-    Json(serde_json::json!({ "flows": views })).into_response()
+    let s = state.lock().expect("agent state");
+    let views = s.flows.snapshot(&filter);
+    let body = match &s.cluster {
+        Some(cluster) => {
+            let names = cluster.directory();
+            let views: Vec<serde_json::Value> =
+                views.iter().map(|v| names.decorate_flow(v)).collect();
+            serde_json::json!({ "flows": views })
+        }
+        None => serde_json::json!({ "flows": views }),
+    };
+    Json(body).into_response()
 }
 
 async fn paths(State(state): State<AppState>, Query(q): Query<FilterQuery>) -> Response {
     let filter = Filter::from(q);
     let s = state.lock().expect("agent state");
-    let paths: Vec<&Path> = s.paths.iter().filter(|p| filter.matches(p)).collect();
-    Json(serde_json::json!({ "paths": paths })).into_response()
+    let paths = s.paths.iter().filter(|p| filter.matches(p));
+    let body = match &s.cluster {
+        Some(cluster) => {
+            let names = cluster.directory();
+            let paths: Vec<serde_json::Value> = paths.map(|p| names.decorate_path(p)).collect();
+            serde_json::json!({ "paths": paths })
+        }
+        None => serde_json::json!({ "paths": paths.collect::<Vec<&Path>>() }),
+    };
+    Json(body).into_response()
 }
 
 fn sampling_json(c: SampleConfig) -> serde_json::Value {
@@ -561,6 +624,7 @@ mod tests {
             hooks: vec![("send", "tracepoint:sock:sock_send_length")],
             per_flow_metrics: false,
             sampler: None,
+            cluster: None,
             sampling: SampleConfig {
                 first: 10,
                 every: 100,

@@ -151,6 +151,14 @@ pub struct AgentArgs {
     /// Datagrams at the start of each flow always traced [default: 10].
     #[arg(long, env = "UDPTRACE_SAMPLE_FIRST", value_name = "N")]
     pub sample_first: Option<u32>,
+    /// Kubernetes API server to watch pods, Services and EndpointSlices through, without
+    /// credentials (`kubectl proxy`, a test server) [default: in a pod, the cluster's own;
+    /// elsewhere none: no Kubernetes names].
+    #[arg(long, env = "UDPTRACE_KUBE_API", value_name = "URL")]
+    pub kube_api: Option<String>,
+    /// This node's Kubernetes name (pods are watched on it only) [default: the host name].
+    #[arg(long, env = "UDPTRACE_NODE_NAME", value_name = "NAME")]
+    pub node_name: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -9,6 +9,7 @@ mod events;
 mod explain;
 mod filter;
 mod flows;
+mod k8s;
 mod kernel;
 mod loader;
 mod paths;

@@ -296,22 +296,24 @@ fn transmitting_on_a_tap_leaves_the_host() {
     require_root();
     let _ = std::process::Command::new("modprobe").arg("tun").status();
     let ns = Netns::new("tap");
-    // The "VM": opens ut-tap, prints ready, then counts frames to UDP port 20821.
-    let (mut vm, lines) = spawn_ready(ns
-        .cmd(PYTHON)
-        .args([
-            "-c",
-            "import fcntl,os,struct,select\n\
+    // The "VM": opens ut-tap, prints ready, then the UDP port of every IPv4/UDP frame it
+    // reads, and at the end how many went to port 20821.
+    let (mut vm, lines) = spawn_ready(ns.cmd(PYTHON).args([
+        "-c",
+        "import fcntl,os,struct,select\n\
              fd=os.open('/dev/net/tun',os.O_RDWR)\n\
              fcntl.ioctl(fd,0x400454ca,struct.pack('16sH',b'ut-tap',0x0002|0x1000))\n\
              print('ready',flush=True)\n\
              n=0\n\
-             while select.select([fd],[],[],3)[0]:\n\
+             while select.select([fd],[],[],5)[0]:\n\
              \x20f=os.read(fd,2048)\n\
-             \x20if len(f)>=38 and f[12:14]==b'\\x08\\x00' and f[23]==17 and f[36:38]==(20821).to_bytes(2,'big'): n+=1\n\
+             \x20if len(f)>=38 and f[12:14]==b'\\x08\\x00' and f[23]==17:\n\
+             \x20\x20p=int.from_bytes(f[36:38],'big')\n\
+             \x20\x20print('port',p,flush=True)\n\
+             \x20\x20n+=p==20821\n\
              print('frames',n,flush=True)",
-        ]));
-    let mut lines = lines.map_while(Result::ok);
+    ]));
+    let lines = lines.map_while(Result::ok);
     ns.ip(&["addr", "add", "10.209.0.1/24", "dev", "ut-tap"]);
     ns.ip(&["link", "set", "ut-tap", "up"]);
     ns.ip(&[
@@ -345,6 +347,29 @@ fn transmitting_on_a_tap_leaves_the_host() {
         );
         std::thread::sleep(Duration::from_millis(100));
     }
+    // Even then the first frames may wait in a stopped queue under an emulated CPU: the
+    // tap's way out is proven open once the reader got a warm-up datagram.
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in lines {
+            if tx.send(line).is_err() {
+                break;
+            }
+        }
+    });
+    'warm: loop {
+        py_send(&ns, "10.209.0.2", 20820, "sendto", 1);
+        while let Ok(line) = rx.recv_timeout(Duration::from_millis(500)) {
+            if line == "port 20820" {
+                break 'warm;
+            }
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tap's reader never got a frame"
+        );
+    }
     let tracer = Tracer::start(&["--netns", "all", "--port", "20821", "--count", "1"]);
     let (pid, _) = py_send(&ns, "10.209.0.2", 20821, "sendto", 9);
     let path = tracer.one_path();
@@ -363,7 +388,10 @@ fn transmitting_on_a_tap_leaves_the_host() {
         "{explain}"
     );
     // Ground truth: the reader of the tap got the frame.
-    let frames = lines.next().unwrap_or_default();
+    let frames = rx
+        .iter()
+        .find(|l| l.starts_with("frames"))
+        .unwrap_or_default();
     let _ = vm.wait();
     assert_eq!(frames, "frames 1");
 }

@@ -25,14 +25,13 @@ pub fn podman_available() -> bool {
 }
 
 pub fn build() -> Result<()> {
-    exec(Command::new("cargo").current_dir(workspace()).args([
-        "build",
-        "--release",
-        "-p",
-        "udptrace",
-        "--target",
-        TARGET,
-    ]))?;
+    exec(
+        Command::new("cargo")
+            .current_dir(workspace())
+            // ring (TLS to the Kubernetes API) compiles C for the target: musl's gcc.
+            .env("CC_x86_64_unknown_linux_musl", "musl-gcc")
+            .args(["build", "--release", "-p", "udptrace", "--target", TARGET]),
+    )?;
     // runc and explicit ulimits: what works with this host's podman (TOOLCHAIN.md).
     exec(
         root_command("podman")

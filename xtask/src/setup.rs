@@ -40,6 +40,8 @@ const PACKAGES: &[&str] = &[
     "aardvark-dns",
     // A real Prometheus server scrapes the agent in a test; promtool lints /metrics.
     "prometheus",
+    // The static (musl) agent binary for the image: ring's C and assembly need musl's gcc.
+    "musl-tools",
     // The VM tests: qemu, and the kernel modules index.
     "qemu-system-x86",
     "kmod",

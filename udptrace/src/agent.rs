@@ -45,6 +45,8 @@ pub struct Settings {
     pub sampling: SampleConfig,
     /// Kubernetes enrichment: where the API server is, and this node's name.
     pub kube: Option<(ApiServer, String)>,
+    /// The host's cgroup v2 hierarchy (to find a process's pod container).
+    pub cgroup_root: Option<std::path::PathBuf>,
 }
 
 /// The agent's default sampling: the first datagrams of each flow, then 1 in 100.
@@ -64,6 +66,7 @@ struct ConfigFile {
     sample_first: Option<u32>,
     kube_api: Option<String>,
     node_name: Option<String>,
+    cgroup_root: Option<std::path::PathBuf>,
 }
 
 impl Settings {
@@ -133,6 +136,7 @@ impl Settings {
                     (server, node)
                 },
             ),
+            cgroup_root: args.cgroup_root.clone().or(file.cgroup_root),
         })
     }
 }
@@ -168,7 +172,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", settings.listen))?;
     let bound = listener.local_addr()?;
     let cluster = match &settings.kube {
-        Some((server, node)) => Some(watch_cluster(server, node).await?),
+        Some((server, node)) => {
+            Some(watch_cluster(server, node, settings.cgroup_root.clone()).await?)
+        }
         None => None,
     };
     let mut pipeline = Pipeline::start(
@@ -304,13 +310,17 @@ impl From<FilterQuery> for Filter {
 
 /// Starts watching the cluster; waits up to 10 s for the first lists (the agent serves
 /// without names meanwhile if the API server is slow: the watchers keep trying).
-async fn watch_cluster(server: &ApiServer, node: &str) -> anyhow::Result<Cluster> {
+async fn watch_cluster(
+    server: &ApiServer,
+    node: &str,
+    cgroup_root: Option<std::path::PathBuf>,
+) -> anyhow::Result<Cluster> {
     anyhow::ensure!(
         !node.is_empty(),
         "the node's name is needed to watch its pods: --node-name or UDPTRACE_NODE_NAME (in a \
          DaemonSet, from the downward API's spec.nodeName)"
     );
-    let cluster = Cluster::start(server, node)?;
+    let cluster = Cluster::start(server, node, cgroup_root)?;
     match tokio::time::timeout(Duration::from_secs(10), cluster.ready()).await {
         Ok(Ok(())) => eprintln!("udptrace: watching Kubernetes (node {node})"),
         Ok(Err(e)) => return Err(e),

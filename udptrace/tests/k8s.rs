@@ -56,6 +56,47 @@ impl Drop for ApiServer {
     }
 }
 
+/// A cgroup shaped like kubelet's (systemd driver, containerd) for the client pod's
+/// container in tests/fixtures/k8s/pods.json, under the cgroup v2 hierarchy; removed when
+/// dropped (after its processes are gone). None without a cgroup v2 hierarchy.
+struct KubeletCgroup {
+    top: std::path::PathBuf,
+    leaf: std::path::PathBuf,
+}
+
+impl KubeletCgroup {
+    fn new() -> Option<Self> {
+        let info = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+        let root = info.lines().find_map(|l| {
+            let (fields, rest) = l.split_once(" - ")?;
+            if rest.split_whitespace().next()? != "cgroup2" {
+                return None;
+            }
+            Some(std::path::PathBuf::from(fields.split_whitespace().nth(4)?))
+        })?;
+        let top = root.join(format!("udptrace-test-{}.slice", std::process::id()));
+        let leaf = top
+            .join("kubepods-besteffort-pod3f6c1a52_8d0e_4f7b_9b1e_2a4d5c6e7f80.slice")
+            .join(
+                "cri-containerd-9a7c3e1f0b2d4c6e8a0b1c2d3e4f5a6b7c8d9e0f1a2b3c4d5e6f708192a3b4c5.scope",
+            );
+        std::fs::create_dir_all(&leaf).unwrap();
+        Some(Self { top, leaf })
+    }
+}
+
+impl Drop for KubeletCgroup {
+    fn drop(&mut self) {
+        let mut dir = self.leaf.clone();
+        while dir.starts_with(&self.top) {
+            let _ = std::fs::remove_dir(&dir);
+            if !dir.pop() {
+                break;
+            }
+        }
+    }
+}
+
 #[test]
 fn pods_and_services_are_named_and_a_dnat_to_a_gone_backend_is_stale() {
     require_root();
@@ -133,13 +174,25 @@ fn pods_and_services_are_named_and_a_dnat_to_a_gone_backend_is_stale() {
     BufReader::new(rx.stdout.take().unwrap())
         .read_line(&mut ready)
         .unwrap();
-    let status = net
-        .a
-        .cmd(PYTHON)
-        .args([
-            "-c",
+    // The client runs in a cgroup named the way kubelet names the client pod's container.
+    let cgroup = KubeletCgroup::new();
+    // (Into the cgroup first: `ip netns exec` mounts a fresh /sys, without the cgroup tree.)
+    let status = std::process::Command::new("sh")
+        .env(
+            "PY",
             "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
              s.bind(('10.203.0.1',20970))\nfor _ in range(3): s.sendto(b'q'*20,('10.203.0.9',20971))",
+        )
+        .args([
+            "-c",
+            &format!(
+                "{}exec ip netns exec {} {PYTHON} -c \"$PY\"",
+                cgroup
+                    .as_ref()
+                    .map(|c| format!("echo $$ > {}/cgroup.procs && ", c.leaf.display()))
+                    .unwrap_or_default(),
+                net.a.name
+            ),
         ])
         .status()
         .unwrap();
@@ -188,6 +241,16 @@ fn pods_and_services_are_named_and_a_dnat_to_a_gone_backend_is_stale() {
     assert_eq!(path["verdict"], "delivered", "{path}");
     assert_eq!(path["k8s"]["10.203.0.9"]["name"], "dns", "{path}");
     assert_eq!(path["k8s"]["10.203.0.1"]["kind"], "pod", "{path}");
+    // The sending process is the client pod's container, by its cgroup.
+    match &cgroup {
+        Some(_) => assert_eq!(
+            path["hops"][0]["k8s"],
+            serde_json::json!({"kind": "pod", "namespace": "shop", "name": "client-7d9f8b6c5-x2k4q",
+                               "node": "node-a", "container": "client"}),
+            "{path}"
+        ),
+        None => eprintln!("no cgroup v2 hierarchy here: the container part is not checked"),
+    }
     let (status, stderr) = agent.stop(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
     let _ = rx.kill();

@@ -6,9 +6,13 @@
 //!
 //! Without a cluster (no `--kube-api` and not in a pod) none of this runs.
 
+pub mod cgroups;
+
 use std::{
     collections::{BTreeMap, HashMap, HashSet},
     net::{IpAddr, SocketAddr},
+    path::PathBuf,
+    sync::Arc,
 };
 
 use anyhow::Context as _;
@@ -23,6 +27,7 @@ use kube::{
 };
 use serde::Serialize;
 
+use self::cgroups::Cgroups;
 use crate::flows::FlowView;
 
 /// Where the agent finds the API server.
@@ -54,6 +59,9 @@ pub struct Owner {
     /// The node a pod runs on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub node: Option<String>,
+    /// The container a process runs in.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub container: Option<String>,
 }
 
 /// The watched objects, kept current by the reflectors.
@@ -63,11 +71,18 @@ pub struct Cluster {
     pods: Store<Pod>,
     services: Store<Service>,
     slices: Store<EndpointSlice>,
+    cgroups: Arc<Cgroups>,
 }
 
 impl Cluster {
     /// Connects and starts watching (the watchers retry with backoff forever).
-    pub fn start(server: &ApiServer, node: &str) -> anyhow::Result<Self> {
+    /// `cgroup_root`: where the host's cgroup v2 hierarchy is (processes are matched to
+    /// their pod's container by cgroup).
+    pub fn start(
+        server: &ApiServer,
+        node: &str,
+        cgroup_root: Option<PathBuf>,
+    ) -> anyhow::Result<Self> {
         let config = match server {
             ApiServer::Url(url) => Config::new(
                 url.parse()
@@ -94,6 +109,7 @@ impl Cluster {
             pods,
             services,
             slices,
+            cgroups: Arc::new(Cgroups::new(cgroup_root)),
         })
     }
 
@@ -128,14 +144,40 @@ impl Cluster {
                             namespace: target.namespace.clone().unwrap_or(namespace.clone()),
                             name: target.name.clone().unwrap_or_default(),
                             node: ep.node_name.clone(),
+                            container: None,
                         },
                     );
                 }
             }
         }
         // This node's pods, from the pods themselves (host-network pods have the node's
-        // address: they name nothing).
+        // address: they name nothing), and their containers by runtime ID.
+        let mut containers = HashMap::new();
         for pod in self.pods.state() {
+            let owner = |container: Option<String>| Owner {
+                kind: "pod",
+                namespace: pod.metadata.namespace.clone().unwrap_or_default(),
+                name: pod.metadata.name.clone().unwrap_or_default(),
+                node: Some(self.node.clone()),
+                container,
+            };
+            let statuses = pod.status.iter().flat_map(|s| {
+                let init = s.init_container_statuses.iter().flatten();
+                s.container_statuses.iter().flatten().chain(init)
+            });
+            for status in statuses {
+                // "containerd://ID", "cri-o://ID", "docker://ID"
+                let Some((_, id)) = status
+                    .container_id
+                    .as_deref()
+                    .and_then(|c| c.split_once("://"))
+                else {
+                    continue;
+                };
+                if let Some(uid) = pod.metadata.uid.clone() {
+                    containers.insert((uid, id.to_string()), owner(Some(status.name.clone())));
+                }
+            }
             let host_network = pod
                 .spec
                 .as_ref()
@@ -151,15 +193,7 @@ impl Cluster {
                 .map(|p| p.ip.as_str())
                 .chain(status.pod_ip.as_deref());
             for ip in ips.filter_map(|a| a.parse::<IpAddr>().ok()) {
-                owners.insert(
-                    ip,
-                    Owner {
-                        kind: "pod",
-                        namespace: pod.metadata.namespace.clone().unwrap_or_default(),
-                        name: pod.metadata.name.clone().unwrap_or_default(),
-                        node: Some(self.node.clone()),
-                    },
-                );
+                owners.insert(ip, owner(None));
             }
         }
         for svc in self.services.state() {
@@ -179,6 +213,7 @@ impl Cluster {
                         namespace: svc.metadata.namespace.clone().unwrap_or_default(),
                         name: svc.metadata.name.clone().unwrap_or_default(),
                         node: None,
+                        container: None,
                     },
                 );
             }
@@ -204,7 +239,12 @@ impl Cluster {
                 }
             }
         }
-        Directory { owners, endpoints }
+        Directory {
+            owners,
+            endpoints,
+            containers,
+            cgroups: Some(self.cgroups.clone()),
+        }
     }
 }
 
@@ -240,6 +280,9 @@ pub struct Directory {
     owners: HashMap<IpAddr, Owner>,
     /// Ready endpoints of every EndpointSlice, with their UDP ports.
     endpoints: HashSet<SocketAddr>,
+    /// This node's pods' containers by (pod UID, container ID).
+    containers: HashMap<(String, String), Owner>,
+    cgroups: Option<Arc<Cgroups>>,
 }
 
 impl Directory {
@@ -285,10 +328,25 @@ impl Directory {
         json
     }
 
-    /// Adds `k8s` names to a path (as JSON).
+    /// The pod container a process of cgroup `id` runs in.
+    pub fn container(&self, cgroup: u64) -> Option<&Owner> {
+        let key = self.cgroups.as_ref()?.container(cgroup)?;
+        self.containers.get(&key)
+    }
+
+    /// Adds `k8s` names to a path (as JSON): its addresses', and each process's container
+    /// (on the hop that names the process).
     pub fn decorate_path(&self, path: &crate::paths::Path) -> serde_json::Value {
         let mut json = serde_json::to_value(path).unwrap_or_default();
         json["k8s"] = serde_json::to_value(self.names(path.addresses())).unwrap_or_default();
+        if let Some(hops) = json["hops"].as_array_mut() {
+            for hop in hops {
+                let owner = hop["cgroup"].as_u64().and_then(|c| self.container(c));
+                if let Some(owner) = owner {
+                    hop["k8s"] = serde_json::to_value(owner).unwrap_or_default();
+                }
+            }
+        }
         json
     }
 }

@@ -31,6 +31,7 @@ use crate::{
     loader::{NetnsScope, Sampler},
     paths::Path,
     pipeline::{Losses, Pipeline},
+    stitch::{self, Part},
 };
 
 /// The agent's settings after command line, environment and config file are merged.
@@ -43,8 +44,15 @@ pub struct Settings {
     pub paths_kept: usize,
     pub per_flow_metrics: bool,
     pub sampling: SampleConfig,
-    /// Kubernetes enrichment: where the API server is, and this node's name.
-    pub kube: Option<(ApiServer, String)>,
+    /// Kubernetes enrichment: where the API server is.
+    pub kube: Option<ApiServer>,
+    /// This node's name (Kubernetes' node name; how stitched paths name this agent's part).
+    pub node: String,
+    /// Only these network namespaces' hops (names in /run/netns, or paths).
+    pub only_netns: Vec<String>,
+    /// Other agents (`[NODE=]URL`) and a DNS name whose addresses are agents, for stitching.
+    pub peers: Vec<String>,
+    pub peer_service: Option<String>,
     /// The host's cgroup v2 hierarchy (to find a process's pod container).
     pub cgroup_root: Option<std::path::PathBuf>,
 }
@@ -67,6 +75,9 @@ struct ConfigFile {
     kube_api: Option<String>,
     node_name: Option<String>,
     cgroup_root: Option<std::path::PathBuf>,
+    only_netns: Option<Vec<String>>,
+    peers: Option<Vec<String>>,
+    peer_service: Option<String>,
 }
 
 impl Settings {
@@ -122,21 +133,24 @@ impl Settings {
                 .or(file.per_flow_metrics)
                 .unwrap_or(false),
             sampling,
-            kube: ApiServer::find(args.kube_api.as_deref().or(file.kube_api.as_deref())).map(
-                |server| {
-                    let node = args
-                        .node_name
-                        .clone()
-                        .or(file.node_name)
-                        .unwrap_or_else(|| {
-                            std::fs::read_to_string("/proc/sys/kernel/hostname")
-                                .map(|h| h.trim().to_string())
-                                .unwrap_or_default()
-                        });
-                    (server, node)
-                },
-            ),
+            kube: ApiServer::find(args.kube_api.as_deref().or(file.kube_api.as_deref())),
+            node: args
+                .node_name
+                .clone()
+                .or(file.node_name)
+                .unwrap_or_else(|| {
+                    std::fs::read_to_string("/proc/sys/kernel/hostname")
+                        .map(|h| h.trim().to_string())
+                        .unwrap_or_default()
+                }),
             cgroup_root: args.cgroup_root.clone().or(file.cgroup_root),
+            only_netns: args
+                .only_netns
+                .clone()
+                .or(file.only_netns)
+                .unwrap_or_default(),
+            peers: args.peers.clone().or(file.peers).unwrap_or_default(),
+            peer_service: args.peer_service.clone().or(file.peer_service),
         })
     }
 }
@@ -161,6 +175,11 @@ struct Shared {
     sampling: SampleConfig,
     /// Kubernetes names, when in a cluster.
     cluster: Option<Cluster>,
+    /// For stitching: this node's name, the other agents, our own address.
+    node: String,
+    peers: Vec<String>,
+    peer_service: Option<String>,
+    bound: SocketAddr,
 }
 
 type AppState = Arc<Mutex<Shared>>;
@@ -172,17 +191,21 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .with_context(|| format!("listening on {}", settings.listen))?;
     let bound = listener.local_addr()?;
     let cluster = match &settings.kube {
-        Some((server, node)) => {
-            Some(watch_cluster(server, node, settings.cgroup_root.clone()).await?)
+        Some(server) => {
+            Some(watch_cluster(server, &settings.node, settings.cgroup_root.clone()).await?)
         }
         None => None,
     };
+    let only = netns_inodes(&settings.only_netns)?;
     let mut pipeline = Pipeline::start(
         settings.netns,
         settings.flow_entries,
         settings.sampling,
         None,
     )?;
+    if let Some(only) = only {
+        pipeline.keep_only(only);
+    }
     let mut hooks: Vec<(&'static str, &'static str)> = Vec::new();
     for report in std::iter::once(&pipeline.tracer.send).chain(&pipeline.tracer.skb_hops) {
         if let Some(hook) = report.chosen() {
@@ -203,6 +226,10 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         sampler: pipeline.tracer.sampler(),
         sampling: settings.sampling,
         cluster,
+        node: settings.node.clone(),
+        peers: settings.peers.clone(),
+        peer_service: settings.peer_service.clone(),
+        bound,
     }));
     let app = Router::new()
         .route("/healthz", get(|| async { "ok\n" }))
@@ -210,6 +237,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .route("/api/v1/flows", get(flows))
         .route("/api/v1/paths", get(paths))
         .route("/api/v1/sampling", get(sampling).put(set_sampling))
+        .route("/api/v1/paths/stitched", get(stitched))
         .with_state(state.clone());
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let server = tokio::spawn(async move {
@@ -306,6 +334,80 @@ impl From<FilterQuery> for Filter {
             comm: q.comm,
         }
     }
+}
+
+/// The inodes of the namespaces named (in /run/netns) or given by path; None for none.
+fn netns_inodes(names: &[String]) -> anyhow::Result<Option<std::collections::HashSet<u32>>> {
+    use std::os::unix::fs::MetadataExt as _;
+    if names.is_empty() {
+        return Ok(None);
+    }
+    names
+        .iter()
+        .map(|n| {
+            let path = if n.contains('/') {
+                std::path::PathBuf::from(n)
+            } else {
+                std::path::Path::new("/run/netns").join(n)
+            };
+            let meta = std::fs::metadata(&path).with_context(|| {
+                format!(
+                    "only_netns: {n:?}: no such network namespace ({})",
+                    path.display()
+                )
+            })?;
+            Ok(meta.ino() as u32)
+        })
+        .collect::<anyhow::Result<_>>()
+        .map(Some)
+}
+
+/// `GET /api/v1/paths/stitched`: this agent's recent paths and the other agents' (the
+/// peers, and every address of the peer service), joined per datagram.
+async fn stitched(State(state): State<AppState>, Query(q): Query<FilterQuery>) -> Response {
+    let filter = Filter::from(q);
+    let (mut parts, mut peers, service, bound) = {
+        let s = state.lock().expect("agent state");
+        let parts: Vec<Part> = s
+            .paths
+            .iter()
+            .filter(|p| filter.matches(p))
+            .map(|p| Part {
+                node: s.node.clone(),
+                path: serde_json::to_value(p).unwrap_or_default(),
+            })
+            .collect();
+        (parts, s.peers.clone(), s.peer_service.clone(), s.bound)
+    };
+    if let Some(service) = service {
+        match tokio::net::lookup_host(service.as_str()).await {
+            Ok(addrs) => peers.extend(addrs.filter(|a| *a != bound).map(|a| format!("http://{a}"))),
+            Err(e) => {
+                return (
+                    StatusCode::BAD_GATEWAY,
+                    format!("resolving the peer service {service}: {e}\n"),
+                )
+                    .into_response()
+            }
+        }
+    }
+    let query = stitch::query(&filter);
+    let fetched = tokio::task::spawn_blocking(move || {
+        peers
+            .iter()
+            .map(|p| {
+                let (node, url) = stitch::node_and_url(p);
+                stitch::fetch(&url, &node, &query)
+            })
+            .collect::<anyhow::Result<Vec<Vec<Part>>>>()
+    })
+    .await;
+    match fetched {
+        Ok(Ok(more)) => parts.extend(more.into_iter().flatten()),
+        Ok(Err(e)) => return (StatusCode::BAD_GATEWAY, format!("{e:#}\n")).into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+    Json(serde_json::json!({ "paths": stitch::stitch(&parts) })).into_response()
 }
 
 /// Starts watching the cluster; waits up to 10 s for the first lists (the agent serves
@@ -635,6 +737,10 @@ mod tests {
             per_flow_metrics: false,
             sampler: None,
             cluster: None,
+            node: "node-a".into(),
+            peers: Vec::new(),
+            peer_service: None,
+            bound: "127.0.0.1:9720".parse().unwrap(),
             sampling: SampleConfig {
                 first: 10,
                 every: 100,

@@ -25,6 +25,19 @@ pub enum Command {
     Agent(AgentArgs),
     /// Show which hooks this kernel allows and which one each hop uses, and why.
     Doctor,
+    /// Ask agents on several nodes for their partial paths and join each datagram's into
+    /// one end-to-end path (JSON lines).
+    Path(PathArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct PathArgs {
+    /// An agent to ask: `URL` or `NODE=URL` (e.g. `node-a=http://10.0.0.1:9720`); repeat for
+    /// each node.
+    #[arg(long = "agent", value_name = "[NODE=]URL", required = true)]
+    pub agents: Vec<String>,
+    #[command(flatten)]
+    pub filter: FilterArgs,
 }
 
 /// `--port`, `--host`, `--pid`, `--comm`: which datagrams or flows to show.
@@ -163,6 +176,27 @@ pub struct AgentArgs {
     /// process [default: where this process sees one].
     #[arg(long, env = "UDPTRACE_CGROUP_ROOT", value_name = "DIR")]
     pub cgroup_root: Option<std::path::PathBuf>,
+    /// Keep only hops in these network namespaces (names in /run/netns, or paths): the
+    /// agent answers for one emulated node [default: every namespace covered].
+    #[arg(
+        long,
+        env = "UDPTRACE_ONLY_NETNS",
+        value_name = "NETNS,...",
+        value_delimiter = ','
+    )]
+    pub only_netns: Option<Vec<String>>,
+    /// Other nodes' agents, for /api/v1/paths/stitched: `URL` or `NODE=URL`, comma separated.
+    #[arg(
+        long,
+        env = "UDPTRACE_PEERS",
+        value_name = "[NODE=]URL,...",
+        value_delimiter = ','
+    )]
+    pub peers: Option<Vec<String>>,
+    /// A DNS name and port whose every address is an agent (the headless Service, e.g.
+    /// `udptrace.udptrace.svc:9720`), for /api/v1/paths/stitched.
+    #[arg(long, env = "UDPTRACE_PEER_SERVICE", value_name = "HOST:PORT")]
+    pub peer_service: Option<String>,
 }
 
 #[derive(Debug, Args)]

@@ -15,6 +15,7 @@ mod loader;
 mod paths;
 mod pipeline;
 mod procs;
+mod stitch;
 mod top;
 mod trace;
 
@@ -53,6 +54,7 @@ fn main() -> ExitCode {
         Command::Trace(args) => block_on(trace::run(args)),
         Command::Flows(args) => block_on(top::run(args)),
         Command::Agent(args) => block_on(agent::run(args)),
+        Command::Path(args) => block_on(stitch::run(args)),
     }
 }
 

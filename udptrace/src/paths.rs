@@ -9,11 +9,11 @@ use std::{
 
 use serde::{Serialize, Serializer};
 use udptrace_common::{
-    NatEvent, RecvEvent, SendEvent, SkbEvent, HOOK_FENTRY_UDPV6_SENDMSG, HOOK_FENTRY_UDP_SENDMSG,
-    HOOK_FEXIT_UDP_ENQUEUE, HOOK_KPROBE_NF_NAT, HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG,
-    HOOK_NETFILTER_LINK, HOOK_TCX_INGRESS, HOOK_TC_CLSACT_INGRESS, HOOK_TP_KFREE_SKB,
-    HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SK_DATA_READY, HOOK_TP_SOCK_SEND_LENGTH, IP_DF, IP_MF,
-    IP_OFFSET, KIND_DROP, KIND_INGRESS, KIND_XMIT, NF_INET_FORWARD, NF_INET_LOCAL_IN,
+    NatEvent, RecvEvent, SendEvent, SkbEvent, AF_INET, HOOK_FENTRY_UDPV6_SENDMSG,
+    HOOK_FENTRY_UDP_SENDMSG, HOOK_FEXIT_UDP_ENQUEUE, HOOK_KPROBE_NF_NAT, HOOK_KPROBE_UDPV6_SENDMSG,
+    HOOK_KPROBE_UDP_SENDMSG, HOOK_NETFILTER_LINK, HOOK_TCX_INGRESS, HOOK_TC_CLSACT_INGRESS,
+    HOOK_TP_KFREE_SKB, HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SK_DATA_READY, HOOK_TP_SOCK_SEND_LENGTH,
+    IP_DF, IP_MF, IP_OFFSET, KIND_DROP, KIND_INGRESS, KIND_XMIT, NF_INET_FORWARD, NF_INET_LOCAL_IN,
     NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_UNSAMPLED, TUNNEL_GENEVE,
     TUNNEL_VXLAN,
 };
@@ -165,6 +165,10 @@ pub struct Hop {
     /// The IPv4 don't-fragment flag was set.
     #[serde(skip)]
     pub df: bool,
+    /// IPv4 identification (IPv6: from a fragment header): with the addresses and length,
+    /// what joins one datagram's partial paths from several nodes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub ip_id: Option<u16>,
     /// The receiving socket's inode (deliver hops), to find its process when no reader
     /// was seen.
     #[serde(skip)]
@@ -297,6 +301,7 @@ pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
         tunnel: None,
         fragment: None,
         df: false,
+        ip_id: None,
         sock_ino: 0,
         ifkind: None,
         mtu: None,
@@ -347,8 +352,14 @@ pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
         tunnel,
         fragment: fragment(ev),
         df: ev.ip_frag & IP_DF != 0,
+        ip_id: ip_id(ev),
         sock_ino: ev.sk_ino,
     }
+}
+
+/// The datagram's IP identification, where it has one.
+fn ip_id(ev: &SkbEvent) -> Option<u16> {
+    (ev.src.family == AF_INET || ev.ip_frag & (IP_MF | IP_OFFSET) != 0).then_some(ev.ip_id)
 }
 
 /// The fragment an skb event carries, if the datagram travels fragmented there.
@@ -413,6 +424,7 @@ pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
         mtu: None,
         fragment: None,
         df: false,
+        ip_id: ip_id(&ev.skb),
         addrs: after,
         len: ev.skb.len,
         process: None,

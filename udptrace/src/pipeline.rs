@@ -2,7 +2,10 @@
 //! follow devices and namespaces as they come and go, until a signal or a deadline.
 //! `trace`, `flows` and `agent` consume its paths.
 
-use std::{collections::BTreeMap, time::Duration};
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Duration,
+};
 
 use anyhow::Context as _;
 use tokio::{
@@ -49,6 +52,8 @@ pub struct Pipeline {
     deadline: Option<Instant>,
     sigterm: Signal,
     sigint: Signal,
+    /// Only hops in these namespaces are kept (an agent answering for one emulated node).
+    only: Option<HashSet<u32>>,
 }
 
 impl Pipeline {
@@ -92,7 +97,17 @@ impl Pipeline {
             deadline: duration.map(|d| Instant::now() + d),
             sigterm: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
             sigint: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            only: None,
         })
+    }
+
+    /// From now on, only hops (and flows) in these network namespaces (by inode) count.
+    pub fn keep_only(&mut self, netns: HashSet<u32>) {
+        self.only = Some(netns);
+    }
+
+    fn kept(&self, netns: u32) -> bool {
+        self.only.as_ref().is_none_or(|only| only.contains(&netns))
     }
 
     /// Waits for events or the next tick and appends the paths that finished to `out`.
@@ -120,9 +135,21 @@ impl Pipeline {
             _ = self.sigterm.recv() => return Ok(Some(Stop::Signal)),
             _ = self.sigint.recv() => return Ok(Some(Stop::Signal)),
         }
+        let only = self.only.take();
         for event in self.batch.drain(..) {
+            let netns = match &event {
+                Event::Send(ev) => Some(ev.netns),
+                Event::Skb(ev) => Some(ev.netns),
+                Event::Nat(ev) => Some(ev.skb.netns),
+                // Readers name a socket's receiver; they carry no namespace.
+                Event::Recv(_) => None,
+            };
+            if netns.is_some_and(|n| only.as_ref().is_some_and(|o| !o.contains(&n))) {
+                continue;
+            }
             self.assembler.push(&event, out);
         }
+        self.only = only;
         self.assembler.tick(monotonic_ns(), out);
         Ok(None)
     }
@@ -139,8 +166,9 @@ impl Pipeline {
     pub fn apply_flow_counts(
         &mut self,
         table: &mut FlowTable,
-        (created, kernel): (u64, Vec<(FlowKey, FlowStats)>),
+        (created, mut kernel): (u64, Vec<(FlowKey, FlowStats)>),
     ) -> Losses {
+        kernel.retain(|(key, _)| self.kept(key.netns));
         table.update_counts(&kernel, created, monotonic_ns());
         tracing::debug!(
             "flows: {} in the kernel's table, {created} created there, {} here",

@@ -633,3 +633,24 @@ pub fn iptables(ns: &Netns, args: &[&str]) {
     let status = ns.cmd("iptables").args(args).status().expect("iptables");
     assert!(status.success(), "iptables {args:?}");
 }
+
+/// The overlay: vx0 in each node, VNI 42, 10.205.0.0/24 over the underlay veth
+/// (10.203.0.0/24). Its MTU is the underlay's less VXLAN's 50 bytes: 1450.
+pub fn overlay(net: &Pair) {
+    for (ns, local, remote, overlay) in [
+        (&net.a, A4, B4, "10.205.0.1/24"),
+        (&net.b, B4, A4, "10.205.0.2/24"),
+    ] {
+        let dev = if std::ptr::eq(ns, &net.a) {
+            "ut-a"
+        } else {
+            "ut-b"
+        };
+        ns.ip(&[
+            "link", "add", "vx0", "type", "vxlan", "id", "42", "local", local, "remote", remote,
+            "dstport", "4789", "dev", dev,
+        ]);
+        ns.ip(&["addr", "add", overlay, "dev", "vx0"]);
+        ns.ip(&["link", "set", "vx0", "up"]);
+    }
+}

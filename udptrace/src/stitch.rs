@@ -2,7 +2,7 @@
 //! node's namespaces) into one end-to-end path. A part that ends by handing the datagram on
 //! (a transmit, into a tunnel or out of a NIC) continues in another node's part that begins
 //! with the datagram arriving (ingress, decap) with the same addresses, IP identification
-//! and length — the inner datagram's, for a tunnel. Nothing is added to packets; there is no
+//! and length — the inner datagram's, for a tunnel, and the same VNI. Nothing is added to packets; there is no
 //! central store: `udptrace path` and `/api/v1/paths/stitched` ask the agents.
 
 use std::collections::HashMap;
@@ -19,8 +19,11 @@ pub struct Part {
     pub path: Value,
 }
 
-/// Source, destination, IP identification, length.
-type Key = (String, String, u64, u64);
+/// Source, destination, IP identification, length, and the VNI of the tunnel carrying it.
+/// (Not the UDP checksum: with checksum offload the sending side sees a partial sum where
+/// the receiving node sees the final one. Not the outer tuple: an underlay NAT may rewrite
+/// it between nodes.)
+type Key = (String, String, u64, u64, Option<u64>);
 
 fn key(hop: &Value) -> Option<Key> {
     Some((
@@ -28,6 +31,7 @@ fn key(hop: &Value) -> Option<Key> {
         hop["dst"].as_str()?.to_string(),
         hop["ip_id"].as_u64()?,
         hop["len"].as_u64()?,
+        hop["vni"].as_u64(),
     ))
 }
 

@@ -32,25 +32,7 @@ fn dnat_at_output_and_snat_at_postrouting_are_both_on_the_path() {
     let net = Pair::new(&[]);
     // A Service-like virtual IP: 10.203.0.9:20501 is DNATed to the "pod" 10.203.0.2:20502,
     // and the node masquerades the source to 10.203.0.7.
-    iptables(
-        &net.a,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "-d",
-            "10.203.0.9",
-            "--dport",
-            "20501",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "10.203.0.2:20502",
-        ],
-    );
+    dnat_output(&net.a, "10.203.0.9", 20501, "10.203.0.2:20502");
     iptables(
         &net.a,
         &[

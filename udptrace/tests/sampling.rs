@@ -67,30 +67,23 @@ fn flow_to(agent: &Agent, port: u16, packets: u64, drops: u64) -> Value {
 /// The agent's recent paths whose original destination is `dst`, once there are `want`
 /// (or after 10 s).
 fn paths_to(agent: &Agent, dst: &str, want: usize) -> Vec<Value> {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
+    let fetch = || -> Vec<Value> {
         let body: Value = serde_json::from_str(&agent.get("/api/v1/paths")).unwrap();
-        let paths: Vec<Value> = body["paths"]
+        body["paths"]
             .as_array()
             .unwrap()
             .iter()
             .filter(|p| p["orig"]["dst"] == dst)
             .cloned()
-            .collect();
-        if paths.len() >= want || Instant::now() > deadline {
-            // Anything more would come now.
-            std::thread::sleep(Duration::from_millis(500));
-            let body: Value = serde_json::from_str(&agent.get("/api/v1/paths")).unwrap();
-            return body["paths"]
-                .as_array()
-                .unwrap()
-                .iter()
-                .filter(|p| p["orig"]["dst"] == dst)
-                .cloned()
-                .collect();
-        }
+            .collect()
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while fetch().len() < want && Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(200));
     }
+    // Anything more than wanted would show up now.
+    std::thread::sleep(Duration::from_millis(500));
+    fetch()
 }
 
 fn put(agent: &Agent, path: &str, body: &str) -> (u16, String) {
@@ -193,29 +186,7 @@ fn the_first_datagrams_then_one_in_n_every_drop_and_counts_stay_exact() {
 fn a_new_nat_rewrite_is_reported_even_when_not_sampled() {
     require_root();
     let net = Pair::new(&[]);
-    let dnat = |to: &str| {
-        [
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "-d",
-            "10.203.0.9",
-            "--dport",
-            "20961",
-            "-j",
-            "DNAT",
-            "--to-destination",
-        ]
-        .iter()
-        .map(|s| s.to_string())
-        .chain([to.to_string()])
-        .collect::<Vec<String>>()
-    };
-    let rule = dnat(&format!("{B4}:20962"));
-    iptables(&net.a, &rule.iter().map(String::as_str).collect::<Vec<_>>());
+    dnat_output(&net.a, "10.203.0.9", 20961, &format!("{B4}:20962"));
     if nat_hook().is_none() {
         eprintln!("skipped: no NAT hook on this kernel");
         return;
@@ -247,8 +218,7 @@ fn a_new_nat_rewrite_is_reported_even_when_not_sampled() {
     assert_eq!(flow["packets"], 5, "{flow}");
     // The backend moves to 20963.
     iptables(&net.a, &["-t", "nat", "-F", "OUTPUT"]);
-    let rule = dnat(&format!("{B4}:20963"));
-    iptables(&net.a, &rule.iter().map(String::as_str).collect::<Vec<_>>());
+    dnat_output(&net.a, "10.203.0.9", 20961, &format!("{B4}:20963"));
     let flushed = net.a.cmd("conntrack").args(["-F"]).output().unwrap();
     assert!(flushed.status.success(), "{flushed:?}");
     use std::io::Write as _;

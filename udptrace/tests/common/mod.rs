@@ -628,6 +628,31 @@ pub fn spawn_ready(cmd: &mut Command) -> (Child, Lines<BufReader<ChildStdout>>) 
     (child, lines)
 }
 
+/// A Service-like DNAT in `ns`'s OUTPUT chain, as kube-proxy makes it: UDP to `vip`:`port`
+/// goes to `to` (`ip:port`).
+pub fn dnat_output(ns: &Netns, vip: &str, port: u16, to: &str) {
+    let port = port.to_string();
+    iptables(
+        ns,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "-d",
+            vip,
+            "--dport",
+            &port,
+            "-j",
+            "DNAT",
+            "--to-destination",
+            to,
+        ],
+    );
+}
+
 /// iptables `args` in `ns`; the rule must be accepted.
 pub fn iptables(ns: &Netns, args: &[&str]) {
     let status = ns.cmd("iptables").args(args).status().expect("iptables");

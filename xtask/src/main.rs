@@ -1,5 +1,6 @@
-//! Project tasks: `cargo xtask setup | build | image | run | test`.
+//! Project tasks: `cargo xtask setup | build | image | run | test | bench`.
 
+mod bench;
 mod cmd;
 mod image;
 mod setup;
@@ -36,6 +37,9 @@ enum Task {
     /// Set up, check formatting and lints, and run every test: on this kernel (integration
     /// tests as root) and in VMs with other kernels (`integration-test --vm`).
     Test,
+    /// Measure what tracing costs: datagrams per second between two namespaces with no
+    /// tracer, the agent, `trace`, tcpdump and bpftrace, as ratios (as root).
+    Bench(bench::Options),
     /// Run the test suite on this kernel, or with `--vm` inside qemu guests.
     IntegrationTest {
         /// Boot other kernels under qemu and run the suite inside them.
@@ -63,6 +67,7 @@ fn main() -> ExitCode {
                 cmd::run_as_root(&cmd::workspace().join("target/release/udptrace"), &args)
             }),
         Task::Test => setup::run().and_then(|()| test::run(&default_kernels())),
+        Task::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
         Task::IntegrationTest { vm, kernels } => setup::run().and_then(|()| {
             let mut totals = test::Totals::default();
             let result = if vm {

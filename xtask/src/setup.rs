@@ -28,6 +28,8 @@ const PACKAGES: &[&str] = &[
     "dnsutils",
     "python3",
     "bpftool",
+    // The benchmark compares the tracer's overhead with a bpftrace one-liner's.
+    "bpftrace",
     "util-linux",
     "procps",
     "sudo",

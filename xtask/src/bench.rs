@@ -272,11 +272,8 @@ fn measure(
     let sent = send(flows, secs)?;
     let elapsed = started.elapsed();
     let cpu_after = running.as_ref().map(Running::cpu_ticks).transpose()?;
-    if let Some(r) = running
-        .as_ref()
-        .filter(|r| prog_stats && matches!(r.tool, Tool::Agent | Tool::Trace))
-    {
-        ProgStats::print(r.child.id(), sent)?;
+    if prog_stats && matches!(tool, Tool::Agent | Tool::Trace) {
+        ProgStats::print(sent)?;
     }
     // What is still queued reaches the socket.
     std::thread::sleep(Duration::from_millis(200));
@@ -678,6 +675,11 @@ impl Drop for Running {
 /// kernel.bpf_stats_enabled on while it lives, as it was before after.
 struct ProgStats(String);
 
+/// How udptrace's program names begin (udptrace-ebpf: one prefix per hook family).
+const PROGRAM_PREFIXES: &[&str] = &[
+    "send_", "xmit_", "drop_", "nat_", "deliver_", "recv_", "ingress_", "sample_",
+];
+
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
 
 impl ProgStats {
@@ -687,16 +689,16 @@ impl ProgStats {
         Ok(Self(before.trim().to_string()))
     }
 
-    /// The programs process `pid` holds, by total run time: runs per datagram, ns per run.
-    fn print(pid: u32, datagrams: u64) -> Result<()> {
+    /// udptrace's programs (by name: the one udptrace running), by total run time: runs per
+    /// datagram, ns per run.
+    fn print(datagrams: u64) -> Result<()> {
         let out = crate::cmd::output(Command::new("bpftool").args(["-j", "prog", "show"]))?;
         let progs: Vec<serde_json::Value> = serde_json::from_str(&out).context("bpftool JSON")?;
         let mut mine: Vec<(String, u64, u64)> = progs
             .iter()
             .filter(|p| {
-                p["pids"]
-                    .as_array()
-                    .is_some_and(|v| v.iter().any(|x| x["pid"].as_u64() == Some(pid.into())))
+                let name = p["name"].as_str().unwrap_or_default();
+                PROGRAM_PREFIXES.iter().any(|ours| name.starts_with(ours))
             })
             .map(|p| {
                 (

@@ -75,6 +75,7 @@ fn attach(
     let (options, added_qdisc) = match mode {
         Mode::Tcx => (TcAttachOptions::TcxOrder(LinkOrder::first()), false),
         Mode::Clsact => {
+            remove_orphans(index, name);
             let added = match tc::qdisc_add_clsact(name) {
                 Ok(()) => true,
                 Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
@@ -114,6 +115,63 @@ fn attach(
             Err(format!("attaching to {name}: {}", super::chain(&e)))
         }
     }
+}
+
+/// Removes filters of ours on device `index` whose program no process holds: left by a
+/// udptrace that was killed (SIGKILL, OOM) before it could remove them. A tc filter outlives
+/// the process that added it; a running udptrace holds its program's file descriptor, so
+/// its filters are never taken for leftovers. (tcx links are file descriptors: the kernel
+/// removes them with the process.)
+fn remove_orphans(index: u32, name: &str) {
+    let Ok(mut rtnl) = Rtnl::open() else {
+        return;
+    };
+    let Ok(filters) = rtnl.ingress_bpf_filters(index, Mode::Clsact.program()) else {
+        return;
+    };
+    if filters.is_empty() {
+        return;
+    }
+    let held = held_programs();
+    for filter in filters.iter().filter(|f| !held.contains(&f.prog_id)) {
+        match rtnl.delete_ingress_filter(index, filter) {
+            Ok(()) => tracing::warn!(
+                "removed a tc filter on {name} left by a udptrace that did not stop cleanly \
+                 (program id {})",
+                filter.prog_id
+            ),
+            Err(e) => tracing::warn!(
+                "a tc filter on {name} left by a udptrace that did not stop cleanly (program \
+                 id {}) could not be removed: {e}; remove it with `tc filter del dev {name} \
+                 ingress`",
+                filter.prog_id
+            ),
+        }
+    }
+}
+
+/// Ids of the BPF programs some process holds a file descriptor of (from /proc/*/fdinfo).
+fn held_programs() -> HashSet<u32> {
+    let mut ids = HashSet::new();
+    let Ok(procs) = std::fs::read_dir("/proc") else {
+        return ids;
+    };
+    for proc in procs.flatten() {
+        let Ok(fds) = std::fs::read_dir(proc.path().join("fdinfo")) else {
+            continue;
+        };
+        for fd in fds.flatten() {
+            let Ok(info) = std::fs::read_to_string(fd.path()) else {
+                continue;
+            };
+            ids.extend(
+                info.lines()
+                    .filter_map(|l| l.strip_prefix("prog_id:"))
+                    .filter_map(|v| v.trim().parse::<u32>().ok()),
+            );
+        }
+    }
+    ids
 }
 
 /// What a scan of one namespace's devices found.

@@ -9,7 +9,7 @@ use netlink_packet_core::{
 };
 use netlink_packet_route::{
     link::{LinkAttribute, LinkMessage},
-    tc::{TcAttribute, TcHandle, TcMessage},
+    tc::{TcAttribute, TcFilterBpfOption, TcHandle, TcMessage, TcOption},
     RouteNetlinkMessage,
 };
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -114,6 +114,64 @@ impl Rtnl {
         Ok(total)
     }
 
+    /// The BPF filters on the clsact ingress of `ifindex` whose program is named `name`.
+    pub fn ingress_bpf_filters(&mut self, ifindex: u32, name: &str) -> io::Result<Vec<BpfFilter>> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: TcHandle::MIN_INGRESS,
+        };
+        let answers = self.request(RouteNetlinkMessage::GetTrafficFilter(msg), NLM_F_DUMP)?;
+        Ok(answers
+            .into_iter()
+            .filter_map(|m| match m {
+                RouteNetlinkMessage::NewTrafficFilter(f) => Some(f),
+                _ => None,
+            })
+            .filter_map(|f| {
+                let options = f.attributes.iter().find_map(|a| match a {
+                    TcAttribute::Options(o) => Some(o),
+                    _ => None,
+                })?;
+                let bpf = |want: fn(&TcFilterBpfOption) -> bool| {
+                    options.iter().find_map(|o| match o {
+                        TcOption::Bpf(b) if want(b) => Some(b.clone()),
+                        _ => None,
+                    })
+                };
+                let Some(TcFilterBpfOption::ProgName(prog)) =
+                    bpf(|b| matches!(b, TcFilterBpfOption::ProgName(_)))
+                else {
+                    return None;
+                };
+                let Some(TcFilterBpfOption::ProgId(prog_id)) =
+                    bpf(|b| matches!(b, TcFilterBpfOption::ProgId(_)))
+                else {
+                    return None;
+                };
+                prog.starts_with(name).then_some(BpfFilter {
+                    info: f.header.info,
+                    handle: f.header.handle,
+                    prog_id,
+                })
+            })
+            .collect())
+    }
+
+    /// Removes one filter (as listed by [`Rtnl::ingress_bpf_filters`]) from `ifindex`.
+    pub fn delete_ingress_filter(&mut self, ifindex: u32, filter: &BpfFilter) -> io::Result<()> {
+        let mut msg = TcMessage::with_index(ifindex as i32);
+        msg.header.parent = TcHandle {
+            major: TcHandle::CLSACT.major,
+            minor: TcHandle::MIN_INGRESS,
+        };
+        msg.header.handle = filter.handle;
+        msg.header.info = filter.info;
+        msg.attributes.push(TcAttribute::Kind("bpf".into()));
+        self.request(RouteNetlinkMessage::DelTrafficFilter(msg), NLM_F_ACK)
+            .map(drop)
+    }
+
     /// Removes the clsact qdisc of `ifindex`.
     pub fn delete_clsact(&mut self, ifindex: u32) -> io::Result<()> {
         let mut msg = TcMessage::with_index(ifindex as i32);
@@ -126,6 +184,14 @@ impl Rtnl {
         self.request(RouteNetlinkMessage::DelQueueDiscipline(msg), NLM_F_ACK)
             .map(drop)
     }
+}
+
+/// A BPF tc filter: where it is (priority and protocol in `info`, `handle`) and its program.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BpfFilter {
+    pub info: u32,
+    pub handle: TcHandle,
+    pub prog_id: u32,
 }
 
 /// A non-blocking socket subscribed to device changes in the namespace it was opened in.

@@ -369,6 +369,12 @@ impl Tracer {
         self.wait(Duration::from_secs(10))
     }
 
+    /// Sends `signal` (SIGTERM, SIGKILL...) without waiting.
+    pub fn signal(&mut self, signal: i32) {
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, signal) };
+    }
+
     /// Waits for udptrace to exit by itself.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
@@ -406,6 +412,9 @@ fn signal_and_wait(child: &mut Child, signal: i32, timeout: Duration) -> Option<
 /// attached (tc filters on older kernels outlive a killed process); SIGKILL if it does not
 /// exit.
 fn stop_child(child: &mut Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
     if signal_and_wait(child, libc::SIGINT, Duration::from_secs(60)).is_none() {
         let _ = child.kill();
         let _ = child.wait();

@@ -31,9 +31,8 @@ fn sigterm_leaves_no_program_link_or_filter() {
     require_root();
     let net = Pair::new(&[]);
     for env in [vec![], vec![("UDPTRACE_DISABLE_HOOKS", "tcx")]] {
-        let (tracer, mine) = start(&env);
+        let (mut tracer, mine) = start(&env);
         assert!(links_to(&mine) > 0 || our_filters(&net.b, "ut-b") > 0);
-        let mut tracer = tracer;
         tracer.signal(libc::SIGTERM);
         assert!(tracer.wait(Duration::from_secs(60)).success());
         assert_eq!(wait_unloaded(&mine), Vec::<u64>::new(), "{env:?}");
@@ -51,10 +50,7 @@ fn after_sigkill_a_restart_removes_what_was_left() {
     let net = Pair::new(&[]);
 
     // tcx (6.6+): links die with the process.
-    if !std::fs::read_to_string("/proc/kallsyms")
-        .unwrap_or_default()
-        .contains(" tcx_prog_attach")
-    {
+    if !uses_tcx(&[]) {
         eprintln!("no tcx on this kernel: the clsact part below covers it");
     } else {
         let (mut tracer, mine) = start(&[]);

@@ -23,17 +23,6 @@ fn last_hop(path: &Value) -> &Value {
     path["hops"].as_array().unwrap().last().unwrap()
 }
 
-/// Whether udptrace attaches with tcx here (Linux 6.6+, unless told not to).
-fn uses_tcx(env: &[(&str, &str)]) -> bool {
-    let (_, out, _) = udptrace(
-        std::process::Command::new(UDPTRACE)
-            .arg("doctor")
-            .envs(env.iter().copied()),
-    );
-    out.lines()
-        .any(|l| l.starts_with("ingress hop") && l.contains("tcx:ingress"))
-}
-
 /// A receiver in `b` bound to both ports; prints "ready", then "<port> <len>" per datagram
 /// until nothing came for 1.5 s after the first (or for a minute before it).
 fn receiver(net: &Pair, ports: [u16; 2]) -> (std::process::Child, impl Iterator<Item = String>) {

@@ -133,26 +133,18 @@ impl Rtnl {
                     TcAttribute::Options(o) => Some(o),
                     _ => None,
                 })?;
-                let bpf = |want: fn(&TcFilterBpfOption) -> bool| {
-                    options.iter().find_map(|o| match o {
-                        TcOption::Bpf(b) if want(b) => Some(b.clone()),
-                        _ => None,
-                    })
-                };
-                let Some(TcFilterBpfOption::ProgName(prog)) =
-                    bpf(|b| matches!(b, TcFilterBpfOption::ProgName(_)))
-                else {
-                    return None;
-                };
-                let Some(TcFilterBpfOption::ProgId(prog_id)) =
-                    bpf(|b| matches!(b, TcFilterBpfOption::ProgId(_)))
-                else {
-                    return None;
-                };
-                prog.starts_with(name).then_some(BpfFilter {
+                let (mut prog, mut prog_id) = (None, None);
+                for option in options {
+                    match option {
+                        TcOption::Bpf(TcFilterBpfOption::ProgName(n)) => prog = Some(n),
+                        TcOption::Bpf(TcFilterBpfOption::ProgId(id)) => prog_id = Some(*id),
+                        _ => {}
+                    }
+                }
+                prog?.starts_with(name).then_some(BpfFilter {
                     info: f.header.info,
                     handle: f.header.handle,
-                    prog_id,
+                    prog_id: prog_id?,
                 })
             })
             .collect())

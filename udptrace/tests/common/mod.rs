@@ -464,6 +464,17 @@ pub fn send_hook_family() -> String {
     hook.split(':').next().unwrap().to_string()
 }
 
+/// Whether udptrace attaches with tcx here (Linux 6.6+, unless told not to).
+pub fn uses_tcx(env: &[(&str, &str)]) -> bool {
+    let (_, out, _) = udptrace(
+        Command::new(UDPTRACE)
+            .arg("doctor")
+            .envs(env.iter().copied()),
+    );
+    out.lines()
+        .any(|l| l.starts_with("ingress hop") && l.contains("tcx:ingress"))
+}
+
 /// Whether the running kernel has drop reason `SKB_DROP_REASON_<name>` (newer kernels name
 /// more of their drops).
 pub fn kernel_has_drop_reason(name: &str) -> bool {

@@ -77,6 +77,8 @@ pub struct Offsets {
     pub tuple_l3num: u32,
     pub tuple_dst_u3: u32,
     pub tuple_dst_port: u32,
+    /// nf_conn.status (IPS_* bits)
+    pub ct_status: u32,
     /// net_device -> mtu, rtnl_link_ops; rtnl_link_ops -> kind
     pub dev_mtu: u32,
     pub dev_link_ops: u32,
@@ -84,7 +86,7 @@ pub struct Offsets {
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 57 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 58 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
@@ -143,6 +145,7 @@ impl Offsets {
         tuple_l3num: OFFSET_MISSING,
         tuple_dst_u3: OFFSET_MISSING,
         tuple_dst_port: OFFSET_MISSING,
+        ct_status: OFFSET_MISSING,
         dev_mtu: OFFSET_MISSING,
         dev_link_ops: OFFSET_MISSING,
         link_ops_kind: OFFSET_MISSING,

@@ -5,7 +5,7 @@ use aya_ebpf::{
     maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use udptrace_common::{
-    FlowKey, FlowStats, Offsets, PendingSend, SkbEvent, EVENTS_BYTES, FLOWS_DEFAULT,
+    FlowKey, FlowStats, NatEvent, Offsets, PendingSend, SkbEvent, EVENTS_BYTES, FLOWS_DEFAULT,
     NF_INET_NUMHOOKS, PENDING_SENDS_MAX, STATS_LEN,
 };
 
@@ -22,7 +22,7 @@ pub static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> =
 
 #[map(name = "PENDING_SENDS")]
 pub static PENDING_SENDS: LruHashMap<u64, PendingSend> =
-    LruHashMap::with_max_entries(PENDING_SENDS_MAX, 0);
+    LruHashMap::with_max_entries(PENDING_SENDS_MAX, NO_COMMON_LRU);
 
 /// The datagram as the "before NAT" netfilter program saw it, per CPU and hook: the "after"
 /// program at the same hook compares. Netfilter runs a hook's functions on one CPU in order.
@@ -32,6 +32,69 @@ pub static NAT_BEFORE: PerCpuArray<SkbEvent> = PerCpuArray::with_max_entries(NF_
 /// The skb that last passed the end of LOCAL_IN on this CPU (deliver hop, netfilter way).
 #[map(name = "LOCAL_IN_SKB")]
 pub static LOCAL_IN_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
+
+/// Nesting levels one CPU can have (task, softirq, hardirq, NMI): a program interrupted on
+/// its CPU by another keeps its scratch event.
+const SCRATCH_LEVELS: u32 = 4;
+
+/// Where an skb or NAT hop builds its event before deciding whether to send it: most
+/// datagrams are not sampled, and reserving ring buffer space only to discard it costs more
+/// than the copy. It also wakes no reader for nothing: a discarded record that wakes no one
+/// would leave the reader asleep behind it until some later record forces a wakeup.
+#[map(name = "SCRATCH")]
+static SCRATCH: PerCpuArray<NatEvent> = PerCpuArray::with_max_entries(SCRATCH_LEVELS, 0);
+
+/// How many scratch events are in use on this CPU.
+#[map(name = "SCRATCH_DEPTH")]
+static SCRATCH_DEPTH: PerCpuArray<u32> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's next free scratch event, given back when dropped. Nesting is strictly last in,
+/// first out on a CPU, so a depth counter is all the bookkeeping there is; giving back sets
+/// the depth to the level taken rather than decrementing it, so a count ever torn (a program
+/// migrated or preempted between its load and store) mends itself when the outermost
+/// program returns, instead of leaking a level for good.
+pub struct Scratch {
+    ev: *mut NatEvent,
+    depth: *mut u32,
+    level: u32,
+}
+
+impl Scratch {
+    #[inline(always)]
+    pub fn take() -> Option<Self> {
+        let depth = SCRATCH_DEPTH.get_ptr_mut(0)?;
+        // SAFETY: this CPU's counter; an interrupting program restores it before we go on.
+        let level = unsafe { *depth };
+        let ev = SCRATCH.get_ptr_mut(level)?;
+        // SAFETY: as above.
+        unsafe { *depth = level + 1 };
+        Some(Self { ev, depth, level })
+    }
+
+    /// As an skb hop's event.
+    #[inline(always)]
+    pub fn event(&mut self) -> &mut SkbEvent {
+        &mut self.nat().skb
+    }
+
+    #[inline(always)]
+    pub fn nat(&mut self) -> &mut NatEvent {
+        // SAFETY: a map value of this CPU at a level no other running program uses.
+        unsafe { &mut *self.ev }
+    }
+}
+
+impl Drop for Scratch {
+    #[inline(always)]
+    fn drop(&mut self) {
+        // SAFETY: this CPU's counter, set by `take`.
+        unsafe { *self.depth = self.level };
+    }
+}
+
+/// LRU map flag: one LRU list per CPU instead of one locked list shared by all (an update
+/// on the datagram path no longer waits for another CPU's).
+pub const NO_COMMON_LRU: u32 = 2;
 
 /// Kernel layout facts, filled from BTF and tracefs by the loader.
 #[unsafe(no_mangle)]

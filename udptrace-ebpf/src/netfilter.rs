@@ -12,13 +12,13 @@ use aya_ebpf::{
 };
 use udptrace_common::{
     Addr, NatEvent, SkbEvent, HOOK_KPROBE_NF_NAT, HOOK_NETFILTER_LINK, KIND_NAT, NF_INET_LOCAL_OUT,
-    NF_INET_NUMHOOKS, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_UNSAMPLED, STAT_NAT_BASE,
-    STAT_RINGBUF_FULL,
+    NF_INET_NUMHOOKS, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, OFFSET_MISSING, SKB_UNSAMPLED,
+    STAT_NAT_BASE, STAT_RINGBUF_FULL,
 };
 
 use crate::{
     kernel::{read_kernel, try_read_kernel, ReadError},
-    maps::{count, offset, EVENTS, NAT_BEFORE},
+    maps::{count, offset, Scratch, EVENTS, NAT_BEFORE},
     sample::{self, Decision},
     skb::{fill, read_udp},
 };
@@ -56,8 +56,40 @@ fn try_before(state: u64, skb: u64) -> Result<(), ReadError> {
     };
     // SAFETY: this CPU's slot; netfilter runs the hook's functions on one CPU in order.
     let slot = unsafe { &mut *slot };
+    slot.skb = 0;
+    if nat_settled_without_rewrite(skb) {
+        return Ok(());
+    }
     slot.skb = if read_udp(skb, slot)? { skb } else { 0 };
     Ok(())
+}
+
+/// `enum ip_conntrack_status` (UAPI): the connection was confirmed; NAT applies to it; its
+/// NAT was set up (on its first packet, once per direction).
+const IPS_CONFIRMED: u64 = 1 << 3;
+const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5);
+const IPS_NAT_DONE_MASK: u64 = (1 << 7) | (1 << 8);
+
+/// Whether NAT cannot rewrite `skb` at this hook: it has no conntrack entry (NAT needs one;
+/// conntrack's hooks run before NAT's), or its confirmed connection's NAT was set up
+/// without any rewrite. Most datagrams, and two reads instead of the headers'.
+#[inline(always)]
+fn nat_settled_without_rewrite(skb: u64) -> bool {
+    if offset!(skb_nfct) as u32 == OFFSET_MISSING || offset!(ct_status) as u32 == OFFSET_MISSING {
+        return false;
+    }
+    let Some(nfct) = try_read_kernel::<u64>(skb, offset!(skb_nfct)) else {
+        return false;
+    };
+    let ct = nfct & NFCT_PTRMASK;
+    if ct == 0 {
+        return true;
+    }
+    try_read_kernel::<u64>(ct, offset!(ct_status)).is_some_and(|status| {
+        status & IPS_CONFIRMED != 0
+            && status & IPS_NAT_DONE_MASK == IPS_NAT_DONE_MASK
+            && status & IPS_NAT_MASK == 0
+    })
 }
 
 /// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT.
@@ -80,6 +112,17 @@ fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
         return Ok(());
     }
     before.skb = 0;
+    // Most datagrams pass NAT unchanged: compare the addresses first, and only for a
+    // rewrite look up the sampling, reserve an event and read the rest.
+    {
+        let Some(mut scratch) = Scratch::take() else {
+            return Ok(());
+        };
+        let now = scratch.event();
+        if !read_udp(skb, now)? || (now.src == before.src && now.dst == before.dst) {
+            return Ok(());
+        }
+    }
     emit_nat(HOOK_NETFILTER_LINK, skb, hook, before.src, before.dst)
 }
 
@@ -89,12 +132,10 @@ fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
 #[inline(always)]
 fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<(), ReadError> {
     let decision = sample::lookup(skb);
-    let Some(mut entry) = EVENTS.reserve::<NatEvent>(0) else {
-        count(STAT_RINGBUF_FULL);
+    let Some(mut scratch) = Scratch::take() else {
         return Ok(());
     };
-    // SAFETY: sized for a NatEvent; every field is written before submit, or discarded.
-    let ev = unsafe { &mut *entry.as_mut_ptr() };
+    let ev = scratch.nat();
     let mut changed = match fill(&mut ev.skb, KIND_NAT, source, skb, 0, 0) {
         Ok(true) => ev.skb.src != src || ev.skb.dst != dst,
         _ => false,
@@ -114,7 +155,7 @@ fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<()
         if !traced {
             changed = new;
             if new {
-                ev.skb.flags = SKB_UNSAMPLED;
+                ev.skb.flags |= SKB_UNSAMPLED;
                 sample::remember(skb, true);
             }
         }
@@ -125,9 +166,9 @@ fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<()
         ev.nf_hook = hook;
         ev._pad = 0;
         conntrack(skb, ev);
-        entry.submit(0);
-    } else {
-        entry.discard(0);
+        if EVENTS.output::<NatEvent>(&*ev, 0).is_err() {
+            count(STAT_RINGBUF_FULL);
+        }
     }
     Ok(())
 }

@@ -15,7 +15,11 @@ use udptrace_common::{
     SAMPLE_SKBS_MAX, SAMPLE_SOCKS_MAX, SIDE_SEND, SIDE_SKB,
 };
 
-use crate::{kernel::try_read_kernel, maps::offset, tp::field};
+use crate::{
+    kernel::try_read_kernel,
+    maps::{offset, NO_COMMON_LRU},
+    tp::field,
+};
 
 /// Set by userspace, at load and at runtime. All zeros (the initial value) traces everything.
 #[map(name = "SAMPLING")]
@@ -23,12 +27,14 @@ static SAMPLING: Array<SampleConfig> = Array::with_max_entries(1, 0);
 
 /// Datagrams seen per flow, for "the first N, then 1 in M".
 #[map(name = "SAMPLE_COUNT")]
-static SAMPLE_COUNT: LruHashMap<FlowKey, u64> = LruHashMap::with_max_entries(SAMPLE_FLOWS_MAX, 0);
+static SAMPLE_COUNT: LruHashMap<FlowKey, u64> =
+    LruHashMap::with_max_entries(SAMPLE_FLOWS_MAX, NO_COMMON_LRU);
 
 /// skb address → when decided (ns) << 1 | traced, until the datagram's verdict or the skb
 /// is freed.
 #[map(name = "SAMPLE_SKBS")]
-static SAMPLE_SKBS: LruHashMap<u64, u64> = LruHashMap::with_max_entries(SAMPLE_SKBS_MAX, 0);
+static SAMPLE_SKBS: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(SAMPLE_SKBS_MAX, NO_COMMON_LRU);
 
 /// Sending socket → the decision for the datagram it is sending.
 #[map(name = "SAMPLE_SOCKS")]

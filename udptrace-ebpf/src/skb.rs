@@ -14,7 +14,7 @@ use udptrace_common::{
 use crate::{
     current::header,
     kernel::{read_kernel, try_read_kernel, ReadError},
-    maps::{count, offset, EVENTS},
+    maps::{count, offset, Scratch, EVENTS},
     sample::{self, Decision},
 };
 
@@ -360,54 +360,40 @@ fn emit_sampled(
     if matches!(decision, Decision::Known(false)) && kind != KIND_DROP {
         return Ok(());
     }
-    let Some(mut entry) = EVENTS.reserve::<SkbEvent>(0) else {
-        count(STAT_RINGBUF_FULL);
+    let Some(mut scratch) = Scratch::take() else {
         return Ok(());
     };
-    // SAFETY: the reservation is sized for an SkbEvent; `fill` writes every field before
-    // submit, or the entry is discarded.
-    let ev = unsafe { &mut *entry.as_mut_ptr() };
-    match fill(ev, kind, hook, skb, reason, sk) {
-        Ok(true)
-            if sk != 0 && read_kernel::<u16>(sk, offset!(sk_num)).ok() != Some(ev.dst.port) =>
-        {
-            // The socket is not bound to this datagram's port: a stale pairing (an skb
-            // that reached LOCAL_IN in a namespace we do not cover, say). Say nothing.
-            entry.discard(0);
-            Ok(())
-        }
-        Ok(true) => {
-            let traced = match decision {
-                Decision::All => true,
-                Decision::Known(traced) => traced,
-                // Delivered: `ev.sk` is the receiver, not a sender.
-                Decision::Unknown(cfg) => {
-                    let sender = if kind == KIND_DELIVER { 0 } else { ev.sk };
-                    sample::decide_skb(&cfg, skb, ev, None, sender)
-                }
-            };
-            if !traced {
-                if kind != KIND_DROP {
-                    entry.discard(0);
-                    return Ok(());
-                }
-                ev.flags = SKB_UNSAMPLED;
-            }
-            ev.sk_ino = if sk != 0 {
-                socket_inode(sk).unwrap_or(0)
-            } else {
-                0
-            };
-            entry.submit(0);
-            Ok(())
-        }
-        Ok(false) => {
-            entry.discard(0);
-            Ok(())
-        }
-        Err(e) => {
-            entry.discard(0);
-            Err(e)
-        }
+    let ev = scratch.event();
+    if !fill(ev, kind, hook, skb, reason, sk)? {
+        return Ok(());
     }
+    if sk != 0 && read_kernel::<u16>(sk, offset!(sk_num)).ok() != Some(ev.dst.port) {
+        // The socket is not bound to this datagram's port: a stale pairing (an skb that
+        // reached LOCAL_IN in a namespace we do not cover, say). Say nothing.
+        return Ok(());
+    }
+    let traced = match decision {
+        Decision::All => true,
+        Decision::Known(traced) => traced,
+        // Delivered: `ev.sk` is the receiver, not a sender.
+        Decision::Unknown(cfg) => {
+            let sender = if kind == KIND_DELIVER { 0 } else { ev.sk };
+            sample::decide_skb(&cfg, skb, ev, None, sender)
+        }
+    };
+    if !traced {
+        if kind != KIND_DROP {
+            return Ok(());
+        }
+        ev.flags = SKB_UNSAMPLED;
+    }
+    ev.sk_ino = if sk != 0 {
+        socket_inode(sk).unwrap_or(0)
+    } else {
+        0
+    };
+    if EVENTS.output::<SkbEvent>(&*ev, 0).is_err() {
+        count(STAT_RINGBUF_FULL);
+    }
+    Ok(())
 }

@@ -258,6 +258,7 @@ impl KernelLayout {
                 o.tuple_l3num = f("nf_conntrack_tuple", &["src", "l3num"])?;
                 o.tuple_dst_u3 = f("nf_conntrack_tuple", &["dst", "u3"])?;
                 o.tuple_dst_port = f("nf_conntrack_tuple", &["dst", "u", "all"])?;
+                o.ct_status = f("nf_conn", &["status"])?;
                 Ok(())
             })(),
         );
@@ -366,6 +367,7 @@ mod tests {
                     o.tuple_l3num,
                     o.tuple_dst_u3,
                     o.tuple_dst_port,
+                    o.ct_status,
                 ],
             ),
         ];

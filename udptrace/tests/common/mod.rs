@@ -88,7 +88,17 @@ impl Netns {
 }
 
 impl Drop for Netns {
+    /// Ends what still runs inside (a peer a failed assertion left running would hold the
+    /// test's output open) and removes the namespace.
     fn drop(&mut self) {
+        if let Ok(out) = Command::new("ip")
+            .args(["netns", "pids", &self.name])
+            .output()
+        {
+            for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
+                let _ = Command::new("kill").args(["-KILL", pid]).status();
+            }
+        }
         let _ = Command::new("ip")
             .args(["netns", "del", &self.name])
             .status();

@@ -177,6 +177,9 @@ const _: () = assert!(core::mem::size_of::<SkbEvent>() == 240);
 /// `SkbEvent::flags`: the datagram was not sampled; this hop is reported anyway (a drop, a
 /// new NAT rewrite) and the hops before it were not recorded.
 pub const SKB_UNSAMPLED: u32 = 1 << 0;
+/// `SkbEvent::flags`: the UDP header's length is shorter than a UDP header or longer than
+/// the IP header says follows it (the kernel drops such a datagram as too small).
+pub const SKB_MALFORMED: u32 = 1 << 1;
 
 /// `SkbEvent::ip_frag`: don't fragment (IPv4).
 pub const IP_DF: u16 = 0x4000;

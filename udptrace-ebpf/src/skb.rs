@@ -8,7 +8,8 @@ use network_types::{
 };
 use udptrace_common::{
     Addr, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, IP_MF, IP_OFFSET, KIND_DELIVER, KIND_DROP,
-    KIND_XMIT, SKB_UNSAMPLED, STAT_RINGBUF_FULL, TUNNEL_GENEVE, TUNNEL_NONE, TUNNEL_VXLAN,
+    KIND_XMIT, SKB_MALFORMED, SKB_UNSAMPLED, STAT_RINGBUF_FULL, TUNNEL_GENEVE, TUNNEL_NONE,
+    TUNNEL_VXLAN,
 };
 
 use crate::{
@@ -23,8 +24,9 @@ const HEADER_UNSET: u16 = 0xffff;
 
 /// What follows an IP header.
 enum Payload {
-    /// A UDP header at this address.
-    Udp(u64),
+    /// A UDP header at this address, and how many bytes the IP header says follow it
+    /// (UDP header included).
+    Udp(u64, u16),
     /// A non-first fragment of a UDP datagram: this many payload bytes, no UDP header.
     Fragment(u16),
     /// Anything else.
@@ -71,7 +73,8 @@ fn read_ip(
             let total = u16::from_be_bytes(h.tot_len);
             return Ok(Payload::Fragment(total.saturating_sub(header)));
         }
-        Ok(Payload::Udp(ip + u64::from(header)))
+        let payload = u16::from_be_bytes(h.tot_len).saturating_sub(header);
+        Ok(Payload::Udp(ip + u64::from(header), payload))
     } else if version == 6 {
         let h: Ipv6Hdr = read_kernel(ip, 0)?;
         *src = Addr {
@@ -96,7 +99,7 @@ fn read_ip(
                 IPPROTO_UDP_U8 if *ip_frag & IP_OFFSET != 0 => {
                     return Ok(Payload::Fragment(left));
                 }
-                IPPROTO_UDP_U8 => return Ok(Payload::Udp(at)),
+                IPPROTO_UDP_U8 => return Ok(Payload::Udp(at, left)),
                 IPPROTO_FRAGMENT => {
                     // next header, reserved, offset << 3 | M, identification
                     let f: [u8; 8] = read_kernel(at, 0)?;
@@ -125,14 +128,21 @@ fn read_ip(
 
 const IPPROTO_UDP_U8: u8 = IPPROTO_UDP as u8;
 
-/// Reads the UDP header at `udp` into the ports, payload length and checksum of `ev`.
+/// Reads the UDP header at `udp` into the ports, payload length and checksum of `ev`;
+/// flags it malformed when its length disagrees with the `ip_payload` bytes the IP header
+/// gives it (shorter than a UDP header, or longer than what is there: the kernel drops it).
 #[inline(always)]
-fn read_udp_header(udp: u64, ev: &mut SkbEvent) -> Result<(), ReadError> {
+fn read_udp_header(udp: u64, ip_payload: u16, ev: &mut SkbEvent) -> Result<(), ReadError> {
     let h: UdpHdr = read_kernel(udp, 0)?;
+    let ulen = u16::from_be_bytes(h.len);
     ev.src.port = u16::from_be_bytes(h.src);
     ev.dst.port = u16::from_be_bytes(h.dst);
-    ev.len = u32::from(u16::from_be_bytes(h.len).saturating_sub(UdpHdr::LEN as u16));
+    ev.len = u32::from(ulen.saturating_sub(UdpHdr::LEN as u16));
     ev.udp_csum = u16::from_be_bytes(h.check);
+    // A first fragment's UDP length counts the fragments that follow.
+    if ev.ip_frag & IP_MF == 0 && (ulen < UdpHdr::LEN as u16 || ulen > ip_payload) {
+        ev.flags |= SKB_MALFORMED;
+    }
     Ok(())
 }
 
@@ -155,6 +165,7 @@ pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
     ev.tunnel = TUNNEL_NONE;
     ev.vni = 0;
     ev.udp_csum = 0;
+    ev.flags = 0;
     ev.outer_src = Addr::default();
     ev.outer_dst = Addr::default();
     let udp = match read_ip(
@@ -164,14 +175,15 @@ pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
         &mut ev.ip_id,
         &mut ev.ip_frag,
     )? {
-        Payload::Udp(udp) => udp,
+        Payload::Udp(udp, len) => (udp, len),
         Payload::Fragment(len) => {
             ev.len = u32::from(len);
             return Ok(true);
         }
         Payload::Other => return Ok(false),
     };
-    read_udp_header(udp, ev)?;
+    let (udp, ip_payload) = udp;
+    read_udp_header(udp, ip_payload, ev)?;
     // A tunnel packet's first fragment still holds the inner headers.
     let tunnel_header: [u8; 8] = match ev.dst.port {
         VXLAN_PORT | FLANNEL_VXLAN_PORT | GENEVE_PORT => read_kernel(udp, UdpHdr::LEN)?,
@@ -207,7 +219,7 @@ pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
         &mut ev.ip_id,
         &mut ev.ip_frag,
     )? {
-        Payload::Udp(inner_udp) => read_udp_header(inner_udp, ev)?,
+        Payload::Udp(inner_udp, len) => read_udp_header(inner_udp, len, ev)?,
         Payload::Fragment(len) => {
             ev.len = u32::from(len);
             ev.udp_csum = 0;
@@ -264,7 +276,7 @@ pub fn fill(
     ev.header = header(kind, hook);
     ev.skb = skb;
     ev.reason = reason;
-    ev.flags = 0;
+    // `read_udp` set the flags that describe the datagram.
     ev._pad = 0;
     ev.ifname = [0; 16];
     ev.ifkind = [0; 16];
@@ -385,7 +397,7 @@ fn emit_sampled(
         if kind != KIND_DROP {
             return Ok(());
         }
-        ev.flags = SKB_UNSAMPLED;
+        ev.flags |= SKB_UNSAMPLED;
     }
     ev.sk_ino = if sk != 0 {
         socket_inode(sk).unwrap_or(0)

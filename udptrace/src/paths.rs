@@ -14,8 +14,8 @@ use udptrace_common::{
     HOOK_KPROBE_UDP_SENDMSG, HOOK_NETFILTER_LINK, HOOK_TCX_INGRESS, HOOK_TC_CLSACT_INGRESS,
     HOOK_TP_KFREE_SKB, HOOK_TP_NET_DEV_START_XMIT, HOOK_TP_SK_DATA_READY, HOOK_TP_SOCK_SEND_LENGTH,
     IP_DF, IP_MF, IP_OFFSET, KIND_DROP, KIND_INGRESS, KIND_XMIT, NF_INET_FORWARD, NF_INET_LOCAL_IN,
-    NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_UNSAMPLED, TUNNEL_GENEVE,
-    TUNNEL_VXLAN,
+    NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_MALFORMED, SKB_UNSAMPLED,
+    TUNNEL_GENEVE, TUNNEL_VXLAN,
 };
 
 use crate::{
@@ -155,6 +155,10 @@ pub struct Hop {
     /// Drop reason, the kernel's name without `SKB_DROP_REASON_`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// The UDP header's length is shorter than a UDP header or longer than the bytes the IP
+    /// header gives it: a crafted or corrupted datagram (the kernel drops it as too small).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub malformed: bool,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
     pub nat: Option<Nat>,
     #[serde(flatten, skip_serializing_if = "Option::is_none")]
@@ -302,6 +306,7 @@ pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
         fragment: None,
         df: false,
         ip_id: None,
+        malformed: false,
         sock_ino: 0,
         ifkind: None,
         mtu: None,
@@ -353,6 +358,7 @@ pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
         fragment: fragment(ev),
         df: ev.ip_frag & IP_DF != 0,
         ip_id: ip_id(ev),
+        malformed: ev.flags & SKB_MALFORMED != 0,
         sock_ino: ev.sk_ino,
     }
 }
@@ -432,6 +438,7 @@ pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
         error: None,
         reason: None,
         tunnel: tunnel(&ev.skb),
+        malformed: ev.skb.flags & SKB_MALFORMED != 0,
         sock_ino: 0,
         nat: Some(Nat {
             nat: if dnat { "dnat" } else { "snat" },

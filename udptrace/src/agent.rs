@@ -206,6 +206,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     if let Some(only) = only {
         pipeline.keep_only(only);
     }
+    pipeline.tracer.warn_missing_hops();
     let mut hooks: Vec<(&'static str, &'static str)> = Vec::new();
     for report in std::iter::once(&pipeline.tracer.send).chain(&pipeline.tracer.skb_hops) {
         if let Some(hook) = report.chosen() {

@@ -25,6 +25,9 @@ fn hop(report: &HopReport) {
     for n in &report.notes {
         println!("  note: {n}");
     }
+    for e in &report.errors {
+        println!("  error: {e}");
+    }
 }
 
 /// Prints the report; returns whether tracing can run.

@@ -63,6 +63,7 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
             color: io::stdout().is_terminal(),
         }
     };
+    pipeline.tracer.warn_missing_hops();
     // Tests and scripts wait for this line before sending traffic.
     eprintln!(
         "udptrace: tracing; send hop via {} (Ctrl-C to stop)",

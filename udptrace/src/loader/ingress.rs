@@ -79,6 +79,20 @@ fn attach(
             let added = match tc::qdisc_add_clsact(name) {
                 Ok(()) => true,
                 Err(TcError::NetlinkError(e)) if e.raw_os_error() == Some(libc::EEXIST) => false,
+                Err(TcError::NetlinkError(e)) => {
+                    // aya's message for a netlink error names no errno: say it, and what
+                    // permission it takes.
+                    let errno = e.raw_os_error().unwrap_or(0);
+                    let hint = if errno == libc::EPERM {
+                        " (tc qdiscs need CAP_NET_ADMIN)"
+                    } else {
+                        ""
+                    };
+                    return Err(format!(
+                        "adding a clsact qdisc to {name}: {}{hint}",
+                        std::io::Error::from_raw_os_error(errno)
+                    ));
+                }
                 Err(e) => return Err(format!("adding a clsact qdisc to {name}: {e}")),
             };
             // Priority 1 runs before any other filter (the kernel's automatic choice is

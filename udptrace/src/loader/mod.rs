@@ -65,6 +65,8 @@ pub struct HopReport {
     pub not_needed: Vec<&'static str>,
     /// Remarks about the hook in use (reduced detail, ...).
     pub notes: Vec<String>,
+    /// Where the hook in use could not be attached (a namespace, a device), and why.
+    pub errors: Vec<String>,
 }
 
 impl HopReport {
@@ -74,6 +76,7 @@ impl HopReport {
             attempts: Vec::new(),
             not_needed: Vec::new(),
             notes: Vec::new(),
+            errors: Vec::new(),
         }
     }
 
@@ -83,6 +86,25 @@ impl HopReport {
             .iter()
             .find(|a| a.outcome.is_ok())
             .map(|a| a.hook)
+    }
+
+    /// What a user should know before trusting the paths: this hop is not observed at all,
+    /// or not everywhere it should be.
+    pub fn warnings(&self) -> Vec<String> {
+        let mut out: Vec<String> = self
+            .errors
+            .iter()
+            .map(|e| format!("{} hop not attached everywhere: {e}", self.hop))
+            .collect();
+        if self.chosen().is_none() {
+            let why = self
+                .attempts
+                .last()
+                .and_then(|a| a.outcome.as_ref().err())
+                .map_or("no hook to try", String::as_str);
+            out.insert(0, format!("no {} hop: {why}", self.hop));
+        }
+        out
     }
 
     /// One line per hook tried: attached, or why not usable.
@@ -209,7 +231,7 @@ impl Tracer {
                 .filter(|r| r.chosen().is_some_and(|h| h.starts_with("netfilter-link")))
             {
                 report.notes.push(note.clone());
-                report.notes.extend(errors.iter().cloned());
+                report.errors.extend(errors.iter().cloned());
             }
         }
         Ok(Self {
@@ -222,6 +244,17 @@ impl Tracer {
             ingress,
             scope,
         })
+    }
+
+    /// Logs, once at start, every hop that is not observed (everywhere), with why: paths
+    /// would otherwise lack those hops without a word.
+    pub fn warn_missing_hops(&self) {
+        for w in std::iter::once(&self.send)
+            .chain(&self.skb_hops)
+            .flat_map(HopReport::warnings)
+        {
+            tracing::warn!("{w}");
+        }
     }
 
     /// Follows device changes in the covered namespaces (new veths get the ingress
@@ -404,12 +437,7 @@ fn attach_chain(
     hop: &'static str,
     chain: &[(&'static str, Attach)],
 ) -> HopReport {
-    let mut report = HopReport {
-        hop,
-        attempts: Vec::new(),
-        not_needed: Vec::new(),
-        notes: Vec::new(),
-    };
+    let mut report = HopReport::new(hop);
     for &(hook, attach) in chain {
         if report.chosen().is_some() {
             report.not_needed.push(hook);
@@ -505,7 +533,7 @@ fn attach_ingress(
                     "on {} device(s) ({scope:?} scope), first in line, never changing a verdict",
                     cover.devices()
                 ));
-                report.notes.extend(errors);
+                report.errors.extend(errors);
                 coverage = Some(cover);
                 Ok(())
             })

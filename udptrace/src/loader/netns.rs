@@ -69,15 +69,23 @@ pub fn run_in<T: Send>(
             return Err(format!("{} is no longer netns {expect}", file.display()));
         }
     }
+    let target = ns.metadata().map(|m| m.ino()).ok();
     std::thread::scope(|s| {
         s.spawn(|| {
+            // Already there (our own namespace): entering it would need CAP_SYS_ADMIN for
+            // nothing.
+            if target.is_some() && target == inode(Path::new("/proc/thread-self/ns/net")) {
+                return Ok(f());
+            }
             // SAFETY: setns on a namespace fd we opened; it changes only this thread.
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
-                return Err(format!(
-                    "entering {}: {}",
-                    file.display(),
-                    io::Error::last_os_error()
-                ));
+                let e = io::Error::last_os_error();
+                let hint = if e.raw_os_error() == Some(libc::EPERM) {
+                    " (entering another network namespace needs CAP_SYS_ADMIN)"
+                } else {
+                    ""
+                };
+                return Err(format!("entering {}: {e}{hint}", file.display()));
             }
             Ok(f())
         })

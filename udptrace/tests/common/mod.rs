@@ -503,7 +503,12 @@ pub struct Agent {
 impl Agent {
     /// Starts `udptrace agent --listen 127.0.0.1:0 ARGS` and waits until it serves.
     pub fn start(args: &[&str]) -> Self {
-        let mut child = Command::new(UDPTRACE)
+        Self::start_via(Command::new(UDPTRACE), args)
+    }
+
+    /// Like [`Agent::start`], with `launcher` running udptrace (e.g. `setpriv ... udptrace`).
+    pub fn start_via(mut launcher: Command, args: &[&str]) -> Self {
+        let mut child = launcher
             .args(["agent", "--listen", "127.0.0.1:0"])
             .args(args)
             .stdout(Stdio::null())
@@ -535,6 +540,10 @@ impl Agent {
 
     pub fn stderr(&self) -> String {
         self.stderr.lock().unwrap().clone()
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     /// The agent's resident memory (VmRSS) in KiB.

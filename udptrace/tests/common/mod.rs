@@ -508,9 +508,16 @@ impl Agent {
 
     /// Like [`Agent::start`], with `launcher` running udptrace (e.g. `setpriv ... udptrace`).
     pub fn start_via(mut launcher: Command, args: &[&str]) -> Self {
-        let mut child = launcher
+        launcher
             .args(["agent", "--listen", "127.0.0.1:0"])
-            .args(args)
+            .args(args);
+        Self::start_command(launcher)
+    }
+
+    /// Runs `command` (`... udptrace agent ...`, any listen address) and waits until the
+    /// agent serves.
+    pub fn start_command(mut command: Command) -> Self {
+        let mut child = command
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
             .spawn()

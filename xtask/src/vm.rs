@@ -59,6 +59,7 @@ const TOOLS: &[&str] = &[
     "dnsmasq",
     "sysctl",
     "tc",
+    "ss",
 ];
 
 /// Kernel module directories the tests' network setups use (veth, bridge, vxlan, netfilter,
@@ -424,6 +425,8 @@ fn initramfs(k: &Kernel, udptrace: &Path, tests: &[String]) -> Result<PathBuf> {
     // iptables' match/target extensions, Python's standard library, name databases.
     st.copy_tree(Path::new("/usr/lib/x86_64-linux-gnu/xtables"), &[])?;
     st.copy_tree(Path::new("/usr/lib/python3.11"), PYTHON_SKIP)?;
+    // scapy (Debian's python3-scapy), which crafts tests/malformed.rs's packets.
+    st.copy_tree(Path::new("/usr/lib/python3/dist-packages/scapy"), &[])?;
     for f in [
         "/etc/passwd",
         "/etc/group",
@@ -521,9 +524,19 @@ fn boot(k: &Kernel, initrd: &Path, totals: &mut Totals) -> Result<bool> {
 
 /// Runs the integration suite in a VM per kernel spec.
 pub fn run(kernels: &[String], totals: &mut Totals) -> Result<()> {
+    // UDPTRACE_VM_TESTS=overlay,nat runs only the test binaries so named (a quicker loop
+    // when one kernel's behaviour is in question).
+    let only = std::env::var("UDPTRACE_VM_TESTS").unwrap_or_default();
+    let wanted = |t: &str| {
+        let name = Path::new(t)
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        only.is_empty() || only.split(',').any(|w| name.starts_with(&format!("{w}-")))
+    };
     let tests: Vec<String> = build_tests()?
         .into_iter()
-        .filter(|t| !t.contains("/xtask-"))
+        .filter(|t| !t.contains("/xtask-") && wanted(t))
         .collect();
     let udptrace = workspace().join("target/release/udptrace");
     let mut failed = Vec::new();

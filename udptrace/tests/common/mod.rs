@@ -96,7 +96,10 @@ impl Drop for Netns {
             .output()
         {
             for pid in String::from_utf8_lossy(&out.stdout).split_whitespace() {
-                let _ = Command::new("kill").args(["-KILL", pid]).status();
+                if let Ok(pid) = pid.parse::<i32>() {
+                    // SAFETY: kill(2); the pid is in a namespace this test made.
+                    unsafe { libc::kill(pid, libc::SIGKILL) };
+                }
             }
         }
         let _ = Command::new("ip")

@@ -176,6 +176,10 @@ impl FlowTable {
         self.flows.len()
     }
 
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
     pub fn totals(&self) -> &Totals {
         &self.totals
     }

@@ -1,30 +1,15 @@
 //! udptrace: where did my UDP datagram go, and why does the receiver see that source?
 
-mod agent;
-mod args;
-mod cli;
-mod clock;
-mod doctor;
-mod events;
-mod explain;
-mod filter;
-mod flows;
-mod k8s;
-mod kernel;
-mod loader;
-mod paths;
-mod pipeline;
-mod procs;
-mod stitch;
-mod top;
-mod trace;
-
 use std::process::ExitCode;
 
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-use crate::args::{Cli, Command};
+use udptrace::{
+    agent,
+    args::{Cli, Command},
+    doctor, stitch, top, trace,
+};
 
 fn init_logging() {
     // aya and aya-log log through the `log` crate; forward those records to tracing.

@@ -273,7 +273,8 @@ impl Path {
 /// The send hop of a [`SendEvent`].
 pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
     let (len, errno) = if ev.ret < 0 {
-        (0, Some(-ev.ret))
+        // A kernel errno is small; a corrupted record may hold anything, i32::MIN included.
+        (0, Some(ev.ret.saturating_neg()))
     } else {
         (ev.ret as u32, None)
     };
@@ -529,7 +530,7 @@ impl Open {
         match self.ended_ns {
             Some(at) => {
                 let have_send = self.send.is_some() || self.sock == 0;
-                (have_send && self.reader_sk == 0) || now_ns >= at + GRACE_NS
+                (have_send && self.reader_sk == 0) || now_ns >= at.saturating_add(GRACE_NS)
             }
             None => false,
         }

@@ -1,7 +1,8 @@
-//! Project tasks: `cargo xtask setup | build | image | run | test | bench`.
+//! Project tasks: `cargo xtask setup | build | image | run | test | bench | fuzz`.
 
 mod bench;
 mod cmd;
+mod fuzz;
 mod image;
 mod setup;
 mod test;
@@ -40,6 +41,12 @@ enum Task {
     /// Measure what tracing costs: datagrams per second between two namespaces with no
     /// tracer, the agent, `trace`, tcpdump and bpftrace, as ratios (as root).
     Bench(bench::Options),
+    /// Feed udptrace's decoders arbitrary kernel records (cargo-fuzz) for a while.
+    Fuzz {
+        /// Seconds per fuzz target.
+        #[arg(long, default_value_t = 300)]
+        secs: u64,
+    },
     /// Run the test suite on this kernel, or with `--vm` inside qemu guests.
     IntegrationTest {
         /// Boot other kernels under qemu and run the suite inside them.
@@ -68,6 +75,7 @@ fn main() -> ExitCode {
             }),
         Task::Test => setup::run().and_then(|()| test::run(&default_kernels())),
         Task::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
+        Task::Fuzz { secs } => setup::run().and_then(|()| fuzz::run(secs)),
         Task::IntegrationTest { vm, kernels } => setup::run().and_then(|()| {
             let mut totals = test::Totals::default();
             let result = if vm {

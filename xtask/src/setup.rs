@@ -144,7 +144,7 @@ fn rust_src() -> Result<()> {
     Ok(())
 }
 
-fn home() -> Result<PathBuf> {
+pub fn home() -> Result<PathBuf> {
     std::env::var_os("HOME")
         .map(PathBuf::from)
         .context("HOME is not set")

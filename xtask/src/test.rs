@@ -19,11 +19,17 @@ pub fn build_release() -> Result<()> {
     ]))
 }
 
-/// Lints, then every test on the host kernel, then (with `vm`) the same suite in VMs.
+/// How long `test` fuzzes each target: enough to catch a decoder that panics on the first
+/// odd record, bounded for CI (`cargo xtask fuzz` goes on longer).
+const FUZZ_SECS: u64 = 45;
+
+/// Lints, then every test on the host kernel, a bounded fuzz run, then (with `vm`) the same
+/// suite in VMs.
 pub fn run(kernels: &[String]) -> Result<()> {
     lint()?;
     let mut totals = Totals::default();
     let host = run_host(&mut totals);
+    let host = host.and(crate::fuzz::run(FUZZ_SECS));
     let vm = if kernels.is_empty() {
         Ok(())
     } else {

@@ -65,6 +65,27 @@ fn effective_caps() -> u64 {
         .unwrap_or(0)
 }
 
+/// Every capability some hook may need on some kernel (the DaemonSet's list), by number.
+const HOOK_CAPS: [(u32, &str); 6] = [
+    (CAP_BPF, "CAP_BPF"),
+    (CAP_PERFMON, "CAP_PERFMON"),
+    (12, "CAP_NET_ADMIN"),
+    (CAP_SYS_ADMIN, "CAP_SYS_ADMIN"),
+    (19, "CAP_SYS_PTRACE"),
+    (24, "CAP_SYS_RESOURCE"),
+];
+
+/// Of the capabilities hooks may need, those this process lacks: what to name when the
+/// kernel refuses a hook with EPERM or EACCES and the error does not say which.
+pub fn lacking_hook_caps() -> Vec<&'static str> {
+    let caps = effective_caps();
+    HOOK_CAPS
+        .iter()
+        .filter(|(c, _)| caps & (1 << c) == 0)
+        .map(|(_, n)| *n)
+        .collect()
+}
+
 /// Names the capabilities missing for loading and attaching tracing programs.
 pub fn missing_caps(caps: u64) -> Vec<&'static str> {
     let has = |c: u32| caps & (1 << c) != 0;

@@ -55,6 +55,17 @@ pub struct Attempt {
     pub outcome: Result<(), String>,
 }
 
+/// `why` a hook failed, with the capabilities this process lacks when the kernel said
+/// "permission denied" without naming one (kernels differ in what each hook needs).
+fn name_caps(why: &str) -> String {
+    let denied = why.contains("Permission denied") || why.contains("Operation not permitted");
+    let lacking = crate::kernel::preflight::lacking_hook_caps();
+    if !denied || why.contains("CAP_") || lacking.is_empty() {
+        return why.to_string();
+    }
+    format!("{why} (this process lacks {})", lacking.join(", "))
+}
+
 /// How one hop is observed on this kernel.
 #[derive(Debug, Clone)]
 pub struct HopReport {
@@ -94,14 +105,14 @@ impl HopReport {
         let mut out: Vec<String> = self
             .errors
             .iter()
-            .map(|e| format!("{} hop not attached everywhere: {e}", self.hop))
+            .map(|e| format!("{} hop not attached everywhere: {}", self.hop, name_caps(e)))
             .collect();
         if self.chosen().is_none() {
             let why = self
                 .attempts
                 .last()
                 .and_then(|a| a.outcome.as_ref().err())
-                .map_or("no hook to try", String::as_str);
+                .map_or_else(|| "no hook to try".to_string(), |e| name_caps(e));
             out.insert(0, format!("no {} hop: {why}", self.hop));
         }
         out

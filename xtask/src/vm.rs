@@ -26,7 +26,7 @@ use crate::{
 /// Kernels tested by default: Debian 12's 6.1 LTS (cloud flavour: small, BTF, kprobes).
 pub const DEFAULT_KERNELS: &[&str] = &["6.1"];
 /// Whole-run limit for one guest.
-const GUEST_TIMEOUT: Duration = Duration::from_secs(12 * 60);
+const GUEST_TIMEOUT: Duration = Duration::from_secs(25 * 60);
 const SUCCESS: &str = "udptrace-vm: SUCCESS";
 const FAILURE: &str = "udptrace-vm: FAILURE";
 

@@ -113,7 +113,8 @@ fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
     }
     before.skb = 0;
     // Most datagrams pass NAT unchanged: compare the addresses first, and only for a
-    // rewrite look up the sampling, reserve an event and read the rest.
+    // rewrite look up the sampling and build the event (which reads the headers again:
+    // rare enough not to pass them on).
     {
         let Some(mut scratch) = Scratch::take() else {
             return Ok(());

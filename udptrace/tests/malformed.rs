@@ -61,55 +61,6 @@ struct Fate {
     counters: BTreeMap<String, i64>,
 }
 
-/// b's UDP counters (IPv4 and IPv6) and IPv4 reassembly successes.
-fn counters(net: &Pair) -> BTreeMap<String, i64> {
-    let mut out = BTreeMap::new();
-    let snmp = String::from_utf8(
-        net.b
-            .cmd("cat")
-            .arg("/proc/net/snmp")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    let lines: Vec<&str> = snmp.lines().collect();
-    for pair in lines.chunks(2) {
-        let (names, values) = (pair[0], pair[1]);
-        let proto = names.split(':').next().unwrap();
-        if proto != "Udp" && proto != "Ip" {
-            continue;
-        }
-        for (n, v) in names
-            .split_whitespace()
-            .zip(values.split_whitespace())
-            .skip(1)
-        {
-            if proto == "Udp" || n == "ReasmOKs" {
-                out.insert(format!("{proto}{n}"), v.parse().unwrap());
-            }
-        }
-    }
-    let snmp6 = String::from_utf8(
-        net.b
-            .cmd("cat")
-            .arg("/proc/net/snmp6")
-            .output()
-            .unwrap()
-            .stdout,
-    )
-    .unwrap();
-    for line in snmp6.lines() {
-        let mut f = line.split_whitespace();
-        if let (Some(n), Some(v)) = (f.next(), f.next()) {
-            if n.starts_with("Udp6") || n == "Ip6ReasmOKs" {
-                out.insert(n.to_string(), v.parse().unwrap());
-            }
-        }
-    }
-    out
-}
-
 /// Sends the crafted packets once and returns their fate as b saw it.
 fn craft(net: &Pair, mac: &str, ids: u16) -> Fate {
     let script = "import socket,select\nss=[]\n\
@@ -119,7 +70,7 @@ fn craft(net: &Pair, mac: &str, ids: u16) -> Fate {
         for s in select.select(ss,[],[])[0]:\n  d=s.recv(4096)\n  \
         print(d[:12].decode('latin-1'),len(d),flush=True)\n";
     let (mut rx, lines) = spawn_ready(net.b.cmd(PYTHON).args(["-c", script]));
-    let before = counters(net);
+    let before = udp_counters(&net.b);
     let sent = net
         .a
         .cmd(PYTHON)
@@ -128,17 +79,13 @@ fn craft(net: &Pair, mac: &str, ids: u16) -> Fate {
         .unwrap();
     assert!(sent.status.success(), "scapy: {sent:?}");
     std::thread::sleep(Duration::from_millis(700));
-    let after = counters(net);
+    let after = udp_counters(&net.b);
     let _ = rx.kill();
     let _ = rx.wait();
     // Two sockets: the order between them is the scheduler's.
     let mut received: Vec<String> = lines.map_while(Result::ok).collect();
     received.sort();
-    let counters = after
-        .iter()
-        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
-        .filter(|(_, d)| *d != 0)
-        .collect();
+    let counters = counters_moved(&before, &after);
     Fate { received, counters }
 }
 

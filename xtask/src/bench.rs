@@ -61,6 +61,13 @@ pub struct Options {
     /// turned on while the benchmark runs: it costs a little on every program run).
     #[arg(long)]
     prog_stats: bool,
+    /// The program the `bpftrace` tool runs: say, empty probes on the tracepoints udptrace
+    /// uses, to see what merely being attached there costs.
+    #[arg(
+        long,
+        default_value = "tracepoint:net:netif_receive_skb { @packets = count(); }"
+    )]
+    bpftrace: String,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -73,7 +80,7 @@ pub enum Tool {
     Trace,
     /// `tcpdump -w /dev/null` on the receiving interface.
     Tcpdump,
-    /// `bpftrace` counting `tracepoint:net:netif_receive_skb`.
+    /// bpftrace running `--bpftrace` (by default counting `tracepoint:net:netif_receive_skb`).
     Bpftrace,
 }
 
@@ -118,7 +125,7 @@ pub fn run(opts: &Options) -> Result<()> {
     for round in 0..opts.rounds {
         for (w, &flows) in workloads.iter().enumerate() {
             for (t, &tool) in tools.iter().enumerate() {
-                let sample = measure(&exe, tool, flows, secs, &sink, opts.prog_stats)
+                let sample = measure(&exe, tool, flows, secs, &sink, opts)
                     .with_context(|| format!("{} with {flows} flow(s)", tool.name()))?;
                 eprintln!(
                     "bench: round {} · {flows} flow(s) · {:<15} {:>10.0} datagrams/s",
@@ -260,11 +267,12 @@ fn measure(
     flows: usize,
     secs: Duration,
     sink: &Sink,
-    prog_stats: bool,
+    opts: &Options,
 ) -> Result<Sample> {
+    let prog_stats = opts.prog_stats;
     let mut running = match tool {
         Tool::None => None,
-        _ => Some(Running::start(exe, tool)?),
+        _ => Some(Running::start(exe, tool, &opts.bpftrace)?),
     };
     let cpu_before = running.as_ref().map(Running::cpu_ticks).transpose()?;
     let before = sink.received();
@@ -478,7 +486,7 @@ struct Running {
 }
 
 impl Running {
-    fn start(exe: &Path, tool: Tool) -> Result<Self> {
+    fn start(exe: &Path, tool: Tool, bpftrace: &str) -> Result<Self> {
         let (mut cmd, ready) = match tool {
             Tool::None => unreachable!("no tracer runs nothing"),
             Tool::Agent => {
@@ -509,11 +517,8 @@ impl Running {
             }
             Tool::Bpftrace => {
                 let mut c = Command::new("bpftrace");
-                c.args([
-                    "-e",
-                    "tracepoint:net:netif_receive_skb { @packets = count(); }",
-                ]);
-                (c, "Attaching 1 probe")
+                c.args(["-e", bpftrace]);
+                (c, "Attaching ")
             }
         };
         // trace prints every path: to /dev/null, so the terminal is not what is measured.

@@ -3,6 +3,7 @@
 #![allow(dead_code, reason = "each test binary uses a different subset")]
 
 use std::{
+    collections::BTreeMap,
     io::{BufRead as _, BufReader, Lines, Read as _},
     os::unix::fs::MetadataExt as _,
     process::{Child, ChildStdout, Command, ExitStatus, Stdio},
@@ -286,6 +287,8 @@ pub struct Tracer {
     child: Child,
     lines: mpsc::Receiver<String>,
     stderr: Arc<Mutex<String>>,
+    /// While held, nobody reads udptrace's stdout: dropping this lets the reader go on.
+    hold: Option<mpsc::Sender<()>>,
 }
 
 impl Tracer {
@@ -296,6 +299,22 @@ impl Tracer {
 
     /// Like [`Tracer::start`], with extra environment variables.
     pub fn start_env(args: &[&str], env: &[(&str, &str)]) -> Self {
+        Self::spawn(args, env, false)
+    }
+
+    /// Like [`Tracer::start`], but nothing reads its stdout until [`Tracer::release_output`]:
+    /// a consumer that stalls (`udptrace trace | less`, paused). Once the pipe is full,
+    /// udptrace blocks writing and its ring buffer fills.
+    pub fn start_held(args: &[&str]) -> Self {
+        Self::spawn(args, &[], true)
+    }
+
+    /// Starts reading the stdout of a tracer started with [`Tracer::start_held`].
+    pub fn release_output(&mut self) {
+        self.hold = None;
+    }
+
+    fn spawn(args: &[&str], env: &[(&str, &str)], held: bool) -> Self {
         let mut child = Command::new(UDPTRACE)
             .arg("trace")
             .arg("--json")
@@ -323,7 +342,10 @@ impl Tracer {
         }
         let (tx, lines) = mpsc::channel();
         let pipe = child.stdout.take().expect("stdout");
+        let (hold, gate) = mpsc::channel::<()>();
         std::thread::spawn(move || {
+            // Returns when the sender is dropped.
+            let _ = gate.recv();
             for line in BufReader::new(pipe).lines().map_while(Result::ok) {
                 if tx.send(line).is_err() {
                     break;
@@ -334,6 +356,7 @@ impl Tracer {
             child,
             lines,
             stderr,
+            hold: held.then_some(hold),
         };
         if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
             let _ = tracer.child.kill();
@@ -436,6 +459,8 @@ fn stop_child(child: &mut Child) {
 
 impl Drop for Tracer {
     fn drop(&mut self) {
+        // A tracer blocked writing its output could not see the signal.
+        self.release_output();
         stop_child(&mut self.child);
     }
 }
@@ -703,6 +728,55 @@ pub fn dnat_output(ns: &Netns, vip: &str, port: u16, to: &str) {
 }
 
 /// iptables `args` in `ns`; the rule must be accepted.
+/// `ns`'s UDP counters (IPv4 `Udp*`, IPv6 `Udp6*`) and its IPv4 and IPv6 reassembly
+/// successes (`IpReasmOKs`, `Ip6ReasmOKs`), from /proc/net/snmp and snmp6.
+pub fn udp_counters(ns: &Netns) -> BTreeMap<String, i64> {
+    let read = |file: &str| {
+        let out = ns.cmd("cat").arg(file).output().expect("cat");
+        String::from_utf8(out.stdout).expect("utf-8")
+    };
+    let mut out = BTreeMap::new();
+    let snmp = read("/proc/net/snmp");
+    let lines: Vec<&str> = snmp.lines().collect();
+    for pair in lines.chunks(2) {
+        let (names, values) = (pair[0], pair[1]);
+        let proto = names.split(':').next().unwrap();
+        if proto != "Udp" && proto != "Ip" {
+            continue;
+        }
+        for (n, v) in names
+            .split_whitespace()
+            .zip(values.split_whitespace())
+            .skip(1)
+        {
+            if proto == "Udp" || n == "ReasmOKs" {
+                out.insert(format!("{proto}{n}"), v.parse().unwrap());
+            }
+        }
+    }
+    for line in read("/proc/net/snmp6").lines() {
+        let mut f = line.split_whitespace();
+        if let (Some(n), Some(v)) = (f.next(), f.next()) {
+            if n.starts_with("Udp6") || n == "Ip6ReasmOKs" {
+                out.insert(n.to_string(), v.parse().unwrap());
+            }
+        }
+    }
+    out
+}
+
+/// What moved between two [`udp_counters`] reads.
+pub fn counters_moved(
+    before: &BTreeMap<String, i64>,
+    after: &BTreeMap<String, i64>,
+) -> BTreeMap<String, i64> {
+    after
+        .iter()
+        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, d)| *d != 0)
+        .collect()
+}
+
 pub fn iptables(ns: &Netns, args: &[&str]) {
     let status = ns.cmd("iptables").args(args).status().expect("iptables");
     assert!(status.success(), "iptables {args:?}");

@@ -68,7 +68,8 @@ pub fn root_command(program: impl AsRef<OsStr>) -> Command {
         Command::new(program)
     } else {
         let mut c = Command::new("sudo");
-        c.arg("--preserve-env=RUST_LOG,RUST_BACKTRACE").arg(program);
+        c.arg("--preserve-env=RUST_LOG,RUST_BACKTRACE,UDPTRACE_SOAK_SECS")
+            .arg(program);
         c
     }
 }

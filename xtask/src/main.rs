@@ -47,6 +47,13 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         secs: u64,
     },
+    /// Run only the soak test (tests/soak.rs) on this kernel, for as long as asked: the
+    /// agent under a sender at full speed; memory and fds flat, every datagram counted.
+    Soak {
+        /// Seconds of traffic (the suite's run is 60).
+        #[arg(long, default_value_t = 600)]
+        secs: u64,
+    },
     /// Run the test suite on this kernel, or with `--vm` inside qemu guests.
     IntegrationTest {
         /// Boot other kernels under qemu and run the suite inside them.
@@ -76,6 +83,7 @@ fn main() -> ExitCode {
         Task::Test => setup::run().and_then(|()| test::run(&default_kernels())),
         Task::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
         Task::Fuzz { secs } => setup::run().and_then(|()| fuzz::run(secs)),
+        Task::Soak { secs } => setup::run().and_then(|()| test::soak(secs)),
         Task::IntegrationTest { vm, kernels } => setup::run().and_then(|()| {
             let mut totals = test::Totals::default();
             let result = if vm {

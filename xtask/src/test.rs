@@ -130,6 +130,25 @@ pub fn run_host(totals: &mut Totals) -> Result<()> {
     Ok(())
 }
 
+/// Runs tests/soak.rs alone for `secs` seconds of traffic, printing what it measured.
+pub fn soak(secs: u64) -> Result<()> {
+    let binaries = build_tests()?;
+    let exe = binaries
+        .iter()
+        .find(|b| {
+            std::path::Path::new(b)
+                .file_name()
+                .is_some_and(|n| n.to_string_lossy().starts_with("soak-"))
+        })
+        .context("cargo built no soak test")?;
+    exec(
+        root_command(exe)
+            .current_dir(workspace())
+            .env("UDPTRACE_SOAK_SECS", secs.to_string())
+            .args(["--nocapture", "--test-threads=1"]),
+    )
+}
+
 #[derive(Default)]
 pub struct Totals {
     pub passed: u64,

@@ -33,13 +33,13 @@ pub fn hook_name(hook: u16) -> &'static str {
         HOOK_FENTRY_UDPV6_SENDMSG => "fentry:udpv6_sendmsg",
         HOOK_KPROBE_UDP_SENDMSG => "kprobe:udp_sendmsg",
         HOOK_KPROBE_UDPV6_SENDMSG => "kprobe:udpv6_sendmsg",
-        HOOK_TP_SOCK_SEND_LENGTH => "tracepoint:sock:sock_send_length",
-        HOOK_TP_NET_DEV_START_XMIT => "tracepoint:net:net_dev_start_xmit",
-        HOOK_TP_KFREE_SKB => "tracepoint:skb:kfree_skb",
+        HOOK_TP_SOCK_SEND_LENGTH => "raw_tracepoint:sock:sock_send_length",
+        HOOK_TP_NET_DEV_START_XMIT => "raw_tracepoint:net:net_dev_start_xmit",
+        HOOK_TP_KFREE_SKB => "raw_tracepoint:skb:kfree_skb",
         HOOK_NETFILTER_LINK => "netfilter-link",
         HOOK_KPROBE_NF_NAT => "kprobe:nf_nat_manip_pkt",
         HOOK_FEXIT_UDP_ENQUEUE => "fexit:__udp_enqueue_schedule_skb",
-        HOOK_TP_SK_DATA_READY => "netfilter-link+tracepoint:sock:sk_data_ready",
+        HOOK_TP_SK_DATA_READY => "netfilter-link+raw_tracepoint:sock:sk_data_ready",
         HOOK_TCX_INGRESS => "tcx:ingress",
         HOOK_TC_CLSACT_INGRESS => "tc:clsact-ingress",
         _ => "unknown",
@@ -487,6 +487,10 @@ struct Open {
     first_ns: u64,
     last_ns: u64,
     verdict: Verdict,
+    /// The drop verdict came from a later fragment freed without a reason: a kernel may free
+    /// a fragment's skb that way while the datagram is reassembled and delivered (6.1 frees
+    /// a duplicate or a merged fragment so), so a delivery that follows still counts.
+    weak_drop: bool,
     /// When the verdict was reached.
     ended_ns: Option<u64>,
     /// The receiving socket of a delivered datagram whose reader is not known yet.
@@ -530,7 +534,9 @@ impl Open {
         match self.ended_ns {
             Some(at) => {
                 let have_send = self.send.is_some() || self.sock == 0;
-                (have_send && self.reader_sk == 0) || now_ns >= at.saturating_add(GRACE_NS)
+                // A weak drop waits out the grace for a delivery that would overrule it.
+                (have_send && self.reader_sk == 0 && !self.weak_drop)
+                    || now_ns >= at.saturating_add(GRACE_NS)
             }
             None => false,
         }
@@ -669,6 +675,7 @@ impl Assembler {
             first_ns: ts_ns,
             last_ns: ts_ns,
             verdict: Verdict::Unknown,
+            weak_drop: false,
             ended_ns: None,
             reader_sk: 0,
             unsampled: false,
@@ -801,18 +808,28 @@ impl Assembler {
         let later_fragment = hop.fragment.as_ref().is_some_and(|f| f.offset != 0);
         // Fragments after the first leave with the sender's socket too: they join by identity.
         let outbound = ev.sk != 0 && hop.kind != HopKind::Deliver && !later_fragment;
-        // A datagram that reached its verdict is over: a new one may reuse its skb.
+        // A datagram that reached its verdict is over: a new one may reuse its skb. Unless
+        // the verdict was a weak drop and this is the delivery that overrules it.
+        let overrules = |o: &Open| o.weak_drop && hop.kind == HopKind::Deliver;
         let known = self
             .by_skb
             .get(&ev.skb)
             .copied()
-            .filter(|id| self.open.get(id).is_some_and(|o| o.ended_ns.is_none()))
+            .filter(|id| {
+                self.open
+                    .get(id)
+                    .is_some_and(|o| o.ended_ns.is_none() || overrules(o))
+            })
             .or_else(|| {
                 // A fragment on an skb not seen yet: cut from a datagram already followed.
                 let id = self.by_ident.get(&ident?).copied()?;
                 (hop.fragment.is_some() && self.open.contains_key(&id)).then_some(id)
             });
-        if known.is_some_and(|id| self.open.get(&id).is_some_and(|o| o.ended_ns.is_some())) {
+        if known.is_some_and(|id| {
+            self.open
+                .get(&id)
+                .is_some_and(|o| o.ended_ns.is_some() && !overrules(o))
+        }) {
             // A fragment of a datagram that already reached its verdict: a piece being freed
             // with it (6.1 reports a reassembled datagram's fragments as kfree_skb
             // NOT_SPECIFIED once it is read), not news about it.
@@ -898,8 +915,14 @@ impl Assembler {
         // The first verdict stands; a drop or delivery after leaving on a NIC is more precise.
         let open_verdict = matches!(open.verdict, Verdict::Unknown | Verdict::LeftHost);
         match hop.kind {
-            HopKind::Drop if open_verdict => open.verdict = Verdict::Dropped,
-            HopKind::Deliver if open_verdict => open.verdict = Verdict::Delivered,
+            HopKind::Drop if open_verdict => {
+                open.verdict = Verdict::Dropped;
+                open.weak_drop = later_fragment && hop.reason.as_deref() == Some("NOT_SPECIFIED");
+            }
+            HopKind::Deliver if open_verdict || open.weak_drop => {
+                open.verdict = Verdict::Delivered;
+                open.weak_drop = false;
+            }
             _ if open.verdict == Verdict::Unknown && leaves_host(&hop) => {
                 open.verdict = Verdict::LeftHost;
             }
@@ -1067,7 +1090,7 @@ pub(crate) mod tests {
             "hops": [{
                 "kind": "send",
                 "ts": "2027-01-15T08:00:00.000000042Z",
-                "hook": "tracepoint:sock:sock_send_length",
+                "hook": "raw_tracepoint:sock:sock_send_length",
                 "netns": 4026531840u32,
                 "src": "127.0.0.1:40112",
                 "dst": "127.0.0.1:5353",
@@ -1364,7 +1387,7 @@ pub(crate) mod tests {
     fn hook_names() {
         assert_eq!(hook_name(HOOK_FENTRY_UDP_SENDMSG), "fentry:udp_sendmsg");
         assert_eq!(hook_name(HOOK_KPROBE_UDPV6_SENDMSG), "kprobe:udpv6_sendmsg");
-        assert_eq!(hook_name(HOOK_TP_KFREE_SKB), "tracepoint:skb:kfree_skb");
+        assert_eq!(hook_name(HOOK_TP_KFREE_SKB), "raw_tracepoint:skb:kfree_skb");
         assert_eq!(hook_name(999), "unknown");
     }
 
@@ -1540,5 +1563,37 @@ pub(crate) mod tests {
         a.flush(&mut out);
         assert_eq!(out.len(), 1);
         assert_eq!(out[0].verdict, Verdict::Delivered, "{:#?}", out[0]);
+    }
+
+    /// Seen on Linux 6.1: a later fragment freed without a reason (a duplicate, or one
+    /// merged during reassembly) before the reassembled datagram is delivered.
+    #[test]
+    fn a_later_fragment_freed_without_a_reason_before_the_delivery_is_no_drop() {
+        let reasons = DropReasons::from_pairs([(2, "NOT_SPECIFIED"), (3, "NO_SOCKET")]);
+        let dev = ("ut-b", "veth");
+        for (reason, delivered) in [(2, true), (3, false)] {
+            let mut a = Assembler::new(clock(), reasons.clone());
+            let mut out = Vec::new();
+            for n in 0..3 {
+                let ev = fragment(KIND_INGRESS, 10 + u64::from(n), 1 + u64::from(n), n, dev);
+                a.push(&Event::Skb(ev), &mut out);
+            }
+            let mut freed = fragment(KIND_DROP, 14, 2, 1, ("", ""));
+            freed.netns = 0;
+            freed.reason = reason;
+            a.push(&Event::Skb(freed), &mut out);
+            let mut whole = on_dev(KIND_DELIVER, 15, 3, "", "");
+            whole.ip_id = 0x4242;
+            a.push(&Event::Skb(whole), &mut out);
+            a.flush(&mut out);
+            // After a real drop the delivery cannot be this datagram's: it starts its own.
+            assert_eq!(out.len(), if delivered { 1 } else { 2 }, "{out:#?}");
+            let want = if delivered {
+                Verdict::Delivered
+            } else {
+                Verdict::Dropped
+            };
+            assert_eq!(out[0].verdict, want, "reason {reason}: {:#?}", out[0]);
+        }
     }
 }

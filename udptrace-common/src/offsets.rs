@@ -10,6 +10,8 @@ pub const OFFSET_MISSING: u32 = u32::MAX;
 pub struct Offsets {
     // struct sock (through its embedded struct sock_common)
     pub sk_family: u32,
+    /// struct sock -> sk_protocol (raw tracepoints get the socket, not its protocol)
+    pub sk_protocol: u32,
     pub sk_num: u32,
     pub sk_dport: u32,
     pub sk_rcv_saddr: u32,
@@ -26,19 +28,12 @@ pub struct Offsets {
     pub user_msghdr_name: u32,
     pub user_msghdr_namelen: u32,
     pub mmsghdr_size: u32,
-    // tracepoint sock:sock_send_length
-    pub tp_send_sk: u32,
-    pub tp_send_family: u32,
-    pub tp_send_protocol: u32,
-    pub tp_send_ret: u32,
     // tracepoints syscalls:sys_enter_sendto / sendmsg / sendmmsg
     pub tp_sendto_addr: u32,
     pub tp_sendto_addr_len: u32,
     pub tp_sendmsg_msg: u32,
     pub tp_sendmmsg_mmsg: u32,
     pub tp_sendmmsg_vlen: u32,
-    /// tracepoint skb:consume_skb -> skbaddr (sampling forgets a freed skb's decision)
-    pub tp_consume_skb: u32,
     // struct sk_buff
     pub skb_head: u32,
     pub skb_network_header: u32,
@@ -49,18 +44,8 @@ pub struct Offsets {
     pub dev_ifindex: u32,
     pub dev_name: u32,
     pub dev_net: u32,
-    // tracepoints net:net_dev_start_xmit, skb:kfree_skb
-    pub tp_xmit_skb: u32,
-    pub tp_kfree_skb: u32,
-    pub tp_kfree_reason: u32,
     /// struct nf_hook_state -> hook
     pub nf_state_hook: u32,
-    // tracepoints sock:sk_data_ready, sock:sock_recv_length
-    pub tp_ready_sk: u32,
-    pub tp_ready_protocol: u32,
-    pub tp_recv_sk: u32,
-    pub tp_recv_protocol: u32,
-    pub tp_recv_ret: u32,
     /// sock -> sk_socket -> file -> f_inode -> i_ino (the socket's inode)
     pub sk_socket: u32,
     pub socket_file: u32,
@@ -86,12 +71,13 @@ pub struct Offsets {
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 58 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 46 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
     pub const MISSING: Self = Self {
         sk_family: OFFSET_MISSING,
+        sk_protocol: OFFSET_MISSING,
         sk_num: OFFSET_MISSING,
         sk_dport: OFFSET_MISSING,
         sk_rcv_saddr: OFFSET_MISSING,
@@ -105,16 +91,11 @@ impl Offsets {
         user_msghdr_name: OFFSET_MISSING,
         user_msghdr_namelen: OFFSET_MISSING,
         mmsghdr_size: OFFSET_MISSING,
-        tp_send_sk: OFFSET_MISSING,
-        tp_send_family: OFFSET_MISSING,
-        tp_send_protocol: OFFSET_MISSING,
-        tp_send_ret: OFFSET_MISSING,
         tp_sendto_addr: OFFSET_MISSING,
         tp_sendto_addr_len: OFFSET_MISSING,
         tp_sendmsg_msg: OFFSET_MISSING,
         tp_sendmmsg_mmsg: OFFSET_MISSING,
         tp_sendmmsg_vlen: OFFSET_MISSING,
-        tp_consume_skb: OFFSET_MISSING,
         skb_head: OFFSET_MISSING,
         skb_network_header: OFFSET_MISSING,
         skb_transport_header: OFFSET_MISSING,
@@ -123,15 +104,7 @@ impl Offsets {
         dev_ifindex: OFFSET_MISSING,
         dev_name: OFFSET_MISSING,
         dev_net: OFFSET_MISSING,
-        tp_xmit_skb: OFFSET_MISSING,
-        tp_kfree_skb: OFFSET_MISSING,
-        tp_kfree_reason: OFFSET_MISSING,
         nf_state_hook: OFFSET_MISSING,
-        tp_ready_sk: OFFSET_MISSING,
-        tp_ready_protocol: OFFSET_MISSING,
-        tp_recv_sk: OFFSET_MISSING,
-        tp_recv_protocol: OFFSET_MISSING,
-        tp_recv_ret: OFFSET_MISSING,
         sk_socket: OFFSET_MISSING,
         socket_file: OFFSET_MISSING,
         file_inode: OFFSET_MISSING,

@@ -3,15 +3,15 @@
 //! Best first, as the loader tries them:
 //! 1. fexit on `__udp_enqueue_schedule_skb` (socket and skb together, with the result).
 //! 2. A netfilter link at the very end of LOCAL_IN remembers the skb about to reach UDP on
-//!    this CPU; tracepoint `sock:sk_data_ready` (fired from the enqueue, same CPU, same
+//!    this CPU; raw tracepoint `sk_data_ready` (fired from the enqueue, same CPU, same
 //!    call chain) names the socket that took it.
 //!
-//! Readers: fexit on `udp_recvmsg`/`udpv6_recvmsg`, else tracepoint `sock:sock_recv_length`
+//! Readers: fexit on `udp_recvmsg`/`udpv6_recvmsg`, else raw tracepoint `sock_recv_length`
 //! (both after the read, so a reader already blocked when tracing starts is seen too).
 
 use aya_ebpf::{
-    macros::{classifier, fexit, tracepoint},
-    programs::{FExitContext, TcContext, TracePointContext},
+    macros::{classifier, fexit, raw_tracepoint},
+    programs::{FExitContext, RawTracePointContext, TcContext},
     EbpfContext as _,
 };
 use udptrace_common::{
@@ -21,11 +21,10 @@ use udptrace_common::{
 
 use crate::{
     current::{header, task},
-    kernel::ReadError,
+    kernel::{read_kernel, try_read_kernel, ReadError},
     maps::{count, offset, EVENTS, LOCAL_IN_SKB},
     sample,
     skb::emit_for_sock,
-    tp::field,
 };
 
 /// int __udp_enqueue_schedule_skb(struct sock *sk, struct sk_buff *skb), 0 when queued.
@@ -53,25 +52,23 @@ pub fn deliver_local_in(ctx: TcContext) -> i32 {
     1 // NF_ACCEPT
 }
 
-/// sock:sk_data_ready(const struct sock *sk): a socket was told data is queued.
-#[tracepoint]
-pub fn deliver_sk_data_ready(ctx: TracePointContext) -> u32 {
-    let _ = try_data_ready(&ctx);
+/// Raw tracepoint sk_data_ready(const struct sock *sk): a socket was told data is queued.
+#[raw_tracepoint(tracepoint = "sk_data_ready")]
+pub fn deliver_sk_data_ready(ctx: RawTracePointContext) -> u32 {
+    let _ = try_data_ready(ctx.arg(0));
     0
 }
 
 #[inline(always)]
-fn try_data_ready(ctx: &TracePointContext) -> Result<(), ReadError> {
-    let protocol: u16 = field(ctx, offset!(tp_ready_protocol))?;
+fn try_data_ready(sk: u64) -> Result<(), ReadError> {
     let Some(slot) = LOCAL_IN_SKB.get_ptr_mut(0) else {
         return Ok(());
     };
     // SAFETY: this CPU's slot, set by deliver_local_in earlier in this same call chain.
     let skb = unsafe { core::ptr::replace(slot, 0) };
-    if protocol != IPPROTO_UDP || skb == 0 {
+    if skb == 0 || read_kernel::<u16>(sk, offset!(sk_protocol))? != IPPROTO_UDP {
         return Ok(());
     }
-    let sk: u64 = field(ctx, offset!(tp_ready_sk))?;
     emit_for_sock(KIND_DELIVER, HOOK_TP_SK_DATA_READY, skb, sk)
 }
 
@@ -112,17 +109,14 @@ pub fn recv_fexit_udpv6_recvmsg(ctx: FExitContext) -> u32 {
     0
 }
 
-/// sock:sock_recv_length(struct sock *sk, int ret, int flags), after every socket read.
-#[tracepoint]
-pub fn recv_sock_recv_length(ctx: TracePointContext) -> u32 {
-    if let (Ok(protocol), Ok(sk), Ok(ret)) = (
-        field::<u16>(&ctx, offset!(tp_recv_protocol)),
-        field::<u64>(&ctx, offset!(tp_recv_sk)),
-        field::<i32>(&ctx, offset!(tp_recv_ret)),
-    ) {
-        if protocol == IPPROTO_UDP && ret >= 0 {
-            emit_reader(HOOK_TP_SOCK_RECV_LENGTH, sk);
-        }
+/// Raw tracepoint sock_recv_length(struct sock *sk, int ret, int flags), after every socket
+/// read.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn recv_sock_recv_length(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    if ret >= 0 && try_read_kernel::<u16>(sk, offset!(sk_protocol)) == Some(IPPROTO_UDP) {
+        emit_reader(HOOK_TP_SOCK_RECV_LENGTH, sk);
     }
     0
 }

@@ -1,19 +1,15 @@
 //! The drop hop: the kernel frees the datagram with a reason.
 
-use aya_ebpf::{macros::tracepoint, programs::TracePointContext};
+use aya_ebpf::{macros::raw_tracepoint, programs::RawTracePointContext};
 use udptrace_common::{HOOK_TP_KFREE_SKB, KIND_DROP};
 
-use crate::{maps::offset, skb::emit, tp::field};
+use crate::skb::emit;
 
-/// skb:kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason, ...)
-#[tracepoint]
-pub fn drop_kfree_skb(ctx: TracePointContext) -> u32 {
-    let (Ok(skb), Ok(reason)) = (
-        field::<u64>(&ctx, offset!(tp_kfree_skb)),
-        field::<u32>(&ctx, offset!(tp_kfree_reason)),
-    ) else {
-        return 0;
-    };
-    let _ = emit(KIND_DROP, HOOK_TP_KFREE_SKB, skb, reason);
+/// Raw tracepoint kfree_skb(struct sk_buff *skb, void *location, enum skb_drop_reason reason,
+/// ...); the loader checks these positions in the kernel's BTF.
+#[raw_tracepoint(tracepoint = "kfree_skb")]
+pub fn drop_kfree_skb(ctx: RawTracePointContext) -> u32 {
+    let reason: u64 = ctx.arg(2);
+    let _ = emit(KIND_DROP, HOOK_TP_KFREE_SKB, ctx.arg(0), reason as u32);
     0
 }

@@ -5,9 +5,9 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{map, tracepoint},
+    macros::{map, raw_tracepoint},
     maps::{Array, LruHashMap},
-    programs::TracePointContext,
+    programs::RawTracePointContext,
 };
 use udptrace_common::{
     Addr, FlowKey, NatSeen, NatSeenKey, ReaderKey, SampleConfig, SkbEvent, SockDecision, IP_MF,
@@ -18,7 +18,6 @@ use udptrace_common::{
 use crate::{
     kernel::try_read_kernel,
     maps::{offset, NO_COMMON_LRU},
-    tp::field,
 };
 
 /// Set by userspace, at load and at runtime. All zeros (the initial value) traces everything.
@@ -263,14 +262,12 @@ pub fn reader_due(sk: u64) -> bool {
     true
 }
 
-/// skb:consume_skb(struct sk_buff *skb, ...): an skb freed without a drop; its decision must
-/// not pass to the next datagram given the same address.
-#[tracepoint]
-pub fn sample_consume_skb(ctx: TracePointContext) -> u32 {
+/// Raw tracepoint consume_skb(struct sk_buff *skb, ...): an skb freed without a drop; its
+/// decision must not pass to the next datagram given the same address.
+#[raw_tracepoint(tracepoint = "consume_skb")]
+pub fn sample_consume_skb(ctx: RawTracePointContext) -> u32 {
     if config().is_some() {
-        if let Ok(skb) = field::<u64>(&ctx, offset!(tp_consume_skb)) {
-            forget(skb);
-        }
+        forget(ctx.arg(0));
     }
     0
 }

@@ -3,14 +3,14 @@
 //! Three ways to see it, best first; the loader attaches the first this kernel allows:
 //! 1. fentry on `udp_sendmsg`/`udpv6_sendmsg`: socket and destination in one place.
 //! 2. kprobe on the same functions.
-//! 3. tracepoint `sock:sock_send_length` (after every socket send, with the socket and
+//! 3. raw tracepoint `sock_send_length` (after every socket send, with the socket and
 //!    the result), plus `syscalls:sys_enter_send{to,msg,mmsg}` to learn the destination
 //!    of unconnected sends, which the socket does not hold.
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{fentry, kprobe, tracepoint},
-    programs::{FEntryContext, ProbeContext, TracePointContext},
+    macros::{fentry, kprobe, raw_tracepoint, tracepoint},
+    programs::{FEntryContext, ProbeContext, RawTracePointContext, TracePointContext},
 };
 use udptrace_common::{
     Addr, FlowKey, FlowStats, PendingSend, SendEvent, HOOK_FENTRY_UDPV6_SENDMSG,
@@ -281,21 +281,19 @@ pub fn send_exit(_ctx: TracePointContext) -> u32 {
     0
 }
 
-/// sock:sock_send_length(struct sock *sk, int ret, int flags), after every socket send.
-#[tracepoint]
-pub fn send_sock_send_length(ctx: TracePointContext) -> u32 {
-    let _ = try_sock_send_length(&ctx);
+/// Raw tracepoint sock_send_length(struct sock *sk, int ret, int flags), after every
+/// socket send (raw: no trace record is built for the sends of other protocols either).
+#[raw_tracepoint(tracepoint = "sock_send_length")]
+pub fn send_sock_send_length(ctx: RawTracePointContext) -> u32 {
+    let _ = try_sock_send_length(ctx.arg(0), ctx.arg(1));
     0
 }
 
 #[inline(always)]
-fn try_sock_send_length(ctx: &TracePointContext) -> Result<(), ReadError> {
-    let protocol: u16 = field(ctx, offset!(tp_send_protocol))?;
-    if protocol != IPPROTO_UDP {
+fn try_sock_send_length(sk: u64, ret: i32) -> Result<(), ReadError> {
+    if read_kernel::<u16>(sk, offset!(sk_protocol))? != IPPROTO_UDP {
         return Ok(());
     }
-    let sk: u64 = field(ctx, offset!(tp_send_sk))?;
-    let ret: i32 = field(ctx, offset!(tp_send_ret))?;
     let mut dst = Addr::default();
     if let Some(pending) = PENDING_SENDS.get_ptr_mut(bpf_get_current_pid_tgid()) {
         // SAFETY: a map value owned by this thread's in-flight syscall.

@@ -270,18 +270,22 @@ pub fn fill(
     reason: u32,
     sock: u64,
 ) -> Result<bool, ReadError> {
-    if !read_udp(skb, ev)? {
+    let Some(dev) = fill_flow(ev, skb, sock)? else {
         return Ok(false);
+    };
+    fill_rest(ev, kind, hook, skb, reason, dev);
+    Ok(true)
+}
+
+/// What the sampling decision needs: the headers, the socket, the device and the namespace.
+/// `None` when the skb is no UDP datagram; else the device (0: none) for [`fill_rest`].
+#[inline(always)]
+fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, ReadError> {
+    if !read_udp(skb, ev)? {
+        return Ok(None);
     }
-    ev.header = header(kind, hook);
-    ev.skb = skb;
-    ev.reason = reason;
-    // `read_udp` set the flags that describe the datagram.
-    ev._pad = 0;
     ev.ifname = [0; 16];
-    ev.ifkind = [0; 16];
     ev.ifindex = 0;
-    ev.mtu = 0;
     ev.netns = 0;
     // A queued UDP datagram reuses skb->dev as scratch space: with a known receiving
     // socket, take the namespace from the socket and leave the device out.
@@ -308,18 +312,35 @@ pub fn fill(
         .flatten();
     if let Some((ifindex, ifname, netns)) = device {
         (ev.ifindex, ev.ifname, ev.netns) = (ifindex, ifname, netns);
-        ev.mtu = try_read_kernel(dev, offset!(dev_mtu)).unwrap_or(0);
-        device_kind(dev, &mut ev.ifkind);
-    } else if ev.sk != 0 {
+        return Ok(Some(dev));
+    }
+    if ev.sk != 0 {
         let net: u64 = read_kernel(ev.sk, offset!(sk_net))?;
         ev.netns = read_kernel(net, offset!(net_inum))?;
+    }
+    Ok(Some(0))
+}
+
+/// The rest of a hop about to be sent: when and where it happened, and the device's MTU
+/// and kind (`dev` from [`fill_flow`]). Not spent on datagrams the sampling skips.
+#[inline(always)]
+fn fill_rest(ev: &mut SkbEvent, kind: u16, hook: u16, skb: u64, reason: u32, dev: u64) {
+    ev.header = header(kind, hook);
+    ev.skb = skb;
+    ev.reason = reason;
+    // `read_udp` set the flags that describe the datagram.
+    ev._pad = 0;
+    ev.ifkind = [0; 16];
+    ev.mtu = 0;
+    if dev != 0 {
+        ev.mtu = try_read_kernel(dev, offset!(dev_mtu)).unwrap_or(0);
+        device_kind(dev, &mut ev.ifkind);
     }
     // Skb hops run in softirq or in an unrelated task: no process to name.
     ev.pid = 0;
     ev.tid = 0;
     ev.cgroup = 0;
     ev.comm = [0; 16];
-    Ok(true)
 }
 
 /// Sends one skb hop event for `skb` that a known socket `sk` (the receiver) holds.
@@ -376,9 +397,9 @@ fn emit_sampled(
         return Ok(());
     };
     let ev = scratch.event();
-    if !fill(ev, kind, hook, skb, reason, sk)? {
+    let Some(dev) = fill_flow(ev, skb, sk)? else {
         return Ok(());
-    }
+    };
     if sk != 0 && read_kernel::<u16>(sk, offset!(sk_num)).ok() != Some(ev.dst.port) {
         // The socket is not bound to this datagram's port: a stale pairing (an skb that
         // reached LOCAL_IN in a namespace we do not cover, say). Say nothing.
@@ -399,6 +420,7 @@ fn emit_sampled(
         }
         ev.flags |= SKB_UNSAMPLED;
     }
+    fill_rest(ev, kind, hook, skb, reason, dev);
     ev.sk_ino = if sk != 0 {
         socket_inode(sk).unwrap_or(0)
     } else {

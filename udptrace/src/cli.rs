@@ -154,7 +154,7 @@ mod tests {
             render(&sample_path(), Format::Human { color: false }),
             "08:00:00.000000 unknown 127.0.0.1:40112 → 127.0.0.1:5353\n  \
              send    nc[100] 127.0.0.1:40112 → 127.0.0.1:5353  3 B  netns 4026531840  \
-             via tracepoint:sock:sock_send_length\n  = no verdict observed"
+             via raw_tracepoint:sock:sock_send_length\n  = no verdict observed"
         );
     }
 

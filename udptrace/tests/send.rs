@@ -194,7 +194,7 @@ fn send_refused_by_netfilter_reports_the_errno() {
         "dropped in the sender's own namespace"
     );
     assert_eq!(path["verdict"], "dropped");
-    if send_hook_family() == "tracepoint" {
+    if send_hook_family() == "raw_tracepoint" {
         assert_eq!(hop["errno"], 1, "{hop}");
         assert_eq!(hop["error"], "Operation not permitted");
         assert_eq!(hop["len"], 0);
@@ -342,7 +342,7 @@ fn doctor_explains_the_send_hook() {
             "{out}"
         );
     }
-    if family == "tracepoint" {
+    if family == "raw_tracepoint" {
         assert!(
             out.contains("tried kprobe:udp_sendmsg+udpv6_sendmsg: not usable: "),
             "{out}"
@@ -430,7 +430,7 @@ fn sendmmsg_gives_each_datagram_its_destination() {
 #[test]
 fn every_usable_send_hook_reports_the_same_fields() {
     require_root();
-    let families = ["fentry", "kprobe", "tracepoint"];
+    let families = ["fentry", "kprobe", "raw_tracepoint"];
     let mut checked = 0;
     for (i, family) in families.iter().enumerate() {
         // Disable the better hooks so this one is tried.

@@ -68,6 +68,10 @@ pub struct Options {
         default_value = "tracepoint:net:netif_receive_skb { @packets = count(); }"
     )]
     bpftrace: String,
+    /// The udptrace binary to measure instead of this workspace's release build (an older
+    /// build, to compare two versions run for run).
+    #[arg(long)]
+    udptrace: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -106,8 +110,13 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.rounds > 0 && opts.secs > 0 && opts.flows > 0,
         "nothing to measure"
     );
-    crate::test::build_release()?;
-    let exe = workspace().join("target/release/udptrace");
+    let exe = match &opts.udptrace {
+        Some(exe) => exe.clone(),
+        None => {
+            crate::test::build_release()?;
+            workspace().join("target/release/udptrace")
+        }
+    };
     let mut tools = vec![Tool::None];
     if opts.tools.is_empty() {
         tools.extend([Tool::Agent, Tool::Trace, Tool::Tcpdump, Tool::Bpftrace]);

@@ -24,6 +24,8 @@ pub enum BtfError {
     NoStruct(String),
     #[error("this kernel's BTF has no enum {0}")]
     NoEnum(String),
+    #[error("this kernel's BTF has no tracepoint {0} (typedef btf_trace_{0})")]
+    NoTracepoint(String),
     #[error("this kernel's BTF has no field {field} in struct {strukt}")]
     NoField { strukt: String, field: String },
 }
@@ -138,6 +140,62 @@ impl KernelBtf {
         Err(BtfError::NoEnum(name.into()))
     }
 
+    /// The C types of tracepoint `tp`'s arguments, its `TP_PROTO`, as a raw tracepoint
+    /// program receives them (`struct sk_buff *`, `enum skb_drop_reason`, `int`...).
+    pub fn tracepoint_args(&self, tp: &str) -> Result<Vec<String>, BtfError> {
+        let missing = || BtfError::NoTracepoint(tp.into());
+        // typedef void (*btf_trace_<tp>)(void *ctx, <TP_PROTO>);
+        let typedef = self
+            .btf
+            .resolve_types_by_name(&format!("btf_trace_{tp}"))
+            .unwrap_or_default()
+            .into_iter()
+            .find_map(|t| match t {
+                Type::Typedef(t) => Some(t),
+                _ => None,
+            })
+            .ok_or_else(missing)?;
+        let Ok(Type::Ptr(ptr)) = self.btf.resolve_chained_type(&typedef) else {
+            return Err(missing());
+        };
+        let Ok(Type::FuncProto(proto)) = self.btf.resolve_chained_type(&ptr) else {
+            return Err(missing());
+        };
+        Ok(proto
+            .parameters
+            .iter()
+            .skip(1)
+            .map(|p| self.type_name(self.btf.resolve_chained_type(p).ok(), 0))
+            .collect())
+    }
+
+    /// How C spells `t`, qualifiers left out.
+    fn type_name(&self, t: Option<Type>, depth: usize) -> String {
+        let named = |kind: &str, t: &dyn btf_rs::BtfType| {
+            let name = self.btf.resolve_name(t).unwrap_or_default();
+            format!("{kind}{name}")
+        };
+        let inner = |t: &dyn btf_rs::BtfType| {
+            if depth > 8 {
+                return "?".to_string();
+            }
+            self.type_name(self.btf.resolve_chained_type(t).ok(), depth + 1)
+        };
+        match t {
+            None | Some(Type::Void) => "void".into(),
+            Some(Type::Ptr(p)) => format!("{} *", inner(&p)),
+            Some(Type::Const(x)) | Some(Type::Volatile(x)) | Some(Type::Restrict(x)) => inner(&x),
+            Some(Type::TypeTag(x)) => inner(&x),
+            Some(Type::Struct(s)) => named("struct ", &s),
+            Some(Type::Union(s)) => named("union ", &s),
+            Some(Type::Enum(e)) => named("enum ", &e),
+            Some(Type::Enum64(e)) => named("enum ", &e),
+            Some(Type::Int(i)) => named("", &i),
+            Some(Type::Typedef(t)) => named("", &t),
+            Some(other) => other.name().to_string(),
+        }
+    }
+
     /// `sizeof(struct strukt)`.
     pub fn size_of(&self, strukt: &str) -> Result<u32, BtfError> {
         Ok(self.composite(strukt)?.size() as u32)
@@ -185,6 +243,30 @@ mod tests {
         // struct msghdr starts with msg_name.
         assert_eq!(btf.offset_of("msghdr", &["msg_name"]).unwrap(), 0);
         assert_eq!(btf.size_of("mmsghdr").unwrap(), 64);
+    }
+
+    #[test]
+    fn spells_tracepoint_arguments_as_c_does() {
+        let Some(btf) = running() else {
+            eprintln!("skipped: {VMLINUX_BTF} missing");
+            return;
+        };
+        assert_eq!(
+            btf.tracepoint_args("net_dev_start_xmit").unwrap(),
+            ["struct sk_buff *", "struct net_device *"]
+        );
+        let kfree = btf.tracepoint_args("kfree_skb").unwrap();
+        assert_eq!(
+            kfree[..3],
+            ["struct sk_buff *", "void *", "enum skb_drop_reason"]
+        );
+        assert_eq!(
+            btf.tracepoint_args("no_such_tracepoint_udptrace")
+                .unwrap_err()
+                .to_string(),
+            "this kernel's BTF has no tracepoint no_such_tracepoint_udptrace \
+             (typedef btf_trace_no_such_tracepoint_udptrace)"
+        );
     }
 
     #[test]

@@ -14,21 +14,22 @@ pub enum Group {
     Msghdr,
     /// `struct user_msghdr`/`mmsghdr` (tracepoint destination of sendmsg/sendmmsg).
     UserMsghdr,
-    /// Tracepoint `sock:sock_send_length`.
+    /// Raw tracepoint `sock_send_length(struct sock *, int ret, ...)`.
     TpSendLength,
     /// Tracepoints `syscalls:sys_enter_send{to,msg,mmsg}`.
     TpSendSyscalls,
     /// `struct sk_buff` headers, device and socket; `struct net_device` name, index, netns.
     Skb,
-    /// Tracepoint `net:net_dev_start_xmit`.
+    /// Raw tracepoint `net_dev_start_xmit(struct sk_buff *, ...)`.
     TpXmit,
-    /// Tracepoints `skb:kfree_skb` with its drop reason, and `skb:consume_skb`: where skbs end.
+    /// Raw tracepoints `kfree_skb(struct sk_buff *, void *, enum skb_drop_reason, ...)` and
+    /// `consume_skb(struct sk_buff *, ...)`: where skbs end.
     TpDrop,
     /// `struct nf_hook_state` (netfilter program context).
     NfState,
-    /// Tracepoint `sock:sk_data_ready`.
+    /// Raw tracepoint `sk_data_ready(struct sock *)`.
     TpReady,
-    /// Tracepoint `sock:sock_recv_length`.
+    /// Raw tracepoint `sock_recv_length(struct sock *, int ret, ...)`.
     TpRecv,
     /// From a `struct sock` to its socket's inode number.
     SockInode,
@@ -69,6 +70,9 @@ impl KernelLayout {
                         .map_err(|e| e.to_string())
                 };
                 o.sk_family = sk("skc_family")?;
+                o.sk_protocol = btf
+                    .offset_of("sock", &["sk_protocol"])
+                    .map_err(|e| e.to_string())?;
                 o.sk_num = sk("skc_num")?;
                 o.sk_dport = sk("skc_dport")?;
                 o.sk_rcv_saddr = sk("skc_rcv_saddr")?;
@@ -112,22 +116,26 @@ impl KernelLayout {
             })(),
         );
 
-        let no_tracefs = || super::tracefs::TracefsError::NotMounted.to_string();
+        // Raw tracepoints get the TP_PROTO arguments themselves, by position: check the
+        // positions udptrace reads hold the types it expects.
+        let raw_tp = |tp: &str, want: &[&str]| -> Result<(), String> {
+            let args = btf.tracepoint_args(tp).map_err(|e| e.to_string())?;
+            for (i, want) in want.iter().enumerate() {
+                let got = args.get(i).map_or("missing", String::as_str);
+                if got != *want {
+                    return Err(format!(
+                        "tracepoint {tp}: argument {i} is {got}, udptrace expects {want}"
+                    ));
+                }
+            }
+            Ok(())
+        };
         group(
             Group::TpSendLength,
-            (|| {
-                let fs = tracefs.ok_or_else(no_tracefs)?;
-                let f = fs
-                    .format("sock", "sock_send_length")
-                    .map_err(|e| e.to_string())?;
-                let off = |name: &str| f.offset(name).map_err(|e| e.to_string());
-                o.tp_send_sk = off("sk")?;
-                o.tp_send_family = off("family")?;
-                o.tp_send_protocol = off("protocol")?;
-                o.tp_send_ret = off("ret")?;
-                Ok(())
-            })(),
+            raw_tp("sock_send_length", &["struct sock *", "int"]),
         );
+
+        let no_tracefs = || super::tracefs::TracefsError::NotMounted.to_string();
 
         group(
             Group::TpSendSyscalls,
@@ -179,29 +187,17 @@ impl KernelLayout {
             })(),
         );
 
-        let tp = |category: &str, name: &str, fields: &[&str]| -> Result<Vec<u32>, String> {
-            let fs = tracefs.ok_or_else(no_tracefs)?;
-            let f = fs.format(category, name).map_err(|e| e.to_string())?;
-            fields
-                .iter()
-                .map(|n| f.offset(n).map_err(|e| e.to_string()))
-                .collect()
-        };
         group(
             Group::TpXmit,
-            (|| {
-                o.tp_xmit_skb = tp("net", "net_dev_start_xmit", &["skbaddr"])?[0];
-                Ok(())
-            })(),
+            raw_tp("net_dev_start_xmit", &["struct sk_buff *"]),
         );
         group(
             Group::TpDrop,
-            (|| {
-                let f = tp("skb", "kfree_skb", &["skbaddr", "reason"])?;
-                (o.tp_kfree_skb, o.tp_kfree_reason) = (f[0], f[1]);
-                o.tp_consume_skb = tp("skb", "consume_skb", &["skbaddr"])?[0];
-                Ok(())
-            })(),
+            raw_tp(
+                "kfree_skb",
+                &["struct sk_buff *", "void *", "enum skb_drop_reason"],
+            )
+            .and_then(|()| raw_tp("consume_skb", &["struct sk_buff *"])),
         );
 
         group(
@@ -214,21 +210,10 @@ impl KernelLayout {
             })(),
         );
 
-        group(
-            Group::TpReady,
-            (|| {
-                let f = tp("sock", "sk_data_ready", &["skaddr", "protocol"])?;
-                (o.tp_ready_sk, o.tp_ready_protocol) = (f[0], f[1]);
-                Ok(())
-            })(),
-        );
+        group(Group::TpReady, raw_tp("sk_data_ready", &["struct sock *"]));
         group(
             Group::TpRecv,
-            (|| {
-                let f = tp("sock", "sock_recv_length", &["sk", "protocol", "ret"])?;
-                (o.tp_recv_sk, o.tp_recv_protocol, o.tp_recv_ret) = (f[0], f[1], f[2]);
-                Ok(())
-            })(),
+            raw_tp("sock_recv_length", &["struct sock *", "int"]),
         );
 
         group(
@@ -290,6 +275,7 @@ mod tests {
                 Group::Sock,
                 &[
                     o.sk_family,
+                    o.sk_protocol,
                     o.sk_num,
                     o.sk_dport,
                     o.sk_rcv_saddr,
@@ -305,15 +291,7 @@ mod tests {
                 Group::UserMsghdr,
                 &[o.user_msghdr_name, o.user_msghdr_namelen, o.mmsghdr_size],
             ),
-            (
-                Group::TpSendLength,
-                &[
-                    o.tp_send_sk,
-                    o.tp_send_family,
-                    o.tp_send_protocol,
-                    o.tp_send_ret,
-                ],
-            ),
+            (Group::TpSendLength, &[]),
             (
                 Group::TpSendSyscalls,
                 &[
@@ -340,17 +318,11 @@ mod tests {
                     o.link_ops_kind,
                 ],
             ),
-            (Group::TpXmit, &[o.tp_xmit_skb]),
-            (
-                Group::TpDrop,
-                &[o.tp_kfree_skb, o.tp_kfree_reason, o.tp_consume_skb],
-            ),
+            (Group::TpXmit, &[]),
+            (Group::TpDrop, &[]),
             (Group::NfState, &[o.nf_state_hook]),
-            (Group::TpReady, &[o.tp_ready_sk, o.tp_ready_protocol]),
-            (
-                Group::TpRecv,
-                &[o.tp_recv_sk, o.tp_recv_protocol, o.tp_recv_ret],
-            ),
+            (Group::TpReady, &[]),
+            (Group::TpRecv, &[]),
             (
                 Group::SockInode,
                 &[o.sk_socket, o.socket_file, o.file_inode, o.inode_ino],

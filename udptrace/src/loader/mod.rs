@@ -13,7 +13,7 @@ use std::{os::fd::AsFd as _, path::Path};
 
 use aya::{
     maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{FEntry, FExit, KProbe, SchedClassifier, TracePoint},
+    programs::{FEntry, FExit, KProbe, RawTracePoint, SchedClassifier, TracePoint},
     Btf, Ebpf, EbpfLoader,
 };
 use udptrace_common::{names, FlowKey, FlowStats, SampleConfig, STATS_LEN};
@@ -156,7 +156,7 @@ pub struct Tracer {
 
 const HOOK_FENTRY: &str = "fentry:udp_sendmsg+udpv6_sendmsg";
 const HOOK_KPROBE: &str = "kprobe:udp_sendmsg+udpv6_sendmsg";
-const HOOK_TP: &str = "tracepoint:sock:sock_send_length";
+const HOOK_TP: &str = "raw_tracepoint:sock:sock_send_length";
 
 /// Formats an error with its whole source chain.
 fn chain(err: &dyn std::error::Error) -> String {
@@ -483,22 +483,27 @@ fn attach_send(ebpf: &mut Ebpf, layout: &KernelLayout) -> HopReport {
 fn attach_skb_hops(ebpf: &mut Ebpf, layout: &KernelLayout) -> Vec<HopReport> {
     fn xmit(e: &mut Ebpf, l: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
         need(l, &[Group::Skb, Group::Sock, Group::TpXmit])?;
-        attach_tp(e, "xmit_start_xmit", "net", &["net_dev_start_xmit"])
+        attach_raw_tp(e, "xmit_start_xmit", "net_dev_start_xmit")
     }
     fn drop(e: &mut Ebpf, l: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
         need(l, &[Group::Skb, Group::Sock, Group::TpDrop])?;
-        attach_tp(e, "drop_kfree_skb", "skb", &["kfree_skb"])?;
+        attach_raw_tp(e, "drop_kfree_skb", "kfree_skb")?;
         // Sampling forgets a datagram's decision when its skb is freed either way.
-        attach_tp(e, "sample_consume_skb", "skb", &["consume_skb"])
+        attach_raw_tp(e, "sample_consume_skb", "consume_skb")
     }
     vec![
         attach_chain(
             ebpf,
             layout,
             "xmit",
-            &[("tracepoint:net:net_dev_start_xmit", xmit)],
+            &[("raw_tracepoint:net:net_dev_start_xmit", xmit)],
         ),
-        attach_chain(ebpf, layout, "drop", &[("tracepoint:skb:kfree_skb", drop)]),
+        attach_chain(
+            ebpf,
+            layout,
+            "drop",
+            &[("raw_tracepoint:skb:kfree_skb", drop)],
+        ),
     ]
 }
 
@@ -629,15 +634,15 @@ fn attach_nat(
 }
 
 /// The deliver hop: fexit on the UDP enqueue, else a netfilter link at the end of LOCAL_IN
-/// paired with tracepoint sock:sk_data_ready. Then who reads: fexit on udp_recvmsg, else
-/// tracepoint sock:sock_recv_length.
+/// paired with raw tracepoint sk_data_ready. Then who reads: fexit on udp_recvmsg, else
+/// raw tracepoint sock_recv_length.
 fn attach_deliver(
     ebpf: &mut Ebpf,
     layout: &KernelLayout,
     cover: &mut netfilter::Coverage,
 ) -> Vec<HopReport> {
     const FEXIT: &str = "fexit:__udp_enqueue_schedule_skb";
-    const NF_TP: &str = "netfilter-link:local_in+tracepoint:sock:sk_data_ready";
+    const NF_TP: &str = "netfilter-link:local_in+raw_tracepoint:sock:sk_data_ready";
     let mut deliver = HopReport::new("deliver");
     let fexit = if disabled(FEXIT) {
         Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
@@ -659,7 +664,7 @@ fn attach_deliver(
         } else {
             need(layout, &[Group::Skb, Group::Sock, Group::TpReady]).and_then(|()| {
                 let progs = netfilter::load_programs(EBPF_OBJECT, ebpf, &["deliver_local_in"])?;
-                attach_tp(ebpf, "deliver_sk_data_ready", "sock", &["sk_data_ready"])?;
+                attach_raw_tp(ebpf, "deliver_sk_data_ready", "sk_data_ready")?;
                 cover.add(progs, netfilter::local_in_last);
                 deliver
                     .notes
@@ -687,7 +692,7 @@ fn attach_deliver(
     }
     fn tp_recv(e: &mut Ebpf, l: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
         need(l, &[Group::TpRecv])?;
-        attach_tp(e, "recv_sock_recv_length", "sock", &["sock_recv_length"])
+        attach_raw_tp(e, "recv_sock_recv_length", "sock_recv_length")
     }
     let recv = attach_chain(
         ebpf,
@@ -695,7 +700,7 @@ fn attach_deliver(
         "recv",
         &[
             ("fexit:udp_recvmsg+udpv6_recvmsg", fexit_recv),
-            ("tracepoint:sock:sock_recv_length", tp_recv),
+            ("raw_tracepoint:sock:sock_recv_length", tp_recv),
         ],
     );
     vec![deliver, recv]
@@ -729,7 +734,21 @@ fn attach_tp(ebpf: &mut Ebpf, name: &str, category: &str, tps: &[&str]) -> Resul
     })
 }
 
-/// Diagnostic switch: hook families (`fentry`, `kprobe`, `tracepoint`) not to use, comma
+/// Loads raw tracepoint program `name` and attaches it to tracepoint `tp`. Raw: the
+/// kernel hands the program the tracepoint's arguments and builds no trace record.
+fn attach_raw_tp(ebpf: &mut Ebpf, name: &str, tp: &str) -> Result<(), String> {
+    let prog: &mut RawTracePoint = program(ebpf, name)?;
+    prog.load()
+        .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
+    if let Err(e) = prog.attach(tp) {
+        let why = format!("attaching to {tp}: {}", chain(&e));
+        let _ = prog.unload();
+        return Err(why);
+    }
+    Ok(())
+}
+
+/// Diagnostic switch: hook families (`fentry`, `kprobe`, `raw_tracepoint`, `tcx`...) not to use, comma
 /// separated. Lets a user (and the tests) run a fallback on a kernel that has a better hook.
 pub const DISABLE_HOOKS_ENV: &str = "UDPTRACE_DISABLE_HOOKS";
 
@@ -811,8 +830,8 @@ fn send_tracepoints(
     notes: &mut Vec<String>,
 ) -> Result<(), String> {
     need(layout, &[Group::Sock, Group::TpSendLength])?;
+    attach_raw_tp(ebpf, "send_sock_send_length", "sock_send_length")?;
     let attach = attach_tp;
-    attach(ebpf, "send_sock_send_length", "sock", &["sock_send_length"])?;
     // The destination of unconnected sends is only in the syscall's arguments.
     let syscalls = need(layout, &[Group::TpSendSyscalls, Group::UserMsghdr]).and_then(|()| {
         attach(ebpf, "send_enter_sendto", "syscalls", &["sys_enter_sendto"])?;

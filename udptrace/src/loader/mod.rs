@@ -489,7 +489,12 @@ fn attach_skb_hops(ebpf: &mut Ebpf, layout: &KernelLayout) -> Vec<HopReport> {
         need(l, &[Group::Skb, Group::Sock, Group::TpDrop])?;
         attach_raw_tp(e, "drop_kfree_skb", "kfree_skb")?;
         // Sampling forgets a datagram's decision when its skb is freed either way.
-        attach_raw_tp(e, "sample_consume_skb", "consume_skb")
+        let consume = attach_raw_tp(e, "sample_consume_skb", "consume_skb");
+        if consume.is_err() {
+            // The hop is reported unusable: nothing of it stays attached.
+            unload_all!(RawTracePoint, e, ["drop_kfree_skb"]);
+        }
+        consume
     }
     vec![
         attach_chain(
@@ -691,7 +696,8 @@ fn attach_deliver(
         result
     }
     fn tp_recv(e: &mut Ebpf, l: &KernelLayout, _: &mut Vec<String>) -> Result<(), String> {
-        need(l, &[Group::TpRecv])?;
+        // The program reads the socket's protocol (a Sock offset).
+        need(l, &[Group::Sock, Group::TpRecv])?;
         attach_raw_tp(e, "recv_sock_recv_length", "sock_recv_length")
     }
     let recv = attach_chain(

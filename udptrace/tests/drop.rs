@@ -98,19 +98,7 @@ fn an_input_drop_rule_is_netfilter_drop_in_that_namespace() {
     assert_eq!(drop["netns"], net.b.inode());
     assert_eq!(path["verdict"], "dropped");
     // Ground truth: the rule's own packet counter.
-    let out = net
-        .b
-        .cmd("iptables")
-        .args(["-nvxL", "INPUT"])
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&out.stdout);
-    let pkts: u64 = listing
-        .lines()
-        .find(|l| l.contains("dpt:20403"))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{listing}"));
-    assert_eq!(pkts, 1);
+    assert_eq!(input_rule_packets(&net.b, 20403), 1);
 }
 
 #[test]

@@ -67,21 +67,6 @@ struct Fate {
     counters: BTreeMap<String, i64>,
 }
 
-fn rule_packets(net: &Pair) -> u64 {
-    let out = net
-        .b
-        .cmd("iptables")
-        .args(["-nvxL", "INPUT"])
-        .output()
-        .unwrap();
-    let listing = String::from_utf8_lossy(&out.stdout).into_owned();
-    listing
-        .lines()
-        .find(|l| l.contains(&format!("dpt:{FILTERED}")))
-        .and_then(|l| l.split_whitespace().next()?.parse().ok())
-        .unwrap_or_else(|| panic!("{listing}"))
-}
-
 /// Sends the blast once; its fate as b saw it.
 fn blast(net: &Pair, flows: usize, rounds: usize) -> Fate {
     let (mut rx, mut lines) =
@@ -90,7 +75,7 @@ fn blast(net: &Pair, flows: usize, rounds: usize) -> Fate {
                 .cmd(PYTHON)
                 .args(["-c", RECEIVE, B4, &LISTEN.to_string()]),
         );
-    let (before, filtered_before) = (udp_counters(&net.b), rule_packets(net));
+    let (before, filtered_before) = (udp_counters(&net.b), input_rule_packets(&net.b, FILTERED));
     let out = net
         .a
         .cmd(PYTHON)
@@ -109,7 +94,7 @@ fn blast(net: &Pair, flows: usize, rounds: usize) -> Fate {
     Fate {
         sent,
         received,
-        filtered: rule_packets(net) - filtered_before,
+        filtered: input_rule_packets(&net.b, FILTERED) - filtered_before,
         counters: counters_moved(&before, &udp_counters(&net.b)),
     }
 }

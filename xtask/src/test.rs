@@ -135,11 +135,7 @@ pub fn soak(secs: u64) -> Result<()> {
     let binaries = build_tests()?;
     let exe = binaries
         .iter()
-        .find(|b| {
-            std::path::Path::new(b)
-                .file_name()
-                .is_some_and(|n| n.to_string_lossy().starts_with("soak-"))
-        })
+        .find(|b| is_test_binary(b, "soak"))
         .context("cargo built no soak test")?;
     exec(
         root_command(exe)
@@ -147,6 +143,13 @@ pub fn soak(secs: u64) -> Result<()> {
             .env("UDPTRACE_SOAK_SECS", secs.to_string())
             .args(["--nocapture", "--test-threads=1"]),
     )
+}
+
+/// Whether `path` is the binary cargo built for tests/`name`.rs (`name-<hash>`).
+pub fn is_test_binary(path: &str, name: &str) -> bool {
+    std::path::Path::new(path)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{name}-")))
 }
 
 #[derive(Default)]
@@ -218,6 +221,15 @@ fn test_executable(line: &str) -> Result<Option<String>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn names_test_binaries_by_their_file() {
+        let soak = "/w/target/release/deps/soak-8a6f6cc6d32fc8a3";
+        assert!(is_test_binary(soak, "soak"));
+        assert!(!is_test_binary(soak, "so"));
+        assert!(!is_test_binary("/w/target/release/deps/soakage-1", "soak"));
+        assert!(!is_test_binary("/w/soak-1/deps/drop-2", "soak"));
+    }
 
     #[test]
     fn sums_libtest_summaries() {

@@ -527,13 +527,8 @@ pub fn run(kernels: &[String], totals: &mut Totals) -> Result<()> {
     // UDPTRACE_VM_TESTS=overlay,nat runs only the test binaries so named (a quicker loop
     // when one kernel's behaviour is in question).
     let only = std::env::var("UDPTRACE_VM_TESTS").unwrap_or_default();
-    let wanted = |t: &str| {
-        let name = Path::new(t)
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        only.is_empty() || only.split(',').any(|w| name.starts_with(&format!("{w}-")))
-    };
+    let wanted =
+        |t: &str| only.is_empty() || only.split(',').any(|w| crate::test::is_test_binary(t, w));
     let tests: Vec<String> = build_tests()?
         .into_iter()
         .filter(|t| !t.contains("/xtask-") && wanted(t))

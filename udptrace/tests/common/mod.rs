@@ -777,6 +777,22 @@ pub fn counters_moved(
         .collect()
 }
 
+/// Packets the INPUT rule for UDP destination port `port` in `ns` has matched (its own
+/// counter: ground truth for a netfilter drop).
+pub fn input_rule_packets(ns: &Netns, port: u16) -> u64 {
+    let out = ns
+        .cmd("iptables")
+        .args(["-nvxL", "INPUT"])
+        .output()
+        .expect("iptables");
+    let listing = String::from_utf8_lossy(&out.stdout);
+    listing
+        .lines()
+        .find(|l| l.contains(&format!("dpt:{port}")))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no INPUT rule for port {port}:\n{listing}"))
+}
+
 pub fn iptables(ns: &Netns, args: &[&str]) {
     let status = ns.cmd("iptables").args(args).status().expect("iptables");
     assert!(status.success(), "iptables {args:?}");

@@ -543,6 +543,14 @@ impl Open {
     }
 }
 
+/// A later fragment freed without a reason: a kernel may free a fragment's skb that way
+/// while the datagram is reassembled and delivered, so it is a drop only if no delivery follows.
+fn is_weak_drop(hop: &Hop) -> bool {
+    hop.kind == HopKind::Drop
+        && hop.fragment.as_ref().is_some_and(|f| f.offset != 0)
+        && hop.reason.as_deref() == Some("NOT_SPECIFIED")
+}
+
 /// A datagram's IP identity: source, destination and identification. Fragments share it,
 /// and so do the pieces the kernel cuts a forwarded datagram into.
 type Ident = (IpAddr, IpAddr, u16);
@@ -917,11 +925,16 @@ impl Assembler {
         match hop.kind {
             HopKind::Drop if open_verdict => {
                 open.verdict = Verdict::Dropped;
-                open.weak_drop = later_fragment && hop.reason.as_deref() == Some("NOT_SPECIFIED");
+                open.weak_drop = is_weak_drop(&hop);
             }
             HopKind::Deliver if open_verdict || open.weak_drop => {
+                if open.weak_drop {
+                    // The fragment was freed as part of the reassembly, not lost: its hop
+                    // would show a drop in a delivered path.
+                    open.hops.retain(|h| !is_weak_drop(h));
+                    open.weak_drop = false;
+                }
                 open.verdict = Verdict::Delivered;
-                open.weak_drop = false;
             }
             _ if open.verdict == Verdict::Unknown && leaves_host(&hop) => {
                 open.verdict = Verdict::LeftHost;
@@ -1594,6 +1607,13 @@ pub(crate) mod tests {
                 Verdict::Dropped
             };
             assert_eq!(out[0].verdict, want, "reason {reason}: {:#?}", out[0]);
+            // A delivered datagram shows no drop; a dropped one shows where.
+            let drops = out[0]
+                .hops
+                .iter()
+                .filter(|h| h.kind == HopKind::Drop)
+                .count();
+            assert_eq!(drops, usize::from(!delivered), "{:#?}", out[0]);
         }
     }
 }

@@ -90,6 +90,9 @@ pub fn comm(raw: &[u8; 16]) -> String {
 #[derive(Debug, Default)]
 pub struct Undecodable(pub u64);
 
+/// Records read from the ring at most per [`EventStream::next_batch`].
+pub const BATCH: usize = 1024;
+
 /// The ring buffer, readable from tokio.
 pub struct EventStream {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -104,8 +107,11 @@ impl EventStream {
         Ok(Self { ring })
     }
 
-    /// Waits for records and appends every available one to `out`. Undecodable records
-    /// are counted in `bad` (they mean the object and this binary disagree).
+    /// Waits for records and appends the available ones to `out`, at most [`BATCH`] at a
+    /// time: a ring the kernel refills as fast as it is read must not grow the batch (and
+    /// the agent's memory) without end; the rest stays readable for the next call.
+    /// Undecodable records are counted in `bad` (they mean the object and this binary
+    /// disagree).
     pub async fn next_batch(
         &mut self,
         out: &mut Vec<Event>,
@@ -113,7 +119,12 @@ impl EventStream {
     ) -> io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
         let ring = guard.get_inner_mut();
-        while let Some(record) = ring.next() {
+        for _ in 0..BATCH {
+            let Some(record) = ring.next() else {
+                // Read empty: wait for the kernel's next wake-up.
+                guard.clear_ready();
+                return Ok(());
+            };
             match Event::decode(&record) {
                 Ok(e) => out.push(e),
                 Err(err) => {
@@ -122,7 +133,7 @@ impl EventStream {
                 }
             }
         }
-        guard.clear_ready();
+        // Records may be left: the fd stays ready, the next call reads on at once.
         Ok(())
     }
 }

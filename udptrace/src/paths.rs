@@ -629,7 +629,8 @@ pub struct Assembler {
     by_skb: HashMap<u64, u64>,
     by_sock: HashMap<u64, u64>,
     by_ident: HashMap<Ident, u64>,
-    /// Identities of printed paths, with when: their late fragments are not new datagrams.
+    /// Identities of printed fragmented datagrams, with when: their late fragments are not
+    /// new datagrams (bounded by [`MAX_OPEN`]).
     printed_idents: HashMap<Ident, u64>,
     /// Paths finished early — pushed out by [`MAX_OPEN`], or send-only paths superseded by a
     /// later send on the same socket — waiting to be handed out (incomplete).
@@ -983,9 +984,6 @@ impl Assembler {
             );
             self.printed_idents
                 .retain(|_, at| now_ns.saturating_sub(*at) < IDLE_NS);
-            if self.printed_idents.len() > MAX_OPEN {
-                self.printed_idents.clear();
-            }
             self.waiting_readers.retain(|_, ids| {
                 ids.retain(|id| open.contains_key(id));
                 !ids.is_empty()
@@ -1007,11 +1005,16 @@ impl Assembler {
                 self.by_skb.remove(skb);
             }
         }
+        // Only a fragmented datagram has pieces that may still come after it is printed;
+        // remembering every datagram would grow the table with the packet rate.
+        let fragmented = open.hops.iter().any(|h| h.fragment.is_some());
         for ident in &open.idents {
             if self.by_ident.get(ident) == Some(&id) {
                 self.by_ident.remove(ident);
             }
-            self.printed_idents.insert(*ident, open.last_ns);
+            if fragmented && self.printed_idents.len() < MAX_OPEN {
+                self.printed_idents.insert(*ident, open.last_ns);
+            }
         }
         if self.by_sock.get(&open.sock) == Some(&id) {
             self.by_sock.remove(&open.sock);

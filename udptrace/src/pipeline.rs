@@ -89,7 +89,7 @@ impl Pipeline {
             flows,
             stream,
             assembler,
-            batch: Vec::new(),
+            batch: Vec::with_capacity(crate::events::BATCH),
             bad: Undecodable::default(),
             tick: tokio::time::interval(Duration::from_millis(50)),
             // Namespaces (containers, pods) come and go: look for new ones every second.

@@ -100,12 +100,16 @@ pub struct SendEvent {
 unsafe impl aya::Pod for SendEvent {}
 const _: () = assert!(core::mem::size_of::<SendEvent>() == 128);
 
-/// An in-flight send syscall, remembered between syscall entry and the socket layer.
+/// An in-flight send, remembered per thread between where its destination is seen (the
+/// syscall's entry, or the cgroup `sendmsg` hook inside UDP) and the socket layer's report.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PendingSend {
     /// Destination from `sendto`/`sendmsg`, family 0 when the call named none.
     pub dst: Addr,
+    /// The sending socket when the cgroup hook saw it (the destination is for its next
+    /// send only), else 0 (any socket the syscall sends on).
+    pub sk: u64,
     /// User pointer to the `struct mmsghdr` vector of a `sendmmsg`, else 0.
     pub mmsg: u64,
     /// Entries in `mmsg`.
@@ -115,7 +119,7 @@ pub struct PendingSend {
 }
 #[cfg(feature = "user")]
 unsafe impl aya::Pod for PendingSend {}
-const _: () = assert!(core::mem::size_of::<PendingSend>() == 40);
+const _: () = assert!(core::mem::size_of::<PendingSend>() == 48);
 
 /// A datagram seen through its `struct sk_buff`: transmitted, dropped or delivered.
 #[repr(C)]

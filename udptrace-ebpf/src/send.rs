@@ -4,16 +4,21 @@
 //! 1. fentry on `udp_sendmsg`/`udpv6_sendmsg`: socket and destination in one place.
 //! 2. kprobe on the same functions.
 //! 3. raw tracepoint `sock_send_length` (after every socket send, with the socket and
-//!    the result), plus `syscalls:sys_enter_send{to,msg,mmsg}` to learn the destination
-//!    of unconnected sends, which the socket does not hold.
+//!    the result), plus the destination of unconnected sends, which the socket does not
+//!    hold, from the cgroup `sendmsg4`/`sendmsg6` hooks at the cgroup v2 root (UDP runs
+//!    them for every send that names a destination), or else from
+//!    `syscalls:sys_enter_send{to,msg,mmsg}` (which put every syscall of every task on the
+//!    kernel's slow path while attached).
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{fentry, kprobe, raw_tracepoint, tracepoint},
-    programs::{FEntryContext, ProbeContext, RawTracePointContext, TracePointContext},
+    macros::{cgroup_sock_addr, fentry, kprobe, raw_tracepoint, tracepoint},
+    programs::{
+        FEntryContext, ProbeContext, RawTracePointContext, SockAddrContext, TracePointContext,
+    },
 };
 use udptrace_common::{
-    Addr, FlowKey, FlowStats, PendingSend, SendEvent, HOOK_FENTRY_UDPV6_SENDMSG,
+    Addr, FlowKey, FlowStats, PendingSend, SendEvent, AF_INET, AF_INET6, HOOK_FENTRY_UDPV6_SENDMSG,
     HOOK_FENTRY_UDP_SENDMSG, HOOK_KPROBE_UDPV6_SENDMSG, HOOK_KPROBE_UDP_SENDMSG,
     HOOK_TP_SOCK_SEND_LENGTH, IPPROTO_UDP, KIND_SEND, SEND_CONNECTED, SEND_DST_FROM_CALL,
     STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_PENDING_FULL, STAT_RINGBUF_FULL,
@@ -190,10 +195,50 @@ fn kprobe_send(ctx: &ProbeContext, hook: u16) -> Result<(), ReadError> {
 
 // --- 3. tracepoints ----------------------------------------------------------------------
 
+/// cgroup `sendmsg4`: UDP runs it in `udp_sendmsg` for a send that names its destination,
+/// before routing. Remembers the destination for this socket's send; always allows it.
+#[cgroup_sock_addr(sendmsg4)]
+pub fn send_cgroup_sendmsg4(ctx: SockAddrContext) -> i32 {
+    // SAFETY: the kernel's context for this program type; these fields are readable in it.
+    let (ip, port, sk) = unsafe {
+        let a = &*ctx.sock_addr;
+        (a.user_ip4, a.user_port, a.__bindgen_anon_1.sk as u64)
+    };
+    let mut dst = Addr {
+        family: AF_INET,
+        port: u16::from_be(port as u16),
+        ..Addr::default()
+    };
+    dst.ip[..4].copy_from_slice(&ip.to_ne_bytes());
+    remember(dst, sk, 0, 0);
+    1
+}
+
+/// cgroup `sendmsg6`, as `sendmsg4` for `udpv6_sendmsg`.
+#[cgroup_sock_addr(sendmsg6)]
+pub fn send_cgroup_sendmsg6(ctx: SockAddrContext) -> i32 {
+    // SAFETY: as in `send_cgroup_sendmsg4`.
+    let (ip, port, sk) = unsafe {
+        let a = &*ctx.sock_addr;
+        (a.user_ip6, a.user_port, a.__bindgen_anon_1.sk as u64)
+    };
+    let mut dst = Addr {
+        family: AF_INET6,
+        port: u16::from_be(port as u16),
+        ..Addr::default()
+    };
+    for (i, word) in ip.iter().enumerate() {
+        dst.ip[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    }
+    remember(dst, sk, 0, 0);
+    1
+}
+
 #[inline(always)]
-fn remember(dst: Addr, mmsg: u64, vlen: u32) {
+fn remember(dst: Addr, sk: u64, mmsg: u64, vlen: u32) {
     let pending = PendingSend {
         dst,
+        sk,
         mmsg,
         vlen,
         idx: 0,
@@ -226,7 +271,7 @@ fn try_enter_sendto(ctx: &TracePointContext) -> Result<(), ReadError> {
         return Ok(());
     }
     let len: u64 = field(ctx, offset!(tp_sendto_addr_len))?;
-    remember(read_sockaddr(Mem::User, addr, len as u32)?, 0, 0);
+    remember(read_sockaddr(Mem::User, addr, len as u32)?, 0, 0, 0);
     Ok(())
 }
 
@@ -252,7 +297,7 @@ fn try_enter_sendmsg(ctx: &TracePointContext) -> Result<(), ReadError> {
     }
     let dst = user_msghdr_dst(msg)?;
     if dst.family != 0 {
-        remember(dst, 0, 0);
+        remember(dst, 0, 0, 0);
     }
     Ok(())
 }
@@ -269,7 +314,7 @@ fn try_enter_sendmmsg(ctx: &TracePointContext) -> Result<(), ReadError> {
     let mmsg: u64 = field(ctx, offset!(tp_sendmmsg_mmsg))?;
     let vlen: u64 = field(ctx, offset!(tp_sendmmsg_vlen))?;
     if mmsg != 0 {
-        remember(Addr::default(), mmsg, vlen as u32);
+        remember(Addr::default(), 0, mmsg, vlen as u32);
     }
     Ok(())
 }
@@ -295,8 +340,9 @@ fn try_sock_send_length(sk: u64, ret: i32) -> Result<(), ReadError> {
         return Ok(());
     }
     let mut dst = Addr::default();
-    if let Some(pending) = PENDING_SENDS.get_ptr_mut(bpf_get_current_pid_tgid()) {
-        // SAFETY: a map value owned by this thread's in-flight syscall.
+    let thread = bpf_get_current_pid_tgid();
+    if let Some(pending) = PENDING_SENDS.get_ptr_mut(thread) {
+        // SAFETY: a map value owned by this thread's in-flight send.
         let pending = unsafe { &mut *pending };
         if pending.mmsg != 0 {
             if pending.idx < pending.vlen {
@@ -304,8 +350,10 @@ fn try_sock_send_length(sk: u64, ret: i32) -> Result<(), ReadError> {
                 dst = user_msghdr_dst(entry)?;
             }
             pending.idx += 1;
-        } else {
+        } else if pending.sk == 0 || pending.sk == sk {
+            // One destination for one send: the next send of the thread may name none.
             dst = pending.dst;
+            let _ = PENDING_SENDS.remove(thread);
         }
     }
     emit(HOOK_TP_SOCK_SEND_LENGTH, sk, dst, ret)

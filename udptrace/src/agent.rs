@@ -190,6 +190,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("listening on {}", settings.listen))?;
     let bound = listener.local_addr()?;
+    if let Some(dir) = &settings.cgroup_root {
+        crate::kernel::cgroup2::configure(dir.clone());
+    }
     let cluster = match &settings.kube {
         Some(server) => {
             Some(watch_cluster(server, &settings.node, settings.cgroup_root.clone()).await?)

@@ -172,8 +172,9 @@ pub struct AgentArgs {
     /// This node's Kubernetes name (pods are watched on it only) [default: the host name].
     #[arg(long, env = "UDPTRACE_NODE_NAME", value_name = "NAME")]
     pub node_name: Option<String>,
-    /// Where the host's cgroup v2 hierarchy is mounted, to name the pod container of a
-    /// process [default: where this process sees one].
+    /// Where the host's cgroup v2 hierarchy is mounted: to name the pod container of a
+    /// process, and where the send hop's cgroup hooks attach when it has no fentry or kprobe
+    /// [default: where this process sees one].
     #[arg(long, env = "UDPTRACE_CGROUP_ROOT", value_name = "DIR")]
     pub cgroup_root: Option<std::path::PathBuf>,
     /// Keep only hops in these network namespaces (names in /run/netns, or paths): the

@@ -247,6 +247,7 @@ pub(crate) mod tests {
         round_trip(sample_send().header);
         round_trip(udptrace_common::PendingSend {
             dst: sample_send().dst,
+            sk: 0xffff_8880_0000_1000,
             mmsg: 0x7fff_0000,
             vlen: 4,
             idx: 2,

@@ -426,15 +426,29 @@ fn sendmmsg_gives_each_datagram_its_destination() {
 }
 
 /// Every send hook this kernel allows gives the same hop for the same datagram; the ones it
-/// does not allow are named with doctor's reason.
+/// does not allow are named with doctor's reason. The tracepoint hook is checked with each
+/// source of unconnected sends' destinations: the cgroup hooks, and the syscall tracepoints.
 #[test]
 fn every_usable_send_hook_reports_the_same_fields() {
     require_root();
     let families = ["fentry", "kprobe", "raw_tracepoint"];
+    let variants = [
+        (0, "", ""),
+        (1, "", ""),
+        (2, "", "destinations of unconnected sends from cgroup:"),
+        (
+            2,
+            "cgroup",
+            "destinations of unconnected sends from syscalls:",
+        ),
+    ];
     let mut checked = 0;
-    for (i, family) in families.iter().enumerate() {
+    for (i, (at, also_disabled, note)) in variants.into_iter().enumerate() {
+        let family = families[at];
         // Disable the better hooks so this one is tried.
-        let disable = families[..i].join(",");
+        let mut disabled = families[..at].to_vec();
+        disabled.extend([also_disabled].iter().filter(|d| !d.is_empty()));
+        let disable = disabled.join(",");
         let (_, doctor, _) = udptrace(
             Command::new(UDPTRACE)
                 .arg("doctor")
@@ -450,6 +464,11 @@ fn every_usable_send_hook_reports_the_same_fields() {
                 .find(|l| l.contains(&format!("tried {family}:")))
                 .unwrap_or("not tried");
             eprintln!("skipped {family}: this kernel cannot: {}", why.trim());
+            continue;
+        }
+        if !doctor.contains(note) {
+            let why = doctor.lines().find(|l| l.contains("note: ")).unwrap_or("");
+            eprintln!("skipped {family} with {note:?}: {}", why.trim());
             continue;
         }
         let net = Pair::new(&[]);

@@ -11,6 +11,8 @@ use std::{
     sync::Mutex,
 };
 
+use crate::kernel::cgroup2;
+
 /// Directory levels searched below the hierarchy's root (kubepods nests 4 deep).
 const MAX_DEPTH: usize = 8;
 /// Paths remembered before starting over.
@@ -27,17 +29,8 @@ impl Cgroups {
     /// `root`: where the host's cgroup v2 hierarchy is mounted; else where this process
     /// sees one mounted.
     pub fn new(root: Option<PathBuf>) -> Self {
-        // A hybrid host keeps the v2 hierarchy in `unified` beside the v1 ones.
-        let root = root.map(|r| {
-            let unified = r.join("unified");
-            if r.join("cgroup.controllers").exists() || !unified.is_dir() {
-                r
-            } else {
-                unified
-            }
-        });
         Self {
-            root: root.or_else(cgroup2_mount),
+            root: root.map(cgroup2::v2_under).or_else(cgroup2::mount),
             known: Mutex::new(HashMap::new()),
         }
     }
@@ -66,19 +59,6 @@ impl Cgroups {
         };
         parse(&path)
     }
-}
-
-/// Where the cgroup v2 hierarchy is mounted (/proc/self/mountinfo: the mount point is the
-/// 5th field, the filesystem type follows the " - ").
-fn cgroup2_mount() -> Option<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
-    info.lines().find_map(|line| {
-        let (fields, rest) = line.split_once(" - ")?;
-        if rest.split_whitespace().next()? != "cgroup2" {
-            return None;
-        }
-        Some(PathBuf::from(fields.split_whitespace().nth(4)?))
-    })
 }
 
 /// The path below `root` of the cgroup directory whose inode is `id`.

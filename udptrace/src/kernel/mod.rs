@@ -2,6 +2,7 @@
 //! privileges. Everything the loader decides is based on what is read here.
 
 pub mod btf;
+pub mod cgroup2;
 pub mod drop_reasons;
 pub mod offsets;
 pub mod preflight;

@@ -13,13 +13,17 @@ use std::{os::fd::AsFd as _, path::Path};
 
 use aya::{
     maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
-    programs::{FEntry, FExit, KProbe, RawTracePoint, SchedClassifier, TracePoint},
+    programs::{
+        CgroupAttachMode, CgroupSockAddr, FEntry, FExit, KProbe, RawTracePoint, SchedClassifier,
+        TracePoint,
+    },
     Btf, Ebpf, EbpfLoader,
 };
 use udptrace_common::{names, FlowKey, FlowStats, SampleConfig, STATS_LEN};
 
 use crate::kernel::{
     btf::{BtfError, KernelBtf},
+    cgroup2,
     drop_reasons::DropReasons,
     offsets::{Group, KernelLayout},
     preflight::{self, PreflightError},
@@ -157,6 +161,8 @@ pub struct Tracer {
 const HOOK_FENTRY: &str = "fentry:udp_sendmsg+udpv6_sendmsg";
 const HOOK_KPROBE: &str = "kprobe:udp_sendmsg+udpv6_sendmsg";
 const HOOK_TP: &str = "raw_tracepoint:sock:sock_send_length";
+/// Where the tracepoint send hop learns unconnected sends' destinations, best first.
+const HOOK_CGROUP_SENDMSG: &str = "cgroup:sendmsg4+sendmsg6";
 
 /// Formats an error with its whole source chain.
 fn chain(err: &dyn std::error::Error) -> String {
@@ -802,6 +808,30 @@ fn send_fentry(ebpf: &mut Ebpf, layout: &KernelLayout, _: &mut Vec<String>) -> R
     result
 }
 
+/// Attaches the cgroup `sendmsg4`/`sendmsg6` programs at the root of the cgroup v2
+/// hierarchy (so they run for every process, beside any other program there) and
+/// returns that root; on failure nothing stays attached.
+fn send_cgroup_hooks(ebpf: &mut Ebpf) -> Result<std::path::PathBuf, String> {
+    let root = cgroup2::root()?;
+    let dir = std::fs::File::open(&root).map_err(|e| format!("{}: {e}", root.display()))?;
+    let progs = ["send_cgroup_sendmsg4", "send_cgroup_sendmsg6"];
+    let result = progs.iter().try_for_each(|name| {
+        let prog: &mut CgroupSockAddr = program(ebpf, name)?;
+        prog.load()
+            .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
+        // A bpf_link (aya makes one on 5.7+; the ring buffer needs 5.8 anyway) always runs
+        // beside the cgroup's other programs, and takes no flags: `Single` passes none.
+        prog.attach(&dir, CgroupAttachMode::Single)
+            .map(drop)
+            .map_err(|e| format!("attaching {name} to {}: {}", root.display(), chain(&e)))
+    });
+    if let Err(why) = result {
+        unload_all!(CgroupSockAddr, ebpf, progs);
+        return Err(why);
+    }
+    Ok(root)
+}
+
 /// Where the kernel lists the kprobe PMU; absent when CONFIG_KPROBES is off.
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";
 
@@ -837,8 +867,24 @@ fn send_tracepoints(
 ) -> Result<(), String> {
     need(layout, &[Group::Sock, Group::TpSendLength])?;
     attach_raw_tp(ebpf, "send_sock_send_length", "sock_send_length")?;
+    // The destination of unconnected sends is not in the socket: the cgroup hooks that UDP
+    // runs for such sends see it; else the syscalls' arguments hold it.
+    let cgroup = if disabled(HOOK_CGROUP_SENDMSG) {
+        Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
+    } else {
+        send_cgroup_hooks(ebpf)
+    };
+    let cgroup_why = match cgroup {
+        Ok(root) => {
+            notes.push(format!(
+                "destinations of unconnected sends from {HOOK_CGROUP_SENDMSG} at {}",
+                root.display()
+            ));
+            return Ok(());
+        }
+        Err(why) => why,
+    };
     let attach = attach_tp;
-    // The destination of unconnected sends is only in the syscall's arguments.
     let syscalls = need(layout, &[Group::TpSendSyscalls, Group::UserMsghdr]).and_then(|()| {
         attach(ebpf, "send_enter_sendto", "syscalls", &["sys_enter_sendto"])?;
         attach(
@@ -861,9 +907,11 @@ fn send_tracepoints(
         )
     });
     match syscalls {
-        Ok(()) => notes.push(
-            "destinations of unconnected sends from syscalls:sys_enter_send{to,msg,mmsg}".into(),
-        ),
+        Ok(()) => notes.push(format!(
+            "destinations of unconnected sends from syscalls:sys_enter_send{{to,msg,mmsg}} \
+             (every syscall is slower while they are attached); {HOOK_CGROUP_SENDMSG} \
+             unusable: {cgroup_why}"
+        )),
         Err(why) => {
             unload_all!(
                 TracePoint,
@@ -876,7 +924,8 @@ fn send_tracepoints(
                 ]
             );
             notes.push(format!(
-                "unconnected sends will show no destination: syscall tracepoints unusable ({why})"
+                "unconnected sends will show no destination: {HOOK_CGROUP_SENDMSG} unusable \
+                 ({cgroup_why}), syscall tracepoints unusable ({why})"
             ));
         }
     }

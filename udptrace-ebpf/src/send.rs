@@ -199,39 +199,39 @@ fn kprobe_send(ctx: &ProbeContext, hook: u16) -> Result<(), ReadError> {
 /// before routing. Remembers the destination for this socket's send; always allows it.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn send_cgroup_sendmsg4(ctx: SockAddrContext) -> i32 {
-    // SAFETY: the kernel's context for this program type; these fields are readable in it.
-    let (ip, port, sk) = unsafe {
-        let a = &*ctx.sock_addr;
-        (a.user_ip4, a.user_port, a.__bindgen_anon_1.sk as u64)
-    };
-    let mut dst = Addr {
-        family: AF_INET,
-        port: u16::from_be(port as u16),
-        ..Addr::default()
-    };
-    dst.ip[..4].copy_from_slice(&ip.to_ne_bytes());
-    remember(dst, sk, 0, 0);
+    remember_user_dst(&ctx, AF_INET);
     1
 }
 
 /// cgroup `sendmsg6`, as `sendmsg4` for `udpv6_sendmsg`.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn send_cgroup_sendmsg6(ctx: SockAddrContext) -> i32 {
-    // SAFETY: as in `send_cgroup_sendmsg4`.
-    let (ip, port, sk) = unsafe {
-        let a = &*ctx.sock_addr;
-        (a.user_ip6, a.user_port, a.__bindgen_anon_1.sk as u64)
-    };
+    remember_user_dst(&ctx, AF_INET6);
+    1
+}
+
+/// The destination a cgroup `sendmsg` program sees. `family` is a constant per program:
+/// each reads only the address fields its attach type may read.
+#[inline(always)]
+fn remember_user_dst(ctx: &SockAddrContext, family: u16) {
+    // SAFETY: the kernel's context for this program type.
+    let a = unsafe { &*ctx.sock_addr };
     let mut dst = Addr {
-        family: AF_INET6,
-        port: u16::from_be(port as u16),
+        family,
+        // The port is in network order in the low 16 bits.
+        port: u16::from_be(a.user_port as u16),
         ..Addr::default()
     };
-    for (i, word) in ip.iter().enumerate() {
-        dst.ip[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+    if family == AF_INET {
+        dst.ip[..4].copy_from_slice(&a.user_ip4.to_ne_bytes());
+    } else {
+        for (i, word) in a.user_ip6.iter().enumerate() {
+            dst.ip[i * 4..i * 4 + 4].copy_from_slice(&word.to_ne_bytes());
+        }
     }
+    // SAFETY: the socket pointer member of the context's union, always set here.
+    let sk = unsafe { a.__bindgen_anon_1.sk } as u64;
     remember(dst, sk, 0, 0);
-    1
 }
 
 #[inline(always)]

@@ -460,11 +460,7 @@ fn attach_chain(
             report.not_needed.push(hook);
             continue;
         }
-        let outcome = if disabled(hook) {
-            Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
-        } else {
-            attach(ebpf, layout, &mut report.notes)
-        };
+        let outcome = enabled(hook).and_then(|()| attach(ebpf, layout, &mut report.notes));
         report.attempts.push(Attempt { hook, outcome });
     }
     report
@@ -535,36 +531,36 @@ fn attach_ingress(
             report.not_needed.push(hook);
             continue;
         }
-        let outcome = if disabled(hook) {
-            Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
-        } else if mode == ingress::Mode::Tcx
-            && !aya::util::KernelVersion::current()
-                .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
-        {
-            Err("tcx needs Linux 6.6 or newer".into())
-        } else {
-            need(layout, &[Group::Skb, Group::Sock]).and_then(|()| {
-                let prog: &mut SchedClassifier = program(ebpf, mode.program())?;
-                prog.load()
-                    .map_err(|e| format!("loading {}: {}", mode.program(), chain(&e)))?;
-                let mut cover = ingress::Coverage::new(mode);
-                let (_, errors) = cover.cover(prog, &files);
-                if cover.devices() == 0 {
-                    let _ = prog.unload();
-                    return Err(format!(
-                        "no device accepted the program: {}",
-                        errors.join("; ")
-                    ));
-                }
-                report.notes.push(format!(
+        let outcome = enabled(hook).and_then(|()| {
+            if mode == ingress::Mode::Tcx
+                && !aya::util::KernelVersion::current()
+                    .is_ok_and(|v| v >= aya::util::KernelVersion::new(6, 6, 0))
+            {
+                Err("tcx needs Linux 6.6 or newer".into())
+            } else {
+                need(layout, &[Group::Skb, Group::Sock]).and_then(|()| {
+                    let prog: &mut SchedClassifier = program(ebpf, mode.program())?;
+                    prog.load()
+                        .map_err(|e| format!("loading {}: {}", mode.program(), chain(&e)))?;
+                    let mut cover = ingress::Coverage::new(mode);
+                    let (_, errors) = cover.cover(prog, &files);
+                    if cover.devices() == 0 {
+                        let _ = prog.unload();
+                        return Err(format!(
+                            "no device accepted the program: {}",
+                            errors.join("; ")
+                        ));
+                    }
+                    report.notes.push(format!(
                     "on {} device(s) ({scope:?} scope), first in line, never changing a verdict",
                     cover.devices()
                 ));
-                report.errors.extend(errors);
-                coverage = Some(cover);
-                Ok(())
-            })
-        };
+                    report.errors.extend(errors);
+                    coverage = Some(cover);
+                    Ok(())
+                })
+            }
+        });
         report.attempts.push(Attempt { hook, outcome });
     }
     (report, coverage)
@@ -579,9 +575,7 @@ fn attach_nat(
 ) -> HopReport {
     const HOOK: &str = "netfilter-link:nat";
     let mut report = HopReport::new("nat");
-    let outcome = if disabled(HOOK) {
-        Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
-    } else {
+    let outcome = enabled(HOOK).and_then(|()| {
         need(layout, &[Group::Skb, Group::Sock, Group::NfState]).and_then(|()| {
             let progs = netfilter::load_programs(EBPF_OBJECT, ebpf, &["nat_before", "nat_after"])?;
             cover.add(progs, netfilter::nat_slots);
@@ -590,7 +584,7 @@ fn attach_nat(
                 .push("linked around NAT at prerouting, output, postrouting and input".into());
             Ok(())
         })
-    };
+    });
     let linked = outcome.is_ok();
     report.attempts.push(Attempt {
         hook: HOOK,
@@ -602,34 +596,34 @@ fn attach_nat(
         return report;
     }
     // Kernels before 6.4: the function every NAT rewrite goes through, entry and return.
-    let outcome = if disabled(KPROBE) {
-        Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
-    } else if !Path::new(KPROBE_PMU).exists() {
-        Err(format!(
-            "this kernel has no kprobes ({KPROBE_PMU} is missing)"
-        ))
-    } else {
-        need(layout, &[Group::Skb, Group::Sock]).and_then(|()| {
-            let result = ["nat_kprobe_manip", "nat_kretprobe_manip"]
-                .iter()
-                .try_for_each(|name| {
-                    let prog: &mut KProbe = program(ebpf, name)?;
-                    prog.load()
-                        .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
-                    prog.attach("nf_nat_manip_pkt", 0).map(drop).map_err(|e| {
-                        format!(
+    let outcome = enabled(KPROBE).and_then(|()| {
+        if !Path::new(KPROBE_PMU).exists() {
+            Err(format!(
+                "this kernel has no kprobes ({KPROBE_PMU} is missing)"
+            ))
+        } else {
+            need(layout, &[Group::Skb, Group::Sock]).and_then(|()| {
+                let result = ["nat_kprobe_manip", "nat_kretprobe_manip"]
+                    .iter()
+                    .try_for_each(|name| {
+                        let prog: &mut KProbe = program(ebpf, name)?;
+                        prog.load()
+                            .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
+                        prog.attach("nf_nat_manip_pkt", 0).map(drop).map_err(|e| {
+                            format!(
                         "attaching to nf_nat_manip_pkt: {} (is the nf_nat module loaded? it is \
                          once a NAT rule exists)",
                         chain(&e)
                     )
-                    })
-                });
-            if result.is_err() {
-                unload_all!(KProbe, ebpf, ["nat_kprobe_manip", "nat_kretprobe_manip"]);
-            }
-            result
-        })
-    };
+                        })
+                    });
+                if result.is_err() {
+                    unload_all!(KProbe, ebpf, ["nat_kprobe_manip", "nat_kretprobe_manip"]);
+                }
+                result
+            })
+        }
+    });
     if outcome.is_ok() {
         report.notes.push(
             "NAT seen in nf_nat_manip_pkt in every namespace; the hook is inferred (DNAT of a \
@@ -655,13 +649,11 @@ fn attach_deliver(
     const FEXIT: &str = "fexit:__udp_enqueue_schedule_skb";
     const NF_TP: &str = "netfilter-link:local_in+raw_tracepoint:sock:sk_data_ready";
     let mut deliver = HopReport::new("deliver");
-    let fexit = if disabled(FEXIT) {
-        Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
-    } else {
+    let fexit = enabled(FEXIT).and_then(|()| {
         need(layout, &[Group::Skb, Group::Sock]).and_then(|()| {
             attach_fexit(ebpf, "deliver_fexit_enqueue", "__udp_enqueue_schedule_skb")
         })
-    };
+    });
     let fexit_ok = fexit.is_ok();
     deliver.attempts.push(Attempt {
         hook: FEXIT,
@@ -670,9 +662,7 @@ fn attach_deliver(
     if fexit_ok {
         deliver.not_needed.push(NF_TP);
     } else {
-        let outcome = if disabled(NF_TP) {
-            Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
-        } else {
+        let outcome = enabled(NF_TP).and_then(|()| {
             need(layout, &[Group::Skb, Group::Sock, Group::TpReady]).and_then(|()| {
                 let progs = netfilter::load_programs(EBPF_OBJECT, ebpf, &["deliver_local_in"])?;
                 attach_raw_tp(ebpf, "deliver_sk_data_ready", "sk_data_ready")?;
@@ -682,7 +672,7 @@ fn attach_deliver(
                     .push("linked last at LOCAL_IN (priority 1000)".into());
                 Ok(())
             })
-        };
+        });
         deliver.attempts.push(Attempt {
             hook: NF_TP,
             outcome,
@@ -764,9 +754,16 @@ fn attach_raw_tp(ebpf: &mut Ebpf, name: &str, tp: &str) -> Result<(), String> {
 /// separated. Lets a user (and the tests) run a fallback on a kernel that has a better hook.
 pub const DISABLE_HOOKS_ENV: &str = "UDPTRACE_DISABLE_HOOKS";
 
-fn disabled(hook: &str) -> bool {
+/// `Err` naming [`DISABLE_HOOKS_ENV`] when it lists `hook`'s family: the attempt is not made.
+fn enabled(hook: &str) -> Result<(), String> {
     let family = hook.split(':').next().unwrap_or(hook);
-    std::env::var(DISABLE_HOOKS_ENV).is_ok_and(|v| v.split(',').any(|f| f.trim() == family))
+    let disabled =
+        std::env::var(DISABLE_HOOKS_ENV).is_ok_and(|v| v.split(',').any(|f| f.trim() == family));
+    if disabled {
+        Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
+    } else {
+        Ok(())
+    }
 }
 
 fn need(layout: &KernelLayout, groups: &[Group]) -> Result<(), String> {
@@ -869,11 +866,7 @@ fn send_tracepoints(
     attach_raw_tp(ebpf, "send_sock_send_length", "sock_send_length")?;
     // The destination of unconnected sends is not in the socket: the cgroup hooks that UDP
     // runs for such sends see it; else the syscalls' arguments hold it.
-    let cgroup = if disabled(HOOK_CGROUP_SENDMSG) {
-        Err(format!("disabled by {DISABLE_HOOKS_ENV}"))
-    } else {
-        send_cgroup_hooks(ebpf)
-    };
+    let cgroup = enabled(HOOK_CGROUP_SENDMSG).and_then(|()| send_cgroup_hooks(ebpf));
     let cgroup_why = match cgroup {
         Ok(root) => {
             notes.push(format!(

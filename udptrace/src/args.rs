@@ -175,7 +175,7 @@ pub struct AgentArgs {
     /// Where the host's cgroup v2 hierarchy is mounted: to name the pod container of a
     /// process, and where the send hop's cgroup hooks attach when it has no fentry or kprobe
     /// [default: where this process sees one].
-    #[arg(long, env = "UDPTRACE_CGROUP_ROOT", value_name = "DIR")]
+    #[arg(long, env = crate::kernel::cgroup2::ROOT_ENV, value_name = "DIR")]
     pub cgroup_root: Option<std::path::PathBuf>,
     /// Keep only hops in these network namespaces (names in /run/netns, or paths): the
     /// agent answers for one emulated node [default: every namespace covered].

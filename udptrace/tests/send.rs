@@ -447,7 +447,9 @@ fn every_usable_send_hook_reports_the_same_fields() {
         let family = families[at];
         // Disable the better hooks so this one is tried.
         let mut disabled = families[..at].to_vec();
-        disabled.extend([also_disabled].iter().filter(|d| !d.is_empty()));
+        if !also_disabled.is_empty() {
+            disabled.push(also_disabled);
+        }
         let disable = disabled.join(",");
         let (_, doctor, _) = udptrace(
             Command::new(UDPTRACE)

@@ -15,23 +15,6 @@ pub const KIND_RECV: u16 = 6;
 /// tc ingress saw the datagram arrive on a device ([`SkbEvent`]).
 pub const KIND_INGRESS: u16 = 7;
 
-/// Which kernel hook produced an event (`EventHeader::hook`).
-pub const HOOK_FENTRY_UDP_SENDMSG: u16 = 1;
-pub const HOOK_FENTRY_UDPV6_SENDMSG: u16 = 2;
-pub const HOOK_KPROBE_UDP_SENDMSG: u16 = 3;
-pub const HOOK_KPROBE_UDPV6_SENDMSG: u16 = 4;
-pub const HOOK_TP_SOCK_SEND_LENGTH: u16 = 5;
-pub const HOOK_TP_NET_DEV_START_XMIT: u16 = 6;
-pub const HOOK_TP_KFREE_SKB: u16 = 7;
-pub const HOOK_NETFILTER_LINK: u16 = 8;
-pub const HOOK_FEXIT_UDP_ENQUEUE: u16 = 9;
-pub const HOOK_TP_SK_DATA_READY: u16 = 10;
-pub const HOOK_FEXIT_UDP_RECVMSG: u16 = 11;
-pub const HOOK_TP_SOCK_RECV_LENGTH: u16 = 12;
-pub const HOOK_KPROBE_NF_NAT: u16 = 13;
-pub const HOOK_TCX_INGRESS: u16 = 14;
-pub const HOOK_TC_CLSACT_INGRESS: u16 = 15;
-
 /// `SendEvent::flags`: the destination came from the syscall's address argument
 /// (an unconnected send), not from the socket.
 pub const SEND_DST_FROM_CALL: u32 = 1 << 0;
@@ -59,6 +42,7 @@ const _: () = assert!(core::mem::size_of::<Addr>() == 24);
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct EventHeader {
     pub kind: u16,
+    /// The [`crate::Hook`] that produced it, as `u16`.
     pub hook: u16,
     pub cpu: u32,
     /// `bpf_ktime_get_ns()`: CLOCK_MONOTONIC nanoseconds.

@@ -7,15 +7,18 @@
 
 pub mod event;
 pub mod flow;
+pub mod hook;
 pub mod offsets;
 pub mod sample;
 
 pub use event::*;
 pub use flow::*;
+pub use hook::{programs, Hook};
 pub use offsets::*;
 pub use sample::*;
 
-/// Names of the maps and globals in the eBPF object, used by both sides.
+/// Names of the maps and globals in the eBPF object (the eBPF side's `#[map(name = ...)]`
+/// must spell them alike: a loader test checks the built object).
 pub mod names {
     /// Ring buffer carrying hop events to userspace.
     pub const EVENTS: &str = "EVENTS";
@@ -33,6 +36,9 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     /// One [`crate::SampleConfig`]: which datagrams get their hops reported (runtime-settable).
     pub const SAMPLING: &str = "SAMPLING";
+
+    /// Every map the agent opens by name.
+    pub const ALL: [&str; 4] = [EVENTS, STATS, FLOWS, SAMPLING];
 }
 
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).

@@ -1,20 +1,14 @@
-//! udptrace kernel programs. One module per hook family; shared types live in
-//! `udptrace-common`. Every program only observes: none changes a packet's fate.
+//! udptrace kernel programs: `hops/` has one module per hop (its programs, each hook the
+//! loader may choose for it), `read/` what they read (kernel memory, tracepoint records,
+//! an skb's headers, the current task), `maps` and `sampling` what they share. Shared types
+//! live in `udptrace-common`. Every program only observes: none changes a packet's fate.
 #![no_std]
 #![no_main]
 
-mod current;
-mod deliver;
-mod drop;
-mod ingress;
-mod kernel;
+mod hops;
 mod maps;
-mod netfilter;
-mod sample;
-mod send;
-mod skb;
-mod tp;
-mod xmit;
+mod read;
+mod sampling;
 
 #[cfg(not(test))]
 #[panic_handler]

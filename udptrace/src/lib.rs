@@ -1,21 +1,12 @@
 //! udptrace's parts, for its command-line program (src/main.rs) and for the fuzz targets
-//! that feed its decoders arbitrary kernel records (fuzz/).
+//! that feed its decoders arbitrary kernel records (fuzz/). docs/architecture.md walks
+//! through them in data-flow order.
 
-pub mod agent;
-pub mod args;
-pub mod cli;
 pub mod clock;
-pub mod doctor;
-pub mod events;
-pub mod explain;
-pub mod filter;
-pub mod flows;
+pub mod cmd;
 pub mod k8s;
 pub mod kernel;
 pub mod loader;
-pub mod paths;
+pub mod model;
+pub mod output;
 pub mod pipeline;
-pub mod procs;
-pub mod stitch;
-pub mod top;
-pub mod trace;

@@ -5,10 +5,10 @@ use std::process::ExitCode;
 use clap::Parser as _;
 use tracing_subscriber::EnvFilter;
 
-use udptrace::{
+use udptrace::cmd::{
     agent,
     args::{Cli, Command},
-    doctor, stitch, top, trace,
+    doctor, flows, path, trace,
 };
 
 fn init_logging() {
@@ -39,9 +39,9 @@ fn main() -> ExitCode {
             }
         }
         Command::Trace(args) => block_on(trace::run(args)),
-        Command::Flows(args) => block_on(top::run(args)),
+        Command::Flows(args) => block_on(flows::run(args)),
         Command::Agent(args) => block_on(agent::run(args)),
-        Command::Path(args) => block_on(stitch::run(args)),
+        Command::Path(args) => block_on(path::run(args)),
     }
 }
 

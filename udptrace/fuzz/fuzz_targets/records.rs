@@ -1,15 +1,16 @@
 #![no_main]
 //! Ring buffer records as a kernel program bug, a mismatched build or memory corruption could
 //! hand them over: decoding never panics, and every record that decodes goes through path
-//! assembly, explanation and both output formats without panicking either.
+//! assembly, explanation and both output formats without panicking either, and every path's
+//! JSON reads back as the same path (the contract `udptrace path` and stitching rely on).
 
 use libfuzzer_sys::fuzz_target;
 use udptrace::{
-    cli::{render, Format},
     clock::Clock,
-    events::Event,
     kernel::drop_reasons::DropReasons,
-    paths::Assembler,
+    model::Path,
+    output::lines::{render, Format},
+    pipeline::{assemble::Assembler, events::Event},
 };
 use udptrace_common::{
     NatEvent, RecvEvent, SendEvent, SkbEvent, KIND_DELIVER, KIND_DROP, KIND_INGRESS, KIND_NAT,
@@ -55,7 +56,9 @@ fuzz_target!(|data: &[u8]| {
     assembler.tick(u64::MAX, &mut paths);
     assembler.flush(&mut paths);
     for path in &paths {
-        let _ = render(path, Format::Json);
+        let json = render(path, Format::Json);
         let _ = render(path, Format::Human { color: false });
+        let back: Path = serde_json::from_str(&json).expect("a path's JSON reads back");
+        assert_eq!(back, path.without_internals(), "{json}");
     }
 });

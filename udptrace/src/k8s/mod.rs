@@ -25,10 +25,9 @@ use kube::{
     runtime::{reflector, reflector::Store, watcher, WatchStreamExt as _},
     Api, Client, Config,
 };
-use serde::Serialize;
 
 use self::cgroups::Cgroups;
-use crate::flows::FlowView;
+use crate::model::{FlowView, NatKind, Owner, OwnerKind, Path};
 
 /// Where the agent finds the API server.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -47,21 +46,6 @@ impl ApiServer {
             None => std::env::var_os("KUBERNETES_SERVICE_HOST").map(|_| Self::InCluster),
         }
     }
-}
-
-/// Who an address belongs to.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
-pub struct Owner {
-    /// `pod` or `service`.
-    pub kind: &'static str,
-    pub namespace: String,
-    pub name: String,
-    /// The node a pod runs on.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub node: Option<String>,
-    /// The container a process runs in.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub container: Option<String>,
 }
 
 /// The watched objects, kept current by the reflectors.
@@ -140,7 +124,7 @@ impl Cluster {
                     owners.insert(
                         ip,
                         Owner {
-                            kind: "pod",
+                            kind: OwnerKind::Pod,
                             namespace: target.namespace.clone().unwrap_or(namespace.clone()),
                             name: target.name.clone().unwrap_or_default(),
                             node: ep.node_name.clone(),
@@ -155,7 +139,7 @@ impl Cluster {
         let mut containers = HashMap::new();
         for pod in self.pods.state() {
             let owner = |container: Option<String>| Owner {
-                kind: "pod",
+                kind: OwnerKind::Pod,
                 namespace: pod.metadata.namespace.clone().unwrap_or_default(),
                 name: pod.metadata.name.clone().unwrap_or_default(),
                 node: Some(self.node.clone()),
@@ -209,7 +193,7 @@ impl Cluster {
                 owners.insert(
                     ip,
                     Owner {
-                        kind: "service",
+                        kind: OwnerKind::Service,
                         namespace: svc.metadata.namespace.clone().unwrap_or_default(),
                         name: svc.metadata.name.clone().unwrap_or_default(),
                         node: None,
@@ -296,25 +280,30 @@ impl Directory {
     /// A DNAT from a Service's ClusterIP to an address no EndpointSlice lists (ready) any
     /// more: the rewrite (Service, backend) when the flow has one.
     pub fn stale_backend(&self, flow: &FlowView) -> Option<(Owner, SocketAddr)> {
-        flow.nat.iter().filter(|n| n.nat == "dnat").find_map(|n| {
-            let (vip, backend) = (n.before.dst?, n.after.dst?);
-            let svc = self.owners.get(&vip.ip()).filter(|o| o.kind == "service")?;
-            (!self.endpoints.contains(&backend)).then(|| (svc.clone(), backend))
-        })
+        flow.nat
+            .iter()
+            .filter(|n| n.nat == NatKind::Dnat)
+            .find_map(|n| {
+                let (vip, backend) = (n.before.dst?, n.after.dst?);
+                let svc = self
+                    .owners
+                    .get(&vip.ip())
+                    .filter(|o| o.kind == OwnerKind::Service)?;
+                (!self.endpoints.contains(&backend)).then(|| (svc.clone(), backend))
+            })
     }
 
-    /// Adds `k8s` names to a flow (as JSON) and calls a DNAT to a gone backend stale.
-    pub fn decorate_flow(&self, flow: &FlowView) -> serde_json::Value {
-        let mut json = serde_json::to_value(flow).unwrap_or_default();
+    /// Adds `k8s` names to a flow and calls a DNAT to a gone backend stale.
+    pub fn decorate_flow(&self, flow: &mut FlowView) {
         let addrs = [flow.orig.src, flow.orig.dst]
             .into_iter()
             .chain(flow.last.iter().flat_map(|e| [e.src, e.dst]))
             .chain(flow.nat.iter().flat_map(|n| [n.after.src, n.after.dst]))
             .flatten();
-        json["k8s"] = serde_json::to_value(self.names(addrs)).unwrap_or_default();
+        flow.k8s = Some(self.names(addrs));
         if let Some((svc, backend)) = self.stale_backend(flow) {
-            json["stale_dnat"] = true.into();
-            json["explain"] =
+            flow.stale_dnat = true;
+            flow.explain =
                 format!(
                 "DNATed to {backend}, which no EndpointSlice of Service {}/{} lists any more: a \
                  stale conntrack entry (conntrack -D -p udp --orig-dst {} --orig-port-dst {})",
@@ -322,10 +311,8 @@ impl Directory {
                 svc.name,
                 flow.orig.dst.map_or_else(|| "?".into(), |a| a.ip().to_string()),
                 flow.orig.dst.map_or(0, |a| a.port()),
-            )
-                .into();
+            );
         }
-        json
     }
 
     /// The pod container a process of cgroup `id` runs in.
@@ -334,19 +321,14 @@ impl Directory {
         self.containers.get(&key)
     }
 
-    /// Adds `k8s` names to a path (as JSON): its addresses', and each process's container
-    /// (on the hop that names the process).
-    pub fn decorate_path(&self, path: &crate::paths::Path) -> serde_json::Value {
-        let mut json = serde_json::to_value(path).unwrap_or_default();
-        json["k8s"] = serde_json::to_value(self.names(path.addresses())).unwrap_or_default();
-        if let Some(hops) = json["hops"].as_array_mut() {
-            for hop in hops {
-                let owner = hop["cgroup"].as_u64().and_then(|c| self.container(c));
-                if let Some(owner) = owner {
-                    hop["k8s"] = serde_json::to_value(owner).unwrap_or_default();
-                }
+    /// Adds `k8s` names to a path: its addresses', and each process's container (on the
+    /// hop that names the process).
+    pub fn decorate_path(&self, path: &mut Path) {
+        path.k8s = Some(self.names(path.addresses()));
+        for hop in &mut path.hops {
+            if let Some(owner) = hop.process.as_ref().and_then(|p| self.container(p.cgroup)) {
+                hop.k8s = Some(owner.clone());
             }
         }
-        json
     }
 }

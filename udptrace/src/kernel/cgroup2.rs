@@ -1,21 +1,10 @@
 //! Where the cgroup v2 hierarchy is: for the cgroup hooks (attached at its root, they run
 //! for every process) and for naming a task's pod from its cgroup id.
 
-use std::{
-    path::{Path, PathBuf},
-    sync::OnceLock,
-};
+use std::path::{Path, PathBuf};
 
 /// Setting (and DaemonSet variable) naming where the host's cgroup hierarchy is mounted.
 pub const ROOT_ENV: &str = "UDPTRACE_CGROUP_ROOT";
-
-static CONFIGURED: OnceLock<PathBuf> = OnceLock::new();
-
-/// Where the host's cgroup hierarchy is mounted, as configured (`--cgroup-root`, the
-/// config file): [`root`] uses it before [`ROOT_ENV`]. The first call wins.
-pub fn configure(dir: PathBuf) {
-    let _ = CONFIGURED.set(dir);
-}
 
 /// The v2 hierarchy at or under `dir`: a hybrid host keeps it in `unified` beside the v1
 /// ones.
@@ -45,13 +34,12 @@ fn mount_in(mountinfo: &str) -> Option<PathBuf> {
     })
 }
 
-/// The root of the host's cgroup v2 hierarchy: as configured, or from [`ROOT_ENV`], else
-/// the one mounted here. A program attached there runs for every process of the host; so it must be
+/// The root of the host's cgroup v2 hierarchy: `configured` (`--cgroup-root`, the config
+/// file), or from [`ROOT_ENV`], else the one mounted here. A program attached there runs for every process of the host; so it must be
 /// the real root, not a container's cgroup namespace (whose root is a child cgroup).
-pub fn root() -> Result<PathBuf, String> {
-    let given = CONFIGURED
-        .get()
-        .cloned()
+pub fn root(configured: Option<&Path>) -> Result<PathBuf, String> {
+    let given = configured
+        .map(Path::to_path_buf)
         .or_else(|| std::env::var_os(ROOT_ENV).map(PathBuf::from));
     let dir = match given {
         Some(dir) => v2_under(dir),

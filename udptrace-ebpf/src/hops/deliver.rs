@@ -1,0 +1,119 @@
+//! The deliver hop: a receiving socket queued the datagram; and who reads that socket.
+//!
+//! Best first, as the loader tries them:
+//! 1. fexit on `__udp_enqueue_schedule_skb` (socket and skb together, with the result).
+//! 2. A netfilter link at the very end of LOCAL_IN remembers the skb about to reach UDP on
+//!    this CPU; raw tracepoint `sk_data_ready` (fired from the enqueue, same CPU, same
+//!    call chain) names the socket that took it.
+//!
+//! Readers: fexit on `udp_recvmsg`/`udpv6_recvmsg`, else raw tracepoint `sock_recv_length`
+//! (both after the read, so a reader already blocked when tracing starts is seen too).
+
+use aya_ebpf::{
+    macros::{classifier, fexit, raw_tracepoint},
+    programs::{FExitContext, RawTracePointContext, TcContext},
+    EbpfContext as _,
+};
+use udptrace_common::{Hook, RecvEvent, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL};
+
+use crate::{
+    maps::{count, offset, EVENTS, LOCAL_IN_SKB},
+    read::current::{header, task},
+    read::kernel::{read_kernel, try_read_kernel, ReadError},
+    read::skb::emit_for_sock,
+    sampling,
+};
+
+/// int __udp_enqueue_schedule_skb(struct sock *sk, struct sk_buff *skb), 0 when queued.
+#[fexit(function = "__udp_enqueue_schedule_skb")]
+pub fn deliver_fexit_enqueue(ctx: FExitContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let skb: u64 = ctx.arg(1);
+    let ret: i64 = ctx.arg(2);
+    if ret == 0 {
+        let _ = emit_for_sock(KIND_DELIVER, Hook::FexitUdpEnqueue as u16, skb, sk);
+    }
+    0
+}
+
+/// int (*)(struct bpf_nf_ctx *ctx), linked last at LOCAL_IN: the skb about to reach UDP.
+#[classifier]
+pub fn deliver_local_in(ctx: TcContext) -> i32 {
+    let p = ctx.as_ptr() as *const u64;
+    // SAFETY: a bpf_nf_ctx; the verifier allows the 8-byte read of its skb field.
+    let skb = unsafe { core::ptr::read(p.add(1)) };
+    if let Some(slot) = LOCAL_IN_SKB.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot.
+        unsafe { *slot = skb };
+    }
+    1 // NF_ACCEPT
+}
+
+/// Raw tracepoint sk_data_ready(const struct sock *sk): a socket was told data is queued.
+#[raw_tracepoint(tracepoint = "sk_data_ready")]
+pub fn deliver_sk_data_ready(ctx: RawTracePointContext) -> u32 {
+    let _ = try_data_ready(ctx.arg(0));
+    0
+}
+
+#[inline(always)]
+fn try_data_ready(sk: u64) -> Result<(), ReadError> {
+    let Some(slot) = LOCAL_IN_SKB.get_ptr_mut(0) else {
+        return Ok(());
+    };
+    // SAFETY: this CPU's slot, set by deliver_local_in earlier in this same call chain.
+    let skb = unsafe { core::ptr::replace(slot, 0) };
+    if skb == 0 || read_kernel::<u16>(sk, offset!(sk_protocol))? != IPPROTO_UDP {
+        return Ok(());
+    }
+    emit_for_sock(KIND_DELIVER, Hook::TpSkDataReady as u16, skb, sk)
+}
+
+/// Reports the current task as a reader of UDP socket `sk`.
+#[inline(always)]
+fn emit_reader(hook: u16, sk: u64) {
+    if !sampling::reader_due(sk) {
+        return;
+    }
+    let task = task();
+    let event = RecvEvent {
+        header: header(KIND_RECV, hook),
+        sk,
+        cgroup: task.cgroup,
+        pid: task.pid,
+        tid: task.tid,
+        uid: task.uid,
+        _pad: 0,
+        comm: task.comm,
+    };
+    if EVENTS.output::<RecvEvent>(&event, 0).is_err() {
+        count(STAT_RINGBUF_FULL);
+    }
+}
+
+/// int udp_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len),
+/// on return: a reader blocked before tracing started is seen once it has read.
+#[fexit(function = "udp_recvmsg")]
+pub fn recv_fexit_udp_recvmsg(ctx: FExitContext) -> u32 {
+    emit_reader(Hook::FexitUdpRecvmsg as u16, ctx.arg(0));
+    0
+}
+
+/// int udpv6_recvmsg(struct sock *sk, struct msghdr *msg, size_t len, int flags, int *addr_len)
+#[fexit(function = "udpv6_recvmsg")]
+pub fn recv_fexit_udpv6_recvmsg(ctx: FExitContext) -> u32 {
+    emit_reader(Hook::FexitUdpRecvmsg as u16, ctx.arg(0));
+    0
+}
+
+/// Raw tracepoint sock_recv_length(struct sock *sk, int ret, int flags), after every socket
+/// read.
+#[raw_tracepoint(tracepoint = "sock_recv_length")]
+pub fn recv_sock_recv_length(ctx: RawTracePointContext) -> u32 {
+    let sk: u64 = ctx.arg(0);
+    let ret: i32 = ctx.arg(1);
+    if ret >= 0 && try_read_kernel::<u16>(sk, offset!(sk_protocol)) == Some(IPPROTO_UDP) {
+        emit_reader(Hook::TpSockRecvLength as u16, sk);
+    }
+    0
+}

@@ -1,0 +1,8 @@
+//! One module per hop, as the loader attaches them (udptrace/src/loader/hops/ mirrors it).
+
+mod deliver;
+mod drop;
+mod ingress;
+mod nat;
+mod send;
+mod xmit;

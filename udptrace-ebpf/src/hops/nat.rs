@@ -1,0 +1,288 @@
+//! The NAT hop: BPF netfilter links just before and just after NAT at a hook. The "before"
+//! program remembers the tuple; the "after" program reports it when NAT changed it.
+//!
+//! Loaded by userspace as BPF_PROG_TYPE_NETFILTER (aya has no API for it; the section is
+//! `classifier` so aya's ELF parser accepts the programs). Both always accept the packet.
+
+use aya_ebpf::{
+    macros::{classifier, kprobe, kretprobe, map},
+    maps::PerCpuArray,
+    programs::{ProbeContext, RetProbeContext, TcContext},
+    EbpfContext as _,
+};
+use udptrace_common::{
+    Addr, Hook, NatEvent, SkbEvent, KIND_NAT, NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS,
+    NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, OFFSET_MISSING, SKB_UNSAMPLED, STAT_NAT_BASE,
+    STAT_RINGBUF_FULL,
+};
+
+use crate::{
+    maps::{count, offset, Scratch, EVENTS, NAT_BEFORE},
+    read::kernel::{read_kernel, try_read_kernel, ReadError},
+    read::skb::{fill, read_udp},
+    sampling::{self, Decision},
+};
+
+/// Netfilter verdict: let the packet go on.
+const NF_ACCEPT: i32 = 1;
+
+/// `struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; }`: the
+/// netfilter program context (UAPI-stable layout).
+#[inline(always)]
+fn nf_ctx(ctx: &TcContext) -> (u64, u64) {
+    let p = ctx.as_ptr() as *const u64;
+    // SAFETY: the context is a bpf_nf_ctx; the verifier allows 8-byte reads of both fields.
+    unsafe { (core::ptr::read(p), core::ptr::read(p.add(1))) }
+}
+
+#[inline(always)]
+fn hook_of(state: u64) -> Result<u32, ReadError> {
+    Ok(u32::from(read_kernel::<u8>(state, offset!(nf_state_hook))?))
+}
+
+/// int (*)(struct bpf_nf_ctx *ctx), linked just before NAT.
+#[classifier]
+pub fn nat_before(ctx: TcContext) -> i32 {
+    let (state, skb) = nf_ctx(&ctx);
+    let _ = try_before(state, skb);
+    NF_ACCEPT
+}
+
+#[inline(always)]
+fn try_before(state: u64, skb: u64) -> Result<(), ReadError> {
+    let hook = hook_of(state)?;
+    let Some(slot) = NAT_BEFORE.get_ptr_mut(hook) else {
+        return Ok(());
+    };
+    // SAFETY: this CPU's slot; netfilter runs the hook's functions on one CPU in order.
+    let slot = unsafe { &mut *slot };
+    slot.skb = 0;
+    if nat_settled_without_rewrite(skb) {
+        return Ok(());
+    }
+    slot.skb = if read_udp(skb, slot)? { skb } else { 0 };
+    Ok(())
+}
+
+/// `enum ip_conntrack_status` (UAPI): the connection was confirmed; NAT applies to it; its
+/// NAT was set up (on its first packet, once per direction).
+const IPS_CONFIRMED: u64 = 1 << 3;
+const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5);
+const IPS_NAT_DONE_MASK: u64 = (1 << 7) | (1 << 8);
+
+/// Whether NAT cannot rewrite `skb` at this hook: it has no conntrack entry (NAT needs one;
+/// conntrack's hooks run before NAT's), or its confirmed connection's NAT was set up
+/// without any rewrite. Most datagrams, and two reads instead of the headers'.
+#[inline(always)]
+fn nat_settled_without_rewrite(skb: u64) -> bool {
+    if offset!(skb_nfct) as u32 == OFFSET_MISSING || offset!(ct_status) as u32 == OFFSET_MISSING {
+        return false;
+    }
+    let Some(nfct) = try_read_kernel::<u64>(skb, offset!(skb_nfct)) else {
+        return false;
+    };
+    let ct = nfct & NFCT_PTRMASK;
+    if ct == 0 {
+        return true;
+    }
+    try_read_kernel::<u64>(ct, offset!(ct_status)).is_some_and(|status| {
+        status & IPS_CONFIRMED != 0
+            && status & IPS_NAT_DONE_MASK == IPS_NAT_DONE_MASK
+            && status & IPS_NAT_MASK == 0
+    })
+}
+
+/// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT.
+#[classifier]
+pub fn nat_after(ctx: TcContext) -> i32 {
+    let (state, skb) = nf_ctx(&ctx);
+    let _ = try_after(state, skb);
+    NF_ACCEPT
+}
+
+#[inline(always)]
+fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
+    let hook = hook_of(state)?;
+    let Some(before) = NAT_BEFORE.get_ptr_mut(hook) else {
+        return Ok(());
+    };
+    // SAFETY: this CPU's slot, written by nat_before at this hook for this packet.
+    let before = unsafe { &mut *before };
+    if before.skb != skb || skb == 0 {
+        return Ok(());
+    }
+    before.skb = 0;
+    // Most datagrams pass NAT unchanged: compare the addresses first, and only for a
+    // rewrite look up the sampling and build the event (which reads the headers again:
+    // rare enough not to pass them on).
+    {
+        let Some(mut scratch) = Scratch::take() else {
+            return Ok(());
+        };
+        let now = scratch.event();
+        if !read_udp(skb, now)? || (now.src == before.src && now.dst == before.dst) {
+            return Ok(());
+        }
+    }
+    emit_nat(
+        Hook::NetfilterLink as u16,
+        skb,
+        hook,
+        before.src,
+        before.dst,
+    )
+}
+
+/// Reports a NAT rewrite of `skb` at netfilter hook `hook` when its addresses differ from
+/// `src`/`dst` (what they were just before NAT). A datagram not sampled has its rewrite
+/// reported when it is a new one (flagged `SKB_UNSAMPLED`), and is traced from there on.
+#[inline(always)]
+fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<(), ReadError> {
+    let decision = sampling::lookup(skb);
+    let Some(mut scratch) = Scratch::take() else {
+        return Ok(());
+    };
+    let ev = scratch.nat();
+    let mut changed = match fill(&mut ev.skb, KIND_NAT, source, skb, 0, 0) {
+        Ok(true) => ev.skb.src != src || ev.skb.dst != dst,
+        _ => false,
+    };
+    if changed && hook < NF_INET_NUMHOOKS {
+        count(STAT_NAT_BASE + 2 * hook + u32::from(ev.skb.dst != dst));
+    }
+    if changed {
+        let traced = match decision {
+            Decision::All => true,
+            Decision::Known(traced) => traced,
+            Decision::Unknown(cfg) => {
+                sampling::decide_skb(&cfg, skb, &ev.skb, Some((src, dst)), ev.skb.sk)
+            }
+        };
+        let new = sampling::nat_is_new(hook, ev.skb.netns, (src, dst), (ev.skb.src, ev.skb.dst));
+        if !traced {
+            changed = new;
+            if new {
+                ev.skb.flags |= SKB_UNSAMPLED;
+                sampling::remember(skb, true);
+            }
+        }
+    }
+    if changed {
+        ev.before_src = src;
+        ev.before_dst = dst;
+        ev.nf_hook = hook;
+        ev._pad = 0;
+        conntrack(skb, ev);
+        if EVENTS.output::<NatEvent>(&*ev, 0).is_err() {
+            count(STAT_RINGBUF_FULL);
+        }
+    }
+    Ok(())
+}
+
+/// `skb->_nfct` keeps the conntrack info in its low bits (NFCT_PTRMASK).
+const NFCT_PTRMASK: u64 = !7;
+
+/// Reads one conntrack tuple at `tuple` into `src`/`dst` (family 0 when unreadable).
+#[inline(always)]
+fn read_tuple(tuple: u64, src: &mut Addr, dst: &mut Addr) {
+    *src = Addr::default();
+    *dst = Addr::default();
+    let Some(family) = try_read_kernel::<u16>(tuple, offset!(tuple_l3num)) else {
+        return;
+    };
+    let (Some(sip), Some(sport), Some(dip), Some(dport)) = (
+        try_read_kernel::<[u8; 16]>(tuple, offset!(tuple_src_u3)),
+        try_read_kernel::<u16>(tuple, offset!(tuple_src_port)),
+        try_read_kernel::<[u8; 16]>(tuple, offset!(tuple_dst_u3)),
+        try_read_kernel::<u16>(tuple, offset!(tuple_dst_port)),
+    ) else {
+        return;
+    };
+    *src = Addr {
+        family,
+        port: u16::from_be(sport),
+        _pad: 0,
+        ip: sip,
+    };
+    *dst = Addr {
+        family,
+        port: u16::from_be(dport),
+        _pad: 0,
+        ip: dip,
+    };
+}
+
+/// Fills the conntrack entry's original and reply tuples of `skb`, when it has one.
+#[inline(always)]
+fn conntrack(skb: u64, ev: &mut NatEvent) {
+    let ct = try_read_kernel::<u64>(skb, offset!(skb_nfct)).unwrap_or(0) & NFCT_PTRMASK;
+    let hashes = ct + offset!(ct_tuplehash) as u64 + offset!(ct_hash_tuple) as u64;
+    if ct == 0 {
+        ev.ct_orig_src = Addr::default();
+        ev.ct_orig_dst = Addr::default();
+        ev.ct_reply_src = Addr::default();
+        ev.ct_reply_dst = Addr::default();
+        return;
+    }
+    read_tuple(hashes, &mut ev.ct_orig_src, &mut ev.ct_orig_dst);
+    read_tuple(
+        hashes + offset!(ct_tuplehash_size) as u64,
+        &mut ev.ct_reply_src,
+        &mut ev.ct_reply_dst,
+    );
+}
+
+// --- fallback for kernels without netfilter programs (< 6.4) ------------------------------
+
+/// The datagram as it entered `nf_nat_manip_pkt` on this CPU (the return probe compares);
+/// `reason` holds the manip type.
+#[map(name = "NAT_MANIP")]
+static NAT_MANIP: PerCpuArray<SkbEvent> = PerCpuArray::with_max_entries(1, 0);
+
+/// `enum nf_nat_manip_type`: NF_NAT_MANIP_SRC = 0, NF_NAT_MANIP_DST = 1.
+const NF_NAT_MANIP_DST: u32 = 1;
+
+/// unsigned int nf_nat_manip_pkt(struct sk_buff *skb, struct nf_conn *ct,
+///                               enum nf_nat_manip_type mtype, enum ip_conntrack_dir dir)
+#[kprobe]
+pub fn nat_kprobe_manip(ctx: ProbeContext) -> u32 {
+    let (Some(skb), Some(mtype)) = (ctx.arg::<u64>(0), ctx.arg::<u32>(2)) else {
+        return 0;
+    };
+    if let Some(slot) = NAT_MANIP.get_ptr_mut(0) {
+        // SAFETY: this CPU's slot; the return probe of this same call reads it.
+        let slot = unsafe { &mut *slot };
+        slot.skb = match read_udp(skb, slot) {
+            Ok(true) => skb,
+            _ => 0,
+        };
+        slot.reason = mtype;
+    }
+    0
+}
+
+/// Return of nf_nat_manip_pkt: the same skb, now rewritten.
+#[kretprobe]
+pub fn nat_kretprobe_manip(_ctx: RetProbeContext) -> u32 {
+    let Some(slot) = NAT_MANIP.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot, written by the entry probe of this call.
+    let before = unsafe { &mut *slot };
+    let skb = before.skb;
+    if skb == 0 {
+        return 0;
+    }
+    before.skb = 0;
+    // Which hook ran it is not an argument: destination NAT of a local socket's datagram
+    // happens at output, of a received one at prerouting; source NAT at postrouting.
+    let sk: u64 = read_kernel(skb, offset!(skb_sk)).unwrap_or(0);
+    let hook = match (before.reason == NF_NAT_MANIP_DST, sk != 0) {
+        (true, true) => NF_INET_LOCAL_OUT,
+        (true, false) => NF_INET_PRE_ROUTING,
+        _ => NF_INET_POST_ROUTING,
+    };
+    let _ = emit_nat(Hook::KprobeNfNat as u16, skb, hook, before.src, before.dst);
+    0
+}

@@ -1,0 +1,7 @@
+//! What the hops read: kernel memory at BTF offsets, tracepoint records, an skb's headers,
+//! the current task.
+
+pub mod current;
+pub mod kernel;
+pub mod skb;
+pub mod tracepoint;

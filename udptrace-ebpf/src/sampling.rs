@@ -1,0 +1,273 @@
+//! Sampling: which datagrams get their hops reported (`udptrace_common::sample`). Decided
+//! once per datagram at the first hop that sees it and remembered by skb address until the
+//! kernel frees the skb; a datagram leaving a local socket also shares the decision with its
+//! send hop through the socket, whichever of the two runs first.
+
+use aya_ebpf::{
+    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    macros::{map, raw_tracepoint},
+    maps::{Array, LruHashMap},
+    programs::RawTracePointContext,
+};
+use udptrace_common::{
+    Addr, FlowKey, NatSeen, NatSeenKey, ReaderKey, SampleConfig, SkbEvent, SockDecision, IP_MF,
+    IP_OFFSET, READER_EVERY_NS, SAMPLE_FLOWS_MAX, SAMPLE_NAT_MAX, SAMPLE_READERS_MAX,
+    SAMPLE_SKBS_MAX, SAMPLE_SOCKS_MAX, SIDE_SEND, SIDE_SKB,
+};
+
+use crate::{
+    maps::{offset, NO_COMMON_LRU},
+    read::kernel::try_read_kernel,
+};
+
+/// Set by userspace, at load and at runtime. All zeros (the initial value) traces everything.
+#[map(name = "SAMPLING")]
+static SAMPLING: Array<SampleConfig> = Array::with_max_entries(1, 0);
+
+/// Datagrams seen per flow, for "the first N, then 1 in M".
+#[map(name = "SAMPLE_COUNT")]
+static SAMPLE_COUNT: LruHashMap<FlowKey, u64> =
+    LruHashMap::with_max_entries(SAMPLE_FLOWS_MAX, NO_COMMON_LRU);
+
+/// skb address → when decided (ns) << 1 | traced, until the datagram's verdict or the skb
+/// is freed.
+#[map(name = "SAMPLE_SKBS")]
+static SAMPLE_SKBS: LruHashMap<u64, u64> =
+    LruHashMap::with_max_entries(SAMPLE_SKBS_MAX, NO_COMMON_LRU);
+
+/// Sending socket → the decision for the datagram it is sending.
+#[map(name = "SAMPLE_SOCKS")]
+static SAMPLE_SOCKS: LruHashMap<u64, SockDecision> =
+    LruHashMap::with_max_entries(SAMPLE_SOCKS_MAX, 0);
+
+/// NAT rewrites already reported: an unsampled datagram's rewrite is reported when new.
+#[map(name = "SAMPLE_NAT")]
+static SAMPLE_NAT: LruHashMap<NatSeenKey, NatSeen> =
+    LruHashMap::with_max_entries(SAMPLE_NAT_MAX, 0);
+
+/// (socket, reading thread) → when last reported.
+#[map(name = "SAMPLE_READERS")]
+static SAMPLE_READERS: LruHashMap<ReaderKey, u64> =
+    LruHashMap::with_max_entries(SAMPLE_READERS_MAX, 0);
+
+/// The configuration when sampling is on.
+#[inline(always)]
+fn config() -> Option<SampleConfig> {
+    let c = *SAMPLING.get(0)?;
+    (!c.is_all()).then_some(c)
+}
+
+/// What is known about an skb's datagram.
+pub enum Decision {
+    /// Sampling is off: every datagram is traced.
+    All,
+    Known(bool),
+    /// No hop has seen it yet.
+    Unknown(SampleConfig),
+}
+
+#[inline(always)]
+pub fn lookup(skb: u64) -> Decision {
+    let Some(cfg) = config() else {
+        return Decision::All;
+    };
+    // SAFETY: the value is copied out at once.
+    match unsafe { SAMPLE_SKBS.get(skb) }.copied() {
+        // A decision older than any datagram's way through a kernel belongs to an skb freed
+        // where no hook saw it (some frees have no tracepoint): not this datagram's.
+        Some(v) if now().saturating_sub(v >> 1) < SKB_DECISION_NS => Decision::Known(v & 1 != 0),
+        _ => Decision::Unknown(cfg),
+    }
+}
+
+#[inline(always)]
+fn now() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_ktime_get_ns() }
+}
+
+/// Counts one datagram of `key` and says whether it is traced. Two CPUs sending on one flow
+/// at once may count one datagram twice: the rate stays about 1 in M.
+#[inline(always)]
+fn next_of_flow(cfg: &SampleConfig, key: &FlowKey) -> bool {
+    let n = match SAMPLE_COUNT.get_ptr_mut(key) {
+        Some(p) => {
+            // SAFETY: a map value; the race above is the only one and harmless.
+            unsafe {
+                let n = *p;
+                *p = n + 1;
+                n
+            }
+        }
+        None => {
+            let _ = SAMPLE_COUNT.insert(key, 1u64, 0);
+            0
+        }
+    };
+    cfg.traces(n)
+}
+
+#[inline(always)]
+pub fn remember(skb: u64, traced: bool) {
+    let _ = SAMPLE_SKBS.insert(skb, now() << 1 | u64::from(traced), 0);
+}
+
+/// The datagram reached its verdict, or its skb is freed: the address may carry another
+/// datagram next.
+#[inline(always)]
+pub fn forget(skb: u64) {
+    let _ = SAMPLE_SKBS.remove(skb);
+}
+
+/// Whether a transmit on `dev` hands the datagram out of this kernel (its verdict): a
+/// device without an rtnetlink kind that is not loopback (a NIC), or a tun/tap device.
+#[inline(always)]
+pub fn leaves_host(dev: u64) -> bool {
+    if dev == 0 {
+        return false;
+    }
+    match try_read_kernel::<u64>(dev, offset!(dev_link_ops)) {
+        Some(0) => try_read_kernel::<u32>(dev, offset!(dev_ifindex)) != Some(LOOPBACK_IFINDEX),
+        Some(ops) => {
+            try_read_kernel::<u64>(ops, offset!(link_ops_kind))
+                .filter(|&k| k != 0)
+                .and_then(|k| try_read_kernel::<[u8; 4]>(k, 0))
+                == Some(*b"tun\0")
+        }
+        None => false,
+    }
+}
+
+/// Every namespace's loopback device has this index.
+const LOOPBACK_IFINDEX: u32 = 1;
+/// A decision older than this is not trusted.
+const SKB_DECISION_NS: u64 = 1_000_000_000;
+
+/// Decides for a datagram seen first at this hop (`ev` holds its headers; `before`, at a
+/// NAT hop, the addresses before the rewrite). A fragment is always traced: its pieces
+/// travel on skbs of their own and must agree. One leaving local socket `sender` follows
+/// that socket's decision (its send hop may have run first) or sets it for the send hop to
+/// follow. Anything else counts on its flow as seen here.
+#[inline(always)]
+pub fn decide_skb(
+    cfg: &SampleConfig,
+    skb: u64,
+    ev: &SkbEvent,
+    before: Option<(Addr, Addr)>,
+    sender: u64,
+) -> bool {
+    let (src, dst) = before.unwrap_or((ev.src, ev.dst));
+    let key = FlowKey {
+        netns: ev.netns,
+        _pad: 0,
+        src,
+        dst,
+    };
+    let traced = if ev.ip_frag & (IP_MF | IP_OFFSET) != 0 {
+        if sender != 0 {
+            set_sock(sender, true, SIDE_SKB);
+        }
+        true
+    } else if sender != 0 {
+        // SAFETY: the value is copied out at once.
+        match unsafe { SAMPLE_SOCKS.get(sender) } {
+            Some(d) => d.traced != 0,
+            None => {
+                let traced = next_of_flow(cfg, &key);
+                set_sock(sender, traced, SIDE_SKB);
+                traced
+            }
+        }
+    } else {
+        next_of_flow(cfg, &key)
+    };
+    remember(skb, traced);
+    traced
+}
+
+#[inline(always)]
+fn set_sock(sk: u64, traced: bool, side: u32) {
+    let d = SockDecision {
+        traced: u32::from(traced),
+        side,
+    };
+    let _ = SAMPLE_SOCKS.insert(sk, d, 0);
+}
+
+/// The send hop's decision for socket `sk` sending on flow `key`. `after_skbs`: this hook
+/// runs after the datagram's skb hops (the tracepoint), which may have decided already.
+#[inline(always)]
+pub fn decide_send(sk: u64, key: &FlowKey, after_skbs: bool) -> bool {
+    let Some(cfg) = config() else {
+        return true;
+    };
+    if after_skbs {
+        // SAFETY: the value is copied out at once.
+        if let Some(d) = unsafe { SAMPLE_SOCKS.get(sk) }.copied() {
+            if d.side == SIDE_SKB {
+                let _ = SAMPLE_SOCKS.remove(sk);
+                return d.traced != 0;
+            }
+        }
+    }
+    let traced = next_of_flow(&cfg, key);
+    set_sock(sk, traced, SIDE_SEND);
+    traced
+}
+
+/// Records a NAT rewrite at `nf_hook` in `netns`; true when it was not the last one seen for
+/// the same tuple before (a new mapping, or a changed one). Always true with sampling off.
+#[inline(always)]
+pub fn nat_is_new(nf_hook: u32, netns: u32, before: (Addr, Addr), after: (Addr, Addr)) -> bool {
+    if config().is_none() {
+        return true;
+    }
+    let key = NatSeenKey {
+        nf_hook,
+        netns,
+        src: before.0,
+        dst: before.1,
+    };
+    let seen = NatSeen {
+        src: after.0,
+        dst: after.1,
+    };
+    // SAFETY: the value is compared at once.
+    if unsafe { SAMPLE_NAT.get(key) }.is_some_and(|s| *s == seen) {
+        return false;
+    }
+    let _ = SAMPLE_NAT.insert(key, seen, 0);
+    true
+}
+
+/// Whether to report the current task reading socket `sk`: always with sampling off, else
+/// once a second per reading thread (who reads a socket rarely changes).
+#[inline(always)]
+pub fn reader_due(sk: u64) -> bool {
+    if config().is_none() {
+        return true;
+    }
+    let key = ReaderKey {
+        sk,
+        pid_tgid: bpf_get_current_pid_tgid(),
+    };
+    let now = now();
+    // SAFETY: the value is read at once.
+    if unsafe { SAMPLE_READERS.get(key) }
+        .is_some_and(|at| now.saturating_sub(*at) < READER_EVERY_NS)
+    {
+        return false;
+    }
+    let _ = SAMPLE_READERS.insert(key, now, 0);
+    true
+}
+
+/// Raw tracepoint consume_skb(struct sk_buff *skb, ...): an skb freed without a drop; its
+/// decision must not pass to the next datagram given the same address.
+#[raw_tracepoint(tracepoint = "consume_skb")]
+pub fn sample_consume_skb(ctx: RawTracePointContext) -> u32 {
+    if config().is_some() {
+        forget(ctx.arg(0));
+    }
+    0
+}

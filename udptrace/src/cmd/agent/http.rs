@@ -1,0 +1,250 @@
+//! The agent's HTTP API: `/healthz`, `/metrics` (Prometheus text), `/api/v1/flows`,
+//! `/api/v1/paths`, `/api/v1/paths/stitched`, `/api/v1/sampling` (docs/flows.md).
+
+use std::{
+    collections::VecDeque,
+    net::SocketAddr,
+    sync::{Arc, Mutex},
+};
+
+use axum::{
+    extract::{Query, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::get,
+    Json, Router,
+};
+use serde::{Deserialize, Serialize};
+use udptrace_common::SampleConfig;
+
+use crate::{
+    cmd::path::{fetch, node_and_url},
+    k8s::Cluster,
+    loader::Sampler,
+    model::{FlowView, Path},
+    output::metrics::{self, Metrics},
+    pipeline::{
+        filter::Filter,
+        flows::FlowTable,
+        stitch::{stitch, Part},
+        Losses,
+    },
+};
+
+/// What the HTTP handlers read.
+pub struct Shared {
+    pub flows: FlowTable,
+    pub paths: VecDeque<Path>,
+    pub paths_kept: usize,
+    pub losses: Losses,
+    /// (hop, hook) in use.
+    pub hooks: Vec<(&'static str, &'static str)>,
+    pub per_flow_metrics: bool,
+    /// Changes the kernel's sampling at runtime.
+    pub sampler: Option<Sampler>,
+    pub sampling: SampleConfig,
+    /// Kubernetes names, when in a cluster.
+    pub cluster: Option<Cluster>,
+    /// For stitching: this node's name, the other agents, our own address.
+    pub node: String,
+    pub peers: Vec<String>,
+    pub peer_service: Option<String>,
+    pub bound: SocketAddr,
+}
+
+pub type AppState = Arc<Mutex<Shared>>;
+
+/// The routes, serving `state`.
+pub fn router(state: AppState) -> Router {
+    Router::new()
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/metrics", get(metrics))
+        .route("/api/v1/flows", get(flows))
+        .route("/api/v1/paths", get(paths))
+        .route("/api/v1/sampling", get(sampling).put(set_sampling))
+        .route("/api/v1/paths/stitched", get(stitched))
+        .with_state(state)
+}
+
+/// The body of `/api/v1/flows`.
+#[derive(Serialize)]
+struct FlowsBody {
+    flows: Vec<FlowView>,
+}
+
+/// The body of `/api/v1/paths` and `/api/v1/paths/stitched`.
+#[derive(Serialize)]
+struct PathsBody {
+    paths: Vec<Path>,
+}
+
+/// `?port=&host=&pid=&comm=`, as the command-line filters.
+#[derive(Debug, Default, Deserialize)]
+struct FilterQuery {
+    port: Option<u16>,
+    host: Option<std::net::IpAddr>,
+    pid: Option<u32>,
+    comm: Option<String>,
+}
+
+impl From<FilterQuery> for Filter {
+    fn from(q: FilterQuery) -> Self {
+        Self {
+            port: q.port,
+            host: q.host,
+            pid: q.pid,
+            comm: q.comm,
+        }
+    }
+}
+
+/// `GET /api/v1/paths/stitched`: this agent's recent paths and the other agents' (the
+/// peers, and every address of the peer service), joined per datagram.
+async fn stitched(State(state): State<AppState>, Query(q): Query<FilterQuery>) -> Response {
+    let filter = Filter::from(q);
+    let (mut parts, mut peers, service, bound) = {
+        let s = state.lock().expect("agent state");
+        let parts: Vec<Part> = s
+            .paths
+            .iter()
+            .filter(|p| filter.matches(p))
+            .map(|p| Part {
+                node: s.node.clone(),
+                path: p.clone(),
+            })
+            .collect();
+        (parts, s.peers.clone(), s.peer_service.clone(), s.bound)
+    };
+    if let Some(service) = service {
+        match tokio::net::lookup_host(service.as_str()).await {
+            Ok(addrs) => peers.extend(addrs.filter(|a| *a != bound).map(|a| format!("http://{a}"))),
+            Err(e) => {
+                return (
+                    StatusCode::BAD_GATEWAY,
+                    format!("resolving the peer service {service}: {e}\n"),
+                )
+                    .into_response()
+            }
+        }
+    }
+    let query = filter.query_string();
+    let fetched = tokio::task::spawn_blocking(move || {
+        peers
+            .iter()
+            .map(|p| {
+                let (node, url) = node_and_url(p);
+                fetch(&url, &node, &query)
+            })
+            .collect::<anyhow::Result<Vec<Vec<Part>>>>()
+    })
+    .await;
+    match fetched {
+        Ok(Ok(more)) => parts.extend(more.into_iter().flatten()),
+        Ok(Err(e)) => return (StatusCode::BAD_GATEWAY, format!("{e:#}\n")).into_response(),
+        Err(e) => return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response(),
+    }
+    Json(PathsBody {
+        paths: stitch(&parts),
+    })
+    .into_response()
+}
+
+async fn flows(State(state): State<AppState>, Query(q): Query<FilterQuery>) -> Response {
+    let filter = Filter::from(q);
+    let s = state.lock().expect("agent state");
+    let mut flows = s.flows.snapshot(&filter);
+    if let Some(cluster) = &s.cluster {
+        let names = cluster.directory();
+        flows.iter_mut().for_each(|v| names.decorate_flow(v));
+    }
+    Json(FlowsBody { flows }).into_response()
+}
+
+async fn paths(State(state): State<AppState>, Query(q): Query<FilterQuery>) -> Response {
+    let filter = Filter::from(q);
+    let s = state.lock().expect("agent state");
+    let mut paths: Vec<Path> = s
+        .paths
+        .iter()
+        .filter(|p| filter.matches(p))
+        .cloned()
+        .collect();
+    if let Some(cluster) = &s.cluster {
+        let names = cluster.directory();
+        paths.iter_mut().for_each(|p| names.decorate_path(p));
+    }
+    Json(PathsBody { paths }).into_response()
+}
+
+fn sampling_json(c: SampleConfig) -> serde_json::Value {
+    serde_json::json!({ "first": c.first, "every": c.every })
+}
+
+async fn sampling(State(state): State<AppState>) -> Response {
+    let s = state.lock().expect("agent state");
+    // What the kernel has, in effect now.
+    let now = s.sampler.as_ref().and_then(|m| m.get().ok());
+    Json(sampling_json(now.unwrap_or(s.sampling))).into_response()
+}
+
+/// `PUT /api/v1/sampling` with `{"every": N, "first": K}` (either may be left out).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SamplingChange {
+    every: Option<u32>,
+    first: Option<u32>,
+}
+
+async fn set_sampling(
+    State(state): State<AppState>,
+    change: Result<Json<SamplingChange>, axum::extract::rejection::JsonRejection>,
+) -> Response {
+    let bad = |msg: String| (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response();
+    let Json(change) = match change {
+        Ok(c) => c,
+        Err(e) => {
+            return bad(format!(
+                "{}; expected {{\"every\": N, \"first\": K}}",
+                e.body_text()
+            ))
+        }
+    };
+    let mut s = state.lock().expect("agent state");
+    let new = SampleConfig {
+        every: change.every.unwrap_or(s.sampling.every),
+        first: change.first.unwrap_or(s.sampling.first),
+    };
+    if new.every == 0 {
+        return bad("every = 0: at least 1 (1 traces every datagram)".into());
+    }
+    let Some(sampler) = s.sampler.as_mut() else {
+        return (
+            StatusCode::CONFLICT,
+            "sampling is not available: the drop hop is not attached (see `udptrace doctor`)\n",
+        )
+            .into_response();
+    };
+    if let Err(e) = sampler.set(new) {
+        return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response();
+    }
+    tracing::info!("sampling now: first {}, then 1 in {}", new.first, new.every);
+    s.sampling = new;
+    Json(sampling_json(new)).into_response()
+}
+
+async fn metrics(State(state): State<AppState>) -> Response {
+    let text = {
+        let s = state.lock().expect("agent state");
+        metrics::render(&Metrics {
+            flows: &s.flows,
+            losses: &s.losses,
+            hooks: &s.hooks,
+            per_flow: s.per_flow_metrics,
+            sampling: s.sampling,
+        })
+    };
+    match text {
+        Ok(text) => ([(header::CONTENT_TYPE, prometheus::TEXT_FORMAT)], text).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, e.to_string()).into_response(),
+    }
+}

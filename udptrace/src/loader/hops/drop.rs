@@ -1,0 +1,28 @@
+//! The drop hop: raw tracepoint `kfree_skb` with the reason, and `consume_skb`, where
+//! sampling forgets a datagram's decision when its skb is freed the other way.
+
+use aya::programs::RawTracePoint;
+use udptrace_common::{programs, Hook};
+
+use crate::{
+    kernel::offsets::Group,
+    loader::{
+        chain::{attach_chain, attach_raw_tp, need, unload_all, Ctx},
+        report::HopReport,
+    },
+};
+
+pub fn attach(ctx: &mut Ctx<'_>) -> HopReport {
+    attach_chain(ctx, "drop", &[(Hook::TpKfreeSkb.name(), raw_tp)])
+}
+
+fn raw_tp(ctx: &mut Ctx<'_>, _: &mut HopReport) -> Result<(), String> {
+    need(ctx.layout, &[Group::Skb, Group::Sock, Group::TpDrop])?;
+    attach_raw_tp(ctx.ebpf, programs::DROP_KFREE_SKB, "kfree_skb")?;
+    let consume = attach_raw_tp(ctx.ebpf, programs::SAMPLE_CONSUME_SKB, "consume_skb");
+    if consume.is_err() {
+        // The hop is reported unusable: nothing of it stays attached.
+        unload_all!(RawTracePoint, ctx.ebpf, [programs::DROP_KFREE_SKB]);
+    }
+    consume
+}

@@ -1,0 +1,97 @@
+//! Handles on the eBPF object's maps through file descriptors of their own: the flow table
+//! and counters (read on another thread), the sampling setting (changed while running).
+
+use std::os::fd::AsFd as _;
+
+use aya::{
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap},
+    Ebpf,
+};
+use udptrace_common::{names, FlowKey, FlowStats, SampleConfig};
+
+/// `name`'s map through a file descriptor of its own.
+fn own_map(ebpf: &Ebpf, name: &str) -> Option<Map> {
+    let (data, wrap): (&MapData, fn(MapData) -> Map) = match ebpf.map(name)? {
+        Map::PerCpuLruHashMap(d) => (d, Map::PerCpuLruHashMap),
+        Map::PerCpuArray(d) => (d, Map::PerCpuArray),
+        Map::Array(d) => (d, Map::Array),
+        _ => return None,
+    };
+    let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
+    Some(wrap(MapData::from_fd(fd).ok()?))
+}
+
+/// Sets which datagrams are traced hop by hop (`udptrace_common::SampleConfig`); the kernel
+/// programs read it for every new datagram.
+pub struct Sampler {
+    map: Array<MapData, SampleConfig>,
+}
+
+impl Sampler {
+    pub fn new(ebpf: &Ebpf) -> Option<Self> {
+        Some(Self {
+            map: Array::try_from(own_map(ebpf, names::SAMPLING)?).ok()?,
+        })
+    }
+
+    pub fn set(&mut self, config: SampleConfig) -> std::io::Result<()> {
+        self.map.set(0, config, 0).map_err(std::io::Error::other)
+    }
+
+    pub fn get(&self) -> std::io::Result<SampleConfig> {
+        self.map.get(&0, 0).map_err(std::io::Error::other)
+    }
+}
+
+/// Sums each flow's per-CPU counts.
+fn sum_flows(flows: &PerCpuHashMap<MapData, FlowKey, FlowStats>) -> Vec<(FlowKey, FlowStats)> {
+    flows
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, per_cpu)| {
+            let mut sum = FlowStats {
+                first_ns: u64::MAX,
+                ..FlowStats::default()
+            };
+            for s in per_cpu.iter().filter(|s| s.last_ns != 0) {
+                sum.packets += s.packets;
+                sum.bytes += s.bytes;
+                sum.errors += s.errors;
+                sum.first_ns = sum.first_ns.min(s.first_ns);
+                sum.last_ns = sum.last_ns.max(s.last_ns);
+            }
+            if sum.first_ns == u64::MAX {
+                sum.first_ns = 0;
+            }
+            (key, sum)
+        })
+        .collect()
+}
+
+/// The flow table and the counters through file descriptors of their own: usable from
+/// another thread, and after the programs are gone.
+pub struct FlowReader {
+    flows: PerCpuHashMap<MapData, FlowKey, FlowStats>,
+    stats: PerCpuArray<MapData, u64>,
+}
+
+impl FlowReader {
+    pub fn new(ebpf: &Ebpf) -> Option<Self> {
+        Some(Self {
+            flows: PerCpuHashMap::try_from(own_map(ebpf, names::FLOWS)?).ok()?,
+            stats: PerCpuArray::try_from(own_map(ebpf, names::STATS)?).ok()?,
+        })
+    }
+
+    /// How many flows the kernel had created, read first, then every flow it holds: a flow
+    /// created in between is in the table but not in the count, so evictions computed
+    /// from the two are never overestimated.
+    pub fn read(&self) -> (u64, Vec<(FlowKey, FlowStats)>) {
+        let created = self
+            .stats
+            .get(&udptrace_common::STAT_FLOW_NEW, 0)
+            .map(|v| v.iter().sum())
+            .unwrap_or(0);
+        (created, sum_flows(&self.flows))
+    }
+}

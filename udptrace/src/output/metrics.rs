@@ -1,0 +1,205 @@
+//! The agent's Prometheus text: counters since start, gauges of now.
+
+use std::net::SocketAddr;
+
+use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
+use udptrace_common::SampleConfig;
+
+use crate::pipeline::{filter::Filter, flows::FlowTable, Losses};
+
+/// Builds a counter or gauge family (or a single one, without labels) and sets its values.
+fn family<M: prometheus::core::Collector + Clone + 'static>(
+    registry: &Registry,
+    make: impl FnOnce() -> prometheus::Result<M>,
+) -> prometheus::Result<M> {
+    let metric = make()?;
+    registry.register(Box::new(metric.clone()))?;
+    Ok(metric)
+}
+
+/// What the metrics show.
+pub struct Metrics<'a> {
+    pub flows: &'a FlowTable,
+    pub losses: &'a Losses,
+    /// (hop, hook) in use.
+    pub hooks: &'a [(&'static str, &'static str)],
+    /// One series per flow too.
+    pub per_flow: bool,
+    pub sampling: SampleConfig,
+}
+
+/// The Prometheus text exposition (format 0.0.4) of the agent's state. Counters are the
+/// totals since the agent started: they only grow.
+pub fn render(s: &Metrics<'_>) -> prometheus::Result<String> {
+    let registry = Registry::new();
+    let totals = s.flows.totals();
+    for (name, help, values) in [
+        (
+            "udptrace_datagrams_total",
+            "UDP datagrams sent, by the sender's network namespace",
+            &totals.datagrams,
+        ),
+        (
+            "udptrace_bytes_total",
+            "UDP payload bytes sent, by the sender's network namespace",
+            &totals.bytes,
+        ),
+        (
+            "udptrace_send_errors_total",
+            "UDP sends that failed, by the sender's network namespace",
+            &totals.errors,
+        ),
+    ] {
+        let c = family(&registry, || {
+            IntCounterVec::new(Opts::new(name, help), &["netns"])
+        })?;
+        for (netns, v) in values {
+            c.with_label_values(&[&netns.to_string()]).inc_by(*v);
+        }
+    }
+    let drops = family(&registry, || {
+        IntCounterVec::new(
+            Opts::new(
+                "udptrace_drops_total",
+                "UDP datagrams dropped, by the kernel's reason and the namespace where it happened",
+            ),
+            &["reason", "netns"],
+        )
+    })?;
+    for ((reason, netns), v) in &totals.drops {
+        drops
+            .with_label_values(&[reason.as_str(), &netns.to_string()])
+            .inc_by(*v);
+    }
+    let nat = family(&registry, || {
+        IntCounterVec::new(
+            Opts::new(
+                "udptrace_nat_translations_total",
+                "NAT rewrites of UDP datagrams, by netfilter hook and kind",
+            ),
+            &["hook", "nat"],
+        )
+    })?;
+    for ((hook, kind), v) in &totals.nat {
+        nat.with_label_values(&[*hook, *kind]).inc_by(*v);
+    }
+    for (name, help, value) in [
+        (
+            "udptrace_events_lost_total",
+            "Hop events lost to a full ring buffer",
+            s.losses.ring_full,
+        ),
+        (
+            "udptrace_flow_evictions_total",
+            "Flows the kernel's LRU table evicted before they went idle",
+            totals.evictions,
+        ),
+        (
+            "udptrace_flows_expired_total",
+            "Flows forgotten after the idle time",
+            totals.expired,
+        ),
+        (
+            "udptrace_flows_not_counted_total",
+            "Datagrams whose flow could not be added to the kernel's table",
+            s.losses.flow_full,
+        ),
+    ] {
+        family(&registry, || IntCounter::new(name, help))?.inc_by(value);
+    }
+    family(&registry, || {
+        IntGauge::new(
+            "udptrace_sample_every",
+            "1 in this many datagrams of a flow is traced hop by hop after its first ones",
+        )
+    })?
+    .set(i64::from(s.sampling.every));
+    family(&registry, || {
+        IntGauge::new("udptrace_flows", "Flows tracked now")
+    })?
+    .set(i64::try_from(s.flows.len()).unwrap_or(i64::MAX));
+    let hooks = family(&registry, || {
+        IntGaugeVec::new(
+            Opts::new("udptrace_hook_info", "The kernel hook each hop uses"),
+            &["hop", "hook"],
+        )
+    })?;
+    for (hop, hook) in s.hooks {
+        hooks.with_label_values(&[*hop, *hook]).set(1);
+    }
+    family(&registry, || {
+        IntGaugeVec::new(
+            Opts::new("udptrace_build_info", "The agent's version"),
+            &["version"],
+        )
+    })?
+    .with_label_values(&[env!("CARGO_PKG_VERSION")])
+    .set(1);
+    if s.per_flow {
+        let per_flow = family(&registry, || {
+            IntCounterVec::new(
+                Opts::new(
+                    "udptrace_flow_datagrams_total",
+                    "UDP datagrams sent, per flow (only with --per-flow-metrics)",
+                ),
+                &["netns", "src", "dst"],
+            )
+        })?;
+        for flow in s.flows.snapshot(&Filter::default()) {
+            let show = |a: Option<SocketAddr>| a.map_or_else(|| "?".into(), |a| a.to_string());
+            per_flow
+                .with_label_values(&[
+                    &flow.netns.to_string(),
+                    &show(flow.orig.src),
+                    &show(flow.orig.dst),
+                ])
+                .inc_by(flow.packets);
+        }
+    }
+    TextEncoder::new().encode_to_string(&registry.gather())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Duration;
+
+    use super::*;
+    use crate::clock::Clock;
+
+    #[test]
+    fn metrics_are_prometheus_text_with_our_names() {
+        let mut flows = FlowTable::new(Clock::new(), Duration::from_secs(60), 16);
+        let key = udptrace_common::FlowKey {
+            netns: 7,
+            ..Default::default()
+        };
+        let stats = udptrace_common::FlowStats {
+            packets: 3,
+            bytes: 30,
+            ..Default::default()
+        };
+        flows.update_counts(&[(key, stats)], 1, 0);
+        let s = Metrics {
+            flows: &flows,
+            losses: &Losses::default(),
+            hooks: &[("send", "raw_tracepoint:sock:sock_send_length")],
+            per_flow: false,
+            sampling: SampleConfig {
+                first: 10,
+                every: 100,
+            },
+        };
+        let text = render(&s).unwrap();
+        for needle in [
+            "# TYPE udptrace_datagrams_total counter",
+            "udptrace_datagrams_total{netns=\"7\"} 3",
+            "udptrace_bytes_total{netns=\"7\"} 30",
+            "udptrace_hook_info{hook=\"raw_tracepoint:sock:sock_send_length\",hop=\"send\"} 1",
+            "udptrace_build_info{version=",
+            "udptrace_events_lost_total 0",
+            "udptrace_sample_every 100",
+        ] {
+            assert!(text.contains(needle), "{needle} in\n{text}");
+        }
+    }
+}

@@ -1,0 +1,1114 @@
+//! Path assembly: hops to one path per datagram, joined by skb, socket and IP identity.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::IpAddr,
+    time::SystemTime,
+};
+
+use udptrace_common::{Hook, RecvEvent, SendEvent, SkbEvent, SKB_UNSAMPLED};
+
+use crate::{
+    clock::Clock,
+    kernel::drop_reasons::DropReasons,
+    model::{Endpoints, Fragment, FragmentAction, Hop, HopKind, Path, PathType, Process, Verdict},
+    pipeline::{
+        events::{comm, Event},
+        explain::explain,
+        hops::{nat_hop, send_hop, skb_hop},
+        procs::SocketOwners,
+    },
+};
+
+/// How long a finished path waits for its send hop, which the tracepoint hook reports only
+/// after the send returns (after the datagram's later hops).
+const GRACE_NS: u64 = 100_000_000;
+/// A path with no verdict after this long is printed as incomplete.
+const IDLE_NS: u64 = 2_000_000_000;
+/// Paths assembled at once; beyond this the oldest is printed as incomplete.
+pub const MAX_OPEN: usize = 65_536;
+/// How often open paths are scanned for idleness.
+const SCAN_NS: u64 = 50_000_000;
+
+/// A path being assembled.
+#[derive(Debug)]
+struct Open {
+    id: String,
+    /// Send hop, if seen (always printed first), then the skb hops in arrival order.
+    send: Option<Hop>,
+    hops: Vec<Hop>,
+    /// The sending socket, from the send hop or the first skb hop.
+    sock: u64,
+    skb: u64,
+    /// Every skb that carried (part of) the datagram, and its IP identities: forgotten
+    /// when the path is printed.
+    skbs: Vec<u64>,
+    idents: Vec<Ident>,
+    first_ns: u64,
+    last_ns: u64,
+    verdict: Verdict,
+    /// The drop verdict came from a later fragment freed without a reason: a kernel may free
+    /// a fragment's skb that way while the datagram is reassembled and delivered (6.1 frees
+    /// a duplicate or a merged fragment so), so a delivery that follows still counts.
+    weak_drop: bool,
+    /// When the verdict was reached.
+    ended_ns: Option<u64>,
+    /// The receiving socket of a delivered datagram whose reader is not known yet.
+    reader_sk: u64,
+    /// Its first hop came flagged `SKB_UNSAMPLED`.
+    unsampled: bool,
+}
+
+impl Open {
+    fn into_path(self, complete: bool) -> Path {
+        let sampled = !self.unsampled || self.send.is_some();
+        let hops = mark_fragmentation(self.send.into_iter().chain(self.hops));
+        let first = hops.first().map(|h| h.addrs);
+        let last = hops.last().map(|h| h.addrs);
+        let empty = Endpoints {
+            src: None,
+            dst: None,
+        };
+        let mut path = Path {
+            ty: PathType::Path,
+            id: self.id,
+            ts: hops
+                .iter()
+                .map(|h| h.ts)
+                .min()
+                .unwrap_or(SystemTime::UNIX_EPOCH),
+            complete,
+            sampled,
+            orig: first.unwrap_or(empty),
+            last: last.unwrap_or(empty),
+            verdict: self.verdict,
+            explain: String::new(),
+            hops,
+            k8s: None,
+            nodes: Vec::new(),
+        };
+        path.explain = explain(&path);
+        path
+    }
+
+    /// Ready to print: a verdict, and the send hop if the datagram was sent here.
+    fn done(&self, now_ns: u64) -> bool {
+        match self.ended_ns {
+            Some(at) => {
+                let have_send = self.send.is_some() || self.sock == 0;
+                // A weak drop waits out the grace for a delivery that would overrule it.
+                (have_send && self.reader_sk == 0 && !self.weak_drop)
+                    || now_ns >= at.saturating_add(GRACE_NS)
+            }
+            None => false,
+        }
+    }
+}
+
+/// A later fragment freed without a reason: a kernel may free a fragment's skb that way
+/// while the datagram is reassembled and delivered, so it is a drop only if no delivery follows.
+fn is_weak_drop(hop: &Hop) -> bool {
+    hop.kind == HopKind::Drop
+        && hop.fragment.as_ref().is_some_and(|f| f.offset != 0)
+        && hop.reason.as_deref() == Some("NOT_SPECIFIED")
+}
+
+/// A datagram's IP identity: source, destination and identification. Fragments share it,
+/// and so do the pieces the kernel cuts a forwarded datagram into.
+type Ident = (IpAddr, IpAddr, u16);
+
+fn ident(hop: &Hop, ip_id: u16) -> Option<Ident> {
+    let (src, dst) = (hop.addrs.src?.ip(), hop.addrs.dst?.ip());
+    // IPv6 has an identification only in a fragment header.
+    (src.is_ipv4() || hop.fragment.is_some()).then_some((src, dst, ip_id))
+}
+
+/// The same observation point: one device's transmit (or ingress) in one namespace.
+fn same_point(a: &Hop, b: &Hop) -> bool {
+    let stage = |k: HopKind| match k {
+        HopKind::Encap => HopKind::Xmit,
+        HopKind::Decap => HopKind::Ingress,
+        k => k,
+    };
+    stage(a.kind) == stage(b.kind) && a.netns == b.netns && a.ifname == b.ifname
+}
+
+/// Whether transmitting on this hop's device hands the datagram out of this kernel: a
+/// device without a kind (a NIC; not loopback) or a tun/tap device (a VM or a VPN reads it).
+fn leaves_host(hop: &Hop) -> bool {
+    matches!(hop.kind, HopKind::Xmit | HopKind::Encap)
+        && hop.ifname.as_deref().is_some_and(|n| n != "lo")
+        && hop.ifkind.as_deref().is_none_or(|k| k == "tun")
+}
+
+/// Inserts a `fragment` hop where the datagram starts travelling as fragments, and where
+/// it is whole again.
+fn mark_fragmentation(hops: impl Iterator<Item = Hop>) -> Vec<Hop> {
+    let mut out: Vec<Hop> = Vec::new();
+    let mut last: Option<Fragment> = None;
+    for hop in hops {
+        if hop.kind != HopKind::Send {
+            let marker = match (&last, &hop.fragment) {
+                (None, Some(f)) => Some(Fragment {
+                    action: Some(FragmentAction::Split),
+                    offset: 0,
+                    ..f.clone()
+                }),
+                (Some(f), None) => Some(Fragment {
+                    action: Some(FragmentAction::Reassembled),
+                    ..f.clone()
+                }),
+                _ => None,
+            };
+            if let Some(fragment) = marker {
+                out.push(Hop {
+                    kind: HopKind::Fragment,
+                    nat: None,
+                    reason: None,
+                    process: None,
+                    fragment: Some(fragment),
+                    ..hop.clone()
+                });
+            }
+            last.clone_from(&hop.fragment);
+        }
+        out.push(hop);
+    }
+    out
+}
+
+/// Assembles hop events into one path per datagram.
+///
+/// A datagram is identified by its skb pointer inside this kernel; its send hop joins by the
+/// sending socket (`skb->sk` on the way out). A path ends on delivery or drop; one that
+/// reaches neither within [`IDLE_NS`] is printed with `complete: false`.
+#[derive(Debug, Default)]
+pub struct Assembler {
+    clock: Clock,
+    reasons: DropReasons,
+    /// By id, which grows with time: the first is the oldest.
+    open: BTreeMap<u64, Open>,
+    by_skb: HashMap<u64, u64>,
+    by_sock: HashMap<u64, u64>,
+    by_ident: HashMap<Ident, u64>,
+    /// Identities of printed fragmented datagrams, with when: their late fragments are not
+    /// new datagrams (bounded by [`MAX_OPEN`]).
+    printed_idents: HashMap<Ident, u64>,
+    /// Paths finished early — pushed out by [`MAX_OPEN`], or send-only paths superseded by a
+    /// later send on the same socket — waiting to be handed out (incomplete).
+    pending: Vec<Path>,
+    /// Paths that reached a verdict and wait (up to [`GRACE_NS`]) for their send hop or
+    /// reader: the only ones `collect` looks at on every call.
+    ended: Vec<u64>,
+    /// Paths delivered to a socket whose reader is not known yet, by socket.
+    waiting_readers: HashMap<u64, Vec<u64>>,
+    /// When the open paths were last scanned for idleness.
+    last_scan_ns: u64,
+    /// Who reads each receiving socket, from the recv hook (bounded by [`MAX_OPEN`]).
+    readers: HashMap<u64, Process>,
+    /// Who holds a receiving socket, from /proc, when no reader was seen.
+    owners: SocketOwners,
+    next: u64,
+}
+
+impl Assembler {
+    pub fn new(clock: Clock, reasons: DropReasons) -> Self {
+        Self {
+            clock,
+            reasons,
+            ..Self::default()
+        }
+    }
+
+    /// Paths being assembled.
+    #[cfg(test)]
+    pub fn open_paths(&self) -> usize {
+        self.open.len()
+    }
+
+    fn start(&mut self, ts_ns: u64, key: u64) -> u64 {
+        if self.open.len() >= MAX_OPEN {
+            if let Some(oldest) = self.open.keys().next().copied() {
+                let mut out = std::mem::take(&mut self.pending);
+                self.finish(oldest, false, &mut out);
+                self.pending = out;
+            }
+        }
+        self.next += 1;
+        let open = Open {
+            id: format!("{ts_ns:x}-{key:x}"),
+            send: None,
+            hops: Vec::new(),
+            sock: 0,
+            skb: 0,
+            skbs: Vec::new(),
+            idents: Vec::new(),
+            first_ns: ts_ns,
+            last_ns: ts_ns,
+            verdict: Verdict::Unknown,
+            weak_drop: false,
+            ended_ns: None,
+            reader_sk: 0,
+            unsampled: false,
+        };
+        self.open.insert(self.next, open);
+        self.next
+    }
+
+    /// Feeds one event; appends the paths it finished to `out`.
+    pub fn push(&mut self, event: &Event, out: &mut Vec<Path>) {
+        let now = match event {
+            Event::Send(ev) => {
+                self.push_send(ev);
+                ev.header.ts_ns
+            }
+            Event::Skb(ev) => {
+                self.push_skb(ev);
+                ev.header.ts_ns
+            }
+            Event::Nat(ev) => {
+                let hop = nat_hop(ev, &self.clock);
+                self.push_skb_hop(&ev.skb, hop);
+                ev.skb.header.ts_ns
+            }
+            Event::Recv(ev) => {
+                self.push_reader(ev);
+                ev.header.ts_ns
+            }
+        };
+        self.collect(now, out);
+    }
+
+    fn push_send(&mut self, ev: &SendEvent) {
+        let hop = send_hop(ev, &self.clock);
+        // The tracepoint hook reports the send after its skb hops: join that path. (An
+        // entry hook runs before them: a path waiting then is an earlier datagram's.)
+        let after = ev.header.hook == Hook::TpSockSendLength as u16;
+        let waiting = self.by_sock.get(&ev.sock).copied().filter(|id| {
+            after
+                && self.open.get(id).is_some_and(|o| {
+                    o.send.is_none()
+                        && o.hops.first().and_then(|h| h.addrs.src).map(|a| a.port())
+                            == Some(ev.src.port)
+                })
+        });
+        let id = match waiting {
+            Some(id) => id,
+            None => {
+                // An earlier send on this socket that never got an skb hop is over: it
+                // must not collect this datagram's hops.
+                if let Some(old) = self.by_sock.get(&ev.sock).copied() {
+                    if self
+                        .open
+                        .get(&old)
+                        .is_some_and(|o| o.send.is_some() && o.skb == 0)
+                    {
+                        let mut out = std::mem::take(&mut self.pending);
+                        self.finish(old, false, &mut out);
+                        self.pending = out;
+                    }
+                }
+                let id = self.start(ev.header.ts_ns, ev.sock);
+                self.by_sock.insert(ev.sock, id);
+                id
+            }
+        };
+        let open = self.open.get_mut(&id).expect("open path");
+        open.sock = ev.sock;
+        open.first_ns = open.first_ns.min(ev.header.ts_ns);
+        open.send = Some(hop);
+    }
+
+    fn push_skb(&mut self, ev: &SkbEvent) {
+        let hop = skb_hop(ev, &self.clock, &self.reasons);
+        self.push_skb_hop(ev, hop);
+    }
+
+    /// A task reads socket `ev.sk`: it is the receiver of what is (and will be) queued there.
+    fn push_reader(&mut self, ev: &RecvEvent) {
+        let reader = Process {
+            pid: ev.pid,
+            tid: ev.tid,
+            comm: comm(&ev.comm),
+            uid: Some(ev.uid),
+            cgroup: ev.cgroup,
+        };
+        for id in self.waiting_readers.remove(&ev.sk).unwrap_or_default() {
+            let Some(open) = self.open.get_mut(&id).filter(|o| o.reader_sk == ev.sk) else {
+                continue;
+            };
+            if let Some(hop) = open
+                .hops
+                .iter_mut()
+                .rev()
+                .find(|h| h.kind == HopKind::Deliver)
+            {
+                hop.process = Some(reader.clone());
+            }
+            open.reader_sk = 0;
+        }
+        if self.readers.len() >= MAX_OPEN {
+            self.readers.clear();
+        }
+        self.readers.insert(ev.sk, reader);
+    }
+
+    /// Adds a hop seen on `ev.skb` (xmit, drop, nat, deliver) to its datagram's path.
+    fn push_skb_hop(&mut self, ev: &SkbEvent, mut hop: Hop) {
+        let mut reader_sk = 0;
+        if hop.kind == HopKind::Deliver && hop.process.is_none() {
+            match self.readers.get(&ev.sk) {
+                Some(reader) => hop.process = Some(reader.clone()),
+                None => {
+                    // Look the holder up now, while it surely still runs (a reader blocked in
+                    // recvmsg before an fexit was attached is never reported by it); a reader
+                    // seen within the grace replaces it.
+                    if hop.sock_ino != 0 {
+                        hop.process = self.owners.owner(hop.sock_ino);
+                    }
+                    tracing::debug!(
+                        "deliver on socket inode {}: holder {:?}",
+                        hop.sock_ino,
+                        hop.process.as_ref().map(|p| p.pid)
+                    );
+                    reader_sk = ev.sk;
+                }
+            }
+        }
+        let ident = ident(&hop, ev.ip_id);
+        let later_fragment = hop.fragment.as_ref().is_some_and(|f| f.offset != 0);
+        // Fragments after the first leave with the sender's socket too: they join by identity.
+        let outbound = ev.sk != 0 && hop.kind != HopKind::Deliver && !later_fragment;
+        // A datagram that reached its verdict is over: a new one may reuse its skb. Unless
+        // the verdict was a weak drop and this is the delivery that overrules it.
+        let overrules = |o: &Open| o.weak_drop && hop.kind == HopKind::Deliver;
+        let known = self
+            .by_skb
+            .get(&ev.skb)
+            .copied()
+            .filter(|id| {
+                self.open
+                    .get(id)
+                    .is_some_and(|o| o.ended_ns.is_none() || overrules(o))
+            })
+            .or_else(|| {
+                // A fragment on an skb not seen yet: cut from a datagram already followed.
+                let id = self.by_ident.get(&ident?).copied()?;
+                (hop.fragment.is_some() && self.open.contains_key(&id)).then_some(id)
+            });
+        if known.is_some_and(|id| {
+            self.open
+                .get(&id)
+                .is_some_and(|o| o.ended_ns.is_some() && !overrules(o))
+        }) {
+            // A fragment of a datagram that already reached its verdict: a piece being freed
+            // with it (6.1 reports a reassembled datagram's fragments as kfree_skb
+            // NOT_SPECIFIED once it is read), not news about it.
+            return;
+        }
+        if later_fragment {
+            match known {
+                Some(id) => {
+                    let open = self.open.get_mut(&id).expect("open path");
+                    open.last_ns = open.last_ns.max(ev.header.ts_ns);
+                    if !open.skbs.contains(&ev.skb) {
+                        open.skbs.push(ev.skb);
+                    }
+                    self.by_skb.insert(ev.skb, id);
+                    // Counted on the first fragment's hop at the same point; only a fragment
+                    // seen alone (or dropped) is a hop of its own.
+                    let first = open.hops.iter_mut().rev().find(|h| {
+                        same_point(h, &hop)
+                            && h.fragment.as_ref().map(|f| f.ip_id) == Some(ev.ip_id)
+                    });
+                    if let (Some(first), false) = (first, hop.kind == HopKind::Drop) {
+                        if let Some(f) = first.fragment.as_mut() {
+                            f.fragments += 1;
+                        }
+                        return;
+                    }
+                }
+                // The rest of a datagram already printed.
+                None if ident.is_some_and(|i| {
+                    self.printed_idents
+                        .get(&i)
+                        .is_some_and(|at| ev.header.ts_ns.saturating_sub(*at) < IDLE_NS)
+                }) =>
+                {
+                    return
+                }
+                None => {}
+            }
+        }
+        // An entry hook (fentry/kprobe) reported the send first: the socket's first skb joins it.
+        let sent = || {
+            self.by_sock.get(&ev.sk).copied().filter(|id| {
+                self.open
+                    .get(id)
+                    .is_some_and(|o| o.send.is_some() && o.skb == 0)
+            })
+        };
+        let id = match known.or_else(|| outbound.then(sent).flatten()) {
+            Some(id) => id,
+            None => {
+                let id = self.start(ev.header.ts_ns, ev.skb);
+                self.open.get_mut(&id).expect("open path").unsampled =
+                    ev.flags & SKB_UNSAMPLED != 0;
+                if outbound {
+                    self.by_sock.insert(ev.sk, id);
+                    self.open.get_mut(&id).expect("open path").sock = ev.sk;
+                }
+                id
+            }
+        };
+        self.by_skb.insert(ev.skb, id);
+        if let Some(ident) = ident {
+            self.by_ident.insert(ident, id);
+        }
+        let open = self.open.get_mut(&id).expect("open path");
+        if !later_fragment {
+            open.skb = ev.skb;
+        }
+        if !open.skbs.contains(&ev.skb) {
+            open.skbs.push(ev.skb);
+        }
+        if let Some(ident) = ident.filter(|i| !open.idents.contains(i)) {
+            open.idents.push(ident);
+        }
+        open.last_ns = open.last_ns.max(ev.header.ts_ns);
+        // Out of the tunnel packet that carried it: the device decapsulated it.
+        if hop.kind == HopKind::Ingress && hop.tunnel.is_none() {
+            if let Some(carried) = open.hops.last().and_then(|h| h.tunnel.clone()) {
+                hop.kind = HopKind::Decap;
+                hop.tunnel = Some(carried);
+            }
+        }
+        // The first verdict stands; a drop or delivery after leaving on a NIC is more precise.
+        let open_verdict = matches!(open.verdict, Verdict::Unknown | Verdict::LeftHost);
+        match hop.kind {
+            HopKind::Drop if open_verdict => {
+                open.verdict = Verdict::Dropped;
+                open.weak_drop = is_weak_drop(&hop);
+            }
+            HopKind::Deliver if open_verdict || open.weak_drop => {
+                if open.weak_drop {
+                    // The fragment was freed as part of the reassembly, not lost: its hop
+                    // would show a drop in a delivered path.
+                    open.hops.retain(|h| !is_weak_drop(h));
+                    open.weak_drop = false;
+                }
+                open.verdict = Verdict::Delivered;
+            }
+            _ if open.verdict == Verdict::Unknown && leaves_host(&hop) => {
+                open.verdict = Verdict::LeftHost;
+            }
+            _ => {}
+        }
+        if open.verdict != Verdict::Unknown && open.ended_ns.is_none() {
+            open.ended_ns = Some(ev.header.ts_ns);
+            self.ended.push(id);
+        }
+        if reader_sk != 0 {
+            open.reader_sk = reader_sk;
+            let waiting = self.waiting_readers.entry(reader_sk).or_default();
+            if waiting.len() < MAX_OPEN {
+                waiting.push(id);
+            }
+        }
+        open.hops.push(hop);
+    }
+
+    /// Moves finished (and timed-out, and evicted) paths to `out`. Cheap on every event:
+    /// only paths with a verdict are looked at each time; the scan of every open path for
+    /// idleness runs at most every [`SCAN_NS`].
+    fn collect(&mut self, now_ns: u64, out: &mut Vec<Path>) {
+        out.append(&mut self.pending);
+        let mut ready: Vec<(u64, bool)> = Vec::new();
+        let open = &self.open;
+        self.ended.retain(|id| match open.get(id) {
+            Some(o) if o.done(now_ns) => {
+                ready.push((*id, true));
+                false
+            }
+            Some(_) => true,
+            None => false,
+        });
+        if now_ns.saturating_sub(self.last_scan_ns) >= SCAN_NS {
+            self.last_scan_ns = now_ns;
+            ready.extend(
+                self.open
+                    .iter()
+                    .filter(|(_, o)| {
+                        o.ended_ns.is_none()
+                            && now_ns.saturating_sub(o.last_ns.max(o.first_ns)) >= IDLE_NS
+                    })
+                    .map(|(id, _)| (*id, false)),
+            );
+            self.printed_idents
+                .retain(|_, at| now_ns.saturating_sub(*at) < IDLE_NS);
+            self.waiting_readers.retain(|_, ids| {
+                ids.retain(|id| open.contains_key(id));
+                !ids.is_empty()
+            });
+        }
+        ready.sort_by_key(|(id, _)| *id);
+        ready.dedup_by_key(|(id, _)| *id);
+        for (id, complete) in ready {
+            self.finish(id, complete, out);
+        }
+    }
+
+    fn finish(&mut self, id: u64, complete: bool, out: &mut Vec<Path>) {
+        let Some(open) = self.open.remove(&id) else {
+            return;
+        };
+        for skb in &open.skbs {
+            if self.by_skb.get(skb) == Some(&id) {
+                self.by_skb.remove(skb);
+            }
+        }
+        // Only a fragmented datagram has pieces that may still come after it is printed;
+        // remembering every datagram would grow the table with the packet rate.
+        let fragmented = open.hops.iter().any(|h| h.fragment.is_some());
+        for ident in &open.idents {
+            if self.by_ident.get(ident) == Some(&id) {
+                self.by_ident.remove(ident);
+            }
+            if fragmented && self.printed_idents.len() < MAX_OPEN {
+                self.printed_idents.insert(*ident, open.last_ns);
+            }
+        }
+        if self.by_sock.get(&open.sock) == Some(&id) {
+            self.by_sock.remove(&open.sock);
+        }
+        // A path that ended with a verdict is complete even if its send hop never came
+        // (a datagram from elsewhere, or a sender whose send hook is unavailable).
+        let complete = complete || open.ended_ns.is_some();
+        out.push(open.into_path(complete));
+    }
+
+    /// Prints what is due at `now_ns` (CLOCK_MONOTONIC), without new events.
+    pub fn tick(&mut self, now_ns: u64, out: &mut Vec<Path>) {
+        self.collect(now_ns, out);
+    }
+
+    /// Ends every open path (tracing stops): those without a verdict are incomplete.
+    pub fn flush(&mut self, out: &mut Vec<Path>) {
+        let mut ids: Vec<u64> = self.open.keys().copied().collect();
+        ids.sort_unstable();
+        for id in ids {
+            let done = self.open.get(&id).is_some_and(|o| o.ended_ns.is_some());
+            self.finish(id, done, out);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use udptrace_common::{
+        Hook, IP_MF, KIND_DELIVER, KIND_DROP, KIND_INGRESS, KIND_XMIT, TUNNEL_VXLAN,
+    };
+
+    use super::*;
+    use crate::pipeline::{
+        events::tests::{sample_send, sample_skb},
+        hops::tests::{clock, reasons},
+    };
+
+    const SOCK: u64 = 0xffff_8880_1234_5678;
+
+    fn skb(kind: u16, ts: u64, sk: u64) -> Event {
+        let mut ev = sample_skb(kind);
+        ev.header.ts_ns = ts;
+        ev.sk = sk;
+        Event::Skb(ev)
+    }
+
+    fn send(ts: u64) -> Event {
+        let mut ev = sample_send();
+        ev.header.ts_ns = ts;
+        Event::Send(ev)
+    }
+
+    #[test]
+    fn tracepoint_order_send_after_its_drop_joins_first() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&skb(KIND_XMIT, 10, SOCK), &mut out);
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        assert!(out.is_empty(), "waits for the send hop");
+        a.push(&send(30), &mut out);
+        assert_eq!(out.len(), 1);
+        let p = &out[0];
+        let kinds: Vec<HopKind> = p.hops.iter().map(|h| h.kind).collect();
+        assert_eq!(kinds, [HopKind::Send, HopKind::Xmit, HopKind::Drop]);
+        assert_eq!(p.verdict, Verdict::Dropped);
+        assert!(p.complete);
+        assert_eq!(p.hops[2].reason.as_deref(), Some("NO_SOCKET"));
+        assert_eq!(p.hops[1].ifname.as_deref(), Some("ut-b"));
+        assert_eq!(p.ts, clock().wall(10), "the earliest hop");
+        assert_eq!(a.open_paths(), 0);
+    }
+
+    #[test]
+    fn entry_hook_order_send_then_skb_hops_then_delivery() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&send(5), &mut out);
+        a.push(&skb(KIND_XMIT, 10, SOCK), &mut out);
+        let mut deliver = sample_skb(KIND_DELIVER);
+        deliver.header.ts_ns = 40;
+        deliver.sk = 0xdead; // the receiver's socket: never joins a send
+        deliver.pid = 77;
+        deliver.comm[..7].copy_from_slice(b"python3");
+        deliver.src.port = 999; // what the receiver sees
+        a.push(&Event::Skb(deliver), &mut out);
+        assert_eq!(out.len(), 1);
+        let p = &out[0];
+        assert_eq!(p.verdict, Verdict::Delivered);
+        assert_eq!(p.hops.len(), 3);
+        assert_eq!(
+            p.last.src.unwrap().port(),
+            999,
+            "final is the receiving socket's view"
+        );
+        assert_eq!(p.orig.src.unwrap().port(), 40112);
+        let json = serde_json::to_value(&p.hops[2]).unwrap();
+        assert_eq!(
+            (json["pid"].as_u64(), json["comm"].as_str()),
+            (Some(77), Some("python3"))
+        );
+        assert!(json.get("uid").is_none());
+    }
+
+    #[test]
+    fn a_path_without_its_send_is_printed_after_the_grace() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&skb(KIND_XMIT, 10, SOCK), &mut out);
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        a.tick(20 + GRACE_NS - 1, &mut out);
+        assert!(out.is_empty());
+        a.tick(20 + GRACE_NS, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].complete, "it has a verdict");
+        assert_eq!(out[0].hops.len(), 2);
+    }
+
+    fn reader(ts: u64, sk: u64, pid: u32) -> Event {
+        let mut comm = [0u8; 16];
+        comm[..7].copy_from_slice(b"dnsmasq");
+        Event::Recv(RecvEvent {
+            header: udptrace_common::EventHeader {
+                kind: udptrace_common::KIND_RECV,
+                hook: Hook::TpSockRecvLength as u16,
+                cpu: 0,
+                ts_ns: ts,
+            },
+            sk,
+            pid,
+            tid: pid,
+            comm,
+            ..RecvEvent::default()
+        })
+    }
+
+    fn delivered(ts: u64, sk: u64) -> Event {
+        let mut ev = sample_skb(KIND_DELIVER);
+        ev.header.ts_ns = ts;
+        ev.sk = sk;
+        Event::Skb(ev)
+    }
+
+    #[test]
+    fn the_reader_of_the_receiving_socket_is_named_whenever_it_reads() {
+        const RX: u64 = 0xffff_8880_9999_0000;
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        // Read after delivery (tracepoint sock_recv_length fires after the read).
+        a.push(&delivered(10, RX), &mut out);
+        assert!(out.is_empty(), "waits for the reader");
+        a.push(&reader(20, RX, 4242), &mut out);
+        assert_eq!(out.len(), 1);
+        let json = serde_json::to_value(&out[0].hops[0]).unwrap();
+        assert_eq!(
+            (json["pid"].as_u64(), json["comm"].as_str()),
+            (Some(4242), Some("dnsmasq"))
+        );
+        // Known reader (fentry on recvmsg fires before): named at once.
+        a.push(&delivered(30, RX), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(out[1].hops[0].process.as_ref().map(|p| p.pid), Some(4242));
+        // Nobody reads another socket: printed after the grace, without a process.
+        a.push(&delivered(40, 0xabc), &mut out);
+        a.tick(40 + GRACE_NS, &mut out);
+        assert_eq!(out.len(), 3);
+        assert_eq!(out[2].verdict, Verdict::Delivered);
+        assert!(out[2].hops[0].process.is_none());
+    }
+
+    #[test]
+    fn a_datagram_from_elsewhere_ends_at_once() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].verdict, Verdict::Dropped);
+    }
+
+    #[test]
+    fn no_verdict_means_incomplete_after_idle_and_on_flush() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&send(5), &mut out);
+        a.tick(5 + IDLE_NS - 1, &mut out);
+        assert!(out.is_empty());
+        // Idleness is looked for every SCAN_NS, not on every call.
+        a.tick(5 + IDLE_NS + SCAN_NS, &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(!out[0].complete);
+        assert_eq!(out[0].verdict, Verdict::Unknown);
+
+        a.push(&send(10 * IDLE_NS), &mut out);
+        a.flush(&mut out);
+        assert_eq!(out.len(), 2);
+        assert!(!out[1].complete);
+        assert_eq!(a.open_paths(), 0);
+    }
+
+    #[test]
+    fn an_unsampled_drop_is_a_path_of_its_own_that_says_so() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        // Reported only because it was dropped, in the receiver's namespace (no socket).
+        let Event::Skb(mut drop) = skb(KIND_DROP, 10, 0) else {
+            unreachable!()
+        };
+        drop.reason = 3;
+        drop.flags = SKB_UNSAMPLED;
+        a.push(&Event::Skb(drop), &mut out);
+        assert_eq!(out.len(), 1);
+        assert!(out[0].complete && !out[0].sampled);
+        assert_eq!(out[0].verdict, Verdict::Dropped);
+        assert!(out[0].explain.contains("not sampled"), "{}", out[0].explain);
+        // A sampled one is what it always was.
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        assert!(out[1].sampled);
+    }
+
+    #[test]
+    fn an_entry_hook_send_never_joins_an_earlier_datagram() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        // An unsampled datagram's drop on its way out (its send hop was not reported)...
+        let Event::Skb(mut drop) = skb(KIND_DROP, 10, SOCK) else {
+            unreachable!()
+        };
+        drop.flags = SKB_UNSAMPLED;
+        a.push(&Event::Skb(drop), &mut out);
+        // ...then the next datagram's send, reported by fentry before its skb hops.
+        let Event::Send(mut ev) = send(20) else {
+            unreachable!()
+        };
+        ev.header.hook = Hook::FentryUdpSendmsg as u16;
+        a.push(&Event::Send(ev), &mut out);
+        a.push(&skb(KIND_XMIT, 30, SOCK), &mut out);
+        a.push(&skb(KIND_DELIVER, 40, 0), &mut out);
+        a.tick(40 + GRACE_NS, &mut out);
+        assert_eq!(out.len(), 2, "{out:#?}");
+        let dropped = out.iter().find(|p| p.verdict == Verdict::Dropped).unwrap();
+        assert_eq!(dropped.hops.len(), 1);
+        assert!(!dropped.sampled);
+        let delivered = out
+            .iter()
+            .find(|p| p.verdict == Verdict::Delivered)
+            .unwrap();
+        assert_eq!(delivered.hops[0].kind, HopKind::Send);
+        assert!(delivered.sampled);
+    }
+
+    #[test]
+    fn a_send_without_skb_hops_does_not_collect_the_next_datagram() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&send(5), &mut out); // e.g. no route: no skb ever
+        a.push(&send(50), &mut out);
+        assert_eq!(out.len(), 1, "the first is over");
+        assert!(!out[0].complete);
+        a.push(&skb(KIND_XMIT, 60, SOCK), &mut out);
+        a.push(&skb(KIND_DROP, 70, 0), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_eq!(
+            out[1].hops.len(),
+            3,
+            "the second send got its xmit and drop"
+        );
+        assert_eq!(out[1].ts, clock().wall(50));
+    }
+
+    #[test]
+    fn skb_pointer_reuse_starts_a_new_path_after_the_first_ended() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        a.push(&skb(KIND_DROP, 20, 0), &mut out);
+        a.push(&skb(KIND_DROP, 30, 0), &mut out);
+        assert_eq!(out.len(), 2);
+        assert_ne!(out[0].id, out[1].id);
+    }
+
+    #[test]
+    fn an_encapsulated_xmit_is_an_encap_hop_with_vni_and_outer_addresses() {
+        let mut ev = sample_skb(KIND_XMIT);
+        ev.tunnel = TUNNEL_VXLAN;
+        ev.vni = 42;
+        ev.outer_src = udptrace_common::Addr {
+            family: 2,
+            port: 33000,
+            _pad: 0,
+            ip: [10, 203, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        ev.outer_dst = udptrace_common::Addr {
+            family: 2,
+            port: 4789,
+            _pad: 0,
+            ip: [10, 203, 0, 2, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+        };
+        let json = serde_json::to_value(skb_hop(&ev, &clock(), &reasons())).unwrap();
+        assert_eq!(json["kind"], "encap");
+        assert_eq!(json["tunnel"], "vxlan");
+        assert_eq!(json["vni"], 42);
+        assert_eq!(
+            json["outer"],
+            serde_json::json!({"src": "10.203.0.1:33000", "dst": "10.203.0.2:4789"})
+        );
+        assert_eq!(
+            json["dst"], "127.0.0.1:5353",
+            "src/dst stay the inner datagram's"
+        );
+    }
+
+    /// An skb event on device `ifname` of kind `ifkind` (empty: a NIC).
+    fn on_dev(kind: u16, ts: u64, skb: u64, ifname: &str, ifkind: &str) -> SkbEvent {
+        let mut ev = sample_skb(kind);
+        ev.header.ts_ns = ts;
+        ev.skb = skb;
+        ev.sk = 0;
+        ev.ifname = [0; 16];
+        ev.ifname[..ifname.len()].copy_from_slice(ifname.as_bytes());
+        ev.ifkind = [0; 16];
+        ev.ifkind[..ifkind.len()].copy_from_slice(ifkind.as_bytes());
+        ev
+    }
+
+    #[test]
+    fn arriving_out_of_a_tunnel_is_a_decap_hop() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        let mut encap = on_dev(KIND_XMIT, 10, 7, "veth-a", "veth");
+        encap.tunnel = TUNNEL_VXLAN;
+        encap.vni = 42;
+        encap.outer_src = sample_send().src;
+        encap.outer_dst = sample_send().dst;
+        let mut underlay = encap;
+        underlay.header.kind = KIND_INGRESS;
+        underlay.header.ts_ns = 11;
+        a.push(&Event::Skb(encap), &mut out);
+        a.push(&Event::Skb(underlay), &mut out);
+        a.push(
+            &Event::Skb(on_dev(KIND_INGRESS, 12, 7, "vxlan0", "vxlan")),
+            &mut out,
+        );
+        a.push(&Event::Skb(on_dev(KIND_DELIVER, 13, 7, "", "")), &mut out);
+        a.tick(13 + GRACE_NS, &mut out);
+        let kinds: Vec<HopKind> = out[0].hops.iter().map(|h| h.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                HopKind::Encap,
+                HopKind::Ingress,
+                HopKind::Decap,
+                HopKind::Deliver
+            ]
+        );
+        let decap = &out[0].hops[2];
+        assert_eq!(decap.tunnel.as_ref().map(|t| t.vni), Some(42));
+        assert_eq!(decap.ifkind.as_deref(), Some("vxlan"));
+        reads_back(&out[0]);
+    }
+
+    /// The path's JSON reads back as the path (what the contract leaves out aside).
+    fn reads_back(path: &Path) {
+        let json = serde_json::to_string(path).unwrap();
+        let back: Path = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, path.without_internals(), "{json}");
+    }
+
+    #[test]
+    fn transmitting_on_a_nic_or_tap_leaves_the_host_but_a_veth_does_not() {
+        for (ifname, ifkind, verdict) in [
+            ("eth0", "", Verdict::LeftHost),
+            ("tap0", "tun", Verdict::LeftHost),
+            ("veth0", "veth", Verdict::Unknown),
+            ("lo", "", Verdict::Unknown),
+        ] {
+            let mut a = Assembler::new(clock(), reasons());
+            let mut out = Vec::new();
+            a.push(
+                &Event::Skb(on_dev(KIND_XMIT, 10, 7, ifname, ifkind)),
+                &mut out,
+            );
+            a.tick(10 + IDLE_NS, &mut out);
+            assert_eq!(out[0].verdict, verdict, "{ifname}");
+            assert_eq!(out[0].complete, verdict == Verdict::LeftHost, "{ifname}");
+        }
+    }
+
+    /// Fragment `n` (0-based) of a 3000-byte datagram cut at 1480 bytes, on skb `skb`.
+    fn fragment(kind: u16, ts: u64, skb: u64, n: u16, dev: (&str, &str)) -> SkbEvent {
+        let mut ev = on_dev(kind, ts, skb, dev.0, dev.1);
+        ev.ip_id = 0x4242;
+        ev.ip_frag = (n * 185) | if n < 2 { IP_MF } else { 0 };
+        if n > 0 {
+            ev.src.port = 0;
+            ev.dst.port = 0;
+            ev.len = 1480;
+        } else {
+            ev.len = 3000;
+        }
+        ev
+    }
+
+    #[test]
+    fn fragments_join_their_datagram_and_are_counted_not_listed() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        // Cut at the sender: the first fragment is the datagram's own skb, the others new.
+        let pod = ("eth0", "veth");
+        let mut first = fragment(KIND_XMIT, 10, 7, 0, pod);
+        first.sk = SOCK;
+        a.push(&send(5), &mut out);
+        a.push(&Event::Skb(first), &mut out);
+        for n in 1..3 {
+            let mut ev = fragment(KIND_XMIT, 10 + u64::from(n), 7 + u64::from(n), n, pod);
+            ev.sk = SOCK;
+            a.push(&Event::Skb(ev), &mut out);
+        }
+        // Cut again on a smaller MTU by a router: every piece is a new skb.
+        let vx = ("vxlan0", "vxlan");
+        for (i, n) in [0u16, 1, 2].into_iter().enumerate() {
+            a.push(
+                &Event::Skb(fragment(KIND_XMIT, 20 + i as u64, 100 + i as u64, n, vx)),
+                &mut out,
+            );
+        }
+        // Reassembled at the receiver into the last fragment's skb, then delivered.
+        let mut whole = on_dev(KIND_DELIVER, 30, 102, "", "");
+        whole.ip_id = 0x4242;
+        whole.len = 3000;
+        a.push(&Event::Skb(whole), &mut out);
+        a.tick(30 + GRACE_NS, &mut out);
+        assert_eq!(out.len(), 1, "one datagram: {out:#?}");
+        let p = &out[0];
+        assert_eq!(p.verdict, Verdict::Delivered);
+        let kinds: Vec<HopKind> = p.hops.iter().map(|h| h.kind).collect();
+        assert_eq!(
+            kinds,
+            [
+                HopKind::Send,
+                HopKind::Fragment,
+                HopKind::Xmit,
+                HopKind::Xmit,
+                HopKind::Fragment,
+                HopKind::Deliver
+            ]
+        );
+        let counts: Vec<u32> = p
+            .hops
+            .iter()
+            .filter_map(|h| h.fragment.as_ref().map(|f| f.fragments))
+            .collect();
+        assert_eq!(counts, [3, 3, 3, 3]);
+        assert_eq!(
+            p.hops[1].fragment.as_ref().unwrap().action,
+            Some(FragmentAction::Split)
+        );
+        assert_eq!(
+            p.hops[4].fragment.as_ref().unwrap().action,
+            Some(FragmentAction::Reassembled)
+        );
+        assert!(p.explain.contains("3 IP fragments"), "{}", p.explain);
+        reads_back(p);
+        assert_eq!(a.open_paths(), 0);
+        assert!(
+            a.by_skb.is_empty() && a.by_ident.is_empty(),
+            "nothing left behind"
+        );
+        // A straggler of the printed datagram is not a new one.
+        a.push(
+            &Event::Skb(fragment(KIND_INGRESS, 40, 200, 2, vx)),
+            &mut out,
+        );
+        a.flush(&mut out);
+        assert_eq!(out.len(), 1);
+    }
+
+    #[test]
+    fn fragments_freed_after_the_delivery_do_not_make_it_a_drop() {
+        let mut a = Assembler::new(clock(), reasons());
+        let mut out = Vec::new();
+        let dev = ("ut-b", "veth");
+        a.push(&Event::Skb(fragment(KIND_INGRESS, 10, 1, 0, dev)), &mut out);
+        a.push(&Event::Skb(fragment(KIND_INGRESS, 11, 2, 1, dev)), &mut out);
+        a.push(&Event::Skb(fragment(KIND_INGRESS, 12, 3, 2, dev)), &mut out);
+        let mut whole = on_dev(KIND_DELIVER, 13, 3, "", "");
+        whole.ip_id = 0x4242;
+        a.push(&Event::Skb(whole), &mut out);
+        // Linux 6.1 frees the frag_list of a read datagram through kfree_skb.
+        let mut freed = fragment(KIND_DROP, 14, 1, 1, ("", ""));
+        freed.netns = 0;
+        freed.reason = 2;
+        a.push(&Event::Skb(freed), &mut out);
+        a.flush(&mut out);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].verdict, Verdict::Delivered, "{:#?}", out[0]);
+    }
+
+    /// Seen on Linux 6.1: a later fragment freed without a reason (a duplicate, or one
+    /// merged during reassembly) before the reassembled datagram is delivered.
+    #[test]
+    fn a_later_fragment_freed_without_a_reason_before_the_delivery_is_no_drop() {
+        let reasons = DropReasons::from_pairs([(2, "NOT_SPECIFIED"), (3, "NO_SOCKET")]);
+        let dev = ("ut-b", "veth");
+        for (reason, delivered) in [(2, true), (3, false)] {
+            let mut a = Assembler::new(clock(), reasons.clone());
+            let mut out = Vec::new();
+            for n in 0..3 {
+                let ev = fragment(KIND_INGRESS, 10 + u64::from(n), 1 + u64::from(n), n, dev);
+                a.push(&Event::Skb(ev), &mut out);
+            }
+            let mut freed = fragment(KIND_DROP, 14, 2, 1, ("", ""));
+            freed.netns = 0;
+            freed.reason = reason;
+            a.push(&Event::Skb(freed), &mut out);
+            let mut whole = on_dev(KIND_DELIVER, 15, 3, "", "");
+            whole.ip_id = 0x4242;
+            a.push(&Event::Skb(whole), &mut out);
+            a.flush(&mut out);
+            // After a real drop the delivery cannot be this datagram's: it starts its own.
+            assert_eq!(out.len(), if delivered { 1 } else { 2 }, "{out:#?}");
+            let want = if delivered {
+                Verdict::Delivered
+            } else {
+                Verdict::Dropped
+            };
+            assert_eq!(out[0].verdict, want, "reason {reason}: {:#?}", out[0]);
+            // A delivered datagram shows no drop; a dropped one shows where.
+            let drops = out[0]
+                .hops
+                .iter()
+                .filter(|h| h.kind == HopKind::Drop)
+                .count();
+            assert_eq!(drops, usize::from(!delivered), "{:#?}", out[0]);
+        }
+    }
+}

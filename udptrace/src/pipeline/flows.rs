@@ -1,0 +1,532 @@
+//! Per-flow aggregation: exact datagram and byte counts from the kernel's `FLOWS` map, and
+//! what the flow's paths tell — NAT before→after, drops by reason, the source the receiver
+//! sees, an explanation — plus totals that only grow, for Prometheus.
+
+use std::{
+    collections::{BTreeMap, HashMap},
+    net::SocketAddr,
+};
+
+use udptrace_common::{FlowKey, FlowStats};
+
+use crate::{
+    clock::Clock,
+    model::{Endpoints, FlowNat, FlowView, HopKind, NatKind, Path, Verdict},
+    pipeline::{events::socket_addr, filter::Filter},
+};
+
+/// A flow as its sender sees it: namespace, own address, the destination it named.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct FlowId {
+    pub netns: u32,
+    pub src: Option<SocketAddr>,
+    pub dst: Option<SocketAddr>,
+}
+
+impl FlowId {
+    pub fn from_kernel(key: &FlowKey) -> Self {
+        Self {
+            netns: key.netns,
+            src: socket_addr(&key.src),
+            dst: socket_addr(&key.dst),
+        }
+    }
+
+    /// The flow a path belongs to: its send hop's. A datagram not sent here has none.
+    pub fn of_path(path: &Path) -> Option<Self> {
+        let send = path.hops.first().filter(|h| h.kind == HopKind::Send)?;
+        Some(Self {
+            netns: send.netns,
+            src: send.addrs.src,
+            dst: send.addrs.dst,
+        })
+    }
+}
+
+/// Distinct rewrites kept per flow (a flow normally has one or two).
+const MAX_NAT: usize = 8;
+/// How long a flow seen only in a path waits for the kernel's table to show it.
+const PATH_ONLY_NS: u64 = 2_000_000_000;
+/// Datagrams in a row DNATed and then not delivered before a flow is called a black hole.
+const STALE_AFTER: u32 = 3;
+
+#[derive(Debug, Default)]
+struct Flow {
+    /// The kernel's key, once the kernel map has shown it (to remove it on expiry).
+    kernel: Option<FlowKey>,
+    /// Counts as last read from the kernel.
+    counted: FlowStats,
+    drops: BTreeMap<String, u64>,
+    nat: Vec<FlowNat>,
+    last: Option<Endpoints>,
+    process: Option<(u32, String)>,
+    explain: String,
+    /// DNATed datagrams in a row with no delivery.
+    undelivered_dnat: u32,
+    /// CLOCK_MONOTONIC ns of the latest thing seen (a count or a path).
+    active_ns: u64,
+    first_path_ns: u64,
+}
+
+/// Counts that only grow, by label, for the metrics.
+#[derive(Debug, Default, Clone)]
+pub struct Totals {
+    /// By sender namespace.
+    pub datagrams: BTreeMap<u32, u64>,
+    pub bytes: BTreeMap<u32, u64>,
+    pub errors: BTreeMap<u32, u64>,
+    /// By (reason, namespace where dropped).
+    pub drops: BTreeMap<(String, u32), u64>,
+    /// By (netfilter hook, dnat/snat): from the kernel's counters when given
+    /// ([`FlowTable::set_nat_totals`]), else from the paths seen.
+    pub nat: BTreeMap<(&'static str, &'static str), u64>,
+    /// Flows the kernel's LRU map evicted (created, not alive, not expired by us).
+    pub evictions: u64,
+    /// Flows expired after `idle`.
+    pub expired: u64,
+}
+
+/// Every flow seen, bounded by the kernel map's size and expiry after idleness.
+#[derive(Debug)]
+pub struct FlowTable {
+    clock: Clock,
+    idle_ns: u64,
+    flows: HashMap<FlowId, Flow>,
+    totals: Totals,
+    /// Flows removed from the kernel's map by [`FlowTable::expire`].
+    removed: u64,
+    max_flows: usize,
+    /// The flow of each (namespace, source, destination) its sampled paths showed at some
+    /// hop: a datagram sampling left out, reported from its drop or NAT hop on, is
+    /// counted in its flow through it.
+    seen_at: HashMap<HopTuple, FlowId>,
+    /// `totals.nat` comes from the kernel.
+    kernel_nat: bool,
+}
+
+/// A datagram's addresses at one hop, with the hop's namespace.
+type HopTuple = (u32, Option<SocketAddr>, Option<SocketAddr>);
+
+/// Tuples remembered per flow, on average, before [`FlowTable::seen_at`] starts over.
+const TUPLES_PER_FLOW: usize = 8;
+
+impl FlowTable {
+    /// A table of at most `max_flows` flows (the kernel map's size: a flow the kernel no
+    /// longer counts is not kept here either), forgotten after `idle`.
+    pub fn new(clock: Clock, idle: std::time::Duration, max_flows: usize) -> Self {
+        Self {
+            max_flows,
+            clock,
+            idle_ns: u64::try_from(idle.as_nanos()).unwrap_or(u64::MAX),
+            flows: HashMap::new(),
+            totals: Totals::default(),
+            removed: 0,
+            seen_at: HashMap::new(),
+            kernel_nat: false,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.flows.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.flows.is_empty()
+    }
+
+    pub fn totals(&self) -> &Totals {
+        &self.totals
+    }
+
+    /// Takes in a read of the kernel's map (every flow it holds, CPUs summed) and how many
+    /// flows the kernel had created just before that read: counts grow by what is new since the last read;
+    /// flows created that neither live nor expired here were evicted by the LRU, whether or
+    /// not a read ever saw them.
+    pub fn update_counts(&mut self, kernel: &[(FlowKey, FlowStats)], created: u64, now_ns: u64) {
+        self.read_counts(kernel, now_ns);
+        self.totals.evictions = self
+            .totals
+            .evictions
+            .max(created.saturating_sub(kernel.len() as u64 + self.removed));
+    }
+
+    fn read_counts(&mut self, kernel: &[(FlowKey, FlowStats)], now_ns: u64) {
+        let mut present = std::collections::HashSet::with_capacity(kernel.len());
+        for (key, stats) in kernel {
+            let id = FlowId::from_kernel(key);
+            present.insert(id);
+            let flow = self.flows.entry(id).or_default();
+            // A flow evicted and seen again starts from zero in the kernel.
+            let base = if stats.packets + stats.errors < flow.counted.packets + flow.counted.errors
+            {
+                FlowStats::default()
+            } else {
+                flow.counted
+            };
+            let grow = |total: &mut BTreeMap<u32, u64>, now: u64, before: u64| {
+                *total.entry(id.netns).or_default() += now.saturating_sub(before);
+            };
+            grow(&mut self.totals.datagrams, stats.packets, base.packets);
+            grow(&mut self.totals.bytes, stats.bytes, base.bytes);
+            grow(&mut self.totals.errors, stats.errors, base.errors);
+            if stats.last_ns > flow.counted.last_ns {
+                flow.active_ns = flow.active_ns.max(stats.last_ns);
+            }
+            flow.kernel = Some(*key);
+            flow.counted = *stats;
+        }
+        // Evicted by the kernel's LRU: forgotten here too (counted from the creations). A
+        // flow known only from a path is kept until the next read could have shown it.
+        self.flows.retain(|id, f| {
+            present.contains(id)
+                || (f.kernel.is_none() && now_ns.saturating_sub(f.active_ns) < PATH_ONLY_NS)
+        });
+    }
+
+    /// The kernel's count of every NAT rewrite (paths show only the sampled ones).
+    pub fn set_nat_totals(&mut self, counts: BTreeMap<(&'static str, &'static str), u64>) {
+        self.kernel_nat = true;
+        self.totals.nat = counts;
+    }
+
+    /// Takes in a finished path: its drops, rewrites, what the receiver saw.
+    pub fn observe(&mut self, path: &Path, now_ns: u64) {
+        for hop in path.hops.iter().filter(|_| !self.kernel_nat) {
+            if let Some(nat) = &hop.nat {
+                *self
+                    .totals
+                    .nat
+                    .entry((nat.nf_hook.name(), nat.nat.name()))
+                    .or_default() += 1;
+            }
+        }
+        if path.verdict == Verdict::Dropped {
+            if let Some(drop) = path.hops.last() {
+                let reason = drop.reason.clone().unwrap_or_else(|| "?".into());
+                *self.totals.drops.entry((reason, drop.netns)).or_default() += 1;
+            }
+        }
+        let id = match FlowId::of_path(path) {
+            Some(id) => {
+                self.learn_tuples(path, id);
+                id
+            }
+            None if !path.sampled => match self.flow_of_unsampled(path) {
+                Some(id) => id,
+                None => return,
+            },
+            // A datagram not sent here.
+            None => return,
+        };
+        if !self.flows.contains_key(&id) && self.flows.len() >= self.max_flows {
+            // The kernel's table is full too: this flow was (or will be) evicted there.
+            return;
+        }
+        let flow = self.flows.entry(id).or_default();
+        flow.active_ns = flow.active_ns.max(now_ns);
+        if flow.first_path_ns == 0 {
+            flow.first_path_ns = now_ns;
+        }
+        if let Some(p) = path.hops[0].process.as_ref() {
+            flow.process = Some((p.pid, p.comm.clone()));
+        }
+        let mut dnat = false;
+        for hop in &path.hops {
+            let Some(nat) = &hop.nat else { continue };
+            dnat |= nat.nat == NatKind::Dnat;
+            let seen = FlowNat {
+                nat: nat.nat,
+                nf_hook: nat.nf_hook,
+                netns: hop.netns,
+                before: nat.before,
+                after: nat.after,
+            };
+            if !flow.nat.contains(&seen) && flow.nat.len() < MAX_NAT {
+                flow.nat.push(seen);
+            }
+        }
+        match path.verdict {
+            Verdict::Dropped => {
+                let reason = path
+                    .hops
+                    .last()
+                    .and_then(|h| h.reason.clone())
+                    .unwrap_or_else(|| "?".into());
+                *flow.drops.entry(reason).or_default() += 1;
+            }
+            Verdict::Delivered => flow.last = Some(path.last),
+            _ => {}
+        }
+        flow.undelivered_dnat = match (dnat, path.verdict) {
+            (_, Verdict::Delivered | Verdict::LeftHost) => 0,
+            (true, _) => flow.undelivered_dnat.saturating_add(1),
+            (false, _) => flow.undelivered_dnat,
+        };
+        flow.explain.clone_from(&path.explain);
+    }
+
+    fn learn_tuples(&mut self, path: &Path, id: FlowId) {
+        if self.seen_at.len() >= self.max_flows.saturating_mul(TUPLES_PER_FLOW) {
+            self.seen_at.clear();
+        }
+        for hop in &path.hops {
+            self.seen_at
+                .insert((hop.netns, hop.addrs.src, hop.addrs.dst), id);
+            if let Some(nat) = &hop.nat {
+                self.seen_at
+                    .insert((hop.netns, nat.before.src, nat.before.dst), id);
+            }
+        }
+    }
+
+    /// The flow of a path sampling left out, by the addresses at its first hop (before the
+    /// rewrite, for a NAT hop) as an earlier sampled path of the flow showed them.
+    fn flow_of_unsampled(&self, path: &Path) -> Option<FlowId> {
+        let hop = path.hops.iter().find(|h| h.kind != HopKind::Fragment)?;
+        let addrs = hop.nat.as_ref().map_or(hop.addrs, |n| n.before);
+        let id = self.seen_at.get(&(hop.netns, addrs.src, addrs.dst))?;
+        self.flows.contains_key(id).then_some(*id)
+    }
+
+    /// Forgets flows with nothing new for longer than the idle setting; returns their
+    /// kernel keys, to remove from the kernel map.
+    pub fn expire(&mut self, now_ns: u64) -> Vec<FlowKey> {
+        let idle_ns = self.idle_ns;
+        let stale: Vec<FlowId> = self
+            .flows
+            .iter()
+            .filter(|(_, f)| now_ns.saturating_sub(f.active_ns) > idle_ns)
+            .map(|(id, _)| *id)
+            .collect();
+        self.totals.expired += stale.len() as u64;
+        let keys: Vec<FlowKey> = stale
+            .into_iter()
+            .filter_map(|id| self.flows.remove(&id)?.kernel)
+            .collect();
+        self.removed += keys.len() as u64;
+        keys
+    }
+
+    /// The flows that pass `filter`, most datagrams first.
+    pub fn snapshot(&self, filter: &Filter) -> Vec<FlowView> {
+        let mut views: Vec<FlowView> = self
+            .flows
+            .iter()
+            .map(|(id, f)| self.view(id, f))
+            .filter(|v| filter.matches_flow(v))
+            .collect();
+        views.sort_by(|a, b| b.packets.cmp(&a.packets).then(a.orig.dst.cmp(&b.orig.dst)));
+        views
+    }
+
+    fn view(&self, id: &FlowId, f: &Flow) -> FlowView {
+        let first_ns = match (f.counted.first_ns, f.first_path_ns) {
+            (0, p) => p,
+            (k, 0) => k,
+            (k, p) => k.min(p),
+        };
+        let stale_dnat = f.undelivered_dnat >= STALE_AFTER;
+        let explain = match f.nat.iter().find(|n| n.nat == NatKind::Dnat) {
+            Some(d) if stale_dnat => format!(
+                "{} datagrams in a row were DNATed to {} ({} at {} in netns {}) and never \
+                 delivered: a stale conntrack entry to a backend that is gone?",
+                f.undelivered_dnat,
+                d.after.dst.map_or_else(|| "?".into(), |a| a.to_string()),
+                d.nat.name().to_uppercase(),
+                d.nf_hook.name(),
+                d.netns
+            ),
+            _ => f.explain.clone(),
+        };
+        FlowView {
+            orig: Endpoints {
+                src: id.src,
+                dst: id.dst,
+            },
+            last: f.last,
+            netns: id.netns,
+            packets: f.counted.packets,
+            bytes: f.counted.bytes,
+            errors: f.counted.errors,
+            drops: f.drops.clone(),
+            nat: f.nat.clone(),
+            first_seen: self.clock.wall(first_ns),
+            last_seen: self.clock.wall(f.active_ns),
+            pid: f.process.as_ref().map(|p| p.0),
+            comm: f.process.as_ref().map(|p| p.1.clone()),
+            stale_dnat,
+            explain,
+            k8s: None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::{Duration, SystemTime};
+
+    use udptrace_common::{Addr, AF_INET};
+
+    use super::*;
+    use crate::pipeline::hops::tests::sample_path;
+
+    fn clock() -> Clock {
+        Clock::with_boot(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000))
+    }
+
+    /// The kernel key of the sample path's flow.
+    fn key() -> FlowKey {
+        let path = sample_path();
+        let addr = |a: SocketAddr| {
+            let mut out = Addr {
+                family: AF_INET,
+                port: a.port(),
+                ..Addr::default()
+            };
+            if let std::net::IpAddr::V4(v4) = a.ip() {
+                out.ip[..4].copy_from_slice(&v4.octets());
+            }
+            out
+        };
+        FlowKey {
+            netns: path.hops[0].netns,
+            _pad: 0,
+            src: addr(path.hops[0].addrs.src.unwrap()),
+            dst: addr(path.hops[0].addrs.dst.unwrap()),
+        }
+    }
+
+    fn stats(packets: u64, last_ns: u64) -> FlowStats {
+        FlowStats {
+            packets,
+            bytes: packets * 3,
+            errors: 0,
+            first_ns: 10,
+            last_ns,
+        }
+    }
+
+    #[test]
+    fn counts_come_from_the_kernel_and_totals_only_grow() {
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        t.update_counts(&[(key(), stats(5, 100))], 1, 0);
+        t.update_counts(&[(key(), stats(8, 200))], 1, 0);
+        let v = t.snapshot(&Filter::default());
+        assert_eq!((v[0].packets, v[0].bytes), (8, 24));
+        assert_eq!(t.totals().datagrams[&key().netns], 8);
+        // Evicted by the kernel's LRU: gone here, counted as an eviction, totals kept.
+        t.update_counts(&[], 1, 0);
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.totals().evictions, 1);
+        // Back with fresh counts: the totals grow by them.
+        t.update_counts(&[(key(), stats(2, 300))], 2, 0);
+        assert_eq!(t.totals().datagrams[&key().netns], 10);
+    }
+
+    #[test]
+    fn paths_add_drops_nat_and_the_receivers_view() {
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        t.update_counts(&[(key(), stats(2, 100))], 1, 0);
+        let mut dropped = sample_path();
+        dropped.verdict = Verdict::Dropped;
+        let mut drop = dropped.hops[0].clone();
+        drop.kind = HopKind::Drop;
+        drop.process = None;
+        drop.reason = Some("NO_SOCKET".into());
+        dropped.hops.push(drop);
+        t.observe(&dropped, 150);
+        let mut delivered = sample_path();
+        delivered.verdict = Verdict::Delivered;
+        delivered.last.src = Some("10.0.0.9:1".parse().unwrap());
+        t.observe(&delivered, 160);
+        let v = &t.snapshot(&Filter::default())[0];
+        assert_eq!(v.drops["NO_SOCKET"], 1);
+        assert_eq!(v.last.unwrap().src, delivered.last.src);
+        assert_eq!(v.comm.as_deref(), Some("nc"));
+        assert_eq!(t.totals().drops[&("NO_SOCKET".to_string(), key().netns)], 1);
+        let json = serde_json::to_value(v).unwrap();
+        for field in [
+            "orig",
+            "final",
+            "netns",
+            "packets",
+            "bytes",
+            "drops",
+            "nat",
+            "first_seen",
+            "last_seen",
+            "explain",
+        ] {
+            assert!(json.get(field).is_some(), "{field} in {json}");
+        }
+    }
+
+    #[test]
+    fn an_unsampled_drop_counts_in_the_flow_its_sampled_paths_showed() {
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        t.update_counts(&[(key(), stats(2, 100))], 1, 0);
+        let path = sample_path();
+        t.observe(&path, 0);
+        // The next datagram was not sampled: only its drop, with the same addresses.
+        let mut drop = path.hops[0].clone();
+        drop.kind = HopKind::Drop;
+        drop.process = None;
+        drop.reason = Some("NO_SOCKET".into());
+        let mut unsampled = sample_path();
+        unsampled.sampled = false;
+        unsampled.verdict = Verdict::Dropped;
+        unsampled.hops = vec![drop.clone()];
+        t.observe(&unsampled, 0);
+        let v = t.snapshot(&Filter::default());
+        assert_eq!(v.len(), 1);
+        assert_eq!(v[0].drops["NO_SOCKET"], 1);
+        // Addresses no sampled path showed belong to no flow here.
+        drop.addrs.dst = Some("127.0.0.1:9".parse().unwrap());
+        unsampled.hops = vec![drop];
+        t.observe(&unsampled, 0);
+        assert_eq!(t.snapshot(&Filter::default())[0].drops["NO_SOCKET"], 1);
+        assert_eq!(t.totals().drops[&("NO_SOCKET".to_string(), key().netns)], 2);
+    }
+
+    #[test]
+    fn idle_flows_expire_and_leave_the_kernel_map_too() {
+        let mut t = FlowTable::new(clock(), Duration::from_nanos(1_000), 100);
+        t.update_counts(&[(key(), stats(1, 100))], 1, 0);
+        assert!(t.expire(1_000).is_empty());
+        assert_eq!(t.expire(1_101), vec![key()]);
+        assert_eq!(t.len(), 0);
+        assert_eq!(t.totals().expired, 1);
+    }
+
+    #[test]
+    fn repeated_dnat_without_delivery_is_called_stale() {
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        let mut path = sample_path();
+        let mut nat = path.hops[0].clone();
+        nat.kind = HopKind::Nat;
+        nat.process = None;
+        nat.nat = Some(crate::model::Nat {
+            nat: NatKind::Dnat,
+            nf_hook: crate::model::NfHook::Output,
+            before: path.hops[0].addrs,
+            after: Endpoints {
+                src: path.hops[0].addrs.src,
+                dst: Some("10.244.9.9:53".parse().unwrap()),
+            },
+            conntrack: None,
+        });
+        path.hops.push(nat);
+        path.verdict = Verdict::Unknown;
+        for i in 0..3 {
+            assert!(!t
+                .snapshot(&Filter::default())
+                .first()
+                .is_some_and(|v| v.stale_dnat));
+            t.observe(&path, 100 + i);
+        }
+        let v = &t.snapshot(&Filter::default())[0];
+        assert!(v.stale_dnat);
+        assert!(v.explain.contains("10.244.9.9:53"), "{}", v.explain);
+        assert_eq!(t.totals().nat[&("output", "dnat")], 3);
+    }
+}

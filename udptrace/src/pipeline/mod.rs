@@ -1,0 +1,389 @@
+//! The stages in data-flow order, and the one loop that drives them for every command:
+//!
+//! `ring` (ring buffer records) → `events` (typed, length-checked) → `hops` (the contract's
+//! hops) → `assemble` (one path per datagram; `procs` names receivers, `explain` writes
+//! the sentence) → `flows` (per-flow counts, from the kernel's table and the paths) → a
+//! [`Sink`] (`trace`'s lines, `flows`' table, the agent's API). `filter` selects paths and
+//! flows; `stitch` joins several nodes' parts of one datagram.
+//!
+//! [`Pipeline::run`] owns what every command shares: signals, the deadline, the ticks that
+//! follow devices and namespaces, the kernel's flow counters read on a thread of their
+//! own, and the final drain after everything is detached.
+
+pub mod assemble;
+pub mod events;
+pub mod explain;
+pub mod filter;
+pub mod flows;
+pub mod hops;
+pub mod procs;
+pub mod ring;
+pub mod stitch;
+
+use std::{
+    collections::{BTreeMap, HashSet},
+    time::Duration,
+};
+
+use anyhow::Context as _;
+use tokio::{
+    signal::unix::{signal, Signal, SignalKind},
+    time::{Instant, Interval},
+};
+use udptrace_common::{
+    FlowKey, FlowStats, SampleConfig, NF_INET_NUMHOOKS, STAT_FLOW_FULL, STAT_FLOW_NEW,
+    STAT_NAT_BASE, STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
+};
+
+use crate::{
+    clock::{monotonic_ns, Clock},
+    loader::{FlowReader, HopReport, LoadConfig, Sampler, Tracer},
+    model::{NfHook, Path},
+};
+use assemble::Assembler;
+use events::Event;
+use flows::FlowTable;
+use ring::{EventStream, Undecodable};
+
+/// The kernel's flow table as read at one moment: how many flows it had created, then
+/// every flow with its counts summed over CPUs.
+pub type FlowCounts = (u64, Vec<(FlowKey, FlowStats)>);
+
+/// What a command does with what the pipeline produces. [`Pipeline::run`] calls it; every
+/// method may end the run by returning a [`Stop`].
+pub trait Sink {
+    /// Hand the kernel's flow counters to [`Sink::counts`] every second.
+    const COUNTS: bool = false;
+    /// Read them once more when stopping, before detaching (a table of 100k flows takes
+    /// most of a second: the agent, which goes on serving, does without).
+    const LAST_COUNTS: bool = false;
+
+    /// Paths that finished; the sink takes them (`paths` is empty afterwards).
+    fn paths(&mut self, paths: &mut Vec<Path>) -> anyhow::Result<Option<Stop>>;
+
+    /// The kernel's flow counters (when [`Sink::COUNTS`]); apply them with
+    /// [`Pipeline::apply_flow_counts`].
+    fn counts(
+        &mut self,
+        _pipeline: &mut Pipeline,
+        _counts: FlowCounts,
+    ) -> anyhow::Result<Option<Stop>> {
+        Ok(None)
+    }
+
+    /// Everything is detached: the paths still being assembled (incomplete if they had no
+    /// verdict), why the run stopped, and what was lost.
+    fn finish(&mut self, stop: Stop, rest: Vec<Path>, losses: Losses) -> anyhow::Result<()>;
+}
+
+/// Why the pipeline stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// `--count` reached.
+    Count,
+    /// `--duration` elapsed.
+    Duration,
+    /// SIGINT or SIGTERM.
+    Signal,
+    /// stdout was closed.
+    ClosedOutput,
+}
+
+/// Loaded programs, the event stream and the assembler, driven by [`Pipeline::run`].
+pub struct Pipeline {
+    tracer: Tracer,
+    /// The kernel's flow table, read for `refresh_flows`.
+    flows: FlowReader,
+    stream: EventStream,
+    assembler: Assembler,
+    batch: Vec<Event>,
+    bad: Undecodable,
+    tick: Interval,
+    netns_scan: Interval,
+    deadline: Option<Instant>,
+    sigterm: Signal,
+    sigint: Signal,
+    /// Only hops in these namespaces are kept (an agent answering for one emulated node).
+    only: Option<HashSet<u32>>,
+}
+
+impl Pipeline {
+    /// Loads and attaches everything; stops by itself after `duration` if given.
+    pub fn start(
+        config: &LoadConfig,
+        sampling: SampleConfig,
+        duration: Option<Duration>,
+    ) -> anyhow::Result<Self> {
+        let mut tracer = Tracer::load(config)?;
+        if !sampling.is_all() {
+            tracer
+                .sampler()
+                .context(
+                    "sampling needs the drop hop (tracepoints skb:kfree_skb and \
+                     skb:consume_skb), which this kernel did not attach; run without sampling \
+                     (--sample-every 1) or see `udptrace doctor`",
+                )?
+                .set(sampling)
+                .context("setting the sampling rate")?;
+        }
+        let ring = tracer
+            .take_events()
+            .context("the eBPF object has no EVENTS ring buffer")?;
+        let stream = EventStream::new(ring).context("registering the ring buffer with tokio")?;
+        let assembler = Assembler::new(Clock::new(), tracer.drop_reasons().clone());
+        let flows = tracer
+            .flow_reader()
+            .context("the eBPF object has no FLOWS or STATS map")?;
+        Ok(Self {
+            tracer,
+            flows,
+            stream,
+            assembler,
+            batch: Vec::with_capacity(ring::BATCH),
+            bad: Undecodable::default(),
+            tick: tokio::time::interval(Duration::from_millis(50)),
+            // Namespaces (containers, pods) come and go: look for new ones every second.
+            netns_scan: tokio::time::interval(Duration::from_secs(1)),
+            deadline: duration.map(|d| Instant::now() + d),
+            sigterm: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
+            sigint: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            only: None,
+        })
+    }
+
+    /// From now on, only hops (and flows) in these network namespaces (by inode) count.
+    pub fn keep_only(&mut self, netns: HashSet<u32>) {
+        self.only = Some(netns);
+    }
+
+    fn kept(&self, netns: u32) -> bool {
+        self.only.as_ref().is_none_or(|only| only.contains(&netns))
+    }
+
+    /// How each hop is observed on this kernel (send first).
+    pub fn hops(&self) -> impl Iterator<Item = &HopReport> {
+        self.tracer.hops()
+    }
+
+    /// The send hop's hook in use, for the start line.
+    pub fn send_hook(&self) -> &'static str {
+        self.tracer.send_hook().unwrap_or("none")
+    }
+
+    /// Logs every hop that is not observed (everywhere), once at start.
+    pub fn warn_missing_hops(&self) {
+        self.tracer.warn_missing_hops();
+    }
+
+    /// A handle on the kernel's sampling setting (see [`Tracer::sampler`]).
+    pub fn sampler(&self) -> Option<Sampler> {
+        self.tracer.sampler()
+    }
+
+    /// Runs until a signal, the deadline or the sink stops it; then detaches everything
+    /// and hands the sink what was still being assembled.
+    pub async fn run<S: Sink>(mut self, sink: &mut S) -> anyhow::Result<Stop> {
+        let mut counts = if S::COUNTS {
+            // The kernel's flow counters are read every second on a thread of their own:
+            // a large table takes a while, and events and signals must not wait for it.
+            let reader = self
+                .tracer
+                .flow_reader()
+                .context("the eBPF object has no FLOWS or STATS map")?;
+            let (tx, rx) = tokio::sync::mpsc::channel(1);
+            std::thread::spawn(move || loop {
+                std::thread::sleep(Duration::from_secs(1));
+                if tx.blocking_send(reader.read()).is_err() {
+                    break;
+                }
+            });
+            Some(rx)
+        } else {
+            None
+        };
+        let mut finished = Vec::new();
+        let stop = loop {
+            let counted = async {
+                match counts.as_mut() {
+                    Some(rx) => rx.recv().await,
+                    None => std::future::pending().await,
+                }
+            };
+            let stop = tokio::select! {
+                step = self.step(&mut finished) => step?,
+                Some(read) = counted => sink.counts(&mut self, read)?,
+            };
+            if let Some(stop) = stop {
+                break stop;
+            }
+            if !finished.is_empty() {
+                if let Some(stop) = sink.paths(&mut finished)? {
+                    break stop;
+                }
+            }
+        };
+        tracing::debug!("stopping ({stop:?})");
+        if S::LAST_COUNTS {
+            let read = self.flows.read();
+            sink.counts(&mut self, read)?;
+        }
+        // Paths that finished in the last step, then those still being assembled.
+        let (losses, rest) = self.finish();
+        let rest = finished.drain(..).chain(rest).collect();
+        sink.finish(stop, rest, losses)?;
+        Ok(stop)
+    }
+
+    /// Waits for events or the next tick and appends the paths that finished to `out`.
+    /// `Some` when a signal came or the deadline passed.
+    async fn step(&mut self, out: &mut Vec<Path>) -> anyhow::Result<Option<Stop>> {
+        let sleep = async {
+            match self.deadline {
+                Some(d) => tokio::time::sleep_until(d).await,
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            r = self.stream.next_batch(&mut self.batch, &mut self.bad) => {
+                r.context("reading the ring buffer")?;
+            }
+            _ = self.tick.tick() => {
+                // A device appeared or went: attach to it now, and look for the namespace
+                // that may have come with it (a container's veth shows up in ours first).
+                if self.tracer.follow_devices() {
+                    self.cover_new_namespaces();
+                }
+            }
+            _ = self.netns_scan.tick() => self.cover_new_namespaces(),
+            () = sleep => return Ok(Some(Stop::Duration)),
+            _ = self.sigterm.recv() => return Ok(Some(Stop::Signal)),
+            _ = self.sigint.recv() => return Ok(Some(Stop::Signal)),
+        }
+        let only = self.only.take();
+        for event in self.batch.drain(..) {
+            let netns = match &event {
+                Event::Send(ev) => Some(ev.netns),
+                Event::Skb(ev) => Some(ev.netns),
+                Event::Nat(ev) => Some(ev.skb.netns),
+                // Readers name a socket's receiver; they carry no namespace.
+                Event::Recv(_) => None,
+            };
+            if netns.is_some_and(|n| only.as_ref().is_some_and(|o| !o.contains(&n))) {
+                continue;
+            }
+            self.assembler.push(&event, out);
+        }
+        self.only = only;
+        self.assembler.tick(monotonic_ns(), out);
+        Ok(None)
+    }
+
+    /// Brings `table` up to date with the kernel's flow counters, expires idle flows (here
+    /// and in the kernel) and returns the loss counters.
+    pub fn apply_flow_counts(
+        &mut self,
+        table: &mut FlowTable,
+        (created, mut kernel): FlowCounts,
+    ) -> Losses {
+        kernel.retain(|(key, _)| self.kept(key.netns));
+        table.update_counts(&kernel, created, monotonic_ns());
+        tracing::debug!(
+            "flows: {} in the kernel's table, {created} created there, {} here",
+            kernel.len(),
+            table.len()
+        );
+        let expired = table.expire(monotonic_ns());
+        self.tracer.remove_flows(&expired);
+        self.losses()
+    }
+
+    fn cover_new_namespaces(&mut self) {
+        let new = self.tracer.cover_new_namespaces();
+        if new > 0 {
+            tracing::info!("now covering {new} more network namespace(s)");
+        }
+    }
+
+    /// Stops: detaches everything at once (nothing of ours stays in the kernel while the
+    /// rest winds down), then ends every path being assembled (incomplete if it has no
+    /// verdict).
+    fn finish(self) -> (Losses, Vec<Path>) {
+        let losses = self.losses();
+        tracing::debug!("detaching");
+        let Self {
+            tracer,
+            mut assembler,
+            ..
+        } = self;
+        drop(tracer);
+        tracing::debug!("detached");
+        let mut paths = Vec::new();
+        assembler.flush(&mut paths);
+        tracing::debug!("{} open path(s) ended", paths.len());
+        (losses, paths)
+    }
+
+    /// NAT rewrites the kernel counted, by (netfilter hook, `dnat`/`snat`): every one,
+    /// whatever is sampled.
+    pub fn nat_counts(&self) -> BTreeMap<(&'static str, &'static str), u64> {
+        let stats = self.tracer.stats();
+        let mut out = BTreeMap::new();
+        for hook in 0..NF_INET_NUMHOOKS {
+            for (dnat, kind) in [(0, "snat"), (1, "dnat")] {
+                let i = (STAT_NAT_BASE + 2 * hook + dnat) as usize;
+                match stats.get(i) {
+                    Some(&n) if n > 0 => {
+                        out.insert((NfHook::from_kernel(hook).name(), kind), n);
+                    }
+                    _ => {}
+                }
+            }
+        }
+        out
+    }
+
+    /// What the kernel side lost or could not read, and records that did not decode.
+    fn losses(&self) -> Losses {
+        let stats = self.tracer.stats();
+        let stat = |i: u32| stats.get(i as usize).copied().unwrap_or(0);
+        Losses {
+            ring_full: stat(STAT_RINGBUF_FULL),
+            read_errors: stat(STAT_READ_ERROR),
+            user_read_errors: stat(STAT_USER_READ_ERROR),
+            pending_full: stat(STAT_PENDING_FULL),
+            flow_full: stat(STAT_FLOW_FULL),
+            flows_created: stat(STAT_FLOW_NEW),
+            undecodable: self.bad.0,
+        }
+    }
+}
+
+/// Counters of what was lost, for the exit line and the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Losses {
+    pub ring_full: u64,
+    pub read_errors: u64,
+    pub user_read_errors: u64,
+    pub pending_full: u64,
+    pub flow_full: u64,
+    /// Flows the kernel added to its table (not a loss: with its size, gives evictions).
+    pub flows_created: u64,
+    pub undecodable: u64,
+}
+
+impl std::fmt::Display for Losses {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} event(s) lost to a full ring buffer, {} kernel read error(s), {} unreadable send \
+             destination(s), {} pending-send table overflow(s), {} flow(s) not counted (flow \
+             table full), {} undecodable record(s)",
+            self.ring_full,
+            self.read_errors,
+            self.user_read_errors,
+            self.pending_full,
+            self.flow_full,
+            self.undecodable
+        )
+    }
+}

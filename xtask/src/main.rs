@@ -47,7 +47,7 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         secs: u64,
     },
-    /// Run only the soak test (tests/soak.rs) on this kernel, for as long as asked: the
+    /// Run only the soak test (tests/integration/soak.rs) on this kernel, for as long as asked: the
     /// agent under a sender at full speed; memory and fds flat, every datagram counted.
     Soak {
         /// Seconds of traffic (the suite's run is 60).

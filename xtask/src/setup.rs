@@ -30,7 +30,7 @@ const PACKAGES: &[&str] = &[
     "bpftool",
     // The benchmark compares the tracer's overhead with a bpftrace one-liner's.
     "bpftrace",
-    // Crafts the malformed packets of tests/malformed.rs.
+    // Crafts the malformed packets of tests/integration/malformed.rs.
     "python3-scapy",
     "util-linux",
     "procps",

@@ -130,22 +130,37 @@ pub fn run_host(totals: &mut Totals) -> Result<()> {
     Ok(())
 }
 
-/// Runs tests/soak.rs alone for `secs` seconds of traffic, printing what it measured.
+/// Runs the soak test (udptrace/tests/integration/soak.rs) alone for `secs` seconds of
+/// traffic, printing what it measured.
 pub fn soak(secs: u64) -> Result<()> {
     let binaries = build_tests()?;
     let exe = binaries
         .iter()
-        .find(|b| is_test_binary(b, "soak"))
-        .context("cargo built no soak test")?;
+        .find(|b| is_test_binary(b, INTEGRATION))
+        .context("cargo built no integration tests")?;
     exec(
         root_command(exe)
             .current_dir(workspace())
             .env("UDPTRACE_SOAK_SECS", secs.to_string())
-            .args(["--nocapture", "--test-threads=1"]),
+            .args(["--nocapture", "--test-threads=1", "soak::"]),
     )
 }
 
-/// Whether `path` is the binary cargo built for tests/`name`.rs (`name-<hash>`).
+/// The integration tests' binary (udptrace/tests/integration/, one module per hop or
+/// scenario).
+pub const INTEGRATION: &str = "integration";
+
+/// libtest filters for the integration test modules named in `list` (`overlay,nat`):
+/// `overlay::`, `nat::`. Empty for an empty list (every test).
+pub fn module_filters(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(|m| format!("{m}::"))
+        .collect()
+}
+
+/// Whether `path` is the binary cargo built for test target `name` (`name-<hash>`).
 pub fn is_test_binary(path: &str, name: &str) -> bool {
     std::path::Path::new(path)
         .file_name()
@@ -229,6 +244,12 @@ mod tests {
         assert!(!is_test_binary(soak, "so"));
         assert!(!is_test_binary("/w/target/release/deps/soakage-1", "soak"));
         assert!(!is_test_binary("/w/soak-1/deps/drop-2", "soak"));
+    }
+
+    #[test]
+    fn module_lists_become_filters() {
+        assert_eq!(module_filters("overlay, nat,"), ["overlay::", "nat::"]);
+        assert!(module_filters("").is_empty());
     }
 
     #[test]

@@ -20,7 +20,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     cmd::{exec, output, workspace},
-    test::{build_tests, Totals},
+    test::{build_tests, is_test_binary, module_filters, Totals, INTEGRATION},
 };
 
 /// Kernels tested by default: Debian 12's 6.1 LTS (cloud flavour: small, BTF, kprobes).
@@ -327,12 +327,15 @@ fn add_modules(st: &mut Staging, k: &Kernel) -> Result<()> {
 
 /// The guest's /init. The root is the initramfs itself (writable), so nothing is mounted
 /// over /tmp: the binaries sit at their host paths, which may be under /tmp.
-fn init_script(udptrace: &str, tests: &[String]) -> String {
-    let tests = tests
-        .iter()
-        .map(|t| format!("'{t}'"))
-        .collect::<Vec<_>>()
-        .join(" ");
+fn init_script(udptrace: &str, tests: &[String], filters: &[String]) -> String {
+    let quote = |items: &[String]| {
+        items
+            .iter()
+            .map(|t| format!("'{t}'"))
+            .collect::<Vec<_>>()
+            .join(" ")
+    };
+    let (tests, filters) = (quote(tests), quote(filters));
     format!(
         r#"#!/bin/sh
 export PATH=/usr/sbin:/usr/bin:/sbin:/bin HOME=/root RUST_BACKTRACE=1
@@ -351,7 +354,7 @@ echo "udptrace-vm: udptrace doctor"
 status=0
 for t in {tests}; do
     echo "udptrace-vm: running $t"
-    "$t" --test-threads=1 --show-output || status=1
+    "$t" --test-threads=1 --show-output {filters} || status=1
 done
 # Nothing else loads BPF programs here: any of ours still loaded after every run stopped
 # is a leak (a filter or link left behind). The kernel frees programs a moment after
@@ -416,7 +419,7 @@ fn write_cpio(root: &Path, out: &Path) -> Result<()> {
 }
 
 /// Builds the initramfs for `k`; returns its path.
-fn initramfs(k: &Kernel, udptrace: &Path, tests: &[String]) -> Result<PathBuf> {
+fn initramfs(k: &Kernel, udptrace: &Path, tests: &[String], filters: &[String]) -> Result<PathBuf> {
     let vm_dir = workspace().join("target/vm");
     let mut st = Staging::new(vm_dir.join(format!("root-{}", k.release)))?;
     for tool in TOOLS {
@@ -425,7 +428,7 @@ fn initramfs(k: &Kernel, udptrace: &Path, tests: &[String]) -> Result<PathBuf> {
     // iptables' match/target extensions, Python's standard library, name databases.
     st.copy_tree(Path::new("/usr/lib/x86_64-linux-gnu/xtables"), &[])?;
     st.copy_tree(Path::new("/usr/lib/python3.11"), PYTHON_SKIP)?;
-    // scapy (Debian's python3-scapy), which crafts tests/malformed.rs's packets.
+    // scapy (Debian's python3-scapy), which crafts tests/integration/malformed.rs's packets.
     st.copy_tree(Path::new("/usr/lib/python3/dist-packages/scapy"), &[])?;
     for f in [
         "/etc/passwd",
@@ -445,7 +448,7 @@ fn initramfs(k: &Kernel, udptrace: &Path, tests: &[String]) -> Result<PathBuf> {
     add_modules(&mut st, k)?;
     st.write(
         "/init",
-        &init_script(&udptrace.to_string_lossy(), tests),
+        &init_script(&udptrace.to_string_lossy(), tests, filters),
         0o755,
     )?;
     let out = vm_dir.join(format!("initramfs-{}.cpio", k.release));
@@ -524,21 +527,21 @@ fn boot(k: &Kernel, initrd: &Path, totals: &mut Totals) -> Result<bool> {
 
 /// Runs the integration suite in a VM per kernel spec.
 pub fn run(kernels: &[String], totals: &mut Totals) -> Result<()> {
-    // UDPTRACE_VM_TESTS=overlay,nat runs only the test binaries so named (a quicker loop
-    // when one kernel's behaviour is in question).
+    // UDPTRACE_VM_TESTS=overlay,nat runs only those modules of the integration tests (a
+    // quicker loop when one kernel's behaviour is in question).
     let only = std::env::var("UDPTRACE_VM_TESTS").unwrap_or_default();
-    let wanted =
-        |t: &str| only.is_empty() || only.split(',').any(|w| crate::test::is_test_binary(t, w));
+    let filters = module_filters(&only);
     let tests: Vec<String> = build_tests()?
         .into_iter()
-        .filter(|t| !t.contains("/xtask-") && wanted(t))
+        .filter(|t| !is_test_binary(t, "xtask"))
+        .filter(|t| filters.is_empty() || is_test_binary(t, INTEGRATION))
         .collect();
     let udptrace = workspace().join("target/release/udptrace");
     let mut failed = Vec::new();
     for spec in kernels {
         let started = Instant::now();
         let k = fetch(spec)?;
-        let initrd = initramfs(&k, &udptrace, &tests)?;
+        let initrd = initramfs(&k, &udptrace, &tests, &filters)?;
         let mb = fs::metadata(&initrd)?.len() / (1 << 20);
         eprintln!(
             "xtask: booting Linux {} ({mb} MiB initramfs) under qemu (TCG)",

@@ -1,16 +1,14 @@
 //! The send hop, end to end: real senders (nc, Python) in namespaces the test creates,
 //! the real udptrace binary, assertions on what a user reads in its JSON.
 
-mod common;
-
 use std::{
     io::Write as _,
     process::{Command, Stdio},
     time::Duration,
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 fn send_hop(path: &Value) -> &Value {
     assert_eq!(path["type"], "path", "{path}");
@@ -298,7 +296,8 @@ fn ctrl_c_stops_cleanly_and_removes_every_program() {
 #[test]
 fn errors_say_what_to_do() {
     require_root();
-    let (status, _, err) = udptrace(Command::new(UDPTRACE).args(["trace", "--port", "70000"]));
+    let (status, _, err) =
+        udptrace(Command::new(udptrace_bin()).args(["trace", "--port", "70000"]));
     assert_eq!(status.code(), Some(2));
     assert!(err.contains("--port"), "{err}");
 
@@ -311,7 +310,7 @@ fn errors_say_what_to_do() {
                 "--clear-groups",
                 "--inh-caps=-all",
             ])
-            .args([UDPTRACE, "trace"]),
+            .args([udptrace_bin(), "trace"]),
     );
     assert_eq!(status.code(), Some(1), "{err}");
     assert!(
@@ -324,7 +323,7 @@ fn errors_say_what_to_do() {
 #[test]
 fn doctor_explains_the_send_hook() {
     require_root();
-    let (status, out, _) = udptrace(Command::new(UDPTRACE).arg("doctor"));
+    let (status, out, _) = udptrace(Command::new(udptrace_bin()).arg("doctor"));
     assert!(status.success(), "{out}");
     for needle in [
         "kernel",
@@ -452,7 +451,7 @@ fn every_usable_send_hook_reports_the_same_fields() {
         }
         let disable = disabled.join(",");
         let (_, doctor, _) = udptrace(
-            Command::new(UDPTRACE)
+            Command::new(udptrace_bin())
                 .arg("doctor")
                 .env("UDPTRACE_DISABLE_HOOKS", &disable),
         );

@@ -1,9 +1,7 @@
 //! Delivery: the path ends at the receiving socket, naming the process that reads it, and
 //! `final` is what that process sees.
 
-mod common;
-
-use common::*;
+use udptrace_testkit::*;
 
 /// A receiver that prints "ready", then the source address of the first datagram, and
 /// keeps running a moment as a server would (a reader already blocked in recvmsg when

@@ -1,15 +1,13 @@
 //! NAT: every rewrite on the path, with the netfilter hook that made it and the namespace,
 //! checked against conntrack's own view of the flow and tcpdump on the receiving side.
 
-mod common;
-
 use std::process::Command;
 
-use common::*;
+use udptrace_testkit::*;
 
 /// Whether this kernel has BPF netfilter links; prints why not when it has none.
 fn netfilter_links() -> bool {
-    let (_, out, _) = udptrace(Command::new(UDPTRACE).arg("doctor"));
+    let (_, out, _) = udptrace(Command::new(udptrace_bin()).arg("doctor"));
     let usable = out
         .lines()
         .any(|l| l.starts_with("nat hop") && l.contains("uses netfilter-link"));

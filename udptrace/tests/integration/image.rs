@@ -1,15 +1,13 @@
 //! The agent's image (deploy/Containerfile, built by `cargo xtask image`) runs under podman
 //! with exactly the DaemonSet's capabilities, mounts and settings, and counts a datagram.
 
-mod common;
-
 use std::{
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 fn podman(args: &[&str]) -> std::process::Output {
     Command::new("podman")

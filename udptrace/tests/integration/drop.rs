@@ -1,16 +1,14 @@
 //! Drops: each path ends `dropped` with the kernel's reason, in the namespace where it
 //! happened, checked against ground truth (tcpdump, nstat, iptables counters).
 
-mod common;
-
 use std::{
     io::{BufRead as _, BufReader},
     process::Stdio,
     time::Duration,
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 fn last_hop(path: &Value) -> &Value {
     path["hops"].as_array().unwrap().last().unwrap()

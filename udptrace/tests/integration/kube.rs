@@ -3,8 +3,6 @@
 //! backed by a real dnsmasq in a pod on node B. A pod's query keeps its source; a node's
 //! own query is masqueraded — udptrace must say so, matching the source dnsmasq logs.
 
-mod common;
-
 use std::{
     io::{BufRead as _, BufReader},
     process::{Child, Stdio},
@@ -12,8 +10,8 @@ use std::{
     time::Duration,
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 const VIP: &str = "10.96.0.10";
 const DNS_POD: &str = "10.244.2.7";

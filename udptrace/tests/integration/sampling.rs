@@ -2,15 +2,13 @@
 //! every new NAT rewrite whatever was sampled; changeable while the agent runs — and the
 //! flow counts stay exact.
 
-mod common;
-
 use std::{
     process::Child,
     time::{Duration, Instant},
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 /// A receiver in b counting what it reads on each of `ports`; prints "ready", then one line
 /// per datagram.

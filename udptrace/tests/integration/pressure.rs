@@ -3,15 +3,13 @@
 //! lost. Every datagram must meet the same fate as without a tracer, the losses must be
 //! counted where a user looks, and both tracers must trace on once the pressure is gone.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 /// Delivered; delivered after a DNAT to 20801; no socket (NoPorts); dropped by a rule.
 const LISTEN: u16 = 20801;

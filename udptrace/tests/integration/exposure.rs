@@ -2,12 +2,10 @@
 //! anywhere it writes or keeps (its output, its API, its kernel maps), and an API reachable
 //! from the node itself only.
 
-mod common;
-
 use std::{collections::BTreeSet, process::Stdio, time::Duration};
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 /// The payload every test datagram carries.
 const SECRET: &[u8] = b"udptrace-secret!";
@@ -132,7 +130,7 @@ fn the_api_listens_on_loopback_unless_told_otherwise() {
     // In a namespace of its own: the default port cannot be taken by anyone else there,
     // and what listens there is the agent's alone.
     let ns = Netns::new("api");
-    let mut cmd = ns.cmd(UDPTRACE);
+    let mut cmd = ns.cmd(udptrace_bin());
     cmd.arg("agent").env_remove("UDPTRACE_LISTEN");
     let agent = Agent::start_command(cmd);
     assert_eq!(agent.url, "http://127.0.0.1:9720");
@@ -146,7 +144,7 @@ fn the_api_listens_on_loopback_unless_told_otherwise() {
     let (status, stderr) = agent.stop(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
     // Told otherwise, it does as told.
-    let mut cmd = ns.cmd(UDPTRACE);
+    let mut cmd = ns.cmd(udptrace_bin());
     cmd.args(["agent", "--listen", "0.0.0.0:9721"]);
     let agent = Agent::start_command(cmd);
     let listening =

@@ -3,14 +3,12 @@
 //! as the source (hairpin MASQUERADE). udptrace must show the DNAT, the MASQUERADE, the
 //! delivery to python3, and the source the receiver printed.
 
-mod common;
-
 use std::{
     process::{Command, Output},
     time::{Duration, Instant},
 };
 
-use common::*;
+use udptrace_testkit::*;
 
 /// podman with the settings that work on this kind of host (TOOLCHAIN.md): netavark, runc,
 /// explicit ulimits, the host's own root filesystem as an overlay.

@@ -1,15 +1,13 @@
 //! Per-flow counting: exact counts with the agent's API and with `flows --json`, Prometheus
 //! scraping the agent for real, and a clean stop on SIGTERM.
 
-mod common;
-
 use std::{
     process::{Command, Stdio},
     time::{Duration, Instant},
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 /// Sends `n` datagrams of `size` bytes from `ns` to `host:port` in one process.
 fn burst(ns: &Netns, host: &str, port: u16, n: usize, size: usize) {
@@ -125,7 +123,7 @@ fn flows_json_prints_one_exact_snapshot() {
     require_root();
     let net = Pair::new(&[]);
     let before = udptrace_program_ids();
-    let child = Command::new(UDPTRACE)
+    let child = Command::new(udptrace_bin())
         .args(["flows", "--json", "--duration", "4", "--port", "20911"])
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())

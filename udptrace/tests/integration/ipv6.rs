@@ -1,14 +1,12 @@
 //! IPv6 beyond the fixed header: a datagram behind a destination-options extension header,
 //! and one fragmented by its sender (a fragment header on each piece).
 
-mod common;
-
 use std::{
     io::{BufReader, Lines},
     process::{Child, ChildStdout},
 };
 
-use common::*;
+use udptrace_testkit::*;
 
 /// A receiver on [B6]:`port` in `b`, ready: it prints the length of what it gets.
 fn receiver(net: &Pair, port: u16) -> (Child, Lines<BufReader<ChildStdout>>) {

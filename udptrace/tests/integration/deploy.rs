@@ -1,9 +1,7 @@
 //! deploy/: every manifest validates against the Kubernetes schemas, strictly (unknown
 //! fields are errors), with the validator `cargo xtask setup` installs.
 
-mod common;
-
-use common::{daemonset_capabilities, DAEMONSET};
+use udptrace_testkit::{daemonset_capabilities, DAEMONSET};
 
 use std::{
     path::{Path, PathBuf},

@@ -4,15 +4,13 @@
 //! descriptors must stay flat once warm, no event may be lost then, and every datagram must
 //! be counted on its flow.
 
-mod common;
-
 use std::{
     process::Stdio,
     time::{Duration, Instant},
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 const LISTEN: u16 = 20811;
 const CLOSED: u16 = 20812;

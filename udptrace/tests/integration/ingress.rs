@@ -2,12 +2,10 @@
 //! other tc programs and filters (CNIs use tc), never change a datagram's fate, follow
 //! devices and namespaces that appear while tracing, and remove exactly what it added.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 fn tc(ns: &Netns, args: &[&str]) -> String {
     let out = ns.cmd("tc").args(args).output().expect("tc");

@@ -3,14 +3,12 @@
 //! on the underlay. And datagrams larger than the overlay's MTU: cut into fragments and put
 //! back together, or (don't-fragment set) dropped with ICMP fragmentation-needed.
 
-mod common;
-
 use std::{
     io::{BufReader, Lines},
     process::{Child, ChildStdout},
 };
 
-use common::*;
+use udptrace_testkit::*;
 
 /// A receiver on 10.205.0.2:`port` in node b that prints "ready", then the source and
 /// the length of what it gets.

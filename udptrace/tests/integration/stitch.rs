@@ -3,15 +3,13 @@
 //! path` and `/api/v1/paths/stitched` join the parts into the path one kernel-wide trace
 //! sees.
 
-mod common;
-
 use std::{
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 /// (kind, netns, ifname) of each hop, the way to compare paths.
 fn points(path: &Value) -> Vec<(String, u64, String)> {
@@ -89,7 +87,7 @@ fn two_nodes_parts_join_into_the_single_kernel_path() {
     assert_eq!(b["verdict"], "delivered", "{b}");
 
     // `udptrace path` asks both and joins them.
-    let out = Command::new(UDPTRACE)
+    let out = Command::new(udptrace_bin())
         .args([
             "path",
             "--agent",
@@ -151,7 +149,7 @@ fn a_missing_agent_is_a_clear_error() {
         .local_addr()
         .unwrap()
         .port();
-    let out = Command::new(UDPTRACE)
+    let out = Command::new(udptrace_bin())
         .args(["path", "--agent", &format!("http://127.0.0.1:{port}")])
         .output()
         .unwrap();

@@ -1,11 +1,9 @@
 //! What udptrace leaves in the kernel when it stops: nothing after SIGTERM or SIGINT, and
 //! after SIGKILL nothing a restart does not find and remove.
 
-mod common;
-
 use std::time::Duration;
 
-use common::*;
+use udptrace_testkit::*;
 
 /// The bpf filters named like ours on the ingress of `dev` in `ns`.
 fn our_filters(ns: &Netns, dev: &str) -> usize {

@@ -3,15 +3,13 @@
 //! IPv6 extension headers, zero checksums, VXLAN with garbage inside. The kernel decides each
 //! one's fate; the tracer must not change it, must survive, and flags the mis-sized ones.
 
-mod common;
-
 use std::{
     collections::BTreeMap,
     time::{Duration, Instant},
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 /// Sends the crafted packets out of `ut-a` to `mac` (ut-b). Fragment ids come from argv[2]
 /// so a run's fragments never meet an earlier run's still waiting for reassembly.

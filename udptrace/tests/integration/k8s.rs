@@ -3,8 +3,6 @@
 //! A Service-like DNAT in a real netns to a backend the EndpointSlice no longer lists is a
 //! stale conntrack entry at once; paths and flows name pods and the Service.
 
-mod common;
-
 use std::{
     io::{BufRead as _, BufReader},
     process::{Child, Stdio},
@@ -12,8 +10,8 @@ use std::{
     time::{Duration, Instant},
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 const FIXTURES: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/tests/fixtures/k8s");
 

@@ -2,15 +2,13 @@
 //! them), and with each one of them missing: it works with all of them, and a missing one
 //! is named, with what it costs, instead of paths quietly lacking hops.
 
-mod common;
-
 use std::{
     process::Command,
     time::{Duration, Instant},
 };
 
-use common::*;
 use serde_json::Value;
+use udptrace_testkit::*;
 
 /// `setpriv` running udptrace as root with exactly `caps` (DaemonSet spelling, e.g.
 /// `NET_ADMIN`): the bounding set limits what root's exec gets, nothing is inherited.
@@ -22,7 +20,7 @@ fn with_caps(caps: &[&str]) -> Command {
     let mut c = Command::new("setpriv");
     c.arg(format!("--bounding-set=-all,{}", set.join(",")))
         .arg("--inh-caps=-all")
-        .arg(UDPTRACE);
+        .arg(udptrace_bin());
     c
 }
 
@@ -64,7 +62,7 @@ fn the_daemonsets_capabilities_are_enough() {
     assert!(status.success(), "{stderr}");
     // Nothing missing that root has: a kernel may lack a hook for everyone (the 6.1 NAT
     // probe needs the nf_nat module loaded), which is not the capabilities' doing.
-    let root = Command::new(UDPTRACE)
+    let root = Command::new(udptrace_bin())
         .args(["trace", "--netns", "all", "--duration", "1"])
         .output()
         .unwrap();
@@ -119,7 +117,7 @@ fn a_missing_capability_is_named() {
     // Without CAP_SYS_ADMIN the test's namespaces cannot be entered: said for each hop
     // attached per namespace (tc ingress; netfilter links where the kernel has them, not
     // its global probes), and the host's own namespace is still covered.
-    let (_, doctor, _) = udptrace(Command::new(UDPTRACE).arg("doctor"));
+    let (_, doctor, _) = udptrace(Command::new(udptrace_bin()).arg("doctor"));
     let per_namespace: Vec<&str> = ["nat", "deliver"]
         .into_iter()
         .filter(|hop| {

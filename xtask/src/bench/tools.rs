@@ -1,0 +1,340 @@
+//! The tools measured while the sender runs (udptrace's agent and trace, tcpdump,
+//! bpftrace), what each cost, and the kernel's own per-program run time.
+
+use std::{
+    io::{BufRead as _, BufReader, Read},
+    path::{Path, PathBuf},
+    process::{Child, Command, Stdio},
+    sync::{mpsc, Arc, Mutex},
+    time::{Duration, Instant},
+};
+
+use anyhow::{bail, ensure, Context as _, Result};
+use udptrace_testkit::metric_value;
+
+use super::{Tool, ToolCost, DEV_B, PORT};
+
+/// A tool tracing while the sender runs.
+pub struct Running {
+    tool: Tool,
+    child: Child,
+    attach: Duration,
+    /// The agent's URL.
+    url: Option<String>,
+    output: Arc<Mutex<String>>,
+}
+
+impl Running {
+    /// `receiver_ns`: where tcpdump listens.
+    pub fn start(exe: &Path, receiver_ns: &str, tool: Tool, bpftrace: &str) -> Result<Self> {
+        let (mut cmd, ready) = match tool {
+            Tool::None => unreachable!("no tracer runs nothing"),
+            Tool::Agent => {
+                let mut c = Command::new(exe);
+                c.args(["agent", "--listen", "127.0.0.1:0", "--netns", "all"]);
+                (c, "udptrace: agent listening on ")
+            }
+            Tool::Trace => {
+                let mut c = Command::new(exe);
+                c.args(["trace", "--netns", "all"]);
+                (c, "udptrace: tracing")
+            }
+            Tool::Tcpdump => {
+                let mut c = Command::new("ip");
+                c.args([
+                    "netns",
+                    "exec",
+                    receiver_ns,
+                    "tcpdump",
+                    "-n",
+                    "-i",
+                    DEV_B,
+                    "-w",
+                    "/dev/null",
+                    "udp",
+                ]);
+                (c, "listening on")
+            }
+            Tool::Bpftrace => {
+                let mut c = Command::new("bpftrace");
+                c.args(["-e", bpftrace]);
+                (c, "Attaching ")
+            }
+        };
+        // trace prints every path: to /dev/null, so the terminal is not what is measured.
+        let stdout = if tool == Tool::Trace {
+            Stdio::null()
+        } else {
+            Stdio::piped()
+        };
+        let started = Instant::now();
+        let mut child = cmd
+            .stdout(stdout)
+            .stderr(Stdio::piped())
+            .spawn()
+            .with_context(|| format!("starting {}", crate::cmd::show(&cmd)))?;
+        let output = Arc::new(Mutex::new(String::new()));
+        let (tx, rx) = mpsc::channel();
+        let pipes: Vec<Box<dyn Read + Send>> = [
+            child
+                .stdout
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+            child
+                .stderr
+                .take()
+                .map(|p| Box::new(p) as Box<dyn Read + Send>),
+        ]
+        .into_iter()
+        .flatten()
+        .collect();
+        for pipe in pipes {
+            let (tx, output) = (tx.clone(), output.clone());
+            std::thread::spawn(move || {
+                for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    if let Some(at) = line.find(ready) {
+                        let _ = tx.send(line[at + ready.len()..].trim().to_string());
+                    }
+                    let mut o = output.lock().unwrap();
+                    o.push_str(&line);
+                    o.push('\n');
+                }
+            });
+        }
+        let mut running = Self {
+            tool,
+            child,
+            attach: Duration::ZERO,
+            url: None,
+            output,
+        };
+        match rx.recv_timeout(Duration::from_secs(120)) {
+            Ok(rest) => {
+                running.attach = started.elapsed();
+                if tool == Tool::Agent {
+                    running.url = Some(rest);
+                }
+                Ok(running)
+            }
+            Err(_) => bail!(
+                "{} did not get ready:\n{}",
+                tool.name(),
+                running.output.lock().unwrap()
+            ),
+        }
+    }
+
+    fn proc_file(&self, name: &str) -> Result<String> {
+        let path = PathBuf::from(format!("/proc/{}/{name}", self.child.id()));
+        std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
+    }
+
+    /// User and system CPU time so far, in clock ticks (all threads).
+    pub fn cpu_ticks(&self) -> Result<u64> {
+        let stat = self.proc_file("stat")?;
+        // Fields after the command name (which may hold spaces) in parentheses.
+        let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
+        let fields: Vec<&str> = rest.split_whitespace().collect();
+        // utime and stime are the 14th and 15th fields; `rest` starts at the 3rd.
+        let field = |i: usize| -> Result<u64> {
+            fields
+                .get(i - 3)
+                .context("/proc/PID/stat is short")?
+                .parse()
+                .context("/proc/PID/stat")
+        };
+        Ok(field(14)? + field(15)?)
+    }
+
+    /// Peak resident memory (VmHWM), KiB.
+    fn peak_kib(&self) -> Result<u64> {
+        self.proc_file("status")?
+            .lines()
+            .find_map(|l| l.strip_prefix("VmHWM:"))
+            .and_then(|v| v.split_whitespace().next()?.parse().ok())
+            .context("VmHWM in /proc/PID/status")
+    }
+
+    /// Reads what the tool cost, then stops it with SIGINT.
+    pub fn finish(mut self, ticks: u64, wall: Duration, sent: u64) -> Result<ToolCost> {
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+        let cpu = ticks as f64 / hz / wall.as_secs_f64();
+        let counted = match &self.url {
+            Some(url) => Some(agent_count(url, sent)?),
+            None => None,
+        };
+        let lost_metric = match &self.url {
+            Some(url) => Some(metric(url, "udptrace_events_lost_total")?),
+            None => None,
+        };
+        let peak_kib = self.peak_kib()?;
+        // SAFETY: kill(2) on our own child.
+        unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() > deadline {
+                let _ = self.child.kill();
+                bail!("{} did not stop on SIGINT", self.tool.name());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        };
+        // The readers see the pipes close.
+        std::thread::sleep(Duration::from_millis(100));
+        let output = self.output.lock().unwrap().clone();
+        // bpftrace ends on SIGINT with its map printed; the others with status 0.
+        ensure!(
+            status.success() || self.tool == Tool::Bpftrace,
+            "{} exited with {status}:\n{output}",
+            self.tool.name()
+        );
+        let lost = match self.tool {
+            Tool::Agent => lost_metric,
+            Tool::Trace => number_before(&output, " event(s) lost to a full ring buffer"),
+            Tool::Tcpdump => number_before(&output, " packets dropped by kernel"),
+            _ => None,
+        };
+        Ok(ToolCost {
+            cpu,
+            peak_kib,
+            attach: self.attach,
+            lost,
+            counted,
+        })
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            // SAFETY: kill(2) on our own child.
+            unsafe { libc::kill(self.child.id() as i32, libc::SIGINT) };
+            let _ = self.child.wait();
+        }
+    }
+}
+
+/// kernel.bpf_stats_enabled on while it lives, as it was before after.
+pub struct ProgStats(String);
+
+/// How udptrace's program names begin (udptrace-ebpf: one prefix per hook family).
+const PROGRAM_PREFIXES: &[&str] = &[
+    "send_", "xmit_", "drop_", "nat_", "deliver_", "recv_", "ingress_", "sample_",
+];
+
+const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";
+
+impl ProgStats {
+    pub fn enable() -> Result<Self> {
+        let before = std::fs::read_to_string(BPF_STATS).context(BPF_STATS)?;
+        std::fs::write(BPF_STATS, "1").context(BPF_STATS)?;
+        Ok(Self(before.trim().to_string()))
+    }
+
+    /// udptrace's programs (by name: the one udptrace running), by total run time: runs per
+    /// datagram, ns per run.
+    pub fn print(datagrams: u64) -> Result<()> {
+        let out = crate::cmd::output(Command::new("bpftool").args(["-j", "prog", "show"]))?;
+        let progs: Vec<serde_json::Value> = serde_json::from_str(&out).context("bpftool JSON")?;
+        let mut mine: Vec<(String, u64, u64)> = progs
+            .iter()
+            .filter(|p| {
+                let name = p["name"].as_str().unwrap_or_default();
+                PROGRAM_PREFIXES.iter().any(|ours| name.starts_with(ours))
+            })
+            .map(|p| {
+                (
+                    p["name"].as_str().unwrap_or("?").to_string(),
+                    p["run_cnt"].as_u64().unwrap_or(0),
+                    p["run_time_ns"].as_u64().unwrap_or(0),
+                )
+            })
+            .filter(|(_, runs, _)| *runs > 0)
+            .collect();
+        mine.sort_by_key(|(_, _, ns)| std::cmp::Reverse(*ns));
+        let total: u64 = mine.iter().map(|(_, _, ns)| ns).sum();
+        eprintln!(
+            "bench: eBPF time {:.0} ns per datagram sent ({datagrams} sent)",
+            total as f64 / datagrams.max(1) as f64
+        );
+        for (name, runs, ns) in mine {
+            eprintln!(
+                "bench:   {name:<16} {:>6.2} runs/datagram {:>6} ns/run {:>6.0} ns/datagram",
+                runs as f64 / datagrams.max(1) as f64,
+                ns / runs,
+                ns as f64 / datagrams.max(1) as f64
+            );
+        }
+        Ok(())
+    }
+}
+
+impl Drop for ProgStats {
+    fn drop(&mut self) {
+        let _ = std::fs::write(BPF_STATS, &self.0);
+    }
+}
+
+/// The number printed right before `suffix` in `text`.
+fn number_before(text: &str, suffix: &str) -> Option<u64> {
+    let end = text.find(suffix)?;
+    text[..end]
+        .rsplit(|c: char| !c.is_ascii_digit())
+        .next()?
+        .parse()
+        .ok()
+}
+
+fn http_get(url: &str) -> Result<String> {
+    udptrace_testkit::http::get(url).map_err(anyhow::Error::msg)
+}
+
+fn metric(url: &str, name: &str) -> Result<u64> {
+    let page = http_get(&format!("{url}/metrics"))?;
+    metric_value(&page, name)
+        .map(|v| v as u64)
+        .with_context(|| format!("{name} in /metrics"))
+}
+
+/// The agent's packet count over the benchmark's flows, once it has read the kernel's
+/// counters after the last datagram (it reads them every second).
+fn agent_count(url: &str, want: u64) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let body: serde_json::Value =
+            serde_json::from_str(&http_get(&format!("{url}/api/v1/flows?port={PORT}"))?)
+                .context("the agent's flows")?;
+        let counted: u64 = body["flows"]
+            .as_array()
+            .context("flows")?
+            .iter()
+            .filter_map(|f| f["packets"].as_u64())
+            .sum();
+        if counted >= want || Instant::now() > deadline {
+            return Ok(counted);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_counts_out_of_exit_lines() {
+        let line = "udptrace: stopped (Signal); 12 datagram(s) shown, 3471 event(s) lost to a full ring buffer, 0 kernel read error(s)";
+        assert_eq!(
+            number_before(line, " event(s) lost to a full ring buffer"),
+            Some(3471)
+        );
+        assert_eq!(
+            number_before("0 packets dropped by kernel", " packets dropped by kernel"),
+            Some(0)
+        );
+        assert_eq!(number_before("nothing", " packets dropped by kernel"), None);
+    }
+}

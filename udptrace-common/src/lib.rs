@@ -37,6 +37,9 @@ pub mod names {
     /// One [`crate::SampleConfig`]: which datagrams get their hops reported (runtime-settable).
     pub const SAMPLING: &str = "SAMPLING";
 
+    /// aya-log's read-only global: which log levels the kernel programs' code keeps.
+    pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
+
     /// Every map the agent opens by name.
     pub const ALL: [&str; 4] = [EVENTS, STATS, FLOWS, SAMPLING];
 }

@@ -4,9 +4,11 @@ use aya_ebpf::{
     macros::map,
     maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
+use aya_log_ebpf::debug;
 use udptrace_common::{
     FlowKey, FlowStats, NatEvent, Offsets, PendingSend, SkbEvent, EVENTS_BYTES, FLOWS_DEFAULT,
-    NF_INET_NUMHOOKS, PENDING_SENDS_MAX, STATS_LEN,
+    NF_INET_NUMHOOKS, PENDING_SENDS_MAX, STATS_LEN, STAT_FLOW_FULL, STAT_PENDING_FULL,
+    STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
 };
 
 #[map(name = "EVENTS")]
@@ -117,3 +119,37 @@ pub fn count(stat: u32) {
         unsafe { *slot += 1 };
     }
 }
+
+/// Counts a rare condition (a lost event, a full map, a failed read of the sender's
+/// memory) and, with kernel logs on (`udptrace --log-level debug`), names it through
+/// aya-log. Free when off: the loader sets aya-log's read-only `AYA_LOG_LEVEL` to 0 and the
+/// verifier drops the log code as unreachable.
+#[inline(always)]
+pub fn fault(stat: u32) {
+    count(stat);
+    match stat {
+        STAT_RINGBUF_FULL => debug!(&(), "event ring buffer full: a hop event was lost"),
+        STAT_FLOW_FULL => debug!(
+            &(),
+            "flow table refused a new flow: its datagrams are not counted"
+        ),
+        STAT_PENDING_FULL => debug!(&(), "pending-send table full: a send's destination is lost"),
+        STAT_USER_READ_ERROR => debug!(
+            &(),
+            "reading the sender's memory failed: the destination comes from the socket"
+        ),
+        STAT_READ_ERROR => debug!(&(), "a read of kernel memory failed"),
+        _ => {}
+    }
+}
+
+/// What a hop's entry point does with its `try_*` result: the failed read was counted
+/// where it happened; with kernel logs on it is named, with the program, too.
+macro_rules! finish {
+    ($result:expr, $program:literal) => {
+        if $result.is_err() {
+            aya_log_ebpf::debug!(&(), "{}: a kernel read failed, no hop reported", $program);
+        }
+    };
+}
+pub(crate) use finish;

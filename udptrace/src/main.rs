@@ -3,7 +3,7 @@
 use std::process::ExitCode;
 
 use clap::Parser as _;
-use tracing_subscriber::EnvFilter;
+use tracing_subscriber::{filter::LevelFilter, EnvFilter};
 
 use udptrace::cmd::{
     agent,
@@ -11,10 +11,18 @@ use udptrace::cmd::{
     doctor, flows, path, trace,
 };
 
-fn init_logging() {
+/// `--log-level` (for udptrace and its kernel programs; other crates stay at warnings), else
+/// `RUST_LOG`, else warnings.
+fn init_logging(level: Option<LevelFilter>) {
     // aya and aya-log log through the `log` crate; forward those records to tracing.
     let _ = tracing_log::LogTracer::init();
-    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn"));
+    let filter = match level {
+        Some(l) if l > LevelFilter::WARN => {
+            EnvFilter::new(format!("warn,udptrace={l},udptrace_ebpf={l}"))
+        }
+        Some(l) => EnvFilter::new(l.to_string()),
+        None => EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("warn")),
+    };
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
@@ -25,7 +33,7 @@ fn init_logging() {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
+    init_logging(cli.log_level);
     match cli.command {
         Command::Doctor => {
             // A report piped into `head` just stops (trace handles a closed pipe itself,

@@ -17,7 +17,7 @@ use aya_ebpf::{
 use udptrace_common::{Hook, RecvEvent, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL};
 
 use crate::{
-    maps::{count, offset, EVENTS, LOCAL_IN_SKB},
+    maps::{fault, finish, offset, EVENTS, LOCAL_IN_SKB},
     read::current::{header, task},
     read::kernel::{read_kernel, try_read_kernel, ReadError},
     read::skb::emit_for_sock,
@@ -31,7 +31,10 @@ pub fn deliver_fexit_enqueue(ctx: FExitContext) -> u32 {
     let skb: u64 = ctx.arg(1);
     let ret: i64 = ctx.arg(2);
     if ret == 0 {
-        let _ = emit_for_sock(KIND_DELIVER, Hook::FexitUdpEnqueue as u16, skb, sk);
+        finish!(
+            emit_for_sock(KIND_DELIVER, Hook::FexitUdpEnqueue as u16, skb, sk),
+            "deliver_fexit_enqueue"
+        );
     }
     0
 }
@@ -52,7 +55,7 @@ pub fn deliver_local_in(ctx: TcContext) -> i32 {
 /// Raw tracepoint sk_data_ready(const struct sock *sk): a socket was told data is queued.
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn deliver_sk_data_ready(ctx: RawTracePointContext) -> u32 {
-    let _ = try_data_ready(ctx.arg(0));
+    finish!(try_data_ready(ctx.arg(0)), "deliver_sk_data_ready");
     0
 }
 
@@ -87,7 +90,7 @@ fn emit_reader(hook: u16, sk: u64) {
         comm: task.comm,
     };
     if EVENTS.output::<RecvEvent>(&event, 0).is_err() {
-        count(STAT_RINGBUF_FULL);
+        fault(STAT_RINGBUF_FULL);
     }
 }
 

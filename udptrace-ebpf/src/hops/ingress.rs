@@ -6,7 +6,7 @@
 use aya_ebpf::{helpers::bpf_probe_read_kernel, macros::classifier, programs::TcContext};
 use udptrace_common::{Hook, KIND_INGRESS};
 
-use crate::read::skb::emit;
+use crate::{maps::finish, read::skb::emit};
 
 /// TC_ACT_UNSPEC: for tcx, TCX_NEXT (run the next program, then the stack); for a clsact
 /// filter in direct-action mode, continue with the next filter.
@@ -34,6 +34,6 @@ fn observe(ctx: &TcContext, hook: u16) {
     let ptr = ctx.skb.skb as u64;
     // SAFETY: reads our own stack slot.
     if let Ok(skb) = unsafe { bpf_probe_read_kernel(&raw const ptr) } {
-        let _ = emit(KIND_INGRESS, hook, skb, 0);
+        finish!(emit(KIND_INGRESS, hook, skb, 0), "ingress");
     }
 }

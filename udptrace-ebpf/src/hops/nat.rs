@@ -17,7 +17,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    maps::{count, offset, Scratch, EVENTS, NAT_BEFORE},
+    maps::{count, finish, offset, Scratch, EVENTS, NAT_BEFORE},
     read::kernel::{read_kernel, try_read_kernel, ReadError},
     read::skb::{fill, read_udp},
     sampling::{self, Decision},
@@ -44,7 +44,7 @@ fn hook_of(state: u64) -> Result<u32, ReadError> {
 #[classifier]
 pub fn nat_before(ctx: TcContext) -> i32 {
     let (state, skb) = nf_ctx(&ctx);
-    let _ = try_before(state, skb);
+    finish!(try_before(state, skb), "nat_before");
     NF_ACCEPT
 }
 
@@ -96,7 +96,7 @@ fn nat_settled_without_rewrite(skb: u64) -> bool {
 #[classifier]
 pub fn nat_after(ctx: TcContext) -> i32 {
     let (state, skb) = nf_ctx(&ctx);
-    let _ = try_after(state, skb);
+    finish!(try_after(state, skb), "nat_after");
     NF_ACCEPT
 }
 
@@ -174,6 +174,8 @@ fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<()
         ev._pad = 0;
         conntrack(skb, ev);
         if EVENTS.output::<NatEvent>(&*ev, 0).is_err() {
+            // Counted, not logged: a log call here takes nat_after's stack past the
+            // verifier's 512 bytes (the skb event's other emitters log it).
             count(STAT_RINGBUF_FULL);
         }
     }
@@ -283,6 +285,9 @@ pub fn nat_kretprobe_manip(_ctx: RetProbeContext) -> u32 {
         (true, false) => NF_INET_PRE_ROUTING,
         _ => NF_INET_POST_ROUTING,
     };
-    let _ = emit_nat(Hook::KprobeNfNat as u16, skb, hook, before.src, before.dst);
+    finish!(
+        emit_nat(Hook::KprobeNfNat as u16, skb, hook, before.src, before.dst),
+        "nat_kretprobe_manip"
+    );
     0
 }

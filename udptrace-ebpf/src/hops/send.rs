@@ -24,7 +24,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    maps::{count, offset, EVENTS, FLOWS, PENDING_SENDS},
+    maps::{count, fault, finish, offset, EVENTS, FLOWS, PENDING_SENDS},
     read::current::{header, task},
     read::kernel::{read_kernel, read_sock, read_sockaddr, read_user, Mem, ReadError},
     read::tracepoint::field,
@@ -50,7 +50,7 @@ fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
     }
     let Some(mut entry) = EVENTS.reserve::<SendEvent>(0) else {
         // The event is lost; the flow's count is not.
-        count(STAT_RINGBUF_FULL);
+        fault(STAT_RINGBUF_FULL);
         return Ok(());
     };
     // SAFETY: the reservation is sized for a SendEvent; `fill` writes every field.
@@ -93,7 +93,7 @@ fn count_flow(key: &FlowKey, ret: i32) {
     // the flow since the lookup, this still counts exactly once.
     match FLOWS.insert(key, stats, 0) {
         Ok(()) => count(STAT_FLOW_NEW),
-        Err(_) => count(STAT_FLOW_FULL),
+        Err(_) => fault(STAT_FLOW_FULL),
     }
 }
 
@@ -147,14 +147,20 @@ fn msghdr_dst(msg: u64) -> Result<Addr, ReadError> {
 /// int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
 #[fentry(function = "udp_sendmsg")]
 pub fn send_fentry_udp_sendmsg(ctx: FEntryContext) -> u32 {
-    let _ = fentry_send(&ctx, Hook::FentryUdpSendmsg as u16);
+    finish!(
+        fentry_send(&ctx, Hook::FentryUdpSendmsg as u16),
+        "send_fentry_udp_sendmsg"
+    );
     0
 }
 
 /// int udpv6_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
 #[fentry(function = "udpv6_sendmsg")]
 pub fn send_fentry_udpv6_sendmsg(ctx: FEntryContext) -> u32 {
-    let _ = fentry_send(&ctx, Hook::FentryUdpv6Sendmsg as u16);
+    finish!(
+        fentry_send(&ctx, Hook::FentryUdpv6Sendmsg as u16),
+        "send_fentry_udpv6_sendmsg"
+    );
     0
 }
 
@@ -171,14 +177,20 @@ fn fentry_send(ctx: &FEntryContext, hook: u16) -> Result<(), ReadError> {
 /// int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
 #[kprobe]
 pub fn send_kprobe_udp_sendmsg(ctx: ProbeContext) -> u32 {
-    let _ = kprobe_send(&ctx, Hook::KprobeUdpSendmsg as u16);
+    finish!(
+        kprobe_send(&ctx, Hook::KprobeUdpSendmsg as u16),
+        "send_kprobe_udp_sendmsg"
+    );
     0
 }
 
 /// int udpv6_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)
 #[kprobe]
 pub fn send_kprobe_udpv6_sendmsg(ctx: ProbeContext) -> u32 {
-    let _ = kprobe_send(&ctx, Hook::KprobeUdpv6Sendmsg as u16);
+    finish!(
+        kprobe_send(&ctx, Hook::KprobeUdpv6Sendmsg as u16),
+        "send_kprobe_udpv6_sendmsg"
+    );
     0
 }
 
@@ -246,7 +258,7 @@ fn remember(dst: Addr, sk: u64, mmsg: u64, vlen: u32) {
         .insert(bpf_get_current_pid_tgid(), pending, 0)
         .is_err()
     {
-        count(STAT_PENDING_FULL);
+        fault(STAT_PENDING_FULL);
     }
 }
 
@@ -259,7 +271,7 @@ fn forget() {
 ///                           struct sockaddr *addr, int addr_len)
 #[tracepoint]
 pub fn send_enter_sendto(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_sendto(&ctx);
+    finish!(try_enter_sendto(&ctx), "send_enter_sendto");
     0
 }
 
@@ -277,7 +289,7 @@ fn try_enter_sendto(ctx: &TracePointContext) -> Result<(), ReadError> {
 /// syscalls:sys_enter_sendmsg(int fd, struct user_msghdr *msg, unsigned flags)
 #[tracepoint]
 pub fn send_enter_sendmsg(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_sendmsg(&ctx);
+    finish!(try_enter_sendmsg(&ctx), "send_enter_sendmsg");
     0
 }
 
@@ -304,7 +316,7 @@ fn try_enter_sendmsg(ctx: &TracePointContext) -> Result<(), ReadError> {
 /// syscalls:sys_enter_sendmmsg(int fd, struct mmsghdr *mmsg, unsigned vlen, unsigned flags)
 #[tracepoint]
 pub fn send_enter_sendmmsg(ctx: TracePointContext) -> u32 {
-    let _ = try_enter_sendmmsg(&ctx);
+    finish!(try_enter_sendmmsg(&ctx), "send_enter_sendmmsg");
     0
 }
 
@@ -329,7 +341,10 @@ pub fn send_exit(_ctx: TracePointContext) -> u32 {
 /// socket send (raw: no trace record is built for the sends of other protocols either).
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn send_sock_send_length(ctx: RawTracePointContext) -> u32 {
-    let _ = try_sock_send_length(ctx.arg(0), ctx.arg(1));
+    finish!(
+        try_sock_send_length(ctx.arg(0), ctx.arg(1)),
+        "send_sock_send_length"
+    );
     0
 }
 

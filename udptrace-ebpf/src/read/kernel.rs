@@ -5,7 +5,7 @@ use udptrace_common::{
     Addr, AF_INET, AF_INET6, OFFSET_MISSING, STAT_READ_ERROR, STAT_USER_READ_ERROR,
 };
 
-use crate::maps::{count, offset};
+use crate::maps::{count, fault, offset};
 
 /// A failed read; counted in `STATS` where it is dropped.
 pub struct ReadError;
@@ -39,7 +39,7 @@ pub fn try_read_kernel<T>(base: u64, off: usize) -> Option<T> {
 pub fn read_user<T>(base: u64, off: usize) -> Result<T, ReadError> {
     // SAFETY: bpf_probe_read_user checks the address; a fault is an error.
     unsafe { bpf_probe_read_user((base as usize + off) as *const T) }.map_err(|_| {
-        count(STAT_USER_READ_ERROR);
+        fault(STAT_USER_READ_ERROR);
         ReadError
     })
 }

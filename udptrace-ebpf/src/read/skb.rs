@@ -13,7 +13,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    maps::{count, offset, Scratch, EVENTS},
+    maps::{fault, offset, Scratch, EVENTS},
     read::current::header,
     read::kernel::{read_kernel, try_read_kernel, ReadError},
     sampling::{self, Decision},
@@ -431,7 +431,7 @@ fn emit_sampled(
         0
     };
     if EVENTS.output::<SkbEvent>(&*ev, 0).is_err() {
-        count(STAT_RINGBUF_FULL);
+        fault(STAT_RINGBUF_FULL);
     }
     Ok(())
 }

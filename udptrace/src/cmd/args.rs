@@ -12,6 +12,11 @@ use crate::{loader::NetnsScope, output::table::SortBy, pipeline::filter::Filter}
 pub struct Cli {
     #[command(subcommand)]
     pub command: Command,
+    /// What to log on stderr: off, error, warn, info, debug or trace (else RUST_LOG, else
+    /// warn). `debug` also turns on the kernel programs' own logs: lost events, full maps,
+    /// failed reads, malformed headers, as they happen.
+    #[arg(long, global = true, value_name = "LEVEL")]
+    pub log_level: Option<tracing_subscriber::filter::LevelFilter>,
 }
 
 #[derive(Debug, Subcommand)]

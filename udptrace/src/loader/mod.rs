@@ -65,15 +65,21 @@ pub struct LoadConfig {
     /// The host's cgroup v2 hierarchy (the cgroup send hooks attach at its root); `None`:
     /// `UDPTRACE_CGROUP_ROOT`, else the one mounted here.
     pub cgroup_root: Option<PathBuf>,
+    /// The kernel programs' own debug logs (aya-log: lost events, full maps, failed reads).
+    /// Off, they cost nothing: the verifier drops the code.
+    pub kernel_log: bool,
 }
 
 impl LoadConfig {
     /// Defaults: `scope`, the default flow table, the cgroup hierarchy found here.
+    /// Kernel logs are on when this process logs debug records for `udptrace_ebpf`
+    /// (`--log-level debug`, or `RUST_LOG`).
     pub fn new(scope: NetnsScope) -> Self {
         Self {
             scope,
             flow_entries: FLOWS_DEFAULT,
             cgroup_root: None,
+            kernel_log: tracing::enabled!(target: "udptrace_ebpf", tracing::Level::DEBUG),
         }
     }
 }
@@ -98,6 +104,8 @@ pub struct Tracer {
     scope: NetnsScope,
     /// Drop reason names of this kernel.
     drop_reasons: DropReasons,
+    /// Loaded with kernel logs on.
+    kernel_log: bool,
 }
 
 impl Tracer {
@@ -119,8 +127,11 @@ impl Tracer {
         if EBPF_OBJECT.is_empty() {
             return Err(LoadError::NoObject);
         }
+        // aya-log's levels: 0 is off, 4 is debug (aya_log_common::Level::Debug).
+        let log_level: u8 = if config.kernel_log { 4 } else { 0 };
         let mut ebpf = EbpfLoader::new()
             .override_global(names::OFFSETS, &layout.offsets, true)
+            .override_global(names::AYA_LOG_LEVEL, &log_level, true)
             .map_max_entries(names::FLOWS, config.flow_entries)
             .load(EBPF_OBJECT)
             .map_err(|e| LoadError::Object(chain(&e)))?;
@@ -174,6 +185,7 @@ impl Tracer {
             netfilter,
             ingress,
             scope,
+            kernel_log: config.kernel_log,
         })
     }
 
@@ -273,6 +285,17 @@ impl Tracer {
                 let _ = flows.remove(key);
             }
         }
+    }
+
+    /// The reader of the kernel programs' logs, when they were loaded with them on. Can be
+    /// taken once, after everything is attached (it takes the log ring buffer's map).
+    pub fn take_kernel_logger(&mut self) -> Option<aya_log::EbpfLogger<&'static dyn log::Log>> {
+        if !self.kernel_log {
+            return None;
+        }
+        aya_log::EbpfLogger::init(&mut self.ebpf)
+            .inspect_err(|e| tracing::warn!("no kernel logs: {e}"))
+            .ok()
     }
 
     /// The event ring buffer. Can be taken once.

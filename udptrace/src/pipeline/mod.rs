@@ -26,7 +26,9 @@ use std::{
 };
 
 use anyhow::Context as _;
+use aya_log::EbpfLogger;
 use tokio::{
+    io::unix::{AsyncFd, AsyncFdReadyMutGuard},
     signal::unix::{signal, Signal, SignalKind},
     time::{Instant, Interval},
 };
@@ -103,6 +105,8 @@ pub struct Pipeline {
     deadline: Option<Instant>,
     sigterm: Signal,
     sigint: Signal,
+    /// The kernel programs' logs, when loaded with them on (`--log-level debug`).
+    kernel_log: Option<AsyncFd<EbpfLogger<&'static dyn log::Log>>>,
     /// Only hops in these namespaces are kept (an agent answering for one emulated node).
     only: Option<HashSet<u32>>,
 }
@@ -130,6 +134,16 @@ impl Pipeline {
             .take_events()
             .context("the eBPF object has no EVENTS ring buffer")?;
         let stream = EventStream::new(ring).context("registering the ring buffer with tokio")?;
+        let kernel_log = match tracer.take_kernel_logger() {
+            // SAFETY: the logger owns its ring buffer's map fd, which stays open and
+            // unchanged for as long as the AsyncFd owns the logger.
+            Some(logger) => Some(
+                unsafe { AsyncFd::register_with_interest(logger, tokio::io::Interest::READABLE) }
+                    .map_err(std::io::Error::from)
+                    .context("registering the kernel log ring buffer with tokio")?,
+            ),
+            None => None,
+        };
         let assembler = Assembler::new(Clock::new(), tracer.drop_reasons().clone());
         let flows = tracer
             .flow_reader()
@@ -147,6 +161,7 @@ impl Pipeline {
             deadline: duration.map(|d| Instant::now() + d),
             sigterm: signal(SignalKind::terminate()).context("installing a SIGTERM handler")?,
             sigint: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
+            kernel_log,
             only: None,
         })
     }
@@ -255,6 +270,12 @@ impl Pipeline {
                 }
             }
             _ = self.netns_scan.tick() => self.cover_new_namespaces(),
+            ready = kernel_log_ready(&mut self.kernel_log) => {
+                if let Ok(mut guard) = ready {
+                    guard.get_inner_mut().flush();
+                    guard.clear_ready();
+                }
+            }
             () = sleep => return Ok(Some(Stop::Duration)),
             _ = self.sigterm.recv() => return Ok(Some(Stop::Signal)),
             _ = self.sigint.recv() => return Ok(Some(Stop::Signal)),
@@ -355,6 +376,16 @@ impl Pipeline {
             flows_created: stat(STAT_FLOW_NEW),
             undecodable: self.bad.0,
         }
+    }
+}
+
+/// Waits until the kernel log ring has records; never, without kernel logs.
+async fn kernel_log_ready<'a>(
+    log: &'a mut Option<AsyncFd<EbpfLogger<&'static dyn log::Log>>>,
+) -> std::io::Result<AsyncFdReadyMutGuard<'a, EbpfLogger<&'static dyn log::Log>>> {
+    match log {
+        Some(fd) => fd.readable_mut().await,
+        None => std::future::pending().await,
     }
 }
 

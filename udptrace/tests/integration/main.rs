@@ -15,6 +15,7 @@ mod ingress;
 mod ipv6;
 mod k8s;
 mod kube;
+mod logs;
 mod malformed;
 mod nat;
 mod overlay;

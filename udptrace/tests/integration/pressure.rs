@@ -152,7 +152,8 @@ fn full_maps_and_lost_events_change_no_datagrams_fate() {
         "--sample-first",
         "0",
     ]);
-    let mut tracer = Tracer::start_held(&["--netns", "all"]);
+    // With the kernel programs' own logs on: they say what they lost, as it happens.
+    let mut tracer = Tracer::start_held(&["--netns", "all", "--log-level", "debug"]);
     // SAFETY: kill(2) on our own child.
     unsafe { libc::kill(agent.pid() as i32, libc::SIGSTOP) };
     let traced = blast(&net, flows, rounds);
@@ -231,6 +232,11 @@ fn full_maps_and_lost_events_change_no_datagrams_fate() {
         })
         .unwrap_or_else(|| panic!("no loss count in {stderr}"));
     assert!(lost > 0, "trace's blocked reader lost events: {stderr}");
+    assert!(
+        stderr.contains("event ring buffer full: a hop event was lost"),
+        "the kernel programs' log names the loss: {}",
+        stderr.lines().rev().take(40).collect::<Vec<_>>().join("\n")
+    );
     let (status, stderr) = agent.stop(libc::SIGTERM);
     assert!(status.success(), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");

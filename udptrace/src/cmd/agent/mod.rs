@@ -38,9 +38,9 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let only = netns_inodes(&settings.only_netns)?;
     let load = LoadConfig {
-        scope: settings.netns,
         flow_entries: settings.flow_entries,
         cgroup_root: settings.cgroup_root.clone(),
+        ..LoadConfig::new(settings.netns)
     };
     let mut pipeline = Pipeline::start(&load, settings.sampling, None)?;
     if let Some(only) = only {

@@ -5,6 +5,7 @@ mod cmd;
 mod fuzz;
 mod image;
 mod setup;
+mod suite;
 mod test;
 mod vm;
 
@@ -73,10 +74,10 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     let result: Result<()> = match cli.task {
         Task::Setup => setup::run(),
-        Task::Build => setup::run().and_then(|()| test::build_release()),
+        Task::Build => setup::run().and_then(|()| suite::build_release()),
         Task::Image => setup::run().and_then(|()| image::build()),
         Task::Run { args } => setup::run()
-            .and_then(|()| test::build_release())
+            .and_then(|()| suite::build_release())
             .and_then(|()| {
                 cmd::run_as_root(&cmd::workspace().join("target/release/udptrace"), &args)
             }),
@@ -85,7 +86,7 @@ fn main() -> ExitCode {
         Task::Fuzz { secs } => setup::run().and_then(|()| fuzz::run(secs)),
         Task::Soak { secs } => setup::run().and_then(|()| test::soak(secs)),
         Task::IntegrationTest { vm, kernels } => setup::run().and_then(|()| {
-            let mut totals = test::Totals::default();
+            let mut totals = suite::Totals::default();
             let result = if vm {
                 let kernels = if kernels.is_empty() {
                     default_kernels()

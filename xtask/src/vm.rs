@@ -20,7 +20,7 @@ use anyhow::{bail, Context as _, Result};
 
 use crate::{
     cmd::{exec, output, workspace},
-    test::{build_tests, is_test_binary, module_filters, Totals, INTEGRATION},
+    suite::{build_tests, is_test_binary, module_filters, Totals, INTEGRATION},
 };
 
 /// Kernels tested by default: Debian 12's 6.1 LTS (cloud flavour: small, BTF, kprobes).

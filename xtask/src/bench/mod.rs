@@ -108,7 +108,7 @@ pub fn run(opts: &Options) -> Result<()> {
     let exe = match &opts.udptrace {
         Some(exe) => exe.clone(),
         None => {
-            crate::test::build_release()?;
+            crate::suite::build_release()?;
             workspace().join("target/release/udptrace")
         }
     };

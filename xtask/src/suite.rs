@@ -1,0 +1,164 @@
+//! The test suite as xtask runs it, here and in VMs: building the test binaries, picking
+//! them by name, running one and adding up its libtest summary.
+
+use std::process::Command;
+
+use anyhow::{bail, Context as _, Result};
+
+use crate::cmd::{exec, workspace};
+
+/// Builds target/release/udptrace with its eBPF programs embedded.
+pub fn build_release() -> Result<()> {
+    exec(Command::new("cargo").current_dir(workspace()).args([
+        "build",
+        "--release",
+        "-p",
+        "udptrace",
+    ]))
+}
+
+pub fn cargo(args: &[&str]) -> Command {
+    let mut c = Command::new("cargo");
+    c.current_dir(workspace()).args(args);
+    c
+}
+
+/// Builds udptrace and every test binary; returns the test binaries' paths.
+pub fn build_tests() -> Result<Vec<String>> {
+    build_release()?;
+    let out = cargo(&["test", "--release", "--no-run", "--message-format=json"])
+        .output()
+        .context("building the tests")?;
+    if !out.status.success() {
+        bail!(
+            "building the tests failed:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let binaries: Vec<String> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|line| test_executable(line).ok().flatten())
+        .collect();
+    if binaries.is_empty() {
+        bail!("cargo built no test binaries");
+    }
+    Ok(binaries)
+}
+
+/// The integration tests' binary (udptrace/tests/integration/, one module per hop or
+/// scenario).
+pub const INTEGRATION: &str = "integration";
+
+/// libtest filters for the integration test modules named in `list` (`overlay,nat`):
+/// `overlay::`, `nat::`. Empty for an empty list (every test).
+pub fn module_filters(list: &str) -> Vec<String> {
+    list.split(',')
+        .map(str::trim)
+        .filter(|m| !m.is_empty())
+        .map(|m| format!("{m}::"))
+        .collect()
+}
+
+/// Whether `path` is the binary cargo built for test target `name` (`name-<hash>`).
+pub fn is_test_binary(path: &str, name: &str) -> bool {
+    std::path::Path::new(path)
+        .file_name()
+        .is_some_and(|n| n.to_string_lossy().starts_with(&format!("{name}-")))
+}
+
+#[derive(Default)]
+pub struct Totals {
+    pub passed: u64,
+    pub failed: u64,
+    pub ignored: u64,
+}
+
+impl Totals {
+    /// One closing line for the whole run, in the form CI reads.
+    pub fn print(&self) {
+        println!(
+            "tests: {} passed, {} failed, {} skipped",
+            self.passed, self.failed, self.ignored
+        );
+    }
+
+    /// Adds the counts of a libtest summary line
+    /// (`test result: ok. 12 passed; 0 failed; 0 ignored; ...`).
+    pub fn add_summary(&mut self, line: &str) {
+        let Some(rest) = line.strip_prefix("test result: ") else {
+            return;
+        };
+        for part in rest.split(';') {
+            let mut words = part.split_whitespace().rev();
+            let (Some(what), Some(n)) = (words.next(), words.next()) else {
+                continue;
+            };
+            let Ok(n) = n.parse::<u64>() else { continue };
+            match what {
+                "passed" => self.passed += n,
+                "failed" => self.failed += n,
+                "ignored" => self.ignored += n,
+                _ => {}
+            }
+        }
+    }
+}
+
+/// Runs a test binary, echoing its output and adding its summary to `totals`.
+/// Returns whether it succeeded.
+pub fn run_counting(cmd: &mut Command, totals: &mut Totals) -> Result<bool> {
+    eprintln!("xtask: $ {}", crate::cmd::show(cmd));
+    let mut child = cmd
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("starting {}", crate::cmd::show(cmd)))?;
+    let stdout = child.stdout.take().context("test stdout")?;
+    for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
+        let line = line?;
+        println!("{line}");
+        totals.add_summary(&line);
+    }
+    Ok(child.wait()?.success())
+}
+
+/// Picks the executable of a test artifact out of one line of cargo's JSON messages.
+fn test_executable(line: &str) -> Result<Option<String>> {
+    let v: serde_json::Value = serde_json::from_str(line)?;
+    let is_test = v["reason"] == "compiler-artifact" && v["profile"]["test"] == true;
+    Ok(if is_test {
+        v["executable"].as_str().map(str::to_string)
+    } else {
+        None
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn names_test_binaries_by_their_file() {
+        let soak = "/w/target/release/deps/soak-8a6f6cc6d32fc8a3";
+        assert!(is_test_binary(soak, "soak"));
+        assert!(!is_test_binary(soak, "so"));
+        assert!(!is_test_binary("/w/target/release/deps/soakage-1", "soak"));
+        assert!(!is_test_binary("/w/soak-1/deps/drop-2", "soak"));
+    }
+
+    #[test]
+    fn module_lists_become_filters() {
+        assert_eq!(module_filters("overlay, nat,"), ["overlay::", "nat::"]);
+        assert!(module_filters("").is_empty());
+    }
+
+    #[test]
+    fn sums_libtest_summaries() {
+        let mut t = Totals::default();
+        t.add_summary("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 13.53s");
+        t.add_summary(
+            "test result: FAILED. 26 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+        );
+        t.add_summary("running 3 tests");
+        assert_eq!((t.passed, t.failed, t.ignored), (38, 2, 1));
+    }
+}

@@ -15,11 +15,18 @@ fn main() -> anyhow::Result<()> {
     if skip {
         fs::write(out_dir.join("udptrace-ebpf"), [])?;
     }
-    let toolchain = env::var("UDPTRACE_EBPF_TOOLCHAIN").ok();
-    let toolchain = toolchain
-        .as_deref()
-        .map_or(Toolchain::Nightly, Toolchain::Custom);
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../udptrace-ebpf");
+    // The eBPF crate's toolchain is named once, in its rust-toolchain.toml.
+    let pinned = root.join("rust-toolchain.toml");
+    println!("cargo:rerun-if-changed={}", pinned.display());
+    let file: toml::Table = toml::from_str(&fs::read_to_string(&pinned)?)
+        .with_context(|| format!("reading {}", pinned.display()))?;
+    let channel = file["toolchain"]["channel"]
+        .as_str()
+        .with_context(|| format!("{}: no toolchain.channel", pinned.display()))?
+        .to_string();
+    let toolchain = env::var("UDPTRACE_EBPF_TOOLCHAIN").unwrap_or(channel);
+    let toolchain = Toolchain::Custom(&toolchain);
     let root = root.to_str().context("non-UTF-8 path")?;
     aya_build::build_ebpf(
         [Package {

@@ -8,7 +8,7 @@ use anyhow::{Context as _, Result};
 
 use crate::{
     cmd::{exec, workspace},
-    setup::{home, EBPF_TOOLCHAIN},
+    setup::{ebpf_toolchain, home},
 };
 
 /// cargo-fuzz, pinned; installed under ~/.cache/udptrace (a fresh machine lacks it).
@@ -35,12 +35,13 @@ fn cargo_fuzz() -> Result<std::path::PathBuf> {
 /// Runs each target for `secs` seconds.
 pub fn run(secs: u64) -> Result<()> {
     let cargo_fuzz = cargo_fuzz()?;
+    let toolchain = ebpf_toolchain()?;
     for target in TARGETS {
         exec(
             Command::new(&cargo_fuzz)
                 .current_dir(workspace().join("udptrace"))
                 // libFuzzer needs nightly; the eBPF object is not needed to decode records.
-                .env("RUSTUP_TOOLCHAIN", EBPF_TOOLCHAIN)
+                .env("RUSTUP_TOOLCHAIN", &toolchain)
                 .env("AYA_BUILD_SKIP", "1")
                 // Safe Rust: the bugs to find are panics (overflow checks are on), which need
                 // no sanitizer, and an uninstrumented build is minutes quicker.

@@ -13,8 +13,20 @@ use anyhow::{Context as _, Result};
 
 use crate::cmd::{exec, output, root_command};
 
-/// Toolchain that builds the eBPF crate (aya-build runs `rustup run <it> cargo build`).
-pub const EBPF_TOOLCHAIN: &str = "nightly";
+/// The toolchain that builds the eBPF crate (aya-build runs `rustup run <it> cargo build`):
+/// `toolchain.channel` of udptrace-ebpf/rust-toolchain.toml, where it is named once.
+pub fn ebpf_toolchain() -> Result<String> {
+    let file = crate::cmd::workspace().join("udptrace-ebpf/rust-toolchain.toml");
+    let text = fs::read_to_string(&file).with_context(|| format!("reading {}", file.display()))?;
+    let pinned: toml::Table =
+        toml::from_str(&text).with_context(|| format!("parsing {}", file.display()))?;
+    pinned
+        .get("toolchain")
+        .and_then(|t| t.get("channel"))
+        .and_then(|c| c.as_str())
+        .map(str::to_string)
+        .with_context(|| format!("{}: no toolchain.channel", file.display()))
+}
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 /// Packages the tests and the tracer's users need.
@@ -110,12 +122,16 @@ fn packages() -> Result<()> {
 }
 
 fn rust_src() -> Result<()> {
+    let toolchain = ebpf_toolchain()?;
     let toolchains = output(Command::new("rustup").args(["toolchain", "list"]))?;
-    if !toolchains.lines().any(|l| l.starts_with(EBPF_TOOLCHAIN)) {
+    if !toolchains
+        .lines()
+        .any(|l| l.starts_with(toolchain.as_str()))
+    {
         exec(Command::new("rustup").args([
             "toolchain",
             "install",
-            EBPF_TOOLCHAIN,
+            toolchain.as_str(),
             "--profile",
             "minimal",
             "--component",
@@ -127,7 +143,7 @@ fn rust_src() -> Result<()> {
         "list",
         "--installed",
         "--toolchain",
-        EBPF_TOOLCHAIN,
+        toolchain.as_str(),
     ]))?;
     // rust-src for `-Z build-std=core`; clippy lints the eBPF crate in `xtask test`.
     for component in ["rust-src", "clippy"] {
@@ -137,7 +153,7 @@ fn rust_src() -> Result<()> {
                 "add",
                 component,
                 "--toolchain",
-                EBPF_TOOLCHAIN,
+                toolchain.as_str(),
             ]))?;
         }
     }
@@ -152,9 +168,10 @@ pub fn home() -> Result<PathBuf> {
 
 /// The toolchain's LLVM: (major version, directory, file name of the shared library).
 fn toolchain_llvm() -> Result<(u32, PathBuf, String)> {
+    let toolchain = ebpf_toolchain()?;
     let vv = output(
         Command::new("rustc")
-            .arg(format!("+{EBPF_TOOLCHAIN}"))
+            .arg(format!("+{toolchain}"))
             .arg("-vV"),
     )?;
     let major = vv
@@ -163,9 +180,22 @@ fn toolchain_llvm() -> Result<(u32, PathBuf, String)> {
         .and_then(|v| v.split('.').next())
         .and_then(|m| m.parse().ok())
         .context("rustc -vV printed no LLVM version")?;
+    // The channel is pinned, not the date (udptrace-ebpf/rust-toolchain.toml): say which.
+    let field = |name: &str| {
+        vv.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or("?")
+            .to_string()
+    };
+    eprintln!(
+        "xtask: eBPF toolchain {toolchain}: rustc {} ({}), LLVM {}",
+        field("release: "),
+        field("commit-date: "),
+        field("LLVM version: ")
+    );
     let sysroot = output(
         Command::new("rustc")
-            .arg(format!("+{EBPF_TOOLCHAIN}"))
+            .arg(format!("+{toolchain}"))
             .args(["--print", "sysroot"]),
     )?;
     let lib = PathBuf::from(sysroot.trim()).join("lib");
@@ -177,7 +207,7 @@ fn toolchain_llvm() -> Result<(u32, PathBuf, String)> {
         .find(|n| n.starts_with("libLLVM.so."))
         .with_context(|| {
             format!(
-                "no libLLVM.so.* in {}: is the {EBPF_TOOLCHAIN} toolchain complete?",
+                "no libLLVM.so.* in {}: is the {toolchain} toolchain complete?",
                 lib.display()
             )
         })?;

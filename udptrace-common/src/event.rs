@@ -34,6 +34,8 @@ pub struct Addr {
     pub ip: [u8; 16],
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for Addr {}
 const _: () = assert!(core::mem::size_of::<Addr>() == 24);
 
@@ -49,6 +51,8 @@ pub struct EventHeader {
     pub ts_ns: u64,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for EventHeader {}
 const _: () = assert!(core::mem::size_of::<EventHeader>() == 16);
 
@@ -81,6 +85,8 @@ pub struct SendEvent {
     pub dst: Addr,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for SendEvent {}
 const _: () = assert!(core::mem::size_of::<SendEvent>() == 128);
 
@@ -102,6 +108,8 @@ pub struct PendingSend {
     pub idx: u32,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for PendingSend {}
 const _: () = assert!(core::mem::size_of::<PendingSend>() == 48);
 
@@ -159,6 +167,8 @@ pub struct SkbEvent {
     pub _pad: u32,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for SkbEvent {}
 const _: () = assert!(core::mem::size_of::<SkbEvent>() == 240);
 
@@ -210,6 +220,8 @@ pub struct NatEvent {
     pub ct_reply_dst: Addr,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for NatEvent {}
 const _: () = assert!(core::mem::size_of::<NatEvent>() == 392);
 
@@ -227,5 +239,7 @@ pub struct RecvEvent {
     pub comm: [u8; 16],
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for RecvEvent {}
 const _: () = assert!(core::mem::size_of::<RecvEvent>() == 64);

@@ -14,6 +14,8 @@ pub struct FlowKey {
     pub dst: Addr,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for FlowKey {}
 const _: () = assert!(core::mem::size_of::<FlowKey>() == 56);
 
@@ -32,6 +34,8 @@ pub struct FlowStats {
     pub last_ns: u64,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for FlowStats {}
 const _: () = assert!(core::mem::size_of::<FlowStats>() == 40);
 

@@ -70,6 +70,8 @@ pub struct Offsets {
     pub link_ops_kind: u32,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for Offsets {}
 const _: () = assert!(core::mem::size_of::<Offsets>() == 46 * 4);
 

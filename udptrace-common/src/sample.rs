@@ -12,6 +12,8 @@ pub struct SampleConfig {
     pub every: u32,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for SampleConfig {}
 const _: () = assert!(core::mem::size_of::<SampleConfig>() == 8);
 
@@ -40,6 +42,8 @@ pub struct SockDecision {
     pub side: u32,
 }
 #[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
+// every bit pattern is a valid value.
 unsafe impl aya::Pod for SockDecision {}
 
 /// `SockDecision::side`: the send hop decided (entry hooks run before the skb exists).

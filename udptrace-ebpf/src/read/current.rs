@@ -12,8 +12,9 @@ pub fn header(kind: u16, hook: u16) -> EventHeader {
     EventHeader {
         kind,
         hook,
-        // SAFETY: plain helper calls without pointer arguments.
+        // SAFETY: a plain helper call without pointer arguments.
         cpu: unsafe { bpf_get_smp_processor_id() },
+        // SAFETY: as above.
         ts_ns: unsafe { bpf_ktime_get_ns() },
     }
 }

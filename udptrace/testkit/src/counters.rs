@@ -6,27 +6,18 @@ use std::collections::BTreeMap;
 use crate::netns::Netns;
 
 /// A Service-like DNAT in `ns`'s OUTPUT chain, as kube-proxy makes it: UDP to `vip`:`port`
-/// goes to `to` (`ip:port`).
-pub fn dnat_output(ns: &Netns, vip: &str, port: u16, to: &str) {
+/// (any address for `None`) goes to `to` (`ip:port`).
+pub fn dnat_output(ns: &Netns, vip: Option<&str>, port: u16, to: &str) {
     let port = port.to_string();
+    let vip = vip.map_or(Vec::new(), |v| vec!["-d", v]);
     iptables(
         ns,
         &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "-d",
-            vip,
-            "--dport",
-            &port,
-            "-j",
-            "DNAT",
-            "--to-destination",
-            to,
-        ],
+            &["-t", "nat", "-A", "OUTPUT", "-p", "udp"][..],
+            &vip,
+            &["--dport", &port, "-j", "DNAT", "--to-destination", to],
+        ]
+        .concat(),
     );
 }
 

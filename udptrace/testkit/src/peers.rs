@@ -61,6 +61,28 @@ pub fn sent_port(out: &str) -> String {
         .to_string()
 }
 
+/// A receiver in Python: binds `host`:`port` (IPv4 or IPv6), prints "ready", then
+/// "<source ip> <source port> <length>" for each datagram, until killed.
+pub const PY_RECEIVE: &str = r#"
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((host, port))
+print("ready", flush=True)
+while True:
+    d, a = s.recvfrom(65535)
+    print(a[0], a[1], len(d), flush=True)
+"#;
+
+/// Starts [`PY_RECEIVE`] on `host`:`port` in `ns`, ready to receive: the child (killed when
+/// `ns` goes) and its lines, one per datagram.
+pub fn py_receiver(ns: &Netns, host: &str, port: u16) -> (Child, Lines<BufReader<ChildStdout>>) {
+    spawn_ready(
+        ns.cmd(PYTHON)
+            .args(["-c", PY_RECEIVE, host, &port.to_string()]),
+    )
+}
+
 /// Sends "hi\n" with `nc -u` the way people do (`echo hi | nc -u -w1 HOST PORT`), in `ns`
 /// or on the host. Returns nc's pid.
 pub fn nc_send(ns: Option<&Netns>, extra: &[&str], host: &str, port: u16) -> u32 {

@@ -322,7 +322,7 @@ fn memory_is_bounded_at_100k_flows_and_evictions_are_counted() {
 fn nat_and_drops_are_counted_per_flow_and_a_black_hole_is_named() {
     require_root();
     let net = Pair::new(&[]);
-    dnat_output(&net.a, "10.203.0.9", 20931, "10.203.0.2:20932");
+    dnat_output(&net.a, Some("10.203.0.9"), 20931, "10.203.0.2:20932");
     if nat_hook().is_none() {
         eprintln!("skipped: no NAT hook on this kernel");
         return;

@@ -1,23 +1,12 @@
 //! IPv6 beyond the fixed header: a datagram behind a destination-options extension header,
 //! and one fragmented by its sender (a fragment header on each piece).
 
-use std::{
-    io::{BufReader, Lines},
-    process::{Child, ChildStdout},
-};
-
 use udptrace_testkit::*;
 
-/// A receiver on [B6]:`port` in `b`, ready: it prints the length of what it gets.
-fn receiver(net: &Pair, port: u16) -> (Child, Lines<BufReader<ChildStdout>>) {
-    spawn_ready(net.b.cmd(PYTHON).args([
-        "-c",
-        &format!(
-            "import socket\ns=socket.socket(socket.AF_INET6,socket.SOCK_DGRAM)\n\
-                 s.bind(('{B6}',{port}))\nprint('ready',flush=True)\n\
-                 print(len(s.recv(65535)),flush=True)"
-        ),
-    ]))
+/// The length of the next datagram the receiver got.
+fn received_len(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> usize {
+    let line = lines.next().expect("a datagram").expect("receiver output");
+    line.rsplit(' ').next().unwrap().parse().unwrap()
 }
 
 #[test]
@@ -26,7 +15,7 @@ fn a_datagram_behind_a_destination_options_header_is_followed() {
     let net = Pair::new(&[]);
     let dump = tcpdump_with(&net.b, "ut-b", &["-c", "1", "-v"], "ip6[6] = 60");
     let tracer = Tracer::start(&["--netns", "all", "--port", "20831", "--count", "1"]);
-    let (mut rx, mut lines) = receiver(&net, 20831);
+    let (mut rx, mut lines) = py_receiver(&net.b, B6, 20831);
     // A sticky destination options header holding one PadN option.
     let sent = net
         .a
@@ -42,7 +31,8 @@ fn a_datagram_behind_a_destination_options_header_is_followed() {
         .status()
         .unwrap();
     assert!(sent.success());
-    assert_eq!(lines.next().unwrap().unwrap(), "21");
+    assert_eq!(received_len(&mut lines), 21);
+    let _ = rx.kill();
     let _ = rx.wait();
     let path = tracer.one_path();
     assert_eq!(
@@ -71,9 +61,10 @@ fn an_ipv6_datagram_fragmented_by_its_sender_is_one_path() {
         "ip6 and src host fd0c:203::1 and ip6[6] = 44",
     );
     let tracer = Tracer::start(&["--netns", "all", "--port", "20832", "--count", "1"]);
-    let (mut rx, mut lines) = receiver(&net, 20832);
+    let (mut rx, mut lines) = py_receiver(&net.b, B6, 20832);
     let (pid, _) = py_send(&net.a, B6, 20832, "sendto", 3000);
-    assert_eq!(lines.next().unwrap().unwrap(), "3000");
+    assert_eq!(received_len(&mut lines), 3000);
+    let _ = rx.kill();
     let _ = rx.wait();
     let path = tracer.one_path();
     assert_eq!(path["verdict"], "delivered", "{path}");

@@ -106,7 +106,7 @@ fn pods_and_services_are_named_and_a_dnat_to_a_gone_backend_is_stale() {
     let net = Pair::new(&[]);
     // kube-proxy's rule for Service shop/dns (10.203.0.9:20971), still pointing at the old
     // backend 10.203.0.2:20972 that the EndpointSlice no longer lists as ready.
-    dnat_output(&net.a, "10.203.0.9", 20971, "10.203.0.2:20972");
+    dnat_output(&net.a, Some("10.203.0.9"), 20971, "10.203.0.2:20972");
     if nat_hook().is_none() {
         eprintln!("skipped: no NAT hook on this kernel");
         return;

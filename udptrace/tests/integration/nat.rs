@@ -30,7 +30,7 @@ fn dnat_at_output_and_snat_at_postrouting_are_both_on_the_path() {
     let net = Pair::new(&[]);
     // A Service-like virtual IP: 10.203.0.9:20501 is DNATed to the "pod" 10.203.0.2:20502,
     // and the node masquerades the source to 10.203.0.7.
-    dnat_output(&net.a, "10.203.0.9", 20501, "10.203.0.2:20502");
+    dnat_output(&net.a, Some("10.203.0.9"), 20501, "10.203.0.2:20502");
     iptables(
         &net.a,
         &[
@@ -138,23 +138,7 @@ fn without_nat_there_is_no_nat_hop_and_host_scope_skips_other_namespaces() {
         return;
     }
     let net = Pair::new(&[]);
-    iptables(
-        &net.a,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "--dport",
-            "20503",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "10.203.0.2:20504",
-        ],
-    );
+    dnat_output(&net.a, None, 20503, "10.203.0.2:20504");
     // Host scope: the rule in A is not watched, so no nat hop, but the rewritten datagram
     // still shows its real addresses at xmit and drop.
     let tracer = Tracer::start(&["--port", "20504", "--count", "1"]);
@@ -178,23 +162,7 @@ fn namespaces_created_while_tracing_are_covered() {
     // The tracer starts first; the "pod" namespaces and their rule appear afterwards.
     let tracer = Tracer::start(&["--netns", "all", "--port", "20507", "--count", "1"]);
     let net = Pair::new(&[]);
-    iptables(
-        &net.a,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "--dport",
-            "20506",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "10.203.0.2:20507",
-        ],
-    );
+    dnat_output(&net.a, None, 20506, "10.203.0.2:20507");
     std::thread::sleep(std::time::Duration::from_millis(2500)); // the tracer scans every second
     py_send(&net.a, B4, 20506, "sendto", 3);
     let path = tracer.one_path();

@@ -3,33 +3,14 @@
 //! on the underlay. And datagrams larger than the overlay's MTU: cut into fragments and put
 //! back together, or (don't-fragment set) dropped with ICMP fragmentation-needed.
 
-use std::{
-    io::{BufReader, Lines},
-    process::{Child, ChildStdout},
-};
-
 use udptrace_testkit::*;
-
-/// A receiver on 10.205.0.2:`port` in node b that prints "ready", then the source and
-/// the length of what it gets.
-fn receiver(net: &Pair, port: u16) -> (Child, Lines<BufReader<ChildStdout>>) {
-    spawn_ready(net.b.cmd(PYTHON).args([
-        "-c",
-        &format!(
-            "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-                 s.bind(('10.205.0.2',{port}))\nprint('ready',flush=True)\n\
-                 d,a=s.recvfrom(65535)\nprint(a[0],a[1],len(d),flush=True)\n\
-                 import time\ntime.sleep(2)"
-        ),
-    ]))
-}
 
 #[test]
 fn a_datagram_over_vxlan_shows_its_encapsulation_and_arrives() {
     require_root();
     let net = Pair::new(&[]);
     overlay(&net);
-    let (mut receiver, mut lines) = receiver(&net, 20701);
+    let (mut receiver, mut lines) = py_receiver(&net.b, "10.205.0.2", 20701);
     // Only A's VXLAN packets whose inner packet is IPv4 UDP (not ARP, not MLD reports):
     // inner ethertype at UDP offset 8 + 8 + 12, inner IP protocol at 8 + 8 + 14 + 9.
     let dump = tcpdump(
@@ -123,7 +104,7 @@ fn a_datagram_larger_than_the_overlay_mtu_travels_in_fragments() {
     require_root();
     let net = Pair::new(&[]);
     overlay(&net);
-    let (mut receiver, mut lines) = receiver(&net, 20702);
+    let (mut receiver, mut lines) = py_receiver(&net.b, "10.205.0.2", 20702);
     // Ground truth: the inner fragments on b's overlay device.
     let dump = tcpdump_with(
         &net.b,

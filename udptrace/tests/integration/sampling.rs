@@ -184,7 +184,7 @@ fn the_first_datagrams_then_one_in_n_every_drop_and_counts_stay_exact() {
 fn a_new_nat_rewrite_is_reported_even_when_not_sampled() {
     require_root();
     let net = Pair::new(&[]);
-    dnat_output(&net.a, "10.203.0.9", 20961, &format!("{B4}:20962"));
+    dnat_output(&net.a, Some("10.203.0.9"), 20961, &format!("{B4}:20962"));
     if nat_hook().is_none() {
         eprintln!("skipped: no NAT hook on this kernel");
         return;
@@ -216,7 +216,7 @@ fn a_new_nat_rewrite_is_reported_even_when_not_sampled() {
     assert_eq!(flow["packets"], 5, "{flow}");
     // The backend moves to 20963.
     iptables(&net.a, &["-t", "nat", "-F", "OUTPUT"]);
-    dnat_output(&net.a, "10.203.0.9", 20961, &format!("{B4}:20963"));
+    dnat_output(&net.a, Some("10.203.0.9"), 20961, &format!("{B4}:20963"));
     let flushed = net.a.cmd("conntrack").args(["-F"]).output().unwrap();
     assert!(flushed.status.success(), "{flushed:?}");
     use std::io::Write as _;

@@ -32,11 +32,7 @@ fn two_nodes_parts_join_into_the_single_kernel_path() {
     require_root();
     let net = Pair::new(&[]);
     overlay(&net);
-    let (mut receiver, _lines) = spawn_ready(net.b.cmd(PYTHON).args([
-        "-c",
-        "import socket\ns=socket.socket(socket.AF_INET,socket.SOCK_DGRAM)\n\
-         s.bind(('10.205.0.2',20981))\nprint('ready',flush=True)\nwhile True: s.recv(100)",
-    ]));
+    let (mut receiver, _lines) = py_receiver(&net.b, "10.205.0.2", 20981);
     // Ground truth: one trace that sees both "nodes".
     let tracer = Tracer::start(&["--netns", "all", "--port", "20981", "--count", "1"]);
     let node_b = Agent::start(&[

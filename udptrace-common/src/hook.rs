@@ -26,11 +26,12 @@ pub enum Hook {
     KprobeNfNat = 13,
     TcxIngress = 14,
     TcClsactIngress = 15,
+    CgroupSkbEgress = 16,
 }
 
 impl Hook {
     /// Every hook, `Unknown` first.
-    pub const ALL: [Hook; 16] = [
+    pub const ALL: [Hook; 17] = [
         Hook::Unknown,
         Hook::FentryUdpSendmsg,
         Hook::FentryUdpv6Sendmsg,
@@ -47,6 +48,7 @@ impl Hook {
         Hook::KprobeNfNat,
         Hook::TcxIngress,
         Hook::TcClsactIngress,
+        Hook::CgroupSkbEgress,
     ];
 
     /// The hook of `EventHeader::hook`; `Unknown` for a number not listed.
@@ -80,6 +82,7 @@ impl Hook {
             Hook::KprobeNfNat => "kprobe:nf_nat_manip_pkt",
             Hook::TcxIngress => "tcx:ingress",
             Hook::TcClsactIngress => "tc:clsact-ingress",
+            Hook::CgroupSkbEgress => "cgroup_skb:egress",
         }
     }
 
@@ -131,8 +134,11 @@ pub mod programs {
     pub const INGRESS_TCX: &str = "ingress_tcx";
     pub const INGRESS_CLSACT: &str = "ingress_clsact";
 
+    /// cgroup_skb egress at the cgroup v2 root: every datagram sent, counted per flow.
+    pub const COUNT_CGROUP_EGRESS: &str = "count_cgroup_egress";
+
     /// Every program name above.
-    pub const ALL: [&str; 26] = [
+    pub const ALL: [&str; 27] = [
         SEND_FENTRY_UDP_SENDMSG,
         SEND_FENTRY_UDPV6_SENDMSG,
         SEND_KPROBE_UDP_SENDMSG,
@@ -159,6 +165,7 @@ pub mod programs {
         RECV_SOCK_RECV_LENGTH,
         INGRESS_TCX,
         INGRESS_CLSACT,
+        COUNT_CGROUP_EGRESS,
     ];
 }
 

@@ -36,12 +36,16 @@ pub mod names {
     pub const FLOWS: &str = "FLOWS";
     /// One [`crate::SampleConfig`]: which datagrams get their hops reported (runtime-settable).
     pub const SAMPLING: &str = "SAMPLING";
+    /// Per-CPU LRU hash of [`crate::DropKey`] → [`crate::DropStats`].
+    pub const DROPS: &str = "DROPS";
+    /// One u32 of `MODE_*` flags: what is attached (runtime-settable).
+    pub const MODE: &str = "MODE";
 
     /// aya-log's read-only global: which log levels the kernel programs' code keeps.
     pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 
     /// Every map the agent opens by name.
-    pub const ALL: [&str; 4] = [EVENTS, STATS, FLOWS, SAMPLING];
+    pub const ALL: [&str; 6] = [EVENTS, STATS, FLOWS, SAMPLING, DROPS, MODE];
 }
 
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).

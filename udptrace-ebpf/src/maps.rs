@@ -2,13 +2,13 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
+    maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use aya_log_ebpf::debug;
 use udptrace_common::{
-    FlowKey, FlowStats, NatEvent, Offsets, PendingSend, SkbEvent, EVENTS_BYTES, FLOWS_DEFAULT,
-    NF_INET_NUMHOOKS, PENDING_SENDS_MAX, STATS_LEN, STAT_FLOW_FULL, STAT_PENDING_FULL,
-    STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
+    DropKey, DropStats, FlowKey, FlowStats, NatEvent, Offsets, PendingSend, SkbEvent, DROPS_MAX,
+    EVENTS_BYTES, FLOWS_DEFAULT, NF_INET_NUMHOOKS, PENDING_SENDS_MAX, STATS_LEN, STAT_FLOW_FULL,
+    STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
 };
 
 #[map(name = "EVENTS")]
@@ -21,6 +21,21 @@ pub static STATS: PerCpuArray<u64> = PerCpuArray::with_max_entries(STATS_LEN, 0)
 #[map(name = "FLOWS")]
 pub static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> =
     LruPerCpuHashMap::with_max_entries(FLOWS_DEFAULT, 0);
+
+/// Every datagram dropped, counted by namespace, reason and addresses.
+#[map(name = "DROPS")]
+pub static DROPS: LruPerCpuHashMap<DropKey, DropStats> =
+    LruPerCpuHashMap::with_max_entries(DROPS_MAX, 0);
+
+/// `MODE_*` flags: what is attached (set by the loader as it attaches).
+#[map(name = "MODE")]
+static MODE: Array<u32> = Array::with_max_entries(1, 0);
+
+/// Whether `flag` (a `MODE_*`) is set.
+#[inline(always)]
+pub fn mode(flag: u32) -> bool {
+    MODE.get(0).is_some_and(|m| m & flag != 0)
+}
 
 #[map(name = "PENDING_SENDS")]
 pub static PENDING_SENDS: LruHashMap<u64, PendingSend> =

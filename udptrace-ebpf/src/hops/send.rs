@@ -19,12 +19,13 @@ use aya_ebpf::{
 };
 use udptrace_common::{
     Addr, FlowKey, FlowStats, Hook, PendingSend, SendEvent, AF_INET, AF_INET6, IPPROTO_UDP,
-    KIND_SEND, SEND_CONNECTED, SEND_DST_FROM_CALL, STAT_FLOW_FULL, STAT_FLOW_NEW,
-    STAT_PENDING_FULL, STAT_RINGBUF_FULL,
+    KIND_SEND, MODE_COUNT_HOP, MODE_PATHS, SEND_CONNECTED, SEND_DST_FROM_CALL, STAT_PENDING_FULL,
+    STAT_RINGBUF_FULL,
 };
 
+use super::count;
 use crate::{
-    maps::{count, fault, finish, offset, EVENTS, FLOWS, PENDING_SENDS},
+    maps::{fault, finish, mode, offset, EVENTS, FLOWS, PENDING_SENDS},
     read::current::{header, task},
     read::kernel::{read_kernel, read_sock, read_sockaddr, read_user, Mem, ReadError},
     read::tracepoint::field,
@@ -44,6 +45,10 @@ fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
         key.dst = call_dst;
     }
     count_flow(&key, ret);
+    if !mode(MODE_PATHS) {
+        // Counting is all this hop does without path hooks (no count hop here).
+        return Ok(());
+    }
     let traced = sampling::decide_send(sk, &key, hook == Hook::TpSockSendLength as u16);
     if !traced && ret >= 0 {
         return Ok(());
@@ -67,34 +72,37 @@ fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
     Ok(())
 }
 
-/// Counts one datagram of `key` (`ret`: bytes sent, or a negative errno).
+/// Counts one datagram of `key` (`ret`: bytes sent, or a negative errno); only a failed
+/// send when the count hop counts the datagrams.
 #[inline(always)]
 fn count_flow(key: &FlowKey, ret: i32) {
-    // SAFETY: plain helper call without pointer arguments.
-    let now = unsafe { bpf_ktime_get_ns() };
-    let (bytes, error) = if ret < 0 { (0, 1) } else { (ret as u64, 0) };
+    let failed = ret < 0;
+    if !failed && mode(MODE_COUNT_HOP) {
+        return;
+    }
+    let (packets, bytes, errors) = if failed {
+        (0, 0, 1)
+    } else {
+        (1, ret as u64, 0)
+    };
     if let Some(stats) = FLOWS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of the entry; a program cannot be preempted on its CPU.
         let stats = unsafe { &mut *stats };
-        stats.packets += 1 - error;
+        stats.packets += packets;
         stats.bytes += bytes;
-        stats.errors += error;
-        stats.last_ns = now;
+        stats.errors += errors;
+        stats.sends += packets;
         return;
     }
     let stats = FlowStats {
-        packets: 1 - error,
+        packets,
         bytes,
-        errors: error,
-        first_ns: now,
-        last_ns: now,
+        errors,
+        sends: packets,
+        // SAFETY: plain helper call without pointer arguments.
+        first_ns: unsafe { bpf_ktime_get_ns() },
     };
-    // A program's update of a per-CPU map writes only this CPU's slot: if another CPU added
-    // the flow since the lookup, this still counts exactly once.
-    match FLOWS.insert(key, stats, 0) {
-        Ok(()) => count(STAT_FLOW_NEW),
-        Err(_) => fault(STAT_FLOW_FULL),
-    }
+    count::insert(key, &stats);
 }
 
 #[inline(always)]

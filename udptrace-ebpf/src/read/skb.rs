@@ -280,7 +280,7 @@ pub fn fill(
 /// What the sampling decision needs: the headers, the socket, the device and the namespace.
 /// `None` when the skb is no UDP datagram; else the device (0: none) for [`fill_rest`].
 #[inline(always)]
-fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, ReadError> {
+pub fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, ReadError> {
     if !read_udp(skb, ev)? {
         return Ok(None);
     }
@@ -324,7 +324,7 @@ fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, Read
 /// The rest of a hop about to be sent: when and where it happened, and the device's MTU
 /// and kind (`dev` from [`fill_flow`]). Not spent on datagrams the sampling skips.
 #[inline(always)]
-fn fill_rest(ev: &mut SkbEvent, kind: u16, hook: u16, skb: u64, reason: u32, dev: u64) {
+pub fn fill_rest(ev: &mut SkbEvent, kind: u16, hook: u16, skb: u64, reason: u32, dev: u64) {
     ev.header = header(kind, hook);
     ev.skb = skb;
     ev.reason = reason;

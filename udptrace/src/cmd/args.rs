@@ -98,6 +98,19 @@ impl SampleArgs {
     }
 }
 
+/// Whether the per-datagram path hooks are attached beside the counting ones
+/// (docs/performance.md, "two costs").
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Paths {
+    /// Every hop of the datagrams the sampling picks: NAT before→after, the source the
+    /// receiver sees, explanations.
+    On,
+    /// Counting only: every datagram sent counted per flow in one small program, every drop
+    /// counted with its reason (a few reported as they happen). The cheapest mode.
+    Off,
+}
+
 #[derive(Debug, Args)]
 pub struct FlowsArgs {
     #[command(flatten)]
@@ -119,6 +132,10 @@ pub struct FlowsArgs {
     #[arg(long, value_name = "N", default_value_t = udptrace_common::FLOWS_DEFAULT,
           value_parser = clap::value_parser!(u32).range(16..))]
     pub flow_entries: u32,
+    /// Per-datagram path hooks too (NAT, the receiver's view, explanations), or counting
+    /// only.
+    #[arg(long, value_enum, default_value_t = Paths::On)]
+    pub paths: Paths,
     #[command(flatten)]
     pub sample: SampleArgs,
 }
@@ -151,6 +168,10 @@ pub struct AgentArgs {
     /// [default: false].
     #[arg(long, env = "UDPTRACE_PER_FLOW_METRICS", value_name = "BOOL")]
     pub per_flow_metrics: Option<bool>,
+    /// Per-datagram path hooks beside the counting ones (sampled paths, NAT before→after,
+    /// stitching), or counting only [default: on].
+    #[arg(long, env = "UDPTRACE_PATHS", value_enum)]
+    pub paths: Option<Paths>,
     /// Trace 1 datagram in N of each flow hop by hop, after the first ones; 1 traces every
     /// one. Counts stay exact; drops and new NAT rewrites are always reported. Changeable at
     /// runtime: PUT /api/v1/sampling [default: 100].

@@ -8,7 +8,7 @@ use std::{
 
 use crate::{
     clock::{monotonic_ns, Clock},
-    cmd::args::FlowsArgs,
+    cmd::args::{FlowsArgs, Paths},
     loader::LoadConfig,
     model::{FlowView, Path},
     output::table::{sort, table, SortBy},
@@ -28,6 +28,7 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
         (None, false) => None,
     };
     let load = LoadConfig {
+        paths: args.paths == Paths::On,
         flow_entries: args.flow_entries,
         ..LoadConfig::new(args.netns)
     };

@@ -22,6 +22,8 @@ pub struct Ctx<'a> {
     pub ebpf: &'a mut Ebpf,
     pub layout: &'a KernelLayout,
     pub scope: NetnsScope,
+    /// The path hooks are attached too, not only the counting ones.
+    pub paths: bool,
     /// The host's cgroup v2 hierarchy, if configured (else found, see `kernel::cgroup2`).
     pub cgroup_root: Option<&'a Path>,
     /// Netfilter programs to link in every covered namespace.

@@ -7,7 +7,7 @@ use aya::{
     maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap},
     Ebpf,
 };
-use udptrace_common::{names, FlowKey, FlowStats, SampleConfig};
+use udptrace_common::{names, DropKey, DropStats, FlowKey, FlowStats, SampleConfig};
 
 /// `name`'s map through a file descriptor of its own.
 fn own_map(ebpf: &Ebpf, name: &str) -> Option<Map> {
@@ -43,7 +43,7 @@ impl Sampler {
     }
 }
 
-/// Sums each flow's per-CPU counts.
+/// Sums each flow's per-CPU counts (a CPU that never counted the flow has a zero slot).
 fn sum_flows(flows: &PerCpuHashMap<MapData, FlowKey, FlowStats>) -> Vec<(FlowKey, FlowStats)> {
     flows
         .iter()
@@ -53,12 +53,12 @@ fn sum_flows(flows: &PerCpuHashMap<MapData, FlowKey, FlowStats>) -> Vec<(FlowKey
                 first_ns: u64::MAX,
                 ..FlowStats::default()
             };
-            for s in per_cpu.iter().filter(|s| s.last_ns != 0) {
+            for s in per_cpu.iter().filter(|s| s.first_ns != 0) {
                 sum.packets += s.packets;
                 sum.bytes += s.bytes;
                 sum.errors += s.errors;
+                sum.sends += s.sends;
                 sum.first_ns = sum.first_ns.min(s.first_ns);
-                sum.last_ns = sum.last_ns.max(s.last_ns);
             }
             if sum.first_ns == u64::MAX {
                 sum.first_ns = 0;
@@ -68,10 +68,37 @@ fn sum_flows(flows: &PerCpuHashMap<MapData, FlowKey, FlowStats>) -> Vec<(FlowKey
         .collect()
 }
 
-/// The flow table and the counters through file descriptors of their own: usable from
-/// another thread, and after the programs are gone.
+/// Sums each drop key's per-CPU counts (`reported_ns`: the latest).
+fn sum_drops(drops: &PerCpuHashMap<MapData, DropKey, DropStats>) -> Vec<(DropKey, DropStats)> {
+    drops
+        .iter()
+        .filter_map(Result::ok)
+        .map(|(key, per_cpu)| {
+            let sum = per_cpu.iter().fold(DropStats::default(), |a, s| DropStats {
+                packets: a.packets + s.packets,
+                bytes: a.bytes + s.bytes,
+                held: a.held + s.held,
+                reported_ns: a.reported_ns.max(s.reported_ns),
+            });
+            (key, sum)
+        })
+        .collect()
+}
+
+/// The kernel's counters as read at one moment: how many flows it had created, then every
+/// flow and every drop key with its counts summed over CPUs.
+#[derive(Debug, Clone, Default)]
+pub struct KernelCounts {
+    pub created: u64,
+    pub flows: Vec<(FlowKey, FlowStats)>,
+    pub drops: Vec<(DropKey, DropStats)>,
+}
+
+/// The flow and drop tables and the counters through file descriptors of their own: usable
+/// from another thread, and after the programs are gone.
 pub struct FlowReader {
     flows: PerCpuHashMap<MapData, FlowKey, FlowStats>,
+    drops: PerCpuHashMap<MapData, DropKey, DropStats>,
     stats: PerCpuArray<MapData, u64>,
 }
 
@@ -79,19 +106,24 @@ impl FlowReader {
     pub fn new(ebpf: &Ebpf) -> Option<Self> {
         Some(Self {
             flows: PerCpuHashMap::try_from(own_map(ebpf, names::FLOWS)?).ok()?,
+            drops: PerCpuHashMap::try_from(own_map(ebpf, names::DROPS)?).ok()?,
             stats: PerCpuArray::try_from(own_map(ebpf, names::STATS)?).ok()?,
         })
     }
 
     /// How many flows the kernel had created, read first, then every flow it holds: a flow
     /// created in between is in the table but not in the count, so evictions computed
-    /// from the two are never overestimated.
-    pub fn read(&self) -> (u64, Vec<(FlowKey, FlowStats)>) {
+    /// from the two are never overestimated. Then the drops.
+    pub fn read(&self) -> KernelCounts {
         let created = self
             .stats
             .get(&udptrace_common::STAT_FLOW_NEW, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0);
-        (created, sum_flows(&self.flows))
+        KernelCounts {
+            created,
+            flows: sum_flows(&self.flows),
+            drops: sum_drops(&self.drops),
+        }
     }
 }

@@ -13,18 +13,20 @@ mod rtnl;
 mod tc;
 
 pub use chain::DISABLE_HOOKS_ENV;
-pub use maps::{FlowReader, Sampler};
+pub use maps::{FlowReader, KernelCounts, Sampler};
 pub use netns::NetnsScope;
 pub use report::{Attempt, HopReport};
 
 use std::path::PathBuf;
 
 use aya::{
-    maps::{MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
-use udptrace_common::{names, FlowKey, FlowStats, FLOWS_DEFAULT, STATS_LEN};
+use udptrace_common::{
+    names, FlowKey, FlowStats, FLOWS_DEFAULT, MODE_COUNT_HOP, MODE_PATHS, STATS_LEN,
+};
 
 use crate::kernel::{
     btf::{BtfError, KernelBtf},
@@ -60,6 +62,9 @@ pub enum LoadError {
 pub struct LoadConfig {
     /// Which network namespaces the per-namespace hops (NAT, tc ingress) cover.
     pub scope: NetnsScope,
+    /// Attach the per-datagram path hooks (send, NAT, xmit, deliver, readers, ingress) as
+    /// well as the counting ones (count, drop): the two costs of docs/performance.md.
+    pub paths: bool,
     /// Flows the kernel's table holds.
     pub flow_entries: u32,
     /// The host's cgroup v2 hierarchy (the cgroup send hooks attach at its root); `None`:
@@ -77,6 +82,7 @@ impl LoadConfig {
     pub fn new(scope: NetnsScope) -> Self {
         Self {
             scope,
+            paths: true,
             flow_entries: FLOWS_DEFAULT,
             cgroup_root: None,
             kernel_log: tracing::enabled!(target: "udptrace_ebpf", tracing::Level::DEBUG),
@@ -95,7 +101,8 @@ pub struct KernelFacts {
 pub struct Tracer {
     ebpf: Ebpf,
     kernel: KernelFacts,
-    /// send, nat, xmit, drop, deliver, recv, ingress.
+    /// count, then send, nat, xmit, drop, deliver, recv, ingress (the path hops only when
+    /// asked for; send also when it is what counts).
     hops: Vec<HopReport>,
     /// Netfilter programs and their links (dropping them detaches).
     netfilter: netfilter::Coverage,
@@ -143,26 +150,48 @@ impl Tracer {
             ebpf: &mut ebpf,
             layout: &layout,
             scope,
+            paths: config.paths,
             cgroup_root: config.cgroup_root.as_deref(),
             netfilter: &mut netfilter,
             ingress: &mut ingress,
         };
-        let send = hops::send::attach(&mut ctx);
-        if send.chosen().is_none() {
-            return Err(LoadError::NoHook {
-                hop: "send",
-                report: send.render(),
-            });
+        // The count hop first, and the programs told at once whether it counts: the send
+        // hop then counts only failed sends.
+        let count = hops::count::attach(&mut ctx);
+        let mut mode = 0;
+        if count.chosen().is_some() {
+            mode |= MODE_COUNT_HOP;
         }
-        let mut hops = vec![
-            send,
-            hops::nat::attach(&mut ctx),
-            hops::xmit::attach(&mut ctx),
-            hops::drop::attach(&mut ctx),
-            hops::deliver::attach(&mut ctx),
-            hops::deliver::attach_recv(&mut ctx),
-            hops::ingress::attach(&mut ctx),
-        ];
+        if config.paths {
+            mode |= MODE_PATHS;
+        }
+        set_mode(ctx.ebpf, mode)?;
+        let mut hops = vec![count];
+        if config.paths || mode & MODE_COUNT_HOP == 0 {
+            let send = hops::send::attach(&mut ctx);
+            if send.chosen().is_none() {
+                let mut report = send.render();
+                if mode & MODE_COUNT_HOP == 0 {
+                    report = format!("{}\n{report}", hops[0].render());
+                }
+                return Err(LoadError::NoHook {
+                    hop: "send",
+                    report,
+                });
+            }
+            hops.push(send);
+        }
+        if config.paths {
+            hops.extend([hops::nat::attach(&mut ctx), hops::xmit::attach(&mut ctx)]);
+        }
+        hops.push(hops::drop::attach(&mut ctx));
+        if config.paths {
+            hops.extend([
+                hops::deliver::attach(&mut ctx),
+                hops::deliver::attach_recv(&mut ctx),
+                hops::ingress::attach(&mut ctx),
+            ]);
+        }
         if !netfilter.is_empty() {
             let (covered, errors) = netfilter.cover(&scope.files());
             let note =
@@ -189,14 +218,17 @@ impl Tracer {
         })
     }
 
-    /// How each hop is observed on this kernel, send first.
+    /// How each hop is observed on this kernel, count first.
     pub fn hops(&self) -> impl Iterator<Item = &HopReport> {
         self.hops.iter()
     }
 
-    /// The send hop's hook in use.
+    /// The send hop's hook in use (without path hooks, the count hop's).
     pub fn send_hook(&self) -> Option<&'static str> {
-        self.hops.first().and_then(HopReport::chosen)
+        let hop = |name: &str| self.hops.iter().find(|r| r.hop == name);
+        hop("send")
+            .or_else(|| hop("count"))
+            .and_then(HopReport::chosen)
     }
 
     /// Facts about the kernel found before loading.
@@ -317,6 +349,17 @@ impl Tracer {
             .map(|i| array.get(&i, 0).map(|v| v.iter().sum()).unwrap_or(0))
             .collect()
     }
+}
+
+/// Tells the programs what is attached (`MODE_*`).
+fn set_mode(ebpf: &mut Ebpf, mode: u32) -> Result<(), LoadError> {
+    let map = ebpf
+        .map_mut(names::MODE)
+        .ok_or_else(|| LoadError::Object(format!("no {} map in the object", names::MODE)))?;
+    let mut array = Array::<_, u32>::try_from(map).map_err(|e| LoadError::Object(chain(&e)))?;
+    array
+        .set(0, mode, 0)
+        .map_err(|e| LoadError::Object(format!("setting {}: {}", names::MODE, chain(&e))))
 }
 
 #[cfg(test)]

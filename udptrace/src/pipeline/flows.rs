@@ -7,10 +7,11 @@ use std::{
     net::SocketAddr,
 };
 
-use udptrace_common::{FlowKey, FlowStats};
+use udptrace_common::{DropKey, DropStats, FlowKey, FlowStats};
 
 use crate::{
     clock::Clock,
+    kernel::drop_reasons::DropReasons,
     model::{Endpoints, FlowNat, FlowView, HopKind, NatKind, Path, Verdict},
     pipeline::{events::socket_addr, filter::Filter},
 };
@@ -77,6 +78,8 @@ pub struct Totals {
     pub errors: BTreeMap<u32, u64>,
     /// By (reason, namespace where dropped).
     pub drops: BTreeMap<(String, u32), u64>,
+    /// Drops the kernel counted but did not report as a hop (its per-key event limit).
+    pub drops_held: u64,
     /// By (netfilter hook, dnat/snat): from the kernel's counters when given
     /// ([`FlowTable::set_nat_totals`]), else from the paths seen.
     pub nat: BTreeMap<(&'static str, &'static str), u64>,
@@ -102,6 +105,10 @@ pub struct FlowTable {
     seen_at: HashMap<HopTuple, FlowId>,
     /// `totals.nat` comes from the kernel.
     kernel_nat: bool,
+    /// Drops come from the kernel's counts (`update_drops`), not from the paths seen.
+    kernel_drops: bool,
+    /// Each drop key's counts as last read, for what is new in the next read.
+    drops_read: HashMap<DropKey, DropStats>,
 }
 
 /// A datagram's addresses at one hop, with the hop's namespace.
@@ -123,6 +130,8 @@ impl FlowTable {
             removed: 0,
             seen_at: HashMap::new(),
             kernel_nat: false,
+            kernel_drops: false,
+            drops_read: HashMap::new(),
         }
     }
 
@@ -169,8 +178,12 @@ impl FlowTable {
             grow(&mut self.totals.datagrams, stats.packets, base.packets);
             grow(&mut self.totals.bytes, stats.bytes, base.bytes);
             grow(&mut self.totals.errors, stats.errors, base.errors);
-            if stats.last_ns > flow.counted.last_ns {
-                flow.active_ns = flow.active_ns.max(stats.last_ns);
+            // No timestamp per datagram in the kernel: counts that grew since the last read
+            // (or a flow new to this read) are activity now.
+            if stats.packets + stats.errors != flow.counted.packets + flow.counted.errors
+                || flow.kernel.is_none()
+            {
+                flow.active_ns = flow.active_ns.max(now_ns);
             }
             flow.kernel = Some(*key);
             flow.counted = *stats;
@@ -189,6 +202,79 @@ impl FlowTable {
         self.totals.nat = counts;
     }
 
+    /// Takes in a read of the kernel's drop counts (every UDP datagram dropped, by
+    /// namespace, reason and addresses): totals by reason grow by what is new since the last
+    /// read, and each drop is counted on the flow that sent it, when known here — by its
+    /// addresses (the sender's, or as a path of the flow showed them at some hop), or by the
+    /// destination and source port alone for a flow whose socket is bound to no address.
+    pub fn update_drops(
+        &mut self,
+        kernel: &[(DropKey, DropStats)],
+        reasons: &DropReasons,
+        now_ns: u64,
+    ) {
+        self.kernel_drops = true;
+        let mut by_dst: HashMap<(Option<SocketAddr>, u16), Vec<FlowId>> = HashMap::new();
+        let mut read = HashMap::with_capacity(kernel.len());
+        for (key, stats) in kernel {
+            read.insert(*key, *stats);
+            let before = self.drops_read.get(key).copied().unwrap_or_default();
+            // A key evicted and seen again starts from zero in the kernel.
+            let before = if stats.packets < before.packets {
+                DropStats::default()
+            } else {
+                before
+            };
+            let new = stats.packets - before.packets;
+            self.totals.drops_held += stats.held.saturating_sub(before.held);
+            if new == 0 {
+                continue;
+            }
+            let reason = reasons
+                .name(key.reason)
+                .map_or_else(|| key.reason.to_string(), str::to_string);
+            *self
+                .totals
+                .drops
+                .entry((reason.clone(), key.netns))
+                .or_default() += new;
+            let src = socket_addr(&key.src);
+            let dst = socket_addr(&key.dst);
+            let id = FlowId {
+                netns: key.netns,
+                src,
+                dst,
+            };
+            let id = if self.flows.contains_key(&id) {
+                Some(id)
+            } else if let Some(id) = self.seen_at.get(&(key.netns, src, dst)) {
+                Some(*id)
+            } else {
+                if by_dst.is_empty() {
+                    for id in self.flows.keys() {
+                        by_dst
+                            .entry((id.dst, id.src.map_or(0, |s| s.port())))
+                            .or_default()
+                            .push(*id);
+                    }
+                }
+                by_dst
+                    .get(&(dst, src.map_or(0, |s| s.port())))
+                    .and_then(|ids| {
+                        ids.iter().copied().find(|id| {
+                            id.src
+                                .is_some_and(|s| s.ip().is_unspecified() || Some(s) == src)
+                        })
+                    })
+            };
+            if let Some(flow) = id.and_then(|id| self.flows.get_mut(&id)) {
+                *flow.drops.entry(reason).or_default() += new;
+                flow.active_ns = flow.active_ns.max(now_ns);
+            }
+        }
+        self.drops_read = read;
+    }
+
     /// Takes in a finished path: its drops, rewrites, what the receiver saw.
     pub fn observe(&mut self, path: &Path, now_ns: u64) {
         for hop in path.hops.iter().filter(|_| !self.kernel_nat) {
@@ -200,7 +286,7 @@ impl FlowTable {
                     .or_default() += 1;
             }
         }
-        if path.verdict == Verdict::Dropped {
+        if path.verdict == Verdict::Dropped && !self.kernel_drops {
             if let Some(drop) = path.hops.last() {
                 let reason = drop.reason.clone().unwrap_or_else(|| "?".into());
                 *self.totals.drops.entry((reason, drop.netns)).or_default() += 1;
@@ -246,7 +332,8 @@ impl FlowTable {
             }
         }
         match path.verdict {
-            Verdict::Dropped => {
+            // Counted from the kernel's drop table when there is one.
+            Verdict::Dropped if !self.kernel_drops => {
                 let reason = path
                     .hops
                     .last()
@@ -396,21 +483,21 @@ mod tests {
         }
     }
 
-    fn stats(packets: u64, last_ns: u64) -> FlowStats {
+    fn stats(packets: u64) -> FlowStats {
         FlowStats {
             packets,
             bytes: packets * 3,
             errors: 0,
+            sends: packets,
             first_ns: 10,
-            last_ns,
         }
     }
 
     #[test]
     fn counts_come_from_the_kernel_and_totals_only_grow() {
         let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
-        t.update_counts(&[(key(), stats(5, 100))], 1, 0);
-        t.update_counts(&[(key(), stats(8, 200))], 1, 0);
+        t.update_counts(&[(key(), stats(5))], 1, 0);
+        t.update_counts(&[(key(), stats(8))], 1, 0);
         let v = t.snapshot(&Filter::default());
         assert_eq!((v[0].packets, v[0].bytes), (8, 24));
         assert_eq!(t.totals().datagrams[&key().netns], 8);
@@ -419,14 +506,14 @@ mod tests {
         assert_eq!(t.len(), 0);
         assert_eq!(t.totals().evictions, 1);
         // Back with fresh counts: the totals grow by them.
-        t.update_counts(&[(key(), stats(2, 300))], 2, 0);
+        t.update_counts(&[(key(), stats(2))], 2, 0);
         assert_eq!(t.totals().datagrams[&key().netns], 10);
     }
 
     #[test]
     fn paths_add_drops_nat_and_the_receivers_view() {
         let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
-        t.update_counts(&[(key(), stats(2, 100))], 1, 0);
+        t.update_counts(&[(key(), stats(2))], 1, 0);
         let mut dropped = sample_path();
         dropped.verdict = Verdict::Dropped;
         let mut drop = dropped.hops[0].clone();
@@ -464,7 +551,7 @@ mod tests {
     #[test]
     fn an_unsampled_drop_counts_in_the_flow_its_sampled_paths_showed() {
         let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
-        t.update_counts(&[(key(), stats(2, 100))], 1, 0);
+        t.update_counts(&[(key(), stats(2))], 1, 0);
         let path = sample_path();
         t.observe(&path, 0);
         // The next datagram was not sampled: only its drop, with the same addresses.
@@ -488,10 +575,77 @@ mod tests {
         assert_eq!(t.totals().drops[&("NO_SOCKET".to_string(), key().netns)], 2);
     }
 
+    fn drop_key(flow: &FlowKey, netns: u32, reason: u32) -> DropKey {
+        DropKey {
+            netns,
+            reason,
+            src: flow.src,
+            dst: flow.dst,
+        }
+    }
+
+    fn dropped(packets: u64, held: u64) -> DropStats {
+        DropStats {
+            packets,
+            bytes: packets * 64,
+            held,
+            reported_ns: 1,
+        }
+    }
+
+    #[test]
+    fn kernel_drop_counts_land_on_their_flow_exactly_once() {
+        let reasons = DropReasons::from_pairs([(2, "NOT_SPECIFIED"), (3, "NO_SOCKET")]);
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        t.update_counts(&[(key(), stats(10))], 1, 0);
+        // Dropped in the receiver's namespace (another one), with the same addresses.
+        let other = drop_key(&key(), key().netns + 1, 3);
+        t.update_drops(&[(other, dropped(4, 3))], &reasons, 0);
+        t.update_drops(&[(other, dropped(6, 5))], &reasons, 0);
+        // A path reporting one of those drops adds nothing: the kernel counted it.
+        let mut path = sample_path();
+        path.verdict = Verdict::Dropped;
+        let mut drop = path.hops[0].clone();
+        drop.kind = HopKind::Drop;
+        drop.reason = Some("NO_SOCKET".into());
+        path.hops.push(drop);
+        t.observe(&path, 0);
+        let v = &t.snapshot(&Filter::default())[0];
+        assert_eq!(v.drops["NO_SOCKET"], 6);
+        assert_eq!(
+            t.totals().drops[&("NO_SOCKET".to_string(), key().netns + 1)],
+            6
+        );
+        assert_eq!(t.totals().drops_held, 5);
+        // A reason this kernel does not name is shown by number; a drop of addresses no
+        // flow here sent counts in the totals only.
+        let mut stranger = drop_key(&key(), 9, 77);
+        stranger.dst.port = 1;
+        t.update_drops(
+            &[(other, dropped(6, 5)), (stranger, dropped(2, 0))],
+            &reasons,
+            0,
+        );
+        assert_eq!(t.totals().drops[&("77".to_string(), 9)], 2);
+        assert_eq!(t.snapshot(&Filter::default())[0].drops.len(), 1);
+    }
+
+    #[test]
+    fn a_drop_finds_the_flow_of_a_socket_bound_to_no_address() {
+        let reasons = DropReasons::from_pairs([(3, "NO_SOCKET")]);
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        let mut unbound = key();
+        unbound.src.ip = [0; 16];
+        t.update_counts(&[(unbound, stats(3))], 1, 0);
+        // The wire carries the source address routing chose.
+        t.update_drops(&[(drop_key(&key(), 5, 3), dropped(2, 0))], &reasons, 0);
+        assert_eq!(t.snapshot(&Filter::default())[0].drops["NO_SOCKET"], 2);
+    }
+
     #[test]
     fn idle_flows_expire_and_leave_the_kernel_map_too() {
         let mut t = FlowTable::new(clock(), Duration::from_nanos(1_000), 100);
-        t.update_counts(&[(key(), stats(1, 100))], 1, 0);
+        t.update_counts(&[(key(), stats(1))], 1, 100);
         assert!(t.expire(1_000).is_empty());
         assert_eq!(t.expire(1_101), vec![key()]);
         assert_eq!(t.len(), 0);

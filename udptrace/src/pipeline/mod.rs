@@ -33,13 +33,13 @@ use tokio::{
     time::{Instant, Interval},
 };
 use udptrace_common::{
-    FlowKey, FlowStats, SampleConfig, NF_INET_NUMHOOKS, STAT_FLOW_FULL, STAT_FLOW_NEW,
-    STAT_NAT_BASE, STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
+    SampleConfig, NF_INET_NUMHOOKS, STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_NAT_BASE,
+    STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
 };
 
 use crate::{
     clock::{monotonic_ns, Clock},
-    loader::{FlowReader, HopReport, LoadConfig, Sampler, Tracer},
+    loader::{FlowReader, HopReport, KernelCounts, LoadConfig, Sampler, Tracer},
     model::{NfHook, Path},
 };
 use assemble::Assembler;
@@ -47,9 +47,8 @@ use events::Event;
 use flows::FlowTable;
 use ring::{EventStream, Undecodable};
 
-/// The kernel's flow table as read at one moment: how many flows it had created, then
-/// every flow with its counts summed over CPUs.
-pub type FlowCounts = (u64, Vec<(FlowKey, FlowStats)>);
+/// The kernel's flow and drop tables as read at one moment.
+pub type FlowCounts = KernelCounts;
 
 /// What a command does with what the pipeline produces. [`Pipeline::run`] calls it; every
 /// method may end the run by returning a [`Stop`].
@@ -301,17 +300,18 @@ impl Pipeline {
 
     /// Brings `table` up to date with the kernel's flow counters, expires idle flows (here
     /// and in the kernel) and returns the loss counters.
-    pub fn apply_flow_counts(
-        &mut self,
-        table: &mut FlowTable,
-        (created, mut kernel): FlowCounts,
-    ) -> Losses {
-        kernel.retain(|(key, _)| self.kept(key.netns));
-        table.update_counts(&kernel, created, monotonic_ns());
+    pub fn apply_flow_counts(&mut self, table: &mut FlowTable, mut kernel: FlowCounts) -> Losses {
+        kernel.flows.retain(|(key, _)| self.kept(key.netns));
+        kernel.drops.retain(|(key, _)| self.kept(key.netns));
+        let now = monotonic_ns();
+        table.update_counts(&kernel.flows, kernel.created, now);
+        table.update_drops(&kernel.drops, self.tracer.drop_reasons(), now);
         tracing::debug!(
-            "flows: {} in the kernel's table, {created} created there, {} here",
-            kernel.len(),
-            table.len()
+            "flows: {} in the kernel's table, {} created there, {} here; {} drop key(s)",
+            kernel.flows.len(),
+            kernel.created,
+            table.len(),
+            kernel.drops.len()
         );
         let expired = table.expire(monotonic_ns());
         self.tracer.remove_flows(&expired);

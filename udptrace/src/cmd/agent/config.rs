@@ -12,7 +12,7 @@ use serde::Deserialize;
 use udptrace_common::SampleConfig;
 
 use crate::{
-    cmd::args::{AgentArgs, SAMPLE_FIRST_DEFAULT},
+    cmd::args::{AgentArgs, Paths, SAMPLE_FIRST_DEFAULT},
     k8s::ApiServer,
     loader::NetnsScope,
 };
@@ -26,6 +26,8 @@ pub struct Settings {
     pub flow_idle: Duration,
     pub paths_kept: usize,
     pub per_flow_metrics: bool,
+    /// The path hooks are attached (else counting only).
+    pub paths: bool,
     pub sampling: SampleConfig,
     /// Kubernetes enrichment: where the API server is.
     pub kube: Option<ApiServer>,
@@ -53,6 +55,7 @@ struct ConfigFile {
     flow_idle: Option<u64>,
     paths_kept: Option<usize>,
     per_flow_metrics: Option<bool>,
+    paths: Option<Paths>,
     sample_every: Option<u32>,
     sample_first: Option<u32>,
     kube_api: Option<String>,
@@ -115,6 +118,7 @@ impl Settings {
                 .per_flow_metrics
                 .or(file.per_flow_metrics)
                 .unwrap_or(false),
+            paths: args.paths.or(file.paths).unwrap_or(Paths::On) == Paths::On,
             sampling,
             kube: ApiServer::find(args.kube_api.as_deref().or(file.kube_api.as_deref())),
             node: args
@@ -166,12 +170,14 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:9720".parse().unwrap());
         assert_eq!((s.netns, s.flow_entries), (NetnsScope::Host, 65_536));
         assert_eq!((s.sampling.first, s.sampling.every), (10, 100));
+        assert!(s.paths);
         let dir = std::env::temp_dir().join(format!("udpt-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("agent.toml");
         std::fs::write(
             &file,
-            "listen = \"0.0.0.0:9999\"\nnetns = \"all\"\nflow_idle = 60\nsample_every = 7\n",
+            "listen = \"0.0.0.0:9999\"\nnetns = \"all\"\nflow_idle = 60\nsample_every = 7\n\
+             paths = \"off\"\n",
         )
         .unwrap();
         let f = file.to_str().unwrap();
@@ -181,6 +187,7 @@ mod tests {
             (s.netns, s.flow_idle, s.sampling.every),
             (NetnsScope::All, Duration::from_secs(60), 7)
         );
+        assert!(!s.paths);
         let s =
             Settings::resolve(&agent_args(&["--config", f, "--listen", "127.0.0.1:0"])).unwrap();
         assert_eq!(s.listen, "127.0.0.1:0".parse().unwrap());

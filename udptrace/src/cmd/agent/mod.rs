@@ -38,6 +38,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let only = netns_inodes(&settings.only_netns)?;
     let load = LoadConfig {
+        paths: settings.paths,
         flow_entries: settings.flow_entries,
         cgroup_root: settings.cgroup_root.clone(),
         ..LoadConfig::new(settings.netns)

@@ -1,5 +1,7 @@
-//! The drop hop: raw tracepoint `kfree_skb` with the reason, and `consume_skb`, where
-//! sampling forgets a datagram's decision when its skb is freed the other way.
+//! The drop hop: raw tracepoint `kfree_skb` with the reason (every drop counted in the
+//! kernel), and with path hooks `consume_skb`, where sampling forgets a datagram's decision
+//! when its skb is freed the other way (without them nothing is decided: every freed skb
+//! of the host would pay for nothing).
 
 use aya::programs::RawTracePoint;
 use udptrace_common::{programs, Hook};
@@ -19,6 +21,9 @@ pub fn attach(ctx: &mut Ctx<'_>) -> HopReport {
 fn raw_tp(ctx: &mut Ctx<'_>, _: &mut HopReport) -> Result<(), String> {
     need(ctx.layout, &[Group::Skb, Group::Sock, Group::TpDrop])?;
     attach_raw_tp(ctx.ebpf, programs::DROP_KFREE_SKB, "kfree_skb")?;
+    if !ctx.paths {
+        return Ok(());
+    }
     let consume = attach_raw_tp(ctx.ebpf, programs::SAMPLE_CONSUME_SKB, "consume_skb");
     if consume.is_err() {
         // The hop is reported unusable: nothing of it stays attached.

@@ -7,11 +7,14 @@
 //! The flow is the sender's view, as the send hop reports it: the socket's namespace and
 //! bound address, and the destination it named — the socket's peer when connected, else
 //! the packet's destination as it was before NAT rewrote it (its conntrack tuple).
-//! Per datagram: one map update on the flow, no timestamp, no event.
+//! Per datagram: one map update on the flow, no timestamp, no event; the socket's namespace
+//! is read once per socket and kept in its storage.
 
 use aya_ebpf::{
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
-    macros::cgroup_skb,
+    bindings::{__sk_buff, bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
+    btf_maps::SkStorage,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_sk_storage_get},
+    macros::{btf_map, cgroup_skb},
     programs::SkBuffContext,
 };
 use udptrace_common::{
@@ -113,13 +116,6 @@ fn count_egress(ctx: &SkBuffContext) {
     } else {
         return;
     }
-    // The kernel's own skb: the context is one, but the verifier allows no arithmetic on
-    // it; read back from the stack it is a plain number (the loader has CAP_PERFMON).
-    let ptr = raw as u64;
-    // SAFETY: reads our own stack slot.
-    let Ok(kskb) = (unsafe { bpf_probe_read_kernel(&raw const ptr) }) else {
-        return;
-    };
     if key.dst.port == 0 {
         // Unconnected: the destination this send named is the packet's, before NAT.
         // SAFETY: inside the UDP header, bounds checked above.
@@ -134,9 +130,17 @@ fn count_egress(ctx: &SkBuffContext) {
             key.dst.ip[11] = 0xff;
             key.dst.ip[12..].copy_from_slice(&pkt_dst[..4]);
         }
-        before_nat(kskb, &mut key.dst);
+        // The kernel's own skb: the context is one, but the verifier allows no arithmetic
+        // on it; read back from the stack it is a plain number (the loader has CAP_PERFMON).
+        let ptr = raw as u64;
+        // SAFETY: reads our own stack slot.
+        if let Ok(kskb) = unsafe { bpf_probe_read_kernel(&raw const ptr) } {
+            before_nat(kskb, &mut key.dst);
+        }
     }
-    let Some(netns) = netns_of(kskb) else {
+    // SAFETY: the context's socket field (a full socket at egress, or null).
+    let sk = unsafe { skb.__bindgen_anon_2.sk };
+    let Some(netns) = netns_of(raw, sk) else {
         return;
     };
     key.netns = netns;
@@ -145,12 +149,53 @@ fn count_egress(ctx: &SkBuffContext) {
     add(&key, segs, payload);
 }
 
-/// The sending socket's namespace inode (skb->sk->sk_net->ns.inum).
+/// What the count hop remembers of a socket (its own storage, freed with it).
+#[repr(C)]
+pub struct SockNote {
+    /// Inode of the socket's network namespace (a socket never changes namespace); 0 until
+    /// read.
+    netns: u32,
+    _pad: u32,
+}
+
+/// Per socket: its namespace, read once (three reads of kernel memory) instead of for
+/// every datagram.
+#[btf_map]
+static SOCK_NOTES: SkStorage<SockNote> = SkStorage::new();
+
+/// The sending socket's namespace inode, from its storage, else read (skb->sk->sk_net->
+/// ns.inum) and kept there.
 #[inline(always)]
-fn netns_of(skb: u64) -> Option<u32> {
+fn netns_of(ctx_skb: *mut __sk_buff, sk: *mut bpf_sock) -> Option<u32> {
+    if sk.is_null() {
+        return None;
+    }
+    // SAFETY: `sk` is the context's socket; the helper checks it is a full socket and
+    // creates a zeroed value for it the first time.
+    let note = unsafe {
+        bpf_sk_storage_get(
+            (&raw const SOCK_NOTES).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
+        )
+    }
+    .cast::<SockNote>();
+    if note.is_null() {
+        return None;
+    }
+    // SAFETY: the socket's storage value; only this program writes it.
+    let note = unsafe { &mut *note };
+    if note.netns != 0 {
+        return Some(note.netns);
+    }
+    let ptr = ctx_skb as u64;
+    // SAFETY: reads our own stack slot (the kernel skb's address as a plain number).
+    let skb: u64 = unsafe { bpf_probe_read_kernel(&raw const ptr) }.ok()?;
     let sk: u64 = try_read_kernel(skb, offset!(skb_sk))?;
     let net: u64 = try_read_kernel(sk, offset!(sk_net))?;
-    try_read_kernel(net, offset!(net_inum))
+    note.netns = try_read_kernel(net, offset!(net_inum))?;
+    Some(note.netns)
 }
 
 /// `skb->_nfct` keeps the conntrack info in its low bits.

@@ -24,8 +24,12 @@ pub struct FlowView {
     #[serde(rename = "final", default, skip_serializing_if = "Option::is_none")]
     pub last: Option<Endpoints>,
     pub netns: u32,
+    /// Datagrams sent, as the wire carries them (a UDP GSO send of N segments is N).
     pub packets: u64,
     pub bytes: u64,
+    /// Sends (skbs) that carried them: fewer than `packets` when the sender segments.
+    #[serde(default)]
+    pub sends: u64,
     /// Sends that failed (the tracepoint send hook sees the result).
     pub errors: u64,
     pub drops: BTreeMap<String, u64>,

@@ -104,6 +104,12 @@ pub fn render(s: &Metrics<'_>) -> prometheus::Result<String> {
             "Datagrams whose flow could not be added to the kernel's table",
             s.losses.flow_full,
         ),
+        (
+            "udptrace_drop_events_held_total",
+            "Drops counted but not reported as a hop (at most one a second per drop key and CPU \
+             when no path follows the datagram)",
+            totals.drops_held,
+        ),
     ] {
         family(&registry, || IntCounter::new(name, help))?.inc_by(value);
     }
@@ -192,6 +198,7 @@ mod tests {
         let text = render(&s).unwrap();
         for needle in [
             "# TYPE udptrace_datagrams_total counter",
+            "# TYPE udptrace_drop_events_held_total counter",
             "udptrace_datagrams_total{netns=\"7\"} 3",
             "udptrace_bytes_total{netns=\"7\"} 30",
             "udptrace_hook_info{hook=\"raw_tracepoint:sock:sock_send_length\",hop=\"send\"} 1",

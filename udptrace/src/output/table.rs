@@ -91,6 +91,7 @@ mod tests {
             netns: 1,
             packets,
             bytes: packets * 3,
+            sends: packets,
             errors: 0,
             drops: BTreeMap::from([("NO_SOCKET".to_string(), drops)]),
             nat: vec![FlowNat {

@@ -105,8 +105,6 @@ pub struct FlowTable {
     seen_at: HashMap<HopTuple, FlowId>,
     /// `totals.nat` comes from the kernel.
     kernel_nat: bool,
-    /// Drops come from the kernel's counts (`update_drops`), not from the paths seen.
-    kernel_drops: bool,
     /// Each drop key's counts as last read, for what is new in the next read.
     drops_read: HashMap<DropKey, DropStats>,
 }
@@ -130,7 +128,6 @@ impl FlowTable {
             removed: 0,
             seen_at: HashMap::new(),
             kernel_nat: false,
-            kernel_drops: false,
             drops_read: HashMap::new(),
         }
     }
@@ -213,7 +210,6 @@ impl FlowTable {
         reasons: &DropReasons,
         now_ns: u64,
     ) {
-        self.kernel_drops = true;
         let mut by_dst: HashMap<(Option<SocketAddr>, u16), Vec<FlowId>> = HashMap::new();
         let mut read = HashMap::with_capacity(kernel.len());
         for (key, stats) in kernel {
@@ -286,12 +282,6 @@ impl FlowTable {
                     .or_default() += 1;
             }
         }
-        if path.verdict == Verdict::Dropped && !self.kernel_drops {
-            if let Some(drop) = path.hops.last() {
-                let reason = drop.reason.clone().unwrap_or_else(|| "?".into());
-                *self.totals.drops.entry((reason, drop.netns)).or_default() += 1;
-            }
-        }
         let id = match FlowId::of_path(path) {
             Some(id) => {
                 self.learn_tuples(path, id);
@@ -331,18 +321,9 @@ impl FlowTable {
                 flow.nat.push(seen);
             }
         }
-        match path.verdict {
-            // Counted from the kernel's drop table when there is one.
-            Verdict::Dropped if !self.kernel_drops => {
-                let reason = path
-                    .hops
-                    .last()
-                    .and_then(|h| h.reason.clone())
-                    .unwrap_or_else(|| "?".into());
-                *flow.drops.entry(reason).or_default() += 1;
-            }
-            Verdict::Delivered => flow.last = Some(path.last),
-            _ => {}
+        // (Drops are counted from the kernel's drop table: every one, sampled or not.)
+        if path.verdict == Verdict::Delivered {
+            flow.last = Some(path.last);
         }
         flow.undelivered_dnat = match (dnat, path.verdict) {
             (_, Verdict::Delivered | Verdict::LeftHost) => 0,
@@ -434,6 +415,7 @@ impl FlowTable {
             netns: id.netns,
             packets: f.counted.packets,
             bytes: f.counted.bytes,
+            sends: f.counted.sends,
             errors: f.counted.errors,
             drops: f.drops.clone(),
             nat: f.nat.clone(),
@@ -511,21 +493,29 @@ mod tests {
     }
 
     #[test]
-    fn paths_add_drops_nat_and_the_receivers_view() {
+    fn paths_add_the_receivers_view_and_the_sender_not_drops() {
+        let reasons = DropReasons::from_pairs([(3, "NO_SOCKET")]);
         let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
         t.update_counts(&[(key(), stats(2))], 1, 0);
-        let mut dropped = sample_path();
-        dropped.verdict = Verdict::Dropped;
-        let mut drop = dropped.hops[0].clone();
+        let mut lost = sample_path();
+        lost.verdict = Verdict::Dropped;
+        let mut drop = lost.hops[0].clone();
         drop.kind = HopKind::Drop;
         drop.process = None;
         drop.reason = Some("NO_SOCKET".into());
-        dropped.hops.push(drop);
-        t.observe(&dropped, 150);
+        lost.hops.push(drop);
+        t.observe(&lost, 150);
         let mut delivered = sample_path();
         delivered.verdict = Verdict::Delivered;
         delivered.last.src = Some("10.0.0.9:1".parse().unwrap());
         t.observe(&delivered, 160);
+        // The kernel counts every drop; a path reporting one adds nothing.
+        assert!(t.snapshot(&Filter::default())[0].drops.is_empty());
+        t.update_drops(
+            &[(drop_key(&key(), key().netns, 3), dropped(1, 0))],
+            &reasons,
+            170,
+        );
         let v = &t.snapshot(&Filter::default())[0];
         assert_eq!(v.drops["NO_SOCKET"], 1);
         assert_eq!(v.last.unwrap().src, delivered.last.src);
@@ -538,6 +528,7 @@ mod tests {
             "netns",
             "packets",
             "bytes",
+            "sends",
             "drops",
             "nat",
             "first_seen",
@@ -549,30 +540,29 @@ mod tests {
     }
 
     #[test]
-    fn an_unsampled_drop_counts_in_the_flow_its_sampled_paths_showed() {
+    fn a_drop_after_nat_counts_in_the_flow_whose_path_showed_the_rewrite() {
+        let reasons = DropReasons::from_pairs([(3, "NO_SOCKET")]);
         let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
         t.update_counts(&[(key(), stats(2))], 1, 0);
-        let path = sample_path();
+        let mut path = sample_path();
+        let mut nat = path.hops[0].clone();
+        nat.kind = HopKind::Nat;
+        nat.process = None;
+        nat.netns = 77;
+        nat.addrs.dst = Some("10.244.9.9:53".parse().unwrap());
+        path.hops.push(nat);
         t.observe(&path, 0);
-        // The next datagram was not sampled: only its drop, with the same addresses.
-        let mut drop = path.hops[0].clone();
-        drop.kind = HopKind::Drop;
-        drop.process = None;
-        drop.reason = Some("NO_SOCKET".into());
-        let mut unsampled = sample_path();
-        unsampled.sampled = false;
-        unsampled.verdict = Verdict::Dropped;
-        unsampled.hops = vec![drop.clone()];
-        t.observe(&unsampled, 0);
-        let v = t.snapshot(&Filter::default());
-        assert_eq!(v.len(), 1);
-        assert_eq!(v[0].drops["NO_SOCKET"], 1);
-        // Addresses no sampled path showed belong to no flow here.
-        drop.addrs.dst = Some("127.0.0.1:9".parse().unwrap());
-        unsampled.hops = vec![drop];
-        t.observe(&unsampled, 0);
-        assert_eq!(t.snapshot(&Filter::default())[0].drops["NO_SOCKET"], 1);
-        assert_eq!(t.totals().drops[&("NO_SOCKET".to_string(), key().netns)], 2);
+        // Dropped in namespace 77 with the rewritten destination.
+        let mut at = drop_key(&key(), 77, 3);
+        at.dst.ip[..4].copy_from_slice(&[10, 244, 9, 9]);
+        at.dst.port = 53;
+        t.update_drops(&[(at, dropped(3, 2))], &reasons, 0);
+        assert_eq!(t.snapshot(&Filter::default())[0].drops["NO_SOCKET"], 3);
+        // Addresses no path showed belong to no flow here, but count in the totals.
+        at.dst.port = 54;
+        t.update_drops(&[(at, dropped(1, 0))], &reasons, 0);
+        assert_eq!(t.snapshot(&Filter::default())[0].drops["NO_SOCKET"], 3);
+        assert_eq!(t.totals().drops[&("NO_SOCKET".to_string(), 77)], 4);
     }
 
     fn drop_key(flow: &FlowKey, netns: u32, reason: u32) -> DropKey {

@@ -424,7 +424,8 @@ pub fn udptrace_program_ids() -> BTreeSet<u64> {
         .filter(|p| {
             let name = p["name"].as_str().unwrap_or_default();
             [
-                "send_", "xmit_", "drop_", "nat_", "deliver_", "recv_", "ingress_",
+                "count_", "send_", "xmit_", "drop_", "nat_", "deliver_", "recv_", "ingress_",
+                "sample_",
             ]
             .iter()
             .any(|ours| name.starts_with(ours))

@@ -5,6 +5,7 @@
 //! `cargo test --release --test integration -- nat::` runs one module.
 
 mod cleanup;
+mod counting;
 mod deliver;
 mod deploy;
 mod drop;

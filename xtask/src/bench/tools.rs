@@ -29,14 +29,20 @@ impl Running {
     pub fn start(exe: &Path, receiver_ns: &str, tool: Tool, bpftrace: &str) -> Result<Self> {
         let (mut cmd, ready) = match tool {
             Tool::None => unreachable!("no tracer runs nothing"),
-            Tool::Agent => {
+            Tool::Counting | Tool::Agent => {
                 let mut c = Command::new(exe);
                 c.args(["agent", "--listen", "127.0.0.1:0", "--netns", "all"]);
+                if tool == Tool::Counting {
+                    c.args(["--paths", "off"]);
+                }
                 (c, "udptrace: agent listening on ")
             }
-            Tool::Trace => {
+            Tool::Trace | Tool::TraceFiltered => {
                 let mut c = Command::new(exe);
                 c.args(["trace", "--netns", "all"]);
+                if tool == Tool::TraceFiltered {
+                    c.args(["--port", &super::UNUSED_PORT.to_string()]);
+                }
                 (c, "udptrace: tracing")
             }
             Tool::Tcpdump => {
@@ -62,7 +68,7 @@ impl Running {
             }
         };
         // trace prints every path: to /dev/null, so the terminal is not what is measured.
-        let stdout = if tool == Tool::Trace {
+        let stdout = if matches!(tool, Tool::Trace | Tool::TraceFiltered) {
             Stdio::null()
         } else {
             Stdio::piped()
@@ -111,7 +117,7 @@ impl Running {
         match rx.recv_timeout(Duration::from_secs(120)) {
             Ok(rest) => {
                 running.attach = started.elapsed();
-                if tool == Tool::Agent {
+                if matches!(tool, Tool::Counting | Tool::Agent) {
                     running.url = Some(rest);
                 }
                 Ok(running)
@@ -192,8 +198,10 @@ impl Running {
             self.tool.name()
         );
         let lost = match self.tool {
-            Tool::Agent => lost_metric,
-            Tool::Trace => number_before(&output, " event(s) lost to a full ring buffer"),
+            Tool::Counting | Tool::Agent => lost_metric,
+            Tool::Trace | Tool::TraceFiltered => {
+                number_before(&output, " event(s) lost to a full ring buffer")
+            }
             Tool::Tcpdump => number_before(&output, " packets dropped by kernel"),
             _ => None,
         };
@@ -222,7 +230,7 @@ pub struct ProgStats(String);
 
 /// How udptrace's program names begin (udptrace-ebpf: one prefix per hook family).
 const PROGRAM_PREFIXES: &[&str] = &[
-    "send_", "xmit_", "drop_", "nat_", "deliver_", "recv_", "ingress_", "sample_",
+    "count_", "send_", "xmit_", "drop_", "nat_", "deliver_", "recv_", "ingress_", "sample_",
 ];
 
 const BPF_STATS: &str = "/proc/sys/kernel/bpf_stats_enabled";

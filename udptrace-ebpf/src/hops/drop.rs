@@ -85,11 +85,12 @@ fn count_drop(ev: &SkbEvent, reason: u32, traced: bool) -> bool {
     // SAFETY: plain helper call without pointer arguments.
     let now = unsafe { bpf_ktime_get_ns() };
     let Some(stats) = DROPS.get_ptr_mut(key) else {
+        // A traced drop is reported with its path: it does not count against the limit.
         let stats = DropStats {
             packets: 1,
             bytes,
             held: 0,
-            reported_ns: now,
+            reported_ns: if traced { 0 } else { now },
         };
         // A full table evicts its least recently used key: the insert does not fail for
         // want of room.

@@ -43,29 +43,29 @@ impl Sampler {
     }
 }
 
-/// Sums each flow's per-CPU counts (a CPU that never counted the flow has a zero slot).
+/// Sums each flow's per-CPU counts. Only the CPU that added the flow set `first_ns`; the
+/// others' slots start at zero and count from there.
 fn sum_flows(flows: &PerCpuHashMap<MapData, FlowKey, FlowStats>) -> Vec<(FlowKey, FlowStats)> {
     flows
         .iter()
         .filter_map(Result::ok)
-        .map(|(key, per_cpu)| {
-            let mut sum = FlowStats {
-                first_ns: u64::MAX,
-                ..FlowStats::default()
-            };
-            for s in per_cpu.iter().filter(|s| s.first_ns != 0) {
-                sum.packets += s.packets;
-                sum.bytes += s.bytes;
-                sum.errors += s.errors;
-                sum.sends += s.sends;
-                sum.first_ns = sum.first_ns.min(s.first_ns);
-            }
-            if sum.first_ns == u64::MAX {
-                sum.first_ns = 0;
-            }
-            (key, sum)
-        })
+        .map(|(key, per_cpu)| (key, sum_cpus(per_cpu.iter())))
         .collect()
+}
+
+/// One flow's counts over CPUs.
+fn sum_cpus<'a>(per_cpu: impl Iterator<Item = &'a FlowStats>) -> FlowStats {
+    let mut sum = FlowStats::default();
+    for s in per_cpu {
+        sum.packets += s.packets;
+        sum.bytes += s.bytes;
+        sum.errors += s.errors;
+        sum.sends += s.sends;
+        if s.first_ns != 0 && (sum.first_ns == 0 || s.first_ns < sum.first_ns) {
+            sum.first_ns = s.first_ns;
+        }
+    }
+    sum
 }
 
 /// Sums each drop key's per-CPU counts (`reported_ns`: the latest).
@@ -125,5 +125,33 @@ impl FlowReader {
             flows: sum_flows(&self.flows),
             drops: sum_drops(&self.drops),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_cpus_counts_add_up_whichever_added_the_flow() {
+        let added = FlowStats {
+            packets: 53,
+            bytes: 53 * 64,
+            sends: 53,
+            first_ns: 900,
+            ..FlowStats::default()
+        };
+        // Another CPU's slot starts at zero: it has counts but no first_ns.
+        let other = FlowStats {
+            packets: 12,
+            bytes: 12 * 64,
+            sends: 12,
+            ..FlowStats::default()
+        };
+        let sum = sum_cpus([other, FlowStats::default(), added].iter());
+        assert_eq!(
+            (sum.packets, sum.bytes, sum.sends, sum.first_ns),
+            (65, 65 * 64, 65, 900)
+        );
     }
 }

@@ -45,7 +45,10 @@ fn map_fd(map: &Map) -> Option<RawFd> {
         | Map::RingBuf(d)
         | Map::LruHashMap(d)
         | Map::PerCpuLruHashMap(d)
-        | Map::HashMap(d) => d,
+        | Map::HashMap(d)
+        | Map::SkStorage(d) => d,
+        // Every map of the object must be here: a program is relocated as a whole, so one
+        // map missing fails even programs that never use it.
         _ => return None,
     };
     Some(data.fd().as_fd().as_raw_fd())

@@ -38,6 +38,9 @@ fn map_contents(pid: u32) -> (usize, Vec<Vec<u8>>) {
         .unwrap()
         .filter_map(|e| std::fs::read_to_string(e.ok()?.path()).ok())
         .filter(|info| !info.contains("map_type:\t27"))
+        // Socket storage (24) cannot be listed from userspace; the count hop keeps only each
+        // socket's namespace inode there (udptrace-ebpf/src/hops/count.rs).
+        .filter(|info| !info.contains("map_type:\t24"))
         .filter_map(|info| {
             info.lines()
                 .find_map(|l| l.strip_prefix("map_id:"))

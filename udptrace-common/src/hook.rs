@@ -121,7 +121,8 @@ pub mod programs {
     /// Raw tracepoints `kfree_skb` and `consume_skb` (where sampling forgets an skb).
     pub const DROP_KFREE_SKB: &str = "drop_kfree_skb";
     pub const SAMPLE_CONSUME_SKB: &str = "sample_consume_skb";
-    /// fexit `__udp_enqueue_schedule_skb`.
+    /// fentry and fexit `__udp_enqueue_schedule_skb` (read on entry, sent on return).
+    pub const DELIVER_FENTRY_ENQUEUE: &str = "deliver_fentry_enqueue";
     pub const DELIVER_FEXIT_ENQUEUE: &str = "deliver_fexit_enqueue";
     /// Netfilter program last at LOCAL_IN, and raw tracepoint `sk_data_ready`.
     pub const DELIVER_LOCAL_IN: &str = "deliver_local_in";
@@ -138,7 +139,7 @@ pub mod programs {
     pub const COUNT_CGROUP_EGRESS: &str = "count_cgroup_egress";
 
     /// Every program name above.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 28] = [
         SEND_FENTRY_UDP_SENDMSG,
         SEND_FENTRY_UDPV6_SENDMSG,
         SEND_KPROBE_UDP_SENDMSG,
@@ -157,6 +158,7 @@ pub mod programs {
         XMIT_START_XMIT,
         DROP_KFREE_SKB,
         SAMPLE_CONSUME_SKB,
+        DELIVER_FENTRY_ENQUEUE,
         DELIVER_FEXIT_ENQUEUE,
         DELIVER_LOCAL_IN,
         DELIVER_SK_DATA_READY,

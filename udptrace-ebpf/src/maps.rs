@@ -50,6 +50,19 @@ pub static NAT_BEFORE: PerCpuArray<SkbEvent> = PerCpuArray::with_max_entries(NF_
 #[map(name = "LOCAL_IN_SKB")]
 pub static LOCAL_IN_SKB: PerCpuArray<u64> = PerCpuArray::with_max_entries(1, 0);
 
+/// A delivery's hop, filled before the enqueue and sent after it (deliver hop, fentry way).
+#[repr(C)]
+pub struct PendingDelivery {
+    /// The skb being queued; 0 when there is nothing to send.
+    pub skb: u64,
+    /// Its sampling decision's stamp, forgotten once it is queued.
+    pub stamp: u64,
+    pub ev: SkbEvent,
+}
+
+#[map(name = "DELIVER_PENDING")]
+pub static DELIVER_PENDING: PerCpuArray<PendingDelivery> = PerCpuArray::with_max_entries(1, 0);
+
 /// Nesting levels one CPU can have (task, softirq, hardirq, NMI): a program interrupted on
 /// its CPU by another keeps its scratch event.
 const SCRATCH_LEVELS: u32 = 4;

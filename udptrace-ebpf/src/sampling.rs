@@ -68,15 +68,23 @@ pub enum Decision {
 
 #[inline(always)]
 pub fn lookup(skb: u64) -> Decision {
+    lookup_stamped(skb).0
+}
+
+/// The decision, and the map value it came from (0: none) for [`forget_if`].
+#[inline(always)]
+pub fn lookup_stamped(skb: u64) -> (Decision, u64) {
     let Some(cfg) = config() else {
-        return Decision::All;
+        return (Decision::All, 0);
     };
     // SAFETY: the value is copied out at once.
     match unsafe { SAMPLE_SKBS.get(skb) }.copied() {
         // A decision older than any datagram's way through a kernel belongs to an skb freed
         // where no hook saw it (some frees have no tracepoint): not this datagram's.
-        Some(v) if now().saturating_sub(v >> 1) < SKB_DECISION_NS => Decision::Known(v & 1 != 0),
-        _ => Decision::Unknown(cfg),
+        Some(v) if now().saturating_sub(v >> 1) < SKB_DECISION_NS => {
+            (Decision::Known(v & 1 != 0), v)
+        }
+        _ => (Decision::Unknown(cfg), 0),
     }
 }
 
@@ -117,6 +125,16 @@ pub fn remember(skb: u64, traced: bool) {
 #[inline(always)]
 pub fn forget(skb: u64) {
     let _ = SAMPLE_SKBS.remove(skb);
+}
+
+/// [`forget`], unless the address already carries another datagram's decision (its skb
+/// freed and reused since `stamp` was read).
+#[inline(always)]
+pub fn forget_if(skb: u64, stamp: u64) {
+    // SAFETY: the value is copied out at once.
+    if stamp != 0 && unsafe { SAMPLE_SKBS.get(skb) }.copied() == Some(stamp) {
+        forget(skb);
+    }
 }
 
 /// Whether a transmit on `dev` hands the datagram out of this kernel (its verdict): a

@@ -40,6 +40,7 @@ const TOOLS: &[&str] = &[
     "uname",
     "mkdir",
     "ls",
+    "grep",
     "env",
     "setpriv",
     "python3",
@@ -327,7 +328,7 @@ fn add_modules(st: &mut Staging, k: &Kernel) -> Result<()> {
 
 /// The guest's /init. The root is the initramfs itself (writable), so nothing is mounted
 /// over /tmp: the binaries sit at their host paths, which may be under /tmp.
-fn init_script(udptrace: &str, tests: &[String], filters: &[String]) -> String {
+fn init_script(udptrace: &str, tests: &[String], filters: &[String], rounds: u32) -> String {
     let quote = |items: &[String]| {
         items
             .iter()
@@ -352,15 +353,19 @@ echo "udptrace-vm: kernel $(uname -r)"
 echo "udptrace-vm: udptrace doctor"
 '{udptrace}' doctor
 status=0
-for t in {tests}; do
-    echo "udptrace-vm: running $t"
-    "$t" --test-threads=1 --show-output {filters} || status=1
+round=0
+while [ $round -lt {rounds} ]; do
+    round=$((round + 1))
+    for t in {tests}; do
+        echo "udptrace-vm: running $t (round $round of {rounds})"
+        "$t" --test-threads=1 --show-output {filters} || status=1
+    done
 done
 # Nothing else loads BPF programs here: any of ours still loaded after every run stopped
 # is a leak (a filter or link left behind). The kernel frees programs a moment after
 # their last user goes.
 sleep 2
-left=$(bpftool prog show | grep -E 'name (send|xmit|drop|nat|deliver|recv|ingress)_')
+left=$(bpftool prog show | grep -E 'name (send|xmit|drop|nat|deliver|recv|ingress|count|sample)_')
 if [ -n "$left" ]; then
     echo "udptrace-vm: programs left loaded after the suite:"
     echo "$left"
@@ -419,7 +424,13 @@ fn write_cpio(root: &Path, out: &Path) -> Result<()> {
 }
 
 /// Builds the initramfs for `k`; returns its path.
-fn initramfs(k: &Kernel, udptrace: &Path, tests: &[String], filters: &[String]) -> Result<PathBuf> {
+fn initramfs(
+    k: &Kernel,
+    udptrace: &Path,
+    tests: &[String],
+    filters: &[String],
+    rounds: u32,
+) -> Result<PathBuf> {
     let vm_dir = workspace().join("target/vm");
     let mut st = Staging::new(vm_dir.join(format!("root-{}", k.release)))?;
     for tool in TOOLS {
@@ -448,7 +459,7 @@ fn initramfs(k: &Kernel, udptrace: &Path, tests: &[String], filters: &[String]) 
     add_modules(&mut st, k)?;
     st.write(
         "/init",
-        &init_script(&udptrace.to_string_lossy(), tests, filters),
+        &init_script(&udptrace.to_string_lossy(), tests, filters, rounds),
         0o755,
     )?;
     let out = vm_dir.join(format!("initramfs-{}.cpio", k.release));
@@ -531,6 +542,15 @@ pub fn run(kernels: &[String], totals: &mut Totals) -> Result<()> {
     // quicker loop when one kernel's behaviour is in question).
     let only = std::env::var("UDPTRACE_VM_TESTS").unwrap_or_default();
     let filters = module_filters(&only);
+    // UDPTRACE_VM_ROUNDS=10 runs them that many times in one boot (chasing a rare failure).
+    let rounds = match std::env::var("UDPTRACE_VM_ROUNDS") {
+        Ok(n) => n
+            .parse::<u32>()
+            .ok()
+            .filter(|&n| n > 0)
+            .context("UDPTRACE_VM_ROUNDS must be a positive number")?,
+        Err(_) => 1,
+    };
     let tests: Vec<String> = build_tests()?
         .into_iter()
         .filter(|t| !is_test_binary(t, "xtask"))
@@ -541,7 +561,7 @@ pub fn run(kernels: &[String], totals: &mut Totals) -> Result<()> {
     for spec in kernels {
         let started = Instant::now();
         let k = fetch(spec)?;
-        let initrd = initramfs(&k, &udptrace, &tests, &filters)?;
+        let initrd = initramfs(&k, &udptrace, &tests, &filters, rounds)?;
         let mb = fs::metadata(&initrd)?.len() / (1 << 20);
         eprintln!(
             "xtask: booting Linux {} ({mb} MiB initramfs) under qemu (TCG)",

@@ -1,7 +1,8 @@
 //! The deliver hop: a receiving socket queued the datagram; and who reads that socket.
 //!
 //! Best first, as the loader tries them:
-//! 1. fexit on `__udp_enqueue_schedule_skb` (socket and skb together, with the result).
+//! 1. fentry and fexit on `__udp_enqueue_schedule_skb` (socket and skb together, with the
+//!    result): the hop is read on entry, while the skb is only ours, and sent on a 0 return.
 //! 2. A netfilter link at the very end of LOCAL_IN remembers the skb about to reach UDP on
 //!    this CPU; raw tracepoint `sk_data_ready` (fired from the enqueue, same CPU, same
 //!    call chain) names the socket that took it.
@@ -10,31 +11,61 @@
 //! (both after the read, so a reader already blocked when tracing starts is seen too).
 
 use aya_ebpf::{
-    macros::{classifier, fexit, raw_tracepoint},
-    programs::{FExitContext, RawTracePointContext, TcContext},
+    macros::{classifier, fentry, fexit, raw_tracepoint},
+    programs::{FEntryContext, FExitContext, RawTracePointContext, TcContext},
     EbpfContext as _,
 };
 use udptrace_common::{Hook, RecvEvent, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL};
 
 use crate::{
-    maps::{fault, finish, offset, EVENTS, LOCAL_IN_SKB},
+    maps::{fault, finish, offset, DELIVER_PENDING, EVENTS, LOCAL_IN_SKB},
     read::current::{header, task},
     read::kernel::{read_kernel, try_read_kernel, ReadError},
-    read::skb::emit_for_sock,
+    read::skb::{emit_for_sock, output, prepare_delivery},
     sampling,
 };
 
-/// int __udp_enqueue_schedule_skb(struct sock *sk, struct sk_buff *skb), 0 when queued.
-#[fexit(function = "__udp_enqueue_schedule_skb")]
-pub fn deliver_fexit_enqueue(ctx: FExitContext) -> u32 {
+/// int __udp_enqueue_schedule_skb(struct sock *sk, struct sk_buff *skb), on entry: the hop
+/// as it will be if the datagram is queued. Once queued, a reader on another CPU may take and
+/// free the skb before the fexit program runs (seen in the 6.1 VM).
+#[fentry(function = "__udp_enqueue_schedule_skb")]
+pub fn deliver_fentry_enqueue(ctx: FEntryContext) -> u32 {
+    let Some(pending) = DELIVER_PENDING.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot; the enqueue runs with bottom halves off, so no other
+    // enqueue on this CPU comes between this program and its fexit.
+    let pending = unsafe { &mut *pending };
+    pending.skb = 0;
     let sk: u64 = ctx.arg(0);
     let skb: u64 = ctx.arg(1);
+    let hook = Hook::FexitUdpEnqueue as u16;
+    let result = prepare_delivery(&mut pending.ev, hook, skb, sk);
+    if let Ok(Some(stamp)) = result {
+        pending.skb = skb;
+        pending.stamp = stamp;
+    }
+    finish!(result, "deliver_fentry_enqueue");
+    0
+}
+
+/// The same on return, 0 when queued: sends what the entry read.
+#[fexit(function = "__udp_enqueue_schedule_skb")]
+pub fn deliver_fexit_enqueue(ctx: FExitContext) -> u32 {
+    let skb: u64 = ctx.arg(1);
     let ret: i64 = ctx.arg(2);
+    let Some(pending) = DELIVER_PENDING.get_ptr_mut(0) else {
+        return 0;
+    };
+    // SAFETY: this CPU's slot, filled by the entry program of this same call.
+    let pending = unsafe { &mut *pending };
+    if pending.skb != skb || skb == 0 {
+        return 0;
+    }
+    pending.skb = 0;
     if ret == 0 {
-        finish!(
-            emit_for_sock(KIND_DELIVER, Hook::FexitUdpEnqueue as u16, skb, sk),
-            "deliver_fexit_enqueue"
-        );
+        output(&pending.ev);
+        sampling::forget_if(skb, pending.stamp);
     }
     0
 }

@@ -393,25 +393,60 @@ fn emit_sampled(
     if matches!(decision, Decision::Known(false)) && kind != KIND_DROP {
         return Ok(());
     }
+    let Some(mut scratch) = Scratch::take() else {
+        return Ok(());
+    };
+    let ev = scratch.event();
+    if prepare(ev, kind, hook, skb, reason, sk, decision)? {
+        output(ev);
+    }
+    Ok(())
+}
+
+/// Fills `ev` with the hop of `skb` that a receiving socket `sk` is about to queue, for
+/// [`output`] once the socket has it: the reader may take and free the skb the moment it is
+/// queued, its headers and its sampling decision with it. Returns the decision's stamp for
+/// [`sampling::forget_if`], or `None` when there is nothing to report.
+#[inline(always)]
+pub fn prepare_delivery(
+    ev: &mut SkbEvent,
+    hook: u16,
+    skb: u64,
+    sk: u64,
+) -> Result<Option<u64>, ReadError> {
+    let (decision, stamp) = sampling::lookup_stamped(skb);
+    if matches!(decision, Decision::Known(false)) {
+        return Ok(None);
+    }
+    Ok(prepare(ev, KIND_DELIVER, hook, skb, 0, sk, decision)?.then_some(stamp))
+}
+
+/// Fills `ev` for the hop; true when it is to be sent.
+#[inline(always)]
+fn prepare(
+    ev: &mut SkbEvent,
+    kind: u16,
+    hook: u16,
+    skb: u64,
+    reason: u32,
+    sk: u64,
+    decision: Decision,
+) -> Result<bool, ReadError> {
     // A delivery never decides: every datagram met an earlier hop that did (the transmit
     // or the ingress), and the deliver hook may run after the reader has already taken and
     // freed the skb (its decision gone with it): deciding then would count the datagram
     // again, as the first of a flow, and report a path of its delivery alone. (Seen in the
     // 6.1 VM: one such path in 53 datagrams.)
     if matches!(decision, Decision::Unknown(_)) && kind == KIND_DELIVER {
-        return Ok(());
+        return Ok(false);
     }
-    let Some(mut scratch) = Scratch::take() else {
-        return Ok(());
-    };
-    let ev = scratch.event();
     let Some(dev) = fill_flow(ev, skb, sk)? else {
-        return Ok(());
+        return Ok(false);
     };
     if sk != 0 && read_kernel::<u16>(sk, offset!(sk_num)).ok() != Some(ev.dst.port) {
         // The socket is not bound to this datagram's port: a stale pairing (an skb that
         // reached LOCAL_IN in a namespace we do not cover, say). Say nothing.
-        return Ok(());
+        return Ok(false);
     }
     let traced = match decision {
         Decision::All => true,
@@ -420,7 +455,7 @@ fn emit_sampled(
     };
     if !traced {
         if kind != KIND_DROP {
-            return Ok(());
+            return Ok(false);
         }
         ev.flags |= SKB_UNSAMPLED;
     }
@@ -430,10 +465,15 @@ fn emit_sampled(
     } else {
         0
     };
-    if EVENTS.output::<SkbEvent>(&*ev, 0).is_err() {
+    Ok(true)
+}
+
+/// Sends a filled hop event.
+#[inline(always)]
+pub fn output(ev: &SkbEvent) {
+    if EVENTS.output::<SkbEvent>(ev, 0).is_err() {
         // Counted, not logged: a log call this deep takes the skb hops' combined stack past
         // 512 bytes on 6.1 (the send hop logs a full ring buffer).
         count(STAT_RINGBUF_FULL);
     }
-    Ok(())
 }

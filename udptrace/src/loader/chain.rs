@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use aya::{
-    programs::{FExit, RawTracePoint, TracePoint},
+    programs::{FEntry, FExit, RawTracePoint, TracePoint},
     Btf, Ebpf,
 };
 
@@ -143,18 +143,32 @@ pub fn kprobes() -> Result<(), String> {
     }
 }
 
-/// Loads and attaches an fexit program on kernel function `func`.
+/// Loads trampoline program `$name` (an `FEntry` or `FExit`) for kernel function `$func`
+/// and attaches it; unloads it again when the attach fails.
+macro_rules! attach_trampoline {
+    ($kind:ty, $ebpf:expr, $name:expr, $func:expr) => {{
+        let func = $func;
+        let btf = Btf::from_sys_fs().map_err(|e| chain(&e))?;
+        let prog: &mut $kind = program($ebpf, $name)?;
+        prog.load(func, &btf)
+            .map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
+        if let Err(e) = prog.attach() {
+            let why = format!("attaching to {func}: {}", chain(&e));
+            let _ = prog.unload();
+            return Err(why);
+        }
+        Ok(())
+    }};
+}
+
+/// Loads fentry program `name` for kernel function `func` and attaches it.
+pub fn attach_fentry(ebpf: &mut Ebpf, name: &str, func: &str) -> Result<(), String> {
+    attach_trampoline!(FEntry, ebpf, name, func)
+}
+
+/// Loads fexit program `name` for kernel function `func` and attaches it.
 pub fn attach_fexit(ebpf: &mut Ebpf, name: &str, func: &str) -> Result<(), String> {
-    let btf = Btf::from_sys_fs().map_err(|e| chain(&e))?;
-    let prog: &mut FExit = program(ebpf, name)?;
-    prog.load(func, &btf)
-        .map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
-    if let Err(e) = prog.attach() {
-        let why = format!("attaching to {func}: {}", chain(&e));
-        let _ = prog.unload();
-        return Err(why);
-    }
-    Ok(())
+    attach_trampoline!(FExit, ebpf, name, func)
 }
 
 /// Loads tracepoint program `name` (once) and attaches it to `category:tp` for each `tp`.

@@ -2,13 +2,13 @@
 //! paired with raw tracepoint `sk_data_ready`. And the recv hop (who reads the receiving
 //! socket): fexit on `udp_recvmsg`, else raw tracepoint `sock_recv_length`.
 
-use aya::programs::FExit;
+use aya::programs::{FEntry, FExit};
 use udptrace_common::{programs, Hook};
 
 use crate::{
     kernel::offsets::Group,
     loader::{
-        chain::{attach_chain, attach_fexit, attach_raw_tp, need, unload_all, Ctx},
+        chain::{attach_chain, attach_fentry, attach_fexit, attach_raw_tp, need, unload_all, Ctx},
         netfilter,
         report::HopReport,
     },
@@ -39,14 +39,17 @@ pub fn attach_recv(ctx: &mut Ctx<'_>) -> HopReport {
     )
 }
 
-/// `int __udp_enqueue_schedule_skb(struct sock *sk, struct sk_buff *skb)`.
+/// `int __udp_enqueue_schedule_skb(struct sock *sk, struct sk_buff *skb)`: the hop read on
+/// entry, sent on return.
 fn fexit(ctx: &mut Ctx<'_>, _: &mut HopReport) -> Result<(), String> {
     need(ctx.layout, &[Group::Skb, Group::Sock])?;
-    attach_fexit(
-        ctx.ebpf,
-        programs::DELIVER_FEXIT_ENQUEUE,
-        "__udp_enqueue_schedule_skb",
-    )
+    const ENQUEUE: &str = "__udp_enqueue_schedule_skb";
+    attach_fentry(ctx.ebpf, programs::DELIVER_FENTRY_ENQUEUE, ENQUEUE)?;
+    let result = attach_fexit(ctx.ebpf, programs::DELIVER_FEXIT_ENQUEUE, ENQUEUE);
+    if result.is_err() {
+        unload_all!(FEntry, ctx.ebpf, [programs::DELIVER_FENTRY_ENQUEUE]);
+    }
+    result
 }
 
 fn local_in_then_ready(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), String> {

@@ -2,18 +2,15 @@
 //! tracepoint `sock_send_length` with the destinations of unconnected sends from the cgroup
 //! `sendmsg4`/`sendmsg6` hooks (else the send syscalls' tracepoints).
 
-use aya::{
-    programs::{CgroupAttachMode, CgroupSockAddr, FEntry, KProbe, TracePoint},
-    Btf,
-};
+use aya::programs::{CgroupAttachMode, CgroupSockAddr, FEntry, KProbe, TracePoint};
 use udptrace_common::{programs, Hook};
 
 use crate::{
     kernel::{cgroup2, offsets::Group},
     loader::{
         chain::{
-            attach_chain, attach_raw_tp, attach_tp, chain, enabled, kprobes, need, program,
-            unload_all, Ctx,
+            attach_chain, attach_fentry, attach_raw_tp, attach_tp, chain, enabled, kprobes, need,
+            program, unload_all, Ctx,
         },
         report::HopReport,
     },
@@ -39,19 +36,13 @@ pub fn attach(ctx: &mut Ctx<'_>) -> HopReport {
 /// `int udp_sendmsg(struct sock *sk, struct msghdr *msg, size_t len)`, and the IPv6 twin.
 fn fentry(ctx: &mut Ctx<'_>, _: &mut HopReport) -> Result<(), String> {
     need(ctx.layout, &[Group::Sock, Group::Msghdr])?;
-    let btf = Btf::from_sys_fs().map_err(|e| chain(&e))?;
     let progs = [
         (programs::SEND_FENTRY_UDP_SENDMSG, "udp_sendmsg"),
         (programs::SEND_FENTRY_UDPV6_SENDMSG, "udpv6_sendmsg"),
     ];
-    let result = progs.iter().try_for_each(|(name, func)| {
-        let prog: &mut FEntry = program(ctx.ebpf, name)?;
-        prog.load(func, &btf)
-            .map_err(|e| format!("loading for {func}: {}", chain(&e)))?;
-        prog.attach()
-            .map(drop)
-            .map_err(|e| format!("attaching to {func}: {}", chain(&e)))
-    });
+    let result = progs
+        .iter()
+        .try_for_each(|(name, func)| attach_fentry(ctx.ebpf, name, func));
     if result.is_err() {
         unload_all!(FEntry, ctx.ebpf, progs.map(|(n, _)| n));
     }

@@ -12,7 +12,10 @@ use crate::{
     loader::LoadConfig,
     model::{FlowView, Path},
     output::table::{sort, table, SortBy},
-    pipeline::{filter::Filter, flows::FlowTable, FlowCounts, Losses, Pipeline, Sink, Stop},
+    pipeline::{
+        conntrack::CtEvent, filter::Filter, flows::FlowTable, FlowCounts, Losses, Pipeline, Sink,
+        Stop,
+    },
 };
 
 /// Flows in the table between refreshes.
@@ -67,6 +70,12 @@ impl Sink for Table {
     const COUNTS: bool = true;
     /// The counts up to the very end, for the JSON snapshot.
     const LAST_COUNTS: bool = true;
+    const CONNTRACK: bool = true;
+
+    fn conntrack(&mut self, events: &[CtEvent]) -> anyhow::Result<Option<Stop>> {
+        self.flows.observe_conntrack(events);
+        Ok(None)
+    }
 
     fn paths(&mut self, paths: &mut Vec<Path>) -> anyhow::Result<Option<Stop>> {
         let now = monotonic_ns();

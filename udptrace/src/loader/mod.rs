@@ -7,7 +7,7 @@ mod chain;
 mod hops;
 mod maps;
 mod netfilter;
-mod netns;
+pub mod netns;
 mod report;
 mod rtnl;
 mod tc;

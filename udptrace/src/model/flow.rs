@@ -14,6 +14,11 @@ pub struct FlowNat {
     pub netns: u32,
     pub before: Endpoints,
     pub after: Endpoints,
+    /// Learned from conntrack rather than from a datagram's NAT hop: `nf_hook` is then
+    /// inferred (DNAT at output in the sender's namespace and at prerouting elsewhere, SNAT
+    /// at postrouting).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub conntrack: bool,
 }
 
 /// A flow as its sender sees it, with what happened to its datagrams.

@@ -110,6 +110,17 @@ pub fn render(s: &Metrics<'_>) -> prometheus::Result<String> {
              when no path follows the datagram)",
             totals.drops_held,
         ),
+        (
+            "udptrace_conntrack_overflows_total",
+            "Times conntrack events of a namespace overflowed udptrace's socket (events lost; \
+             a dump of the namespace's connections followed)",
+            s.losses.conntrack_overflows,
+        ),
+        (
+            "udptrace_conntrack_not_kept_total",
+            "Rewritten connections conntrack told of that the flow table had no room for",
+            totals.conntrack_full,
+        ),
     ] {
         family(&registry, || IntCounter::new(name, help))?.inc_by(value);
     }
@@ -120,6 +131,14 @@ pub fn render(s: &Metrics<'_>) -> prometheus::Result<String> {
         )
     })?
     .set(i64::from(s.sampling.every));
+    family(&registry, || {
+        IntGauge::new(
+            "udptrace_conntrack_namespaces",
+            "Network namespaces whose conntrack udptrace follows now (counting only: NAT per \
+             flow from conntrack)",
+        )
+    })?
+    .set(i64::try_from(s.losses.conntrack_namespaces).unwrap_or(i64::MAX));
     family(&registry, || {
         IntGauge::new("udptrace_flows", "Flows tracked now")
     })?

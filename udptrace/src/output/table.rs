@@ -106,6 +106,7 @@ mod tests {
                     src: sa("10.88.0.34:43090"),
                     dst: sa("10.88.0.33:5353"),
                 },
+                conntrack: false,
             }],
             first_seen: SystemTime::UNIX_EPOCH,
             last_seen: SystemTime::UNIX_EPOCH,

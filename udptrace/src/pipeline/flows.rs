@@ -12,8 +12,12 @@ use udptrace_common::{DropKey, DropStats, FlowKey, FlowStats};
 use crate::{
     clock::Clock,
     kernel::drop_reasons::DropReasons,
-    model::{Endpoints, FlowNat, FlowView, HopKind, NatKind, Path, Verdict},
-    pipeline::{events::socket_addr, filter::Filter},
+    model::{Endpoints, FlowNat, FlowView, HopKind, NatKind, NfHook, Path, Verdict},
+    pipeline::{
+        conntrack::{Connection, CtEvent},
+        events::socket_addr,
+        filter::Filter,
+    },
 };
 
 /// A flow as its sender sees it: namespace, own address, the destination it named.
@@ -87,6 +91,8 @@ pub struct Totals {
     pub evictions: u64,
     /// Flows expired after `idle`.
     pub expired: u64,
+    /// Rewritten connections conntrack told of that the table had no room for.
+    pub conntrack_full: u64,
 }
 
 /// Every flow seen, bounded by the kernel map's size and expiry after idleness.
@@ -107,6 +113,20 @@ pub struct FlowTable {
     kernel_nat: bool,
     /// Each drop key's counts as last read, for what is new in the next read.
     drops_read: HashMap<DropKey, DropStats>,
+    /// Rewritten UDP connections conntrack holds now, by namespace and original tuple, each
+    /// with the flow it was found to belong to.
+    conns: HashMap<(u32, SocketAddr, SocketAddr), Tracked>,
+    /// The flow of each tuple its datagrams have after a rewrite conntrack told of (in any
+    /// namespace: the next namespace's conntrack sees them so, and drops there too).
+    via: HashMap<(SocketAddr, SocketAddr), FlowId>,
+}
+
+/// A connection conntrack told of.
+#[derive(Debug)]
+struct Tracked {
+    conn: Connection,
+    /// The flow it was applied to; `None` until that flow is known here.
+    flow: Option<FlowId>,
 }
 
 /// A datagram's addresses at one hop, with the hop's namespace.
@@ -129,6 +149,8 @@ impl FlowTable {
             seen_at: HashMap::new(),
             kernel_nat: false,
             drops_read: HashMap::new(),
+            conns: HashMap::new(),
+            via: HashMap::new(),
         }
     }
 
@@ -150,6 +172,7 @@ impl FlowTable {
     /// not a read ever saw them.
     pub fn update_counts(&mut self, kernel: &[(FlowKey, FlowStats)], created: u64, now_ns: u64) {
         self.read_counts(kernel, now_ns);
+        self.apply_connections();
         self.totals.evictions = self
             .totals
             .evictions
@@ -245,6 +268,8 @@ impl FlowTable {
                 Some(id)
             } else if let Some(id) = self.seen_at.get(&(key.netns, src, dst)) {
                 Some(*id)
+            } else if let Some(id) = src.zip(dst).and_then(|t| self.via.get(&t)) {
+                Some(*id)
             } else {
                 if by_dst.is_empty() {
                     for id in self.flows.keys() {
@@ -269,6 +294,173 @@ impl FlowTable {
             }
         }
         self.drops_read = read;
+    }
+
+    /// Takes in what conntrack told: rewritten connections that began (or a dump listed)
+    /// and ended, and namespaces whose events were lost (what was known of them is
+    /// replaced by the dump that follows). Each connection is applied to the flow whose
+    /// datagrams it carries as soon as that flow is known here.
+    pub fn observe_conntrack(&mut self, events: &[CtEvent]) {
+        for event in events {
+            match event {
+                CtEvent::Nat(c) => {
+                    let key = (c.netns, c.orig.0, c.orig.1);
+                    if let Some(t) = self.conns.get_mut(&key) {
+                        if t.conn != *c {
+                            *t = Tracked {
+                                conn: *c,
+                                flow: None,
+                            };
+                        }
+                    } else if self.conns.len() < self.max_flows {
+                        self.conns.insert(
+                            key,
+                            Tracked {
+                                conn: *c,
+                                flow: None,
+                            },
+                        );
+                    } else {
+                        self.totals.conntrack_full += 1;
+                    }
+                }
+                CtEvent::Gone(c) => {
+                    self.conns.remove(&(c.netns, c.orig.0, c.orig.1));
+                }
+                CtEvent::Resync(netns) => self.conns.retain(|k, _| k.0 != *netns),
+            }
+        }
+        self.apply_connections();
+    }
+
+    /// Applies every connection not applied yet (or whose flow was forgotten) to its flow.
+    fn apply_connections(&mut self) {
+        let pending: Vec<Connection> = self
+            .conns
+            .values()
+            .filter(|t| t.flow.is_none_or(|id| !self.flows.contains_key(&id)))
+            .map(|t| t.conn)
+            .collect();
+        if pending.is_empty() {
+            return;
+        }
+        // Flows by (destination, source port), for a sender whose own address is not the
+        // one conntrack saw (a socket bound to no address, or seen in another namespace).
+        let mut by_dst: HashMap<(SocketAddr, u16), Vec<FlowId>> = HashMap::new();
+        for id in self.flows.keys() {
+            if let (Some(src), Some(dst)) = (id.src, id.dst) {
+                by_dst.entry((dst, src.port())).or_default().push(*id);
+            }
+        }
+        // Applied in rounds: a connection in the next namespace is found through the
+        // tuple a rewrite in the one before gave the flow's datagrams.
+        let mut left = pending;
+        loop {
+            let before = left.len();
+            left.retain(|c| match self.flow_of_connection(c, &by_dst) {
+                Some(id) => {
+                    self.apply_connection(id, c);
+                    false
+                }
+                None => true,
+            });
+            if left.is_empty() || left.len() == before {
+                break;
+            }
+        }
+    }
+
+    fn flow_of_connection(
+        &self,
+        c: &Connection,
+        by_dst: &HashMap<(SocketAddr, u16), Vec<FlowId>>,
+    ) -> Option<FlowId> {
+        let (src, dst) = c.orig;
+        let exact = FlowId {
+            netns: c.netns,
+            src: Some(src),
+            dst: Some(dst),
+        };
+        if self.flows.contains_key(&exact) {
+            return Some(exact);
+        }
+        if let Some(id) = self
+            .via
+            .get(&c.orig)
+            .or_else(|| self.seen_at.get(&(c.netns, Some(src), Some(dst))))
+        {
+            return self.flows.contains_key(id).then_some(*id);
+        }
+        let candidates: Vec<FlowId> = by_dst
+            .get(&(dst, src.port()))?
+            .iter()
+            .copied()
+            .filter(|id| {
+                id.src
+                    .is_some_and(|s| s.ip().is_unspecified() || s.ip() == src.ip())
+            })
+            .collect();
+        // The sender's own namespace first; elsewhere only an unambiguous match.
+        let here: Vec<FlowId> = candidates
+            .iter()
+            .copied()
+            .filter(|id| id.netns == c.netns)
+            .collect();
+        match (here.as_slice(), candidates.as_slice()) {
+            ([id], _) | ([], [id]) => Some(*id),
+            _ => None,
+        }
+    }
+
+    fn apply_connection(&mut self, id: FlowId, c: &Connection) {
+        let key = (c.netns, c.orig.0, c.orig.1);
+        if let Some(t) = self.conns.get_mut(&key) {
+            t.flow = Some(id);
+        }
+        if self.via.len() >= self.max_flows.saturating_mul(TUPLES_PER_FLOW) {
+            self.via.clear();
+        }
+        let after = c.after();
+        self.via.insert(after, id);
+        let Some(flow) = self.flows.get_mut(&id) else {
+            return;
+        };
+        let ends = |(src, dst): (SocketAddr, SocketAddr)| Endpoints {
+            src: Some(src),
+            dst: Some(dst),
+        };
+        // After DNAT, before SNAT (conntrack applies DNAT first on the way out).
+        let middle = (c.orig.0, c.reply.0);
+        let mut seen = Vec::with_capacity(2);
+        if c.dnat() {
+            seen.push(FlowNat {
+                nat: NatKind::Dnat,
+                nf_hook: if id.netns == c.netns {
+                    NfHook::Output
+                } else {
+                    NfHook::Prerouting
+                },
+                netns: c.netns,
+                before: ends(c.orig),
+                after: ends(middle),
+                conntrack: true,
+            });
+        }
+        if c.snat() {
+            seen.push(FlowNat {
+                nat: NatKind::Snat,
+                nf_hook: NfHook::Postrouting,
+                netns: c.netns,
+                before: ends(middle),
+                after: ends(after),
+                conntrack: true,
+            });
+        }
+        for nat in seen {
+            if !flow.nat.contains(&nat) && flow.nat.len() < MAX_NAT {
+                flow.nat.push(nat);
+            }
+        }
     }
 
     /// Takes in a finished path: its drops, rewrites, what the receiver saw.
@@ -316,6 +508,7 @@ impl FlowTable {
                 netns: hop.netns,
                 before: nat.before,
                 after: nat.after,
+                conntrack: false,
             };
             if !flow.nat.contains(&seen) && flow.nat.len() < MAX_NAT {
                 flow.nat.push(seen);
@@ -404,6 +597,7 @@ impl FlowTable {
                 d.nf_hook.name(),
                 d.netns
             ),
+            _ if f.explain.is_empty() => explain_conntrack(&f.nat).unwrap_or_default(),
             _ => f.explain.clone(),
         };
         FlowView {
@@ -428,6 +622,35 @@ impl FlowTable {
             k8s: None,
         }
     }
+}
+
+/// The sentence for a flow whose rewrites only conntrack told of (no path traced): each
+/// rewrite, and the addresses the datagrams have after the last one.
+fn explain_conntrack(nat: &[FlowNat]) -> Option<String> {
+    let last = nat.iter().rfind(|n| n.conntrack)?;
+    let addr = |a: Option<SocketAddr>| a.map_or_else(|| "?".into(), |a| a.to_string());
+    let steps: Vec<String> = nat
+        .iter()
+        .filter(|n| n.conntrack)
+        .map(|n| match n.nat {
+            NatKind::Dnat => format!(
+                "DNAT in netns {} sends it to {}",
+                n.netns,
+                addr(n.after.dst)
+            ),
+            NatKind::Snat => format!(
+                "SNAT in netns {} gives it the source {}",
+                n.netns,
+                addr(n.after.src)
+            ),
+        })
+        .collect();
+    Some(format!(
+        "conntrack: {}; past it the datagrams go {} → {} (no path traced)",
+        steps.join(", then "),
+        addr(last.after.src),
+        addr(last.after.dst)
+    ))
 }
 
 #[cfg(test)]

@@ -11,6 +11,7 @@
 //! own, and the final drain after everything is detached.
 
 pub mod assemble;
+pub mod conntrack;
 pub mod events;
 pub mod explain;
 pub mod filter;
@@ -22,6 +23,7 @@ pub mod stitch;
 
 use std::{
     collections::{BTreeMap, HashSet},
+    sync::{atomic::Ordering, Arc},
     time::Duration,
 };
 
@@ -39,10 +41,11 @@ use udptrace_common::{
 
 use crate::{
     clock::{monotonic_ns, Clock},
-    loader::{FlowReader, HopReport, KernelCounts, LoadConfig, Sampler, Tracer},
+    loader::{FlowReader, HopReport, KernelCounts, LoadConfig, NetnsScope, Sampler, Tracer},
     model::{NfHook, Path},
 };
 use assemble::Assembler;
+use conntrack::{Conntrack, CtEvent, CtStats};
 use events::Event;
 use flows::FlowTable;
 use ring::{EventStream, Undecodable};
@@ -58,6 +61,9 @@ pub trait Sink {
     /// Read them once more when stopping, before detaching (a table of 100k flows takes
     /// most of a second: the agent, which goes on serving, does without).
     const LAST_COUNTS: bool = false;
+    /// Hand it what conntrack tells of rewritten connections ([`Sink::conntrack`]) when
+    /// no per-datagram NAT hook is attached (counting only).
+    const CONNTRACK: bool = false;
 
     /// Paths that finished; the sink takes them (`paths` is empty afterwards).
     fn paths(&mut self, paths: &mut Vec<Path>) -> anyhow::Result<Option<Stop>>;
@@ -69,6 +75,11 @@ pub trait Sink {
         _pipeline: &mut Pipeline,
         _counts: FlowCounts,
     ) -> anyhow::Result<Option<Stop>> {
+        Ok(None)
+    }
+
+    /// Rewritten connections conntrack told of (when [`Sink::CONNTRACK`]).
+    fn conntrack(&mut self, _events: &[CtEvent]) -> anyhow::Result<Option<Stop>> {
         Ok(None)
     }
 
@@ -108,6 +119,13 @@ pub struct Pipeline {
     kernel_log: Option<AsyncFd<EbpfLogger<&'static dyn log::Log>>>,
     /// Only hops in these namespaces are kept (an agent answering for one emulated node).
     only: Option<HashSet<u32>>,
+    scope: NetnsScope,
+    /// The per-datagram path hooks are attached.
+    paths: bool,
+    /// conntrack's readers, when a sink wants NAT from them.
+    conntrack: Option<Conntrack>,
+    /// What they told since the sink last took it.
+    ct_events: Vec<CtEvent>,
 }
 
 impl Pipeline {
@@ -162,6 +180,10 @@ impl Pipeline {
             sigint: signal(SignalKind::interrupt()).context("installing a SIGINT handler")?,
             kernel_log,
             only: None,
+            scope: config.scope,
+            paths: config.paths,
+            conntrack: None,
+            ct_events: Vec::new(),
         })
     }
 
@@ -215,6 +237,12 @@ impl Pipeline {
         } else {
             None
         };
+        if S::CONNTRACK && !self.paths {
+            let mut ct = Conntrack::new();
+            let n = ct.cover(&self.scope.files());
+            tracing::info!("following NAT through conntrack in {n} network namespace(s)");
+            self.conntrack = Some(ct);
+        }
         let mut finished = Vec::new();
         let stop = loop {
             let counted = async {
@@ -232,6 +260,12 @@ impl Pipeline {
             }
             if !finished.is_empty() {
                 if let Some(stop) = sink.paths(&mut finished)? {
+                    break stop;
+                }
+            }
+            if !self.ct_events.is_empty() {
+                let events = std::mem::take(&mut self.ct_events);
+                if let Some(stop) = sink.conntrack(&events)? {
                     break stop;
                 }
             }
@@ -269,6 +303,7 @@ impl Pipeline {
                 }
             }
             _ = self.netns_scan.tick() => self.cover_new_namespaces(),
+            events = conntrack_events(&mut self.conntrack) => self.ct_events.extend(events),
             ready = kernel_log_ready(&mut self.kernel_log) => {
                 if let Ok(mut guard) = ready {
                     guard.get_inner_mut().flush();
@@ -323,6 +358,17 @@ impl Pipeline {
         if new > 0 {
             tracing::info!("now covering {new} more network namespace(s)");
         }
+        if let Some(ct) = self.conntrack.as_mut() {
+            let new = ct.cover(&self.scope.files());
+            if new > 0 {
+                tracing::info!("following conntrack in {new} more network namespace(s)");
+            }
+        }
+    }
+
+    /// What the conntrack readers counted; `None` when conntrack is not followed.
+    pub fn conntrack_stats(&self) -> Option<Arc<CtStats>> {
+        self.conntrack.as_ref().map(Conntrack::stats)
     }
 
     /// Stops: detaches everything at once (nothing of ours stays in the kernel while the
@@ -367,7 +413,11 @@ impl Pipeline {
     fn losses(&self) -> Losses {
         let stats = self.tracer.stats();
         let stat = |i: u32| stats.get(i as usize).copied().unwrap_or(0);
+        let ct = self.conntrack_stats().unwrap_or_default();
         Losses {
+            conntrack_overflows: ct.overflows.load(Ordering::Relaxed),
+            conntrack_undecodable: ct.undecodable.load(Ordering::Relaxed),
+            conntrack_namespaces: ct.namespaces.load(Ordering::Relaxed),
             ring_full: stat(STAT_RINGBUF_FULL),
             read_errors: stat(STAT_READ_ERROR),
             user_read_errors: stat(STAT_USER_READ_ERROR),
@@ -376,6 +426,14 @@ impl Pipeline {
             flows_created: stat(STAT_FLOW_NEW),
             undecodable: self.bad.0,
         }
+    }
+}
+
+/// The next batch conntrack's readers send; never, without them.
+async fn conntrack_events(ct: &mut Option<Conntrack>) -> Vec<CtEvent> {
+    match ct {
+        Some(ct) => ct.recv().await,
+        None => std::future::pending().await,
     }
 }
 
@@ -400,6 +458,11 @@ pub struct Losses {
     /// Flows the kernel added to its table (not a loss: with its size, gives evictions).
     pub flows_created: u64,
     pub undecodable: u64,
+    /// Times a namespace's conntrack events overflowed our socket (a dump resynced it).
+    pub conntrack_overflows: u64,
+    pub conntrack_undecodable: u64,
+    /// Namespaces whose conntrack is followed now (not a loss).
+    pub conntrack_namespaces: u64,
 }
 
 impl std::fmt::Display for Losses {
@@ -415,6 +478,15 @@ impl std::fmt::Display for Losses {
             self.pending_full,
             self.flow_full,
             self.undecodable
-        )
+        )?;
+        if self.conntrack_overflows + self.conntrack_undecodable > 0 {
+            write!(
+                f,
+                ", {} conntrack event overflow(s) (resynced), {} undecodable conntrack \
+                 message(s)",
+                self.conntrack_overflows, self.conntrack_undecodable
+            )?;
+        }
+        Ok(())
     }
 }

@@ -171,6 +171,51 @@ fn counting_only_is_exact_for_every_kind_of_send_and_every_drop() {
         "{f}"
     );
     assert_eq!(f["drops"], serde_json::json!({}), "{f}");
+    // Its DNAT without a per-datagram hook: from ns a's conntrack events, as conntrack has it.
+    let vip_nat = || {
+        let body: Value = serde_json::from_str(&agent.get("/api/v1/flows")).unwrap();
+        let flows = body["flows"].as_array().unwrap().clone();
+        flow(
+            &flows,
+            &format!("0.0.0.0:{unconnected}"),
+            &format!("{VIP}:{SERVICE}"),
+        )["nat"]
+            .clone()
+    };
+    let mut nat = vip_nat();
+    for _ in 0..50 {
+        if nat.as_array().is_some_and(|n| !n.is_empty()) {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+        nat = vip_nat();
+    }
+    assert_eq!(
+        nat,
+        serde_json::json!([{
+            "nat": "dnat",
+            "nf_hook": "output",
+            "netns": ns_a,
+            "before": {"src": format!("{A4}:{unconnected}"), "dst": format!("{VIP}:{SERVICE}")},
+            "after": {"src": format!("{A4}:{unconnected}"), "dst": format!("{B4}:{RECEIVED}")},
+            "conntrack": true,
+        }]),
+        "{}",
+        agent.stderr()
+    );
+    let table = net
+        .a
+        .cmd("conntrack")
+        .args(["-L", "-p", "udp", "--dport", &SERVICE.to_string()])
+        .output()
+        .unwrap();
+    let table = String::from_utf8_lossy(&table.stdout);
+    assert!(
+        table.contains(&format!(
+            "src={B4} dst={A4} sport={RECEIVED} dport={unconnected}"
+        )),
+        "{table}"
+    );
     // The wire's datagrams, and the sends that carried them.
     let f = flow(
         &flows,

@@ -20,7 +20,7 @@ use crate::{
     k8s::{ApiServer, Cluster},
     loader::LoadConfig,
     model::Path,
-    pipeline::{flows::FlowTable, FlowCounts, Losses, Pipeline, Sink, Stop},
+    pipeline::{conntrack::CtEvent, flows::FlowTable, FlowCounts, Losses, Pipeline, Sink, Stop},
 };
 use http::{AppState, Shared};
 
@@ -110,6 +110,16 @@ impl Sink for AgentSink {
     // No last read of the kernel's counters: they go with the process anyway, and with a
     // large table the read would keep our programs attached for a while.
     const LAST_COUNTS: bool = false;
+    const CONNTRACK: bool = true;
+
+    fn conntrack(&mut self, events: &[CtEvent]) -> anyhow::Result<Option<Stop>> {
+        self.state
+            .lock()
+            .expect("agent state")
+            .flows
+            .observe_conntrack(events);
+        Ok(None)
+    }
 
     fn paths(&mut self, paths: &mut Vec<Path>) -> anyhow::Result<Option<Stop>> {
         let now = monotonic_ns();

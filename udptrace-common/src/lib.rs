@@ -41,11 +41,31 @@ pub mod names {
     /// One u32 of `MODE_*` flags: what is attached (runtime-settable).
     pub const MODE: &str = "MODE";
 
+    /// Sampling's memory: datagrams seen per flow, decisions by skb and by socket, NAT
+    /// rewrites and readers already reported.
+    pub const SAMPLE_COUNT: &str = "SAMPLE_COUNT";
+    pub const SAMPLE_SKBS: &str = "SAMPLE_SKBS";
+    pub const SAMPLE_SOCKS: &str = "SAMPLE_SOCKS";
+    pub const SAMPLE_NAT: &str = "SAMPLE_NAT";
+    pub const SAMPLE_READERS: &str = "SAMPLE_READERS";
+
     /// aya-log's read-only global: which log levels the kernel programs' code keeps.
     pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 
     /// Every map the agent opens by name.
-    pub const ALL: [&str; 6] = [EVENTS, STATS, FLOWS, SAMPLING, DROPS, MODE];
+    pub const ALL: [&str; 11] = [
+        EVENTS,
+        STATS,
+        FLOWS,
+        SAMPLING,
+        DROPS,
+        MODE,
+        SAMPLE_COUNT,
+        SAMPLE_SKBS,
+        SAMPLE_SOCKS,
+        SAMPLE_NAT,
+        SAMPLE_READERS,
+    ];
 }
 
 /// Size of the event ring buffer in bytes (a power of two, a multiple of the page size).

@@ -20,6 +20,12 @@ const _: () = assert!(core::mem::size_of::<SampleConfig>() == 8);
 impl SampleConfig {
     /// Every datagram traced.
     pub const ALL: Self = Self { first: 0, every: 1 };
+    /// No datagram newly traced (those already decided go on): how a path window closes
+    /// without cutting the paths in flight.
+    pub const NONE: Self = Self {
+        first: 0,
+        every: u32::MAX,
+    };
 
     pub fn is_all(&self) -> bool {
         self.every <= 1
@@ -27,6 +33,9 @@ impl SampleConfig {
 
     /// Whether the `n`th datagram (from 0) of a flow is traced.
     pub fn traces(&self, n: u64) -> bool {
+        if self.every == u32::MAX {
+            return false;
+        }
         self.every <= 1 || n < u64::from(self.first) || n.is_multiple_of(u64::from(self.every))
     }
 }
@@ -76,6 +85,16 @@ pub struct ReaderKey {
     pub sk: u64,
     pub pid_tgid: u64,
 }
+
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and `Addr`s (themselves Pod), no padding.
+unsafe impl aya::Pod for NatSeenKey {}
+#[cfg(feature = "user")]
+// SAFETY: as above.
+unsafe impl aya::Pod for NatSeen {}
+#[cfg(feature = "user")]
+// SAFETY: two u64s.
+unsafe impl aya::Pod for ReaderKey {}
 
 /// Flows whose datagrams are counted for sampling (an evicted flow starts again at 0:
 /// its next datagrams count as first ones).

@@ -48,7 +48,7 @@ fn main() -> ExitCode {
         }
         Command::Trace(args) => block_on(trace::run(args)),
         Command::Flows(args) => block_on(flows::run(args)),
-        Command::Agent(args) => block_on(agent::run(args)),
+        Command::Agent(args) => block_on(agent::run(*args)),
         Command::Path(args) => block_on(path::run(args)),
     }
 }

@@ -27,7 +27,7 @@ pub enum Command {
     Flows(FlowsArgs),
     /// Run as a daemon: count flows, keep recent paths, serve them over HTTP with
     /// Prometheus metrics.
-    Agent(AgentArgs),
+    Agent(Box<AgentArgs>),
     /// Show which hooks this kernel allows and which one each hop uses, and why.
     Doctor,
     /// Ask agents on several nodes for their partial paths and join each datagram's into
@@ -109,6 +109,10 @@ pub enum Paths {
     /// Counting only: every datagram sent counted per flow in one small program, every drop
     /// counted with its reason (a few reported as they happen). The cheapest mode.
     Off,
+    /// Counting only, and the path hooks attached in windows: on request
+    /// (`POST /api/v1/windows`), a few seconds after news (a flow's first drop with a
+    /// reason, a new NAT mapping), on a duty cycle if set. The agent's only.
+    Windows,
 }
 
 #[derive(Debug, Args)]
@@ -169,9 +173,23 @@ pub struct AgentArgs {
     #[arg(long, env = "UDPTRACE_PER_FLOW_METRICS", value_name = "BOOL")]
     pub per_flow_metrics: Option<bool>,
     /// Per-datagram path hooks beside the counting ones (sampled paths, NAT before→after,
-    /// stitching), or counting only [default: on].
+    /// stitching), counting only, or path hooks in windows [default: on].
     #[arg(long, env = "UDPTRACE_PATHS", value_enum)]
     pub paths: Option<Paths>,
+    /// With `--paths windows`: how long a window opened by news lasts; 0s: none
+    /// [default: 5s].
+    #[arg(long, env = "UDPTRACE_AUTO_WINDOW", value_name = "DURATION")]
+    pub auto_window: Option<humantime::Duration>,
+    /// With `--paths windows`: at most one automatic window per this long [default: 60s].
+    #[arg(long, env = "UDPTRACE_AUTO_WINDOW_COOLDOWN", value_name = "DURATION")]
+    pub auto_window_cooldown: Option<humantime::Duration>,
+    /// With `--paths windows`: also open a window every this long (a duty cycle)
+    /// [default: none].
+    #[arg(long, env = "UDPTRACE_WINDOW_EVERY", value_name = "DURATION")]
+    pub window_every: Option<humantime::Duration>,
+    /// The duty cycle's window length [default: 5s].
+    #[arg(long, env = "UDPTRACE_WINDOW_FOR", value_name = "DURATION")]
+    pub window_for: Option<humantime::Duration>,
     /// Trace 1 datagram in N of each flow hop by hop, after the first ones; 1 traces every
     /// one. Counts stay exact; drops and new NAT rewrites are always reported. Changeable at
     /// runtime: PUT /api/v1/sampling [default: 100].

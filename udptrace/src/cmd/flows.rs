@@ -31,7 +31,14 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
         (None, false) => None,
     };
     let load = LoadConfig {
-        paths: args.paths == Paths::On,
+        paths: match args.paths {
+            Paths::On => true,
+            Paths::Off => false,
+            Paths::Windows => anyhow::bail!(
+                "--paths windows is the agent's (`udptrace agent --paths windows`); `flows` \
+                 takes on or off"
+            ),
+        },
         flow_entries: args.flow_entries,
         ..LoadConfig::new(args.netns)
     };

@@ -22,8 +22,6 @@ pub struct Ctx<'a> {
     pub ebpf: &'a mut Ebpf,
     pub layout: &'a KernelLayout,
     pub scope: NetnsScope,
-    /// The path hooks are attached too, not only the counting ones.
-    pub paths: bool,
     /// The host's cgroup v2 hierarchy, if configured (else found, see `kernel::cgroup2`).
     pub cgroup_root: Option<&'a Path>,
     /// Netfilter programs to link in every covered namespace.
@@ -128,6 +126,38 @@ macro_rules! unload_all {
     };
 }
 pub(crate) use unload_all;
+
+/// Unloads program `name` (detaching what aya attached of it) if it is loaded.
+pub fn unload_any(ebpf: &mut Ebpf, name: &str) {
+    use aya::programs::Program;
+    let Some(prog) = ebpf.program_mut(name) else {
+        return;
+    };
+    macro_rules! unload {
+        ($p:expr) => {
+            if $p.fd().is_ok() {
+                $p.unload()
+            } else {
+                Ok(())
+            }
+        };
+    }
+    let result = match prog {
+        Program::FEntry(p) => unload!(p),
+        Program::FExit(p) => unload!(p),
+        Program::KProbe(p) => unload!(p),
+        Program::RawTracePoint(p) => unload!(p),
+        Program::TracePoint(p) => unload!(p),
+        Program::CgroupSockAddr(p) => unload!(p),
+        Program::CgroupSkb(p) => unload!(p),
+        Program::SchedClassifier(p) => unload!(p),
+        // The netfilter programs: parsed by aya as classifiers, never loaded through it.
+        _ => Ok(()),
+    };
+    if let Err(e) = result {
+        tracing::warn!("unloading {name}: {}", chain(&e));
+    }
+}
 
 /// Where the kernel lists the kprobe PMU; absent when CONFIG_KPROBES is off.
 const KPROBE_PMU: &str = "/sys/bus/event_source/devices/kprobe/type";

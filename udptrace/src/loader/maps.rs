@@ -4,10 +4,13 @@
 use std::os::fd::AsFd as _;
 
 use aya::{
-    maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
     Ebpf,
 };
-use udptrace_common::{names, DropKey, DropStats, FlowKey, FlowStats, SampleConfig};
+use udptrace_common::{
+    names, DropKey, DropStats, FlowKey, FlowStats, NatSeen, NatSeenKey, ReaderKey, SampleConfig,
+    SockDecision,
+};
 
 /// `name`'s map through a file descriptor of its own.
 fn own_map(ebpf: &Ebpf, name: &str) -> Option<Map> {
@@ -40,6 +43,32 @@ impl Sampler {
 
     pub fn get(&self) -> std::io::Result<SampleConfig> {
         self.map.get(&0, 0).map_err(std::io::Error::other)
+    }
+}
+
+/// Empties the sampling maps (datagrams seen per flow, decisions by skb and by socket,
+/// NAT rewrites and readers reported): what they remember from an earlier path window
+/// would misdecide reused skb addresses, and each window starts with each flow's first
+/// datagrams again.
+pub fn clear_sampling(ebpf: &mut Ebpf) {
+    clear::<FlowKey, u64>(ebpf, names::SAMPLE_COUNT);
+    clear::<u64, u64>(ebpf, names::SAMPLE_SKBS);
+    clear::<u64, SockDecision>(ebpf, names::SAMPLE_SOCKS);
+    clear::<NatSeenKey, NatSeen>(ebpf, names::SAMPLE_NAT);
+    clear::<ReaderKey, u64>(ebpf, names::SAMPLE_READERS);
+}
+
+fn clear<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) {
+    let Some(map) = ebpf.map_mut(name) else {
+        return;
+    };
+    let Ok(mut map) = HashMap::<_, K, V>::try_from(map) else {
+        tracing::warn!("{name}: not a hash map");
+        return;
+    };
+    let keys: Vec<K> = map.keys().filter_map(Result::ok).collect();
+    for key in &keys {
+        let _ = map.remove(key);
     }
 }
 

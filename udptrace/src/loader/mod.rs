@@ -25,7 +25,7 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use udptrace_common::{
-    names, FlowKey, FlowStats, FLOWS_DEFAULT, MODE_COUNT_HOP, MODE_PATHS, STATS_LEN,
+    names, programs, FlowKey, FlowStats, FLOWS_DEFAULT, MODE_COUNT_HOP, MODE_PATHS, STATS_LEN,
 };
 
 use crate::kernel::{
@@ -35,7 +35,7 @@ use crate::kernel::{
     preflight::{self, PreflightError},
     tracefs::Tracefs,
 };
-use chain::{chain, program, Ctx};
+use chain::{chain, program, unload_any, Ctx};
 
 /// The kernel programs, built by `build.rs` and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udptrace-ebpf"));
@@ -113,6 +113,13 @@ pub struct Tracer {
     drop_reasons: DropReasons,
     /// Loaded with kernel logs on.
     kernel_log: bool,
+    /// This kernel's offsets and the cgroup hierarchy: attaching path hooks again needs them.
+    layout: KernelLayout,
+    cgroup_root: Option<PathBuf>,
+    /// The count hop counts (else the send hop does, and stays attached).
+    counted: bool,
+    /// The path hooks are attached.
+    paths: bool,
 }
 
 impl Tracer {
@@ -136,67 +143,100 @@ impl Tracer {
         }
         // aya-log's levels: 0 is off, 4 is debug (aya_log_common::Level::Debug).
         let log_level: u8 = if config.kernel_log { 4 } else { 0 };
-        let mut ebpf = EbpfLoader::new()
+        let ebpf = EbpfLoader::new()
             .override_global(names::OFFSETS, &layout.offsets, true)
             .override_global(names::AYA_LOG_LEVEL, &log_level, true)
             .map_max_entries(names::FLOWS, config.flow_entries)
             .load(EBPF_OBJECT)
             .map_err(|e| LoadError::Object(chain(&e)))?;
         let drop_reasons = DropReasons::from_btf(&kbtf).unwrap_or_default();
-        let mut netfilter = netfilter::Coverage::default();
-        let mut ingress = None;
-        let scope = config.scope;
-        let mut ctx = Ctx {
-            ebpf: &mut ebpf,
-            layout: &layout,
-            scope,
-            paths: config.paths,
-            cgroup_root: config.cgroup_root.as_deref(),
-            netfilter: &mut netfilter,
-            ingress: &mut ingress,
+        let mut tracer = Self {
+            ebpf,
+            kernel: KernelFacts {
+                tracefs: tracefs_fact,
+            },
+            hops: Vec::new(),
+            drop_reasons,
+            netfilter: netfilter::Coverage::default(),
+            ingress: None,
+            scope: config.scope,
+            kernel_log: config.kernel_log,
+            layout,
+            cgroup_root: config.cgroup_root.clone(),
+            counted: false,
+            paths: false,
         };
         // The count hop first, and the programs told at once whether it counts: the send
         // hop then counts only failed sends.
-        let count = hops::count::attach(&mut ctx);
-        let mut mode = 0;
-        if count.chosen().is_some() {
-            mode |= MODE_COUNT_HOP;
-        }
-        if config.paths {
-            mode |= MODE_PATHS;
-        }
-        set_mode(ctx.ebpf, mode)?;
-        let mut hops = vec![count];
-        if config.paths || mode & MODE_COUNT_HOP == 0 {
-            let send = hops::send::attach(&mut ctx);
+        let count = hops::count::attach(&mut tracer.ctx());
+        tracer.counted = count.chosen().is_some();
+        tracer.set_mode(false)?;
+        tracer.hops.push(count);
+        if !tracer.counted {
+            // Without the count hop the send hop counts, in every mode.
+            let send = hops::send::attach(&mut tracer.ctx());
             if send.chosen().is_none() {
-                let mut report = send.render();
-                if mode & MODE_COUNT_HOP == 0 {
-                    report = format!("{}\n{report}", hops[0].render());
-                }
                 return Err(LoadError::NoHook {
                     hop: "send",
-                    report,
+                    report: format!("{}\n{}", tracer.hops[0].render(), send.render()),
                 });
             }
-            hops.push(send);
+            tracer.hops.push(send);
         }
+        let drop = hops::drop::attach(&mut tracer.ctx());
+        tracer.hops.push(drop);
         if config.paths {
-            hops.extend([hops::nat::attach(&mut ctx), hops::xmit::attach(&mut ctx)]);
+            tracer.attach_paths()?;
         }
-        hops.push(hops::drop::attach(&mut ctx));
-        if config.paths {
-            hops.extend([
-                hops::deliver::attach(&mut ctx),
-                hops::deliver::attach_recv(&mut ctx),
-                hops::ingress::attach(&mut ctx),
-            ]);
+        Ok(tracer)
+    }
+
+    /// What attaching works with.
+    fn ctx(&mut self) -> Ctx<'_> {
+        Ctx {
+            ebpf: &mut self.ebpf,
+            layout: &self.layout,
+            scope: self.scope,
+            cgroup_root: self.cgroup_root.as_deref(),
+            netfilter: &mut self.netfilter,
+            ingress: &mut self.ingress,
         }
-        if !netfilter.is_empty() {
-            let (covered, errors) = netfilter.cover(&scope.files());
+    }
+
+    /// Attaches the per-datagram path hooks (send, NAT, xmit, `consume_skb`, deliver,
+    /// readers, ingress) beside the counting ones, then tells the programs. A hop that
+    /// cannot attach is reported; only the send hop is required.
+    fn attach_paths(&mut self) -> Result<(), LoadError> {
+        if self.paths {
+            return Ok(());
+        }
+        let counted = self.counted;
+        let mut ctx = self.ctx();
+        let mut new = Vec::new();
+        if counted {
+            let send = hops::send::attach(&mut ctx);
+            if send.chosen().is_none() {
+                self.detach_paths();
+                return Err(LoadError::NoHook {
+                    hop: "send",
+                    report: send.render(),
+                });
+            }
+            new.push(send);
+        }
+        new.extend([hops::nat::attach(&mut ctx), hops::xmit::attach(&mut ctx)]);
+        let consume = hops::drop::attach_consume(&mut ctx);
+        new.extend([
+            hops::deliver::attach(&mut ctx),
+            hops::deliver::attach_recv(&mut ctx),
+            hops::ingress::attach(&mut ctx),
+        ]);
+        if !self.netfilter.is_empty() {
+            let scope = self.scope;
+            let (covered, errors) = self.netfilter.cover(&scope.files());
             let note =
                 format!("netfilter links in {covered} network namespace(s) ({scope:?} scope)");
-            for report in hops
+            for report in new
                 .iter_mut()
                 .filter(|r| r.chosen().is_some_and(|h| h.starts_with("netfilter-link")))
             {
@@ -204,18 +244,76 @@ impl Tracer {
                 report.errors.extend(errors.iter().cloned());
             }
         }
-        Ok(Self {
-            ebpf,
-            kernel: KernelFacts {
-                tracefs: tracefs_fact,
-            },
-            hops,
-            drop_reasons,
-            netfilter,
-            ingress,
-            scope,
-            kernel_log: config.kernel_log,
-        })
+        self.hops
+            .retain(|r| !PATH_HOPS.contains(&r.hop) || !counted && r.hop == "send");
+        if let (Err(why), Some(drop)) = (consume, self.hops.iter_mut().find(|r| r.hop == "drop")) {
+            drop.errors.push(format!(
+                "consume_skb: {why} (sampling cannot forget a freed skb's decision early)"
+            ));
+        }
+        self.hops.extend(new);
+        self.hops
+            .sort_by_key(|r| HOP_ORDER.iter().position(|h| *h == r.hop));
+        self.paths = true;
+        self.set_mode(true)
+    }
+
+    /// Detaches the path hooks again and unloads their programs (the counting ones stay):
+    /// nothing of them runs, not even an early return.
+    fn detach_paths(&mut self) {
+        let _ = self.set_mode(false);
+        self.netfilter = netfilter::Coverage::default();
+        self.ingress = None;
+        for name in programs::ALL {
+            let keep = name == programs::COUNT_CGROUP_EGRESS
+                || name == programs::DROP_KFREE_SKB
+                || !self.counted && SEND_PROGRAMS.contains(&name);
+            if !keep {
+                unload_any(&mut self.ebpf, name);
+            }
+        }
+        self.paths = false;
+    }
+
+    /// Opens a path window: attaches the path hooks (when they are not) and forgets what
+    /// sampling remembered from the last window (skb addresses are reused).
+    pub fn open_paths(&mut self) -> Result<(), LoadError> {
+        if self.paths {
+            return Ok(());
+        }
+        maps::clear_sampling(&mut self.ebpf);
+        self.attach_paths()
+    }
+
+    /// Closes a path window: detaches the path hooks.
+    pub fn close_paths(&mut self) {
+        if self.paths {
+            self.detach_paths();
+        }
+    }
+
+    /// The path hooks are attached now.
+    pub fn paths_attached(&self) -> bool {
+        self.paths
+    }
+
+    /// Tells the programs what is attached (`MODE_*`).
+    fn set_mode(&mut self, paths: bool) -> Result<(), LoadError> {
+        let mut mode = 0;
+        if self.counted {
+            mode |= MODE_COUNT_HOP;
+        }
+        if paths {
+            mode |= MODE_PATHS;
+        }
+        let map = self
+            .ebpf
+            .map_mut(names::MODE)
+            .ok_or_else(|| LoadError::Object(format!("no {} map in the object", names::MODE)))?;
+        let mut array = Array::<_, u32>::try_from(map).map_err(|e| LoadError::Object(chain(&e)))?;
+        array
+            .set(0, mode, 0)
+            .map_err(|e| LoadError::Object(format!("setting {}: {}", names::MODE, chain(&e))))
     }
 
     /// How each hop is observed on this kernel, count first.
@@ -351,16 +449,29 @@ impl Tracer {
     }
 }
 
-/// Tells the programs what is attached (`MODE_*`).
-fn set_mode(ebpf: &mut Ebpf, mode: u32) -> Result<(), LoadError> {
-    let map = ebpf
-        .map_mut(names::MODE)
-        .ok_or_else(|| LoadError::Object(format!("no {} map in the object", names::MODE)))?;
-    let mut array = Array::<_, u32>::try_from(map).map_err(|e| LoadError::Object(chain(&e)))?;
-    array
-        .set(0, mode, 0)
-        .map_err(|e| LoadError::Object(format!("setting {}: {}", names::MODE, chain(&e))))
-}
+/// Hops whose hooks are attached only with paths (the send hop's too when the count hop
+/// counts).
+const PATH_HOPS: [&str; 6] = ["send", "nat", "xmit", "deliver", "recv", "ingress"];
+
+/// The order hops are reported in (a datagram's order).
+const HOP_ORDER: [&str; 8] = [
+    "count", "send", "nat", "xmit", "drop", "deliver", "recv", "ingress",
+];
+
+/// The send hop's programs (kept attached when they are what counts).
+const SEND_PROGRAMS: [&str; 11] = [
+    programs::SEND_FENTRY_UDP_SENDMSG,
+    programs::SEND_FENTRY_UDPV6_SENDMSG,
+    programs::SEND_KPROBE_UDP_SENDMSG,
+    programs::SEND_KPROBE_UDPV6_SENDMSG,
+    programs::SEND_SOCK_SEND_LENGTH,
+    programs::SEND_CGROUP_SENDMSG4,
+    programs::SEND_CGROUP_SENDMSG6,
+    programs::SEND_ENTER_SENDTO,
+    programs::SEND_ENTER_SENDMSG,
+    programs::SEND_ENTER_SENDMMSG,
+    programs::SEND_EXIT,
+];
 
 #[cfg(test)]
 mod tests {

@@ -2,6 +2,7 @@
 
 use std::net::SocketAddr;
 
+use crate::pipeline::windows::Status as WindowStatus;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use udptrace_common::SampleConfig;
 
@@ -26,6 +27,8 @@ pub struct Metrics<'a> {
     /// One series per flow too.
     pub per_flow: bool,
     pub sampling: SampleConfig,
+    /// Path windows, when the agent opens them.
+    pub windows: Option<WindowStatus>,
 }
 
 /// The Prometheus text exposition (format 0.0.4) of the agent's state. Counters are the
@@ -139,6 +142,36 @@ pub fn render(s: &Metrics<'_>) -> prometheus::Result<String> {
         )
     })?
     .set(i64::try_from(s.losses.conntrack_namespaces).unwrap_or(i64::MAX));
+    if let Some(w) = &s.windows {
+        let opened = family(&registry, || {
+            IntCounterVec::new(
+                Opts::new(
+                    "udptrace_path_windows_total",
+                    "Path windows opened (path hooks attached), by why",
+                ),
+                &["reason"],
+            )
+        })?;
+        for reason in ["request", "drop", "nat", "cycle"] {
+            opened
+                .with_label_values(&[reason])
+                .inc_by(w.opened.get(reason).copied().unwrap_or(0));
+        }
+        family(&registry, || {
+            IntGauge::new(
+                "udptrace_path_window_open",
+                "1 while the per-datagram path hooks are attached",
+            )
+        })?
+        .set(i64::from(w.open));
+        family(&registry, || {
+            IntCounter::new(
+                "udptrace_path_window_seconds_total",
+                "Whole seconds the path hooks were attached",
+            )
+        })?
+        .inc_by(w.open_secs_total as u64);
+    }
     family(&registry, || {
         IntGauge::new("udptrace_flows", "Flows tracked now")
     })?
@@ -213,6 +246,7 @@ mod tests {
                 first: 10,
                 every: 100,
             },
+            windows: None,
         };
         let text = render(&s).unwrap();
         for needle in [

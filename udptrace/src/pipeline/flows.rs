@@ -119,6 +119,16 @@ pub struct FlowTable {
     /// The flow of each tuple its datagrams have after a rewrite conntrack told of (in any
     /// namespace: the next namespace's conntrack sees them so, and drops there too).
     via: HashMap<(SocketAddr, SocketAddr), FlowId>,
+    /// News since [`FlowTable::take_news`]: a flow's first drop with a reason (or a reason
+    /// new in a namespace), a rewrite new to a flow.
+    news: News,
+}
+
+/// What [`FlowTable::take_news`] tells: reasons to look closer (open a path window).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct News {
+    pub drop: bool,
+    pub nat: bool,
 }
 
 /// A connection conntrack told of.
@@ -151,6 +161,7 @@ impl FlowTable {
             drops_read: HashMap::new(),
             conns: HashMap::new(),
             via: HashMap::new(),
+            news: News::default(),
         }
     }
 
@@ -252,11 +263,13 @@ impl FlowTable {
             let reason = reasons
                 .name(key.reason)
                 .map_or_else(|| key.reason.to_string(), str::to_string);
-            *self
+            let total = self
                 .totals
                 .drops
                 .entry((reason.clone(), key.netns))
-                .or_default() += new;
+                .or_default();
+            self.news.drop |= *total == 0;
+            *total += new;
             let src = socket_addr(&key.src);
             let dst = socket_addr(&key.dst);
             let id = FlowId {
@@ -289,7 +302,9 @@ impl FlowTable {
                     })
             };
             if let Some(flow) = id.and_then(|id| self.flows.get_mut(&id)) {
-                *flow.drops.entry(reason).or_default() += new;
+                let n = flow.drops.entry(reason).or_default();
+                self.news.drop |= *n == 0;
+                *n += new;
                 flow.active_ns = flow.active_ns.max(now_ns);
             }
         }
@@ -457,10 +472,16 @@ impl FlowTable {
             });
         }
         for nat in seen {
-            if !flow.nat.contains(&nat) && flow.nat.len() < MAX_NAT {
+            if !flow.nat.iter().any(|n| same_rewrite(n, &nat)) && flow.nat.len() < MAX_NAT {
                 flow.nat.push(nat);
+                self.news.nat = true;
             }
         }
+    }
+
+    /// What is new since the last call.
+    pub fn take_news(&mut self) -> News {
+        std::mem::take(&mut self.news)
     }
 
     /// Takes in a finished path: its drops, rewrites, what the receiver saw.
@@ -510,7 +531,14 @@ impl FlowTable {
                 after: nat.after,
                 conntrack: false,
             };
-            if !flow.nat.contains(&seen) && flow.nat.len() < MAX_NAT {
+            // A path shows the hook; it replaces what conntrack told of the same rewrite.
+            if let Some(told) = flow
+                .nat
+                .iter_mut()
+                .find(|n| n.conntrack && same_rewrite(n, &seen))
+            {
+                *told = seen;
+            } else if !flow.nat.contains(&seen) && flow.nat.len() < MAX_NAT {
                 flow.nat.push(seen);
             }
         }
@@ -626,6 +654,11 @@ impl FlowTable {
 
 /// The sentence for a flow whose rewrites only conntrack told of (no path traced): each
 /// rewrite, and the addresses the datagrams have after the last one.
+/// The same rewrite, whether a path or conntrack told of it.
+fn same_rewrite(a: &FlowNat, b: &FlowNat) -> bool {
+    a.nat == b.nat && a.netns == b.netns && a.before == b.before && a.after == b.after
+}
+
 fn explain_conntrack(nat: &[FlowNat]) -> Option<String> {
     let last = nat.iter().rfind(|n| n.conntrack)?;
     let addr = |a: Option<SocketAddr>| a.map_or_else(|| "?".into(), |a| a.to_string());

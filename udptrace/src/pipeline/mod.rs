@@ -20,6 +20,7 @@ pub mod hops;
 pub mod procs;
 pub mod ring;
 pub mod stitch;
+pub mod windows;
 
 use std::{
     collections::{BTreeMap, HashSet},
@@ -49,6 +50,7 @@ use conntrack::{Conntrack, CtEvent, CtStats};
 use events::Event;
 use flows::FlowTable;
 use ring::{EventStream, Undecodable};
+use windows::{Action, Windows};
 
 /// The kernel's flow and drop tables as read at one moment.
 pub type FlowCounts = KernelCounts;
@@ -126,6 +128,8 @@ pub struct Pipeline {
     conntrack: Option<Conntrack>,
     /// What they told since the sink last took it.
     ct_events: Vec<CtEvent>,
+    /// Path windows, in a counting run that attaches the path hooks at times.
+    windows: Option<Windows>,
 }
 
 impl Pipeline {
@@ -184,12 +188,59 @@ impl Pipeline {
             paths: config.paths,
             conntrack: None,
             ct_events: Vec::new(),
+            windows: None,
         })
     }
 
     /// From now on, only hops (and flows) in these network namespaces (by inode) count.
     pub fn keep_only(&mut self, netns: HashSet<u32>) {
         self.only = Some(netns);
+    }
+
+    /// From now on the path hooks (loaded without) are attached in the windows `windows`
+    /// asks for.
+    pub fn use_windows(&mut self, windows: Windows) {
+        self.windows = Some(windows);
+    }
+
+    /// One step of the path windows (on every tick).
+    fn drive_windows(&mut self) {
+        let Some(windows) = self.windows.clone() else {
+            return;
+        };
+        let sample = |c| {
+            if let Some(mut s) = self.tracer.sampler() {
+                if let Err(e) = s.set(c) {
+                    tracing::warn!("path window: setting the sampling: {e}");
+                }
+            }
+        };
+        match windows.next(self.tracer.paths_attached()) {
+            Action::None => {}
+            Action::Open(sampling) => {
+                let started = std::time::Instant::now();
+                let result = self.tracer.open_paths().map_err(|e| e.to_string());
+                if result.is_ok() {
+                    if let Some(mut s) = self.tracer.sampler() {
+                        let _ = s.set(sampling);
+                    }
+                    tracing::info!(
+                        "path window open (hooks attached in {} ms)",
+                        started.elapsed().as_millis()
+                    );
+                } else if let Err(e) = &result {
+                    tracing::warn!("path window: could not attach the path hooks: {e}");
+                }
+                windows.opened(result);
+            }
+            Action::Resume(sampling) => sample(sampling),
+            Action::Drain => sample(SampleConfig::NONE),
+            Action::Close => {
+                self.tracer.close_paths();
+                windows.closed();
+                tracing::info!("path window closed (path hooks detached)");
+            }
+        }
     }
 
     fn kept(&self, netns: u32) -> bool {
@@ -296,6 +347,7 @@ impl Pipeline {
                 r.context("reading the ring buffer")?;
             }
             _ = self.tick.tick() => {
+                self.drive_windows();
                 // A device appeared or went: attach to it now, and look for the namespace
                 // that may have come with it (a container's veth shows up in ours first).
                 if self.tracer.follow_devices() {

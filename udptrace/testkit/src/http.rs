@@ -11,6 +11,22 @@ pub fn get(url: &str) -> Result<String, String> {
         .map_err(|e| format!("GET {url}: {e}"))
 }
 
+/// POST `url` with no body: the status and the body, whatever the status.
+pub fn post(url: &str) -> Result<(u16, String), String> {
+    let mut response = ureq::post(url)
+        .config()
+        .http_status_as_error(false)
+        .build()
+        .send_empty()
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    let status = response.status().as_u16();
+    let body = response
+        .body_mut()
+        .read_to_string()
+        .map_err(|e| format!("POST {url}: {e}"))?;
+    Ok((status, body))
+}
+
 /// GET `url`: the body; panics saying why when it fails.
 pub fn http_get(url: &str) -> String {
     get(url).unwrap_or_else(|e| panic!("{e}"))

@@ -304,6 +304,11 @@ impl Agent {
         http::http_get(&format!("{}{path}", self.url))
     }
 
+    /// POST `path` (with its query) to the agent: status and body.
+    pub fn post(&self, path: &str) -> (u16, String) {
+        http::post(&format!("{}{path}", self.url)).unwrap_or_else(|e| panic!("{e}"))
+    }
+
     /// Stops with `signal`: the exit status and everything the agent wrote to stderr.
     pub fn stop(mut self, signal: i32) -> (ExitStatus, String) {
         // Unlinking netfilter hooks waits for RCU grace periods, one per link: slow under

@@ -327,3 +327,149 @@ fn flows_counts_only_when_asked_and_says_which_hook_counts() {
         assert!(f.get("final").is_none() && f.get("comm").is_none(), "{f}");
     }
 }
+
+/// The agent's path windows, as `GET /api/v1/windows` shows them.
+fn windows(agent: &Agent) -> Value {
+    serde_json::from_str(&agent.get("/api/v1/windows")).expect("windows JSON")
+}
+
+/// Waits up to 15 s for the windows' status to satisfy `ok`.
+fn windows_until(agent: &Agent, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let w = windows(agent);
+        if ok(&w) {
+            return w;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{what}: windows {w}\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+const COUNTING: [&str; 2] = ["count_cgroup_egress", "drop_kfree_skb"];
+
+#[test]
+fn path_windows_attach_the_path_hooks_only_while_open() {
+    require_root();
+    let net = Pair::new(&[]);
+    let before = udptrace_program_ids();
+    let agent = Agent::start(&[
+        "--netns",
+        "all",
+        "--paths",
+        "windows",
+        "--auto-window",
+        "2s",
+        "--auto-window-cooldown",
+        "1h",
+    ]);
+    let progs = || {
+        let now: BTreeSet<u64> = udptrace_program_ids()
+            .difference(&before)
+            .copied()
+            .collect();
+        program_names(&now)
+    };
+    assert_eq!(
+        progs(),
+        BTreeSet::from(COUNTING.map(String::from)),
+        "{}",
+        agent.stderr()
+    );
+    assert_eq!(windows(&agent)["open"], false);
+    // Bad requests say what is expected and open nothing.
+    for bad in ["0s", "abc", "11m"] {
+        let (status, body) = agent.post(&format!("/api/v1/windows?duration={bad}"));
+        assert_eq!(status, 400, "{bad}: {body}");
+        assert!(body.contains("duration="), "{body}");
+    }
+    assert_eq!(agent.post("/api/v1/windows").0, 400);
+
+    // A requested window: the path hooks attach, paths come, then they detach again.
+    let (_receiver, _lines) = py_receiver(&net.b, B4, RECEIVED);
+    let (status, body) = agent.post("/api/v1/windows?duration=4s");
+    assert_eq!(status, 202, "{body}");
+    windows_until(&agent, "window open", |w| w["open"] == true);
+    let attached = progs();
+    for name in ["xmit_start_xmit", "sample_consume"] {
+        assert!(
+            attached.iter().any(|p| p.starts_with(name)),
+            "{name} not attached in the window: {attached:?}"
+        );
+    }
+    let send = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         s.connect(('{B4}', {RECEIVED}))\nfor _ in range(20): s.send(b'w' * 64)\n"
+    );
+    let out = net.a.cmd(PYTHON).args(["-c", &send]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let delivered = loop {
+        let body: Value =
+            serde_json::from_str(&agent.get(&format!("/api/v1/paths?port={RECEIVED}"))).unwrap();
+        let n = body["paths"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|p| p["verdict"] == "delivered")
+            .count();
+        if n >= 10 || Instant::now() > deadline {
+            break n;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    };
+    // The first 10 of the flow are traced in a window, then 1 in 100.
+    assert!(
+        delivered >= 10,
+        "{delivered} delivered paths\n{}",
+        agent.stderr()
+    );
+    let w = windows_until(&agent, "window closed", |w| w["open"] == false);
+    assert_eq!(w["opened"]["request"], 1, "{w}");
+    assert!(w["open_secs_total"].as_f64().unwrap() >= 4.0, "{w}");
+    let counting = BTreeSet::from(COUNTING.map(String::from));
+    let only_counting = || {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while progs() != counting && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        assert_eq!(progs(), counting, "path hooks left after the window");
+    };
+    only_counting();
+
+    // News: the first drop with a reason opens a window by itself.
+    let drop = format!(
+        "import socket\ns = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)\n\
+         for _ in range(5): s.sendto(b'x', ('{B4}', {NOBODY}))\n"
+    );
+    let out = net.a.cmd(PYTHON).args(["-c", &drop]).output().unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let w = windows_until(&agent, "window after a drop", |w| w["opened"]["drop"] == 1);
+    assert!(w.get("error").is_none(), "{w}");
+    windows_until(&agent, "drop window closed", |w| w["open"] == false);
+    let metrics = agent.get("/metrics");
+    assert_eq!(
+        metric_value(&metrics, "udptrace_path_windows_total{reason=\"request\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "udptrace_path_windows_total{reason=\"drop\"}"),
+        Some(1.0)
+    );
+    assert_eq!(
+        metric_value(&metrics, "udptrace_path_window_open"),
+        Some(0.0)
+    );
+    only_counting();
+    let (status, stderr) = agent.stop(libc::SIGTERM);
+    assert!(status.success(), "{stderr}");
+    let left: BTreeSet<u64> = udptrace_program_ids()
+        .difference(&before)
+        .copied()
+        .collect();
+    assert_eq!(wait_unloaded(&left), Vec::<u64>::new(), "{stderr}");
+}

@@ -15,6 +15,7 @@ use crate::{
     cmd::args::{AgentArgs, Paths, SAMPLE_FIRST_DEFAULT},
     k8s::ApiServer,
     loader::NetnsScope,
+    pipeline::windows::Policy,
 };
 
 /// The agent's settings after command line, environment and config file are merged.
@@ -26,8 +27,10 @@ pub struct Settings {
     pub flow_idle: Duration,
     pub paths_kept: usize,
     pub per_flow_metrics: bool,
-    /// The path hooks are attached (else counting only).
-    pub paths: bool,
+    /// The path hooks: attached, not (counting only), or in windows.
+    pub paths: Paths,
+    /// When windows open by themselves (with `paths` = windows).
+    pub windows: Policy,
     pub sampling: SampleConfig,
     /// Kubernetes enrichment: where the API server is.
     pub kube: Option<ApiServer>,
@@ -56,6 +59,10 @@ struct ConfigFile {
     paths_kept: Option<usize>,
     per_flow_metrics: Option<bool>,
     paths: Option<Paths>,
+    auto_window: Option<String>,
+    auto_window_cooldown: Option<String>,
+    window_every: Option<String>,
+    window_for: Option<String>,
     sample_every: Option<u32>,
     sample_first: Option<u32>,
     kube_api: Option<String>,
@@ -105,6 +112,7 @@ impl Settings {
             sampling.every >= 1,
             "sample_every = 0: at least 1 (1 traces every datagram)"
         );
+        let defaults = Policy::default();
         Ok(Self {
             listen: args
                 .listen
@@ -118,7 +126,21 @@ impl Settings {
                 .per_flow_metrics
                 .or(file.per_flow_metrics)
                 .unwrap_or(false),
-            paths: args.paths.or(file.paths).unwrap_or(Paths::On) == Paths::On,
+            paths: args.paths.or(file.paths).unwrap_or(Paths::On),
+            windows: Policy {
+                auto: duration(args.auto_window, &file.auto_window, "auto_window")?
+                    .unwrap_or(defaults.auto),
+                cooldown: duration(
+                    args.auto_window_cooldown,
+                    &file.auto_window_cooldown,
+                    "auto_window_cooldown",
+                )?
+                .unwrap_or(defaults.cooldown),
+                cycle_every: duration(args.window_every, &file.window_every, "window_every")?
+                    .filter(|d| !d.is_zero()),
+                cycle_for: duration(args.window_for, &file.window_for, "window_for")?
+                    .unwrap_or(defaults.cycle_for),
+            },
             sampling,
             kube: ApiServer::find(args.kube_api.as_deref().or(file.kube_api.as_deref())),
             node: args
@@ -142,6 +164,23 @@ impl Settings {
     }
 }
 
+/// A duration from the command line, else the config file (`5s`, `1m30s`).
+fn duration(
+    arg: Option<humantime::Duration>,
+    file: &Option<String>,
+    key: &str,
+) -> anyhow::Result<Option<Duration>> {
+    if let Some(d) = arg {
+        return Ok(Some(d.into()));
+    }
+    file.as_deref()
+        .map(|text| {
+            humantime::parse_duration(text)
+                .with_context(|| format!("config file: {key} = {text:?}: expected e.g. \"5s\""))
+        })
+        .transpose()
+}
+
 fn read_config(path: &Path) -> anyhow::Result<ConfigFile> {
     let text = std::fs::read_to_string(path)
         .with_context(|| format!("reading the config file {}", path.display()))?;
@@ -159,7 +198,7 @@ mod tests {
         let mut all = vec!["udptrace", "agent"];
         all.extend_from_slice(argv);
         match Cli::try_parse_from(all).unwrap().command {
-            Command::Agent(a) => a,
+            Command::Agent(a) => *a,
             _ => unreachable!(),
         }
     }
@@ -170,14 +209,15 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:9720".parse().unwrap());
         assert_eq!((s.netns, s.flow_entries), (NetnsScope::Host, 65_536));
         assert_eq!((s.sampling.first, s.sampling.every), (10, 100));
-        assert!(s.paths);
+        assert_eq!(s.paths, Paths::On);
+        assert_eq!(s.windows, Policy::default());
         let dir = std::env::temp_dir().join(format!("udpt-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let file = dir.join("agent.toml");
         std::fs::write(
             &file,
             "listen = \"0.0.0.0:9999\"\nnetns = \"all\"\nflow_idle = 60\nsample_every = 7\n\
-             paths = \"off\"\n",
+             paths = \"off\"\nwindow_every = \"10m\"\n",
         )
         .unwrap();
         let f = file.to_str().unwrap();
@@ -187,9 +227,21 @@ mod tests {
             (s.netns, s.flow_idle, s.sampling.every),
             (NetnsScope::All, Duration::from_secs(60), 7)
         );
-        assert!(!s.paths);
-        let s =
-            Settings::resolve(&agent_args(&["--config", f, "--listen", "127.0.0.1:0"])).unwrap();
+        assert_eq!(s.paths, Paths::Off);
+        assert_eq!(s.windows.cycle_every, Some(Duration::from_secs(600)));
+        let s = Settings::resolve(&agent_args(&[
+            "--config",
+            f,
+            "--listen",
+            "127.0.0.1:0",
+            "--paths",
+            "windows",
+            "--auto-window",
+            "2s",
+        ]))
+        .unwrap();
+        assert_eq!(s.paths, Paths::Windows);
+        assert_eq!(s.windows.auto, Duration::from_secs(2));
         assert_eq!(s.listen, "127.0.0.1:0".parse().unwrap());
         std::fs::write(&file, "listen = \"0.0.0.0:9999\"\nlisten_on = 3\n").unwrap();
         let err = Settings::resolve(&agent_args(&["--config", f])).unwrap_err();

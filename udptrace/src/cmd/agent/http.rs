@@ -27,6 +27,7 @@ use crate::{
         filter::Filter,
         flows::FlowTable,
         stitch::{stitch, Part},
+        windows::{Reason, Windows, MAX_WINDOW},
         Losses,
     },
 };
@@ -43,6 +44,8 @@ pub struct Shared {
     /// Changes the kernel's sampling at runtime.
     pub sampler: Option<Sampler>,
     pub sampling: SampleConfig,
+    /// Path windows, with `--paths windows`.
+    pub windows: Option<Windows>,
     /// Kubernetes names, when in a cluster.
     pub cluster: Option<Cluster>,
     /// For stitching: this node's name, the other agents, our own address.
@@ -63,6 +66,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/paths", get(paths))
         .route("/api/v1/sampling", get(sampling).put(set_sampling))
         .route("/api/v1/paths/stitched", get(stitched))
+        .route("/api/v1/windows", get(windows).post(open_window))
         .with_state(state)
 }
 
@@ -227,9 +231,65 @@ async fn set_sampling(
     if let Err(e) = sampler.set(new) {
         return (StatusCode::INTERNAL_SERVER_ERROR, format!("{e}\n")).into_response();
     }
+    if let Some(w) = &s.windows {
+        w.set_sampling(new);
+    }
     tracing::info!("sampling now: first {}, then 1 in {}", new.first, new.every);
     s.sampling = new;
     Json(sampling_json(new)).into_response()
+}
+
+/// `GET /api/v1/windows`: whether the path hooks are attached, windows opened by reason.
+async fn windows(State(state): State<AppState>) -> Response {
+    let s = state.lock().expect("agent state");
+    match &s.windows {
+        Some(w) => Json(w.status()).into_response(),
+        None => no_windows(),
+    }
+}
+
+fn no_windows() -> Response {
+    (
+        StatusCode::CONFLICT,
+        "no path windows: this agent runs with --paths on or off (windows need --paths \
+         windows)\n",
+    )
+        .into_response()
+}
+
+/// `?duration=5s` (or seconds).
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct WindowQuery {
+    duration: String,
+}
+
+/// `POST /api/v1/windows?duration=D`: attach the path hooks for D (at most 10 min) from
+/// now; the paths come to /api/v1/paths as usual.
+async fn open_window(
+    State(state): State<AppState>,
+    q: Result<Query<WindowQuery>, axum::extract::rejection::QueryRejection>,
+) -> Response {
+    let bad = |msg: String| (StatusCode::BAD_REQUEST, format!("{msg}\n")).into_response();
+    let Query(q) = match q {
+        Ok(q) => q,
+        Err(e) => return bad(format!("{}; expected ?duration=5s", e.body_text())),
+    };
+    let length = match q.duration.parse::<u64>() {
+        Ok(secs) => Ok(std::time::Duration::from_secs(secs)),
+        Err(_) => humantime::parse_duration(&q.duration),
+    };
+    let length = match length {
+        Ok(d) if !d.is_zero() && d <= MAX_WINDOW => d,
+        Ok(_) => return bad(format!("duration={}: from 1s to 10m", q.duration)),
+        Err(e) => return bad(format!("duration={}: {e} (e.g. 5s, 1m30s)", q.duration)),
+    };
+    let s = state.lock().expect("agent state");
+    let Some(w) = &s.windows else {
+        return no_windows();
+    };
+    w.request(length, Reason::Request);
+    (StatusCode::ACCEPTED, Json(w.status())).into_response()
 }
 
 async fn metrics(State(state): State<AppState>) -> Response {
@@ -241,6 +301,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
             hooks: &s.hooks,
             per_flow: s.per_flow_metrics,
             sampling: s.sampling,
+            windows: s.windows.as_ref().map(Windows::status),
         })
     };
     match text {

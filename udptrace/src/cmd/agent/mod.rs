@@ -16,11 +16,16 @@ use anyhow::Context as _;
 
 use crate::{
     clock::{monotonic_ns, Clock},
-    cmd::args::AgentArgs,
+    cmd::args::{AgentArgs, Paths},
     k8s::{ApiServer, Cluster},
     loader::LoadConfig,
     model::Path,
-    pipeline::{conntrack::CtEvent, flows::FlowTable, FlowCounts, Losses, Pipeline, Sink, Stop},
+    pipeline::{
+        conntrack::CtEvent,
+        flows::{FlowTable, News},
+        windows::{Reason, Windows},
+        FlowCounts, Losses, Pipeline, Sink, Stop,
+    },
 };
 use http::{AppState, Shared};
 
@@ -38,12 +43,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     };
     let only = netns_inodes(&settings.only_netns)?;
     let load = LoadConfig {
-        paths: settings.paths,
+        paths: settings.paths == Paths::On,
         flow_entries: settings.flow_entries,
         cgroup_root: settings.cgroup_root.clone(),
         ..LoadConfig::new(settings.netns)
     };
     let mut pipeline = Pipeline::start(&load, settings.sampling, None)?;
+    let windows = (settings.paths == Paths::Windows).then(|| {
+        let windows = Windows::new(settings.windows, settings.sampling);
+        pipeline.use_windows(windows.clone());
+        windows
+    });
     if let Some(only) = only {
         pipeline.keep_only(only);
     }
@@ -64,6 +74,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         hooks,
         per_flow_metrics: settings.per_flow_metrics,
         sampler: pipeline.sampler(),
+        windows: windows.clone(),
         sampling: settings.sampling,
         cluster,
         node: settings.node.clone(),
@@ -85,6 +96,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
     let mut sink = AgentSink {
         state,
         losses: Losses::default(),
+        windows,
     };
     let stop = pipeline.run(&mut sink).await?;
     let _ = stop_tx.send(());
@@ -103,6 +115,22 @@ struct AgentSink {
     state: AppState,
     /// What was lost, when stopped.
     losses: Losses,
+    /// Path windows, with `--paths windows`: news opens one.
+    windows: Option<Windows>,
+}
+
+impl AgentSink {
+    /// Opens a path window when the flow table saw something new.
+    fn look_closer(&self, news: News) {
+        let Some(windows) = &self.windows else {
+            return;
+        };
+        for (new, reason) in [(news.drop, Reason::Drop), (news.nat, Reason::Nat)] {
+            if new && windows.news(reason) {
+                tracing::info!("path window for news: {}", reason.name());
+            }
+        }
+    }
 }
 
 impl Sink for AgentSink {
@@ -113,11 +141,12 @@ impl Sink for AgentSink {
     const CONNTRACK: bool = true;
 
     fn conntrack(&mut self, events: &[CtEvent]) -> anyhow::Result<Option<Stop>> {
-        self.state
-            .lock()
-            .expect("agent state")
-            .flows
-            .observe_conntrack(events);
+        let news = {
+            let mut s = self.state.lock().expect("agent state");
+            s.flows.observe_conntrack(events);
+            s.flows.take_news()
+        };
+        self.look_closer(news);
         Ok(None)
     }
 
@@ -141,9 +170,13 @@ impl Sink for AgentSink {
         pipeline: &mut Pipeline,
         counts: FlowCounts,
     ) -> anyhow::Result<Option<Stop>> {
-        let mut s = self.state.lock().expect("agent state");
-        s.losses = pipeline.apply_flow_counts(&mut s.flows, counts);
-        s.flows.set_nat_totals(pipeline.nat_counts());
+        let news = {
+            let mut s = self.state.lock().expect("agent state");
+            s.losses = pipeline.apply_flow_counts(&mut s.flows, counts);
+            s.flows.set_nat_totals(pipeline.nat_counts());
+            s.flows.take_news()
+        };
+        self.look_closer(news);
         Ok(None)
     }
 

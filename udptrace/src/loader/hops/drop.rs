@@ -3,13 +3,12 @@
 //! when its skb is freed the other way (without them nothing is decided: every freed skb
 //! of the host would pay for nothing).
 
-use aya::programs::RawTracePoint;
 use udptrace_common::{programs, Hook};
 
 use crate::{
     kernel::offsets::Group,
     loader::{
-        chain::{attach_chain, attach_raw_tp, need, unload_all, Ctx},
+        chain::{attach_chain, attach_raw_tp, enabled, need, Ctx},
         report::HopReport,
     },
 };
@@ -20,14 +19,13 @@ pub fn attach(ctx: &mut Ctx<'_>) -> HopReport {
 
 fn raw_tp(ctx: &mut Ctx<'_>, _: &mut HopReport) -> Result<(), String> {
     need(ctx.layout, &[Group::Skb, Group::Sock, Group::TpDrop])?;
-    attach_raw_tp(ctx.ebpf, programs::DROP_KFREE_SKB, "kfree_skb")?;
-    if !ctx.paths {
-        return Ok(());
-    }
-    let consume = attach_raw_tp(ctx.ebpf, programs::SAMPLE_CONSUME_SKB, "consume_skb");
-    if consume.is_err() {
-        // The hop is reported unusable: nothing of it stays attached.
-        unload_all!(RawTracePoint, ctx.ebpf, [programs::DROP_KFREE_SKB]);
-    }
-    consume
+    attach_raw_tp(ctx.ebpf, programs::DROP_KFREE_SKB, "kfree_skb")
+}
+
+/// With the path hooks: `consume_skb`, where sampling forgets the decision of an skb freed
+/// without a drop.
+pub fn attach_consume(ctx: &mut Ctx<'_>) -> Result<(), String> {
+    enabled(Hook::TpKfreeSkb.name())?;
+    need(ctx.layout, &[Group::Skb])?;
+    attach_raw_tp(ctx.ebpf, programs::SAMPLE_CONSUME_SKB, "consume_skb")
 }

@@ -87,8 +87,10 @@ struct State {
     sampling: SampleConfig,
     /// The latest end any request asked for.
     until: Option<Instant>,
-    /// Reasons asked for since the window opened (the first names it).
+    /// Why the next window opens (the first request since the last one closed), and when
+    /// it was asked for: the window's length counts from when its hooks are attached.
     pending: Option<Reason>,
+    asked_at: Option<Instant>,
     open_since: Option<Instant>,
     draining_since: Option<Instant>,
     last_auto: Option<Instant>,
@@ -126,6 +128,7 @@ impl Windows {
             sampling,
             until: None,
             pending: None,
+            asked_at: None,
             open_since: None,
             draining_since: None,
             last_auto: None,
@@ -196,8 +199,14 @@ impl Windows {
         let now = Instant::now();
         let mut s = self.state();
         let reason = s.pending.take().unwrap_or(Reason::Request);
+        let asked_at = s.asked_at.take();
         match result {
             Ok(()) => {
+                // Attaching took a while (verifying the programs): the window still gives
+                // the length asked for.
+                if let (Some(until), Some(asked)) = (s.until, asked_at) {
+                    s.until = Some(until + (now - asked));
+                }
                 *s.opened.entry(reason).or_default() += 1;
                 s.open_since = Some(now);
                 s.draining_since = None;
@@ -246,6 +255,7 @@ impl State {
         }
         if self.open_since.is_none() && self.pending.is_none() {
             self.pending = Some(reason);
+            self.asked_at = Some(now);
         }
         self.until.unwrap_or(until)
     }
@@ -266,10 +276,13 @@ mod tests {
         assert_eq!(w.next(false), Action::None);
         w.request(Duration::from_secs(2), Reason::Request);
         assert_eq!(w.next(false), Action::Open(SAMPLING));
+        // Attaching takes a second: the window is still 2 s of attached hooks.
+        tokio::time::advance(Duration::from_secs(1)).await;
         w.opened(Ok(()));
-        assert!(w.status().open);
+        tokio::time::advance(Duration::from_millis(1500)).await;
         assert_eq!(w.next(true), Action::None);
-        tokio::time::advance(Duration::from_secs(2)).await;
+        tokio::time::advance(Duration::from_millis(500)).await;
+        assert!(w.status().open);
         assert_eq!(w.next(true), Action::Drain);
         // A request while draining resumes sampling, no reattach.
         w.request(Duration::from_secs(1), Reason::Request);

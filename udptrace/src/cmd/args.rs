@@ -172,8 +172,9 @@ pub struct AgentArgs {
     /// [default: false].
     #[arg(long, env = "UDPTRACE_PER_FLOW_METRICS", value_name = "BOOL")]
     pub per_flow_metrics: Option<bool>,
-    /// Per-datagram path hooks beside the counting ones (sampled paths, NAT before→after,
-    /// stitching), counting only, or path hooks in windows [default: on].
+    /// When the per-datagram path hooks (sampled paths, each hop, the receiver's view) are
+    /// attached beside the counting ones: only in windows (asked for, after news, on a duty
+    /// cycle), always, or never [default: windows].
     #[arg(long, env = "UDPTRACE_PATHS", value_enum)]
     pub paths: Option<Paths>,
     /// With `--paths windows`: how long a window opened by news lasts; 0s: none

@@ -44,8 +44,12 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
     };
     let pipeline = Pipeline::start(&load, args.sample.config(), duration)?;
     eprintln!("udptrace: tracing; counting flows (Ctrl-C to stop)");
+    let mut flows = FlowTable::new(Clock::new(), IDLE, args.flow_entries as usize);
+    if !load.paths {
+        flows.count_nat_by_flows();
+    }
     let mut sink = Table {
-        flows: FlowTable::new(Clock::new(), IDLE, args.flow_entries as usize),
+        flows,
         filter: args.filter.filter(),
         sort: args.sort,
         json: args.json,

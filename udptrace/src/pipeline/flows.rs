@@ -3,7 +3,7 @@
 //! sees, an explanation — plus totals that only grow, for Prometheus.
 
 use std::{
-    collections::{BTreeMap, HashMap},
+    collections::{BTreeMap, HashMap, HashSet},
     net::SocketAddr,
 };
 
@@ -68,9 +68,37 @@ struct Flow {
     explain: String,
     /// DNATed datagrams in a row with no delivery.
     undelivered_dnat: u32,
+    /// Counting mode's view of the same ([`FlowTable::judge_conntrack_dnat`]).
+    ct_dnat: CtDnat,
     /// CLOCK_MONOTONIC ns of the latest thing seen (a count or a path).
     active_ns: u64,
     first_path_ns: u64,
+}
+
+/// Whether a flow DNATed by conntrack loses every datagram, from counts alone (no path tells
+/// of deliveries): the datagrams not dropped (`packets − drops`) stop growing while drops
+/// go on. A datagram's drop lands a read after its count at most, so only growth in two
+/// reads in a row means some got through.
+#[derive(Debug, Default, Clone, Copy)]
+struct CtDnat {
+    /// `packets − drops` when datagrams last got through.
+    kept: u64,
+    /// The flow's drops then.
+    drops: u64,
+    /// `packets − drops` grew in the last read.
+    grew: bool,
+}
+
+/// Where the NAT translation totals come from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum NatTotals {
+    /// One per rewrite a path showed (every datagram traced: exact).
+    Paths,
+    /// The NAT programs' own counters ([`FlowTable::set_nat_totals`]).
+    Kernel,
+    /// Every datagram of a flow whose rewrite conntrack told of
+    /// ([`FlowTable::count_nat_by_flows`]).
+    Flows,
 }
 
 /// Counts that only grow, by label, for the metrics.
@@ -109,8 +137,8 @@ pub struct FlowTable {
     /// hop: a datagram sampling left out, reported from its drop or NAT hop on, is
     /// counted in its flow through it.
     seen_at: HashMap<HopTuple, FlowId>,
-    /// `totals.nat` comes from the kernel.
-    kernel_nat: bool,
+    /// Where `totals.nat` comes from.
+    nat_totals: NatTotals,
     /// Each drop key's counts as last read, for what is new in the next read.
     drops_read: HashMap<DropKey, DropStats>,
     /// Rewritten UDP connections conntrack holds now, by namespace and original tuple, each
@@ -157,7 +185,7 @@ impl FlowTable {
             totals: Totals::default(),
             removed: 0,
             seen_at: HashMap::new(),
-            kernel_nat: false,
+            nat_totals: NatTotals::Paths,
             drops_read: HashMap::new(),
             conns: HashMap::new(),
             via: HashMap::new(),
@@ -209,6 +237,13 @@ impl FlowTable {
             grow(&mut self.totals.datagrams, stats.packets, base.packets);
             grow(&mut self.totals.bytes, stats.bytes, base.bytes);
             grow(&mut self.totals.errors, stats.errors, base.errors);
+            if self.nat_totals == NatTotals::Flows {
+                Self::count_nat(
+                    &mut self.totals,
+                    flow,
+                    stats.packets.saturating_sub(base.packets),
+                );
+            }
             // No timestamp per datagram in the kernel: counts that grew since the last read
             // (or a flow new to this read) are activity now.
             if stats.packets + stats.errors != flow.counted.packets + flow.counted.errors
@@ -229,8 +264,27 @@ impl FlowTable {
 
     /// The kernel's count of every NAT rewrite (paths show only the sampled ones).
     pub fn set_nat_totals(&mut self, counts: BTreeMap<(&'static str, &'static str), u64>) {
-        self.kernel_nat = true;
+        self.nat_totals = NatTotals::Kernel;
         self.totals.nat = counts;
+    }
+
+    /// Counting mode (the NAT programs attached only in path windows, if ever): each
+    /// datagram of a flow with a rewrite conntrack told of counts as translated by it.
+    pub fn count_nat_by_flows(&mut self) {
+        self.nat_totals = NatTotals::Flows;
+    }
+
+    /// Adds `packets` of `flow` to the NAT totals of each of its rewrites.
+    fn count_nat(totals: &mut Totals, flow: &Flow, packets: u64) {
+        if packets == 0 {
+            return;
+        }
+        for n in &flow.nat {
+            *totals
+                .nat
+                .entry((n.nf_hook.name(), n.nat.name()))
+                .or_default() += packets;
+        }
     }
 
     /// Takes in a read of the kernel's drop counts (every UDP datagram dropped, by
@@ -309,6 +363,39 @@ impl FlowTable {
             }
         }
         self.drops_read = read;
+        self.judge_conntrack_dnat();
+    }
+
+    /// For each flow conntrack DNATs (and no path has shown the rewrite), the datagrams
+    /// dropped since the last ones got through, as paths would count them: enough in a row
+    /// and the flow is called a stale DNAT. Run after each read of counts and drops.
+    fn judge_conntrack_dnat(&mut self) {
+        let ids: HashSet<FlowId> = self.conns.values().filter_map(|t| t.flow).collect();
+        for id in ids {
+            let Some(f) = self.flows.get_mut(&id) else {
+                continue;
+            };
+            if !f.nat.iter().any(|n| n.conntrack && n.nat == NatKind::Dnat) {
+                continue;
+            }
+            let drops: u64 = f.drops.values().sum();
+            let kept = f.counted.packets.saturating_sub(drops);
+            let ct = &mut f.ct_dnat;
+            if kept > ct.kept {
+                if ct.grew {
+                    *ct = CtDnat {
+                        kept,
+                        drops,
+                        grew: false,
+                    };
+                } else {
+                    ct.grew = true;
+                }
+            } else {
+                ct.grew = false;
+            }
+            f.undelivered_dnat = u32::try_from(drops.saturating_sub(ct.drops)).unwrap_or(u32::MAX);
+        }
     }
 
     /// Takes in what conntrack told: rewritten connections that began (or a dump listed)
@@ -473,6 +560,14 @@ impl FlowTable {
         }
         for nat in seen {
             if !flow.nat.iter().any(|n| same_rewrite(n, &nat)) && flow.nat.len() < MAX_NAT {
+                // Its datagrams counted so far were rewritten too.
+                if self.nat_totals == NatTotals::Flows {
+                    *self
+                        .totals
+                        .nat
+                        .entry((nat.nf_hook.name(), nat.nat.name()))
+                        .or_default() += flow.counted.packets;
+                }
                 flow.nat.push(nat);
                 self.news.nat = true;
             }
@@ -486,7 +581,11 @@ impl FlowTable {
 
     /// Takes in a finished path: its drops, rewrites, what the receiver saw.
     pub fn observe(&mut self, path: &Path, now_ns: u64) {
-        for hop in path.hops.iter().filter(|_| !self.kernel_nat) {
+        for hop in path
+            .hops
+            .iter()
+            .filter(|_| self.nat_totals == NatTotals::Paths)
+        {
             if let Some(nat) = &hop.nat {
                 *self
                     .totals
@@ -699,25 +798,27 @@ mod tests {
         Clock::with_boot(SystemTime::UNIX_EPOCH + Duration::from_secs(1_800_000_000))
     }
 
+    /// An IPv4 address as the kernel programs write it.
+    fn kernel_addr(a: SocketAddr) -> Addr {
+        let mut out = Addr {
+            family: AF_INET,
+            port: a.port(),
+            ..Addr::default()
+        };
+        if let std::net::IpAddr::V4(v4) = a.ip() {
+            out.ip[..4].copy_from_slice(&v4.octets());
+        }
+        out
+    }
+
     /// The kernel key of the sample path's flow.
     fn key() -> FlowKey {
         let path = sample_path();
-        let addr = |a: SocketAddr| {
-            let mut out = Addr {
-                family: AF_INET,
-                port: a.port(),
-                ..Addr::default()
-            };
-            if let std::net::IpAddr::V4(v4) = a.ip() {
-                out.ip[..4].copy_from_slice(&v4.octets());
-            }
-            out
-        };
         FlowKey {
             netns: path.hops[0].netns,
             _pad: 0,
-            src: addr(path.hops[0].addrs.src.unwrap()),
-            dst: addr(path.hops[0].addrs.dst.unwrap()),
+            src: kernel_addr(path.hops[0].addrs.src.unwrap()),
+            dst: kernel_addr(path.hops[0].addrs.dst.unwrap()),
         }
     }
 
@@ -837,6 +938,69 @@ mod tests {
             held,
             reported_ns: 1,
         }
+    }
+
+    /// Conntrack's DNAT of the sample flow (10.0.0.1:40112 → 127.0.0.1:5353 as sent) to
+    /// 10.9.9.9:53, and the drop key of its datagrams past the rewrite.
+    fn conntrack_dnat() -> (CtEvent, DropKey) {
+        let (src, dst) = {
+            let p = sample_path();
+            (p.hops[0].addrs.src.unwrap(), p.hops[0].addrs.dst.unwrap())
+        };
+        let backend: SocketAddr = "10.9.9.9:53".parse().unwrap();
+        let conn = Connection {
+            netns: key().netns,
+            orig: (src, dst),
+            reply: (backend, src),
+        };
+        let mut after = drop_key(&key(), key().netns, 3);
+        after.dst = kernel_addr(backend);
+        (CtEvent::Nat(conn), after)
+    }
+
+    #[test]
+    fn conntrack_nat_lands_on_its_flow_once_the_flow_is_known() {
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        let (ct, _) = conntrack_dnat();
+        t.observe_conntrack(&[ct]);
+        // Not applied before the flow is known; then listed, marked as conntrack's.
+        assert_eq!(t.len(), 0);
+        t.update_counts(&[(key(), stats(2))], 1, 0);
+        let v = &t.snapshot(&Filter::default())[0];
+        assert_eq!(v.nat.len(), 1, "{v:?}");
+        assert!(v.nat[0].conntrack && v.nat[0].nat == NatKind::Dnat, "{v:?}");
+        assert_eq!(v.nat[0].after.dst, Some("10.9.9.9:53".parse().unwrap()));
+        assert!(v.explain.contains("conntrack"), "{}", v.explain);
+        // Conntrack's news, once.
+        assert!(t.take_news().nat);
+        assert!(!t.take_news().nat);
+    }
+
+    #[test]
+    fn counting_mode_calls_a_conntrack_dnat_that_loses_everything_stale() {
+        let reasons = DropReasons::from_pairs([(3, "NO_SOCKET")]);
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
+        let (ct, after) = conntrack_dnat();
+        t.observe_conntrack(&[ct]);
+        let read = |t: &mut FlowTable, packets: u64, drops: u64| {
+            t.update_counts(&[(key(), stats(packets))], 1, 0);
+            t.update_drops(&[(after, dropped(drops, 0))], &reasons, 0);
+            t.snapshot(&Filter::default())[0].clone()
+        };
+        // Delivered for a while (the drops of two reads: some got through).
+        assert!(!read(&mut t, 100, 0).stale_dnat);
+        assert!(!read(&mut t, 200, 0).stale_dnat);
+        assert!(!read(&mut t, 300, 2).stale_dnat);
+        // The backend goes: every datagram dropped, one read's drops landing a read late.
+        let v = read(&mut t, 303, 3);
+        assert!(!v.stale_dnat, "{v:?}");
+        let v = read(&mut t, 306, 8);
+        assert_eq!(v.drops["NO_SOCKET"], 8);
+        assert!(v.stale_dnat, "{v:?}");
+        assert!(v.explain.contains("stale conntrack"), "{}", v.explain);
+        // Delivered again in two reads in a row: no longer stale.
+        read(&mut t, 400, 8);
+        assert!(!read(&mut t, 500, 8).stale_dnat);
     }
 
     #[test]

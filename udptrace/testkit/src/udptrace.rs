@@ -309,6 +309,36 @@ impl Agent {
         http::post(&format!("{}{path}", self.url)).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// The path windows' status (`GET /api/v1/windows`).
+    pub fn windows(&self) -> Value {
+        serde_json::from_str(&self.get("/api/v1/windows")).expect("windows JSON")
+    }
+
+    /// Waits up to 15 s for the windows' status to satisfy `ok`.
+    pub fn windows_until(&self, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let w = self.windows();
+            if ok(&w) {
+                return w;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{what}: windows {w}\n{}",
+                self.stderr()
+            );
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
+    /// Asks for a path window of `duration` (`5s`, `1m`) and waits until its hooks are
+    /// attached.
+    pub fn open_window(&self, duration: &str) {
+        let (status, body) = self.post(&format!("/api/v1/windows?duration={duration}"));
+        assert_eq!(status, 202, "{body}");
+        self.windows_until("window open", |w| w["open"] == true);
+    }
+
     /// Stops with `signal`: the exit status and everything the agent wrote to stderr.
     pub fn stop(mut self, signal: i32) -> (ExitStatus, String) {
         // Unlinking netfilter hooks waits for RCU grace periods, one per link: slow under

@@ -329,27 +329,6 @@ fn flows_counts_only_when_asked_and_says_which_hook_counts() {
 }
 
 /// The agent's path windows, as `GET /api/v1/windows` shows them.
-fn windows(agent: &Agent) -> Value {
-    serde_json::from_str(&agent.get("/api/v1/windows")).expect("windows JSON")
-}
-
-/// Waits up to 15 s for the windows' status to satisfy `ok`.
-fn windows_until(agent: &Agent, what: &str, ok: impl Fn(&Value) -> bool) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    loop {
-        let w = windows(agent);
-        if ok(&w) {
-            return w;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: windows {w}\n{}",
-            agent.stderr()
-        );
-        std::thread::sleep(Duration::from_millis(100));
-    }
-}
-
 const COUNTING: [&str; 2] = ["count_cgroup_egress", "drop_kfree_skb"];
 
 #[test]
@@ -357,11 +336,10 @@ fn path_windows_attach_the_path_hooks_only_while_open() {
     require_root();
     let net = Pair::new(&[]);
     let before = udptrace_program_ids();
+    // The agent's default: --paths windows.
     let agent = Agent::start(&[
         "--netns",
         "all",
-        "--paths",
-        "windows",
         "--auto-window",
         "2s",
         "--auto-window-cooldown",
@@ -380,7 +358,7 @@ fn path_windows_attach_the_path_hooks_only_while_open() {
         "{}",
         agent.stderr()
     );
-    assert_eq!(windows(&agent)["open"], false);
+    assert_eq!(agent.windows()["open"], false);
     // Bad requests say what is expected and open nothing.
     for bad in ["0s", "abc", "11m"] {
         let (status, body) = agent.post(&format!("/api/v1/windows?duration={bad}"));
@@ -391,9 +369,7 @@ fn path_windows_attach_the_path_hooks_only_while_open() {
 
     // A requested window: the path hooks attach, paths come, then they detach again.
     let (_receiver, _lines) = py_receiver(&net.b, B4, RECEIVED);
-    let (status, body) = agent.post("/api/v1/windows?duration=4s");
-    assert_eq!(status, 202, "{body}");
-    windows_until(&agent, "window open", |w| w["open"] == true);
+    agent.open_window("4s");
     let attached = progs();
     for name in ["xmit_start_xmit", "sample_consume"] {
         assert!(
@@ -428,7 +404,7 @@ fn path_windows_attach_the_path_hooks_only_while_open() {
         "{delivered} delivered paths\n{}",
         agent.stderr()
     );
-    let w = windows_until(&agent, "window closed", |w| w["open"] == false);
+    let w = agent.windows_until("window closed", |w| w["open"] == false);
     assert_eq!(w["opened"]["request"], 1, "{w}");
     assert!(w["open_secs_total"].as_f64().unwrap() >= 4.0, "{w}");
     let counting = BTreeSet::from(COUNTING.map(String::from));
@@ -448,9 +424,9 @@ fn path_windows_attach_the_path_hooks_only_while_open() {
     );
     let out = net.a.cmd(PYTHON).args(["-c", &drop]).output().unwrap();
     assert!(out.status.success(), "{out:?}");
-    let w = windows_until(&agent, "window after a drop", |w| w["opened"]["drop"] == 1);
+    let w = agent.windows_until("window after a drop", |w| w["opened"]["drop"] == 1);
     assert!(w.get("error").is_none(), "{w}");
-    windows_until(&agent, "drop window closed", |w| w["open"] == false);
+    agent.windows_until("drop window closed", |w| w["open"] == false);
     let metrics = agent.get("/metrics");
     assert_eq!(
         metric_value(&metrics, "udptrace_path_windows_total{reason=\"request\"}"),

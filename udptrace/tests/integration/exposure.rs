@@ -63,7 +63,7 @@ fn contains(haystack: &[u8], needle: &[u8]) -> bool {
 fn no_payload_byte_is_kept_or_shown() {
     require_root();
     let net = Pair::new(&[]);
-    let agent = Agent::start(&["--netns", "all", "--sample-first", "100"]);
+    let agent = Agent::start(&["--netns", "all", "--paths", "on", "--sample-first", "100"]);
     let tracer = Tracer::start(&["--netns", "all", "--port", "20901"]);
     let mut rx = net
         .b

@@ -50,7 +50,7 @@ fn the_agent_counts_every_datagram_of_a_flow_exactly() {
     require_root();
     let net = Pair::new(&[]);
     let before = udptrace_program_ids();
-    let agent = Agent::start(&["--netns", "all"]);
+    let agent = Agent::start(&["--netns", "all", "--paths", "on"]);
     let mine: std::collections::BTreeSet<u64> = udptrace_program_ids()
         .difference(&before)
         .copied()

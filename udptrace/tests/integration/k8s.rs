@@ -115,6 +115,8 @@ fn pods_and_services_are_named_and_a_dnat_to_a_gone_backend_is_stale() {
     let agent = Agent::start(&[
         "--netns",
         "all",
+        "--paths",
+        "on",
         "--kube-api",
         &api.url,
         "--node-name",

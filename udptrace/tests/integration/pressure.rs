@@ -145,6 +145,8 @@ fn full_maps_and_lost_events_change_no_datagrams_fate() {
     let agent = Agent::start(&[
         "--netns",
         "all",
+        "--paths",
+        "on",
         "--flow-entries",
         "16",
         "--sample-every",

@@ -109,6 +109,8 @@ fn the_first_datagrams_then_one_in_n_every_drop_and_counts_stay_exact() {
     let agent = Agent::start(&[
         "--netns",
         "all",
+        "--paths",
+        "on",
         "--sample-first",
         "3",
         "--sample-every",
@@ -211,6 +213,8 @@ fn a_new_nat_rewrite_is_reported_even_when_not_sampled() {
     let agent = Agent::start(&[
         "--netns",
         "all",
+        "--paths",
+        "on",
         "--sample-first",
         "1",
         "--sample-every",

@@ -97,7 +97,7 @@ fn memory_and_fds_stay_flat_and_every_datagram_is_counted() {
     let secs = soak_secs();
     let net = Pair::new(&[]);
     let (_receiver, _) = spawn_ready(net.b.cmd(PYTHON).args(["-c", RECEIVER, B4, "20811"]));
-    let agent = Agent::start(&["--netns", "all"]);
+    let agent = Agent::start(&["--netns", "all", "--paths", "on"]);
     let sender = net
         .a
         .cmd(PYTHON)

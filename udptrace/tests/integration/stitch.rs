@@ -54,6 +54,10 @@ fn two_nodes_parts_join_into_the_single_kernel_path() {
         "--peers",
         &format!("node-b={}", node_b.url),
     ]);
+    // Agents trace paths in windows (their default): a requested one on each node serves
+    // the stitching.
+    node_a.open_window("1m");
+    node_b.open_window("1m");
     let pid = nc_send(Some(&net.a), &[], "10.205.0.2", 20981);
     let whole = tracer.one_path();
     assert_eq!(whole["verdict"], "delivered", "{whole}");

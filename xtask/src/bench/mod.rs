@@ -79,9 +79,11 @@ pub struct Options {
 pub enum Tool {
     /// No tracer: the baseline.
     None,
-    /// `udptrace agent --paths off`: counting only (every namespace), the always-on cost.
+    /// `udptrace agent` as it runs by default (every namespace): counting, path hooks only in
+    /// windows (none opens under this load), the always-on cost.
     Counting,
-    /// `udptrace agent` with sampled paths (every namespace, 1 in 100 traced hop by hop).
+    /// `udptrace agent --paths on`: sampled paths all the time (every namespace, 1 in 100
+    /// traced hop by hop), what a path window costs.
     Agent,
     /// `udptrace trace --netns all`: every datagram's full path printed.
     Trace,
@@ -97,8 +99,8 @@ impl Tool {
     fn name(self) -> &'static str {
         match self {
             Self::None => "no tracer",
-            Self::Counting => "agent, counting",
-            Self::Agent => "agent, paths",
+            Self::Counting => "agent (default)",
+            Self::Agent => "agent --paths on",
             Self::Trace => "trace",
             Self::TraceFiltered => "trace --port 53",
             Self::Tcpdump => "tcpdump",

@@ -32,8 +32,8 @@ impl Running {
             Tool::Counting | Tool::Agent => {
                 let mut c = Command::new(exe);
                 c.args(["agent", "--listen", "127.0.0.1:0", "--netns", "all"]);
-                if tool == Tool::Counting {
-                    c.args(["--paths", "off"]);
+                if tool == Tool::Agent {
+                    c.args(["--paths", "on"]);
                 }
                 (c, "udptrace: agent listening on ")
             }

@@ -126,7 +126,7 @@ impl Settings {
                 .per_flow_metrics
                 .or(file.per_flow_metrics)
                 .unwrap_or(false),
-            paths: args.paths.or(file.paths).unwrap_or(Paths::On),
+            paths: args.paths.or(file.paths).unwrap_or(Paths::Windows),
             windows: Policy {
                 auto: duration(args.auto_window, &file.auto_window, "auto_window")?
                     .unwrap_or(defaults.auto),
@@ -209,7 +209,7 @@ mod tests {
         assert_eq!(s.listen, "127.0.0.1:9720".parse().unwrap());
         assert_eq!((s.netns, s.flow_entries), (NetnsScope::Host, 65_536));
         assert_eq!((s.sampling.first, s.sampling.every), (10, 100));
-        assert_eq!(s.paths, Paths::On);
+        assert_eq!(s.paths, Paths::Windows);
         assert_eq!(s.windows, Policy::default());
         let dir = std::env::temp_dir().join(format!("udpt-cfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
@@ -235,12 +235,12 @@ mod tests {
             "--listen",
             "127.0.0.1:0",
             "--paths",
-            "windows",
+            "on",
             "--auto-window",
             "2s",
         ]))
         .unwrap();
-        assert_eq!(s.paths, Paths::Windows);
+        assert_eq!(s.paths, Paths::On);
         assert_eq!(s.windows.auto, Duration::from_secs(2));
         assert_eq!(s.listen, "127.0.0.1:0".parse().unwrap());
         std::fs::write(&file, "listen = \"0.0.0.0:9999\"\nlisten_on = 3\n").unwrap();

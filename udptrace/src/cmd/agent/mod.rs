@@ -62,12 +62,17 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         .hops()
         .filter_map(|r| Some((r.hop, r.chosen()?)))
         .collect();
+    let mut flows = FlowTable::new(
+        Clock::new(),
+        settings.flow_idle,
+        settings.flow_entries as usize,
+    );
+    let nat_programs = settings.paths == Paths::On;
+    if !nat_programs {
+        flows.count_nat_by_flows();
+    }
     let state: AppState = Arc::new(Mutex::new(Shared {
-        flows: FlowTable::new(
-            Clock::new(),
-            settings.flow_idle,
-            settings.flow_entries as usize,
-        ),
+        flows,
         paths: VecDeque::new(),
         paths_kept: settings.paths_kept,
         losses: Losses::default(),
@@ -97,6 +102,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         state,
         losses: Losses::default(),
         windows,
+        nat_programs,
     };
     let stop = pipeline.run(&mut sink).await?;
     let _ = stop_tx.send(());
@@ -117,6 +123,9 @@ struct AgentSink {
     losses: Losses,
     /// Path windows, with `--paths windows`: news opens one.
     windows: Option<Windows>,
+    /// The NAT programs are always attached (`--paths on`): their counters are the NAT
+    /// totals (else conntrack's flows are).
+    nat_programs: bool,
 }
 
 impl AgentSink {
@@ -173,7 +182,9 @@ impl Sink for AgentSink {
         let news = {
             let mut s = self.state.lock().expect("agent state");
             s.losses = pipeline.apply_flow_counts(&mut s.flows, counts);
-            s.flows.set_nat_totals(pipeline.nat_counts());
+            if self.nat_programs {
+                s.flows.set_nat_totals(pipeline.nat_counts());
+            }
             s.flows.take_news()
         };
         self.look_closer(news);

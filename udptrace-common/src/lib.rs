@@ -40,6 +40,8 @@ pub mod names {
     pub const DROPS: &str = "DROPS";
     /// One u32 of `MODE_*` flags: what is attached (runtime-settable).
     pub const MODE: &str = "MODE";
+    /// One [`crate::TraceFilter`]: which datagrams may be traced at all (runtime-settable).
+    pub const TRACE_FILTER: &str = "TRACE_FILTER";
 
     /// Sampling's memory: datagrams seen per flow, decisions by skb and by socket, NAT
     /// rewrites and readers already reported.
@@ -53,13 +55,14 @@ pub mod names {
     pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
 
     /// Every map the agent opens by name.
-    pub const ALL: [&str; 11] = [
+    pub const ALL: [&str; 12] = [
         EVENTS,
         STATS,
         FLOWS,
         SAMPLING,
         DROPS,
         MODE,
+        TRACE_FILTER,
         SAMPLE_COUNT,
         SAMPLE_SKBS,
         SAMPLE_SOCKS,

@@ -40,6 +40,93 @@ impl SampleConfig {
     }
 }
 
+/// Which datagrams may be traced at all (`trace --port P --host H`), evaluated by the first
+/// program that sees a datagram: one that does not match is not traced, costs no map update,
+/// and every later hop returns early for it too (each evaluates the filter again on what it
+/// sees; a NAT hop on the addresses before and after its rewrite, and a datagram matching
+/// after one is traced from there on). All zeros: every datagram.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TraceFilter {
+    /// `FILTER_PORT` | `FILTER_HOST`.
+    pub flags: u32,
+    /// A source or destination port (host order).
+    pub port: u16,
+    pub _pad: u16,
+    /// A source or destination address (`family`, `ip`; the port is not used). An IPv4
+    /// host also matches its IPv4-mapped IPv6 form.
+    pub host: crate::Addr,
+}
+#[cfg(feature = "user")]
+// SAFETY: #[repr(C)] of fixed-width integers and an `Addr` (itself Pod), padding explicit.
+unsafe impl aya::Pod for TraceFilter {}
+const _: () = assert!(core::mem::size_of::<TraceFilter>() == 32);
+
+/// `TraceFilter::flags`: the port is set.
+pub const FILTER_PORT: u32 = 1;
+/// `TraceFilter::flags`: the host is set.
+pub const FILTER_HOST: u32 = 1 << 1;
+
+impl TraceFilter {
+    /// Every datagram.
+    pub const NONE: Self = Self {
+        flags: 0,
+        port: 0,
+        _pad: 0,
+        host: crate::Addr {
+            family: 0,
+            port: 0,
+            _pad: 0,
+            ip: [0; 16],
+        },
+    };
+
+    pub fn is_none(&self) -> bool {
+        self.flags == 0
+    }
+
+    /// Whether a datagram from `src` to `dst` matches (every condition set, each on either
+    /// end).
+    #[inline(always)]
+    pub fn matches(&self, src: &crate::Addr, dst: &crate::Addr) -> bool {
+        (self.flags & FILTER_PORT == 0 || src.port == self.port || dst.port == self.port)
+            && (self.flags & FILTER_HOST == 0 || self.is_host(src) || self.is_host(dst))
+    }
+
+    /// [`Self::matches`] for a fragment after the first: it carries no ports, so only the
+    /// host can leave it out (the assembled path is filtered again).
+    #[inline(always)]
+    pub fn matches_hosts(&self, src: &crate::Addr, dst: &crate::Addr) -> bool {
+        self.flags & FILTER_HOST == 0 || self.is_host(src) || self.is_host(dst)
+    }
+
+    #[inline(always)]
+    fn is_host(&self, a: &crate::Addr) -> bool {
+        // Whole words, not byte arrays: compared in registers (a BPF program's stack has
+        // no room for copies).
+        let (h, x) = (words(&self.host.ip), words(&a.ip));
+        if self.host.family == crate::AF_INET {
+            match a.family {
+                crate::AF_INET => x[0] == h[0],
+                // ::ffff:a.b.c.d
+                crate::AF_INET6 => {
+                    x[0] == 0 && x[1] == 0 && x[2] == u32::from_be(0xffff) && x[3] == h[0]
+                }
+                _ => false,
+            }
+        } else {
+            a.family == self.host.family && x == h
+        }
+    }
+}
+
+/// An address's 16 bytes as four words in memory order.
+#[inline(always)]
+fn words(ip: &[u8; 16]) -> [u32; 4] {
+    let w = |i: usize| u32::from_ne_bytes([ip[i], ip[i + 1], ip[i + 2], ip[i + 3]]);
+    [w(0), w(4), w(8), w(12)]
+}
+
 /// The sampling decision for a sending socket's current datagram, so its send hop and its
 /// skb hops agree whichever the kernel runs first.
 #[repr(C)]
@@ -109,3 +196,71 @@ pub const SAMPLE_NAT_MAX: u32 = 16_384;
 pub const SAMPLE_READERS_MAX: u32 = 4_096;
 /// With sampling on, a socket's reader is reported at most this often.
 pub const READER_EVERY_NS: u64 = 1_000_000_000;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{Addr, AF_INET, AF_INET6};
+
+    fn v4(a: [u8; 4], port: u16) -> Addr {
+        let mut ip = [0; 16];
+        ip[..4].copy_from_slice(&a);
+        Addr {
+            family: AF_INET,
+            port,
+            _pad: 0,
+            ip,
+        }
+    }
+
+    fn mapped(a: [u8; 4], port: u16) -> Addr {
+        let mut ip = [0; 16];
+        ip[10] = 0xff;
+        ip[11] = 0xff;
+        ip[12..].copy_from_slice(&a);
+        Addr {
+            family: AF_INET6,
+            port,
+            _pad: 0,
+            ip,
+        }
+    }
+
+    #[test]
+    fn no_filter_matches_everything() {
+        assert!(TraceFilter::NONE.matches(&v4([1, 2, 3, 4], 1), &Addr::default()));
+    }
+
+    #[test]
+    fn port_and_host_match_either_end_and_both_must_hold() {
+        let (a, b) = (v4([10, 0, 0, 1], 40000), v4([10, 0, 0, 2], 53));
+        let port = |p| TraceFilter {
+            flags: FILTER_PORT,
+            port: p,
+            ..TraceFilter::NONE
+        };
+        assert!(port(53).matches(&a, &b) && port(53).matches(&b, &a));
+        assert!(!port(5353).matches(&a, &b));
+        let host = |h: Addr| TraceFilter {
+            flags: FILTER_HOST,
+            host: h,
+            ..TraceFilter::NONE
+        };
+        assert!(host(v4([10, 0, 0, 2], 0)).matches(&a, &b));
+        assert!(!host(v4([10, 0, 0, 3], 0)).matches(&a, &b));
+        // An IPv4 host is the same host as its IPv4-mapped form on an IPv6 socket.
+        assert!(host(v4([10, 0, 0, 2], 0)).matches(&a, &mapped([10, 0, 0, 2], 53)));
+        assert!(!host(v4([10, 0, 0, 2], 0)).matches(&a, &mapped([10, 0, 0, 9], 53)));
+        let both = TraceFilter {
+            flags: FILTER_PORT | FILTER_HOST,
+            port: 53,
+            host: v4([10, 0, 0, 1], 0),
+            ..TraceFilter::NONE
+        };
+        assert!(both.matches(&a, &b));
+        assert!(!both.matches(&a, &v4([10, 0, 0, 2], 54)));
+        // A later fragment: no ports to check.
+        assert!(both.matches_hosts(&v4([10, 0, 0, 1], 0), &v4([10, 0, 0, 2], 0)));
+        assert!(!both.matches_hosts(&v4([10, 0, 0, 7], 0), &v4([10, 0, 0, 2], 0)));
+    }
+}

@@ -10,9 +10,9 @@ use aya_ebpf::{
     programs::RawTracePointContext,
 };
 use udptrace_common::{
-    Addr, FlowKey, NatSeen, NatSeenKey, ReaderKey, SampleConfig, SkbEvent, SockDecision, IP_MF,
-    IP_OFFSET, READER_EVERY_NS, SAMPLE_FLOWS_MAX, SAMPLE_NAT_MAX, SAMPLE_READERS_MAX,
-    SAMPLE_SKBS_MAX, SAMPLE_SOCKS_MAX, SIDE_SEND, SIDE_SKB,
+    Addr, FlowKey, NatSeen, NatSeenKey, ReaderKey, SampleConfig, SkbEvent, SockDecision,
+    TraceFilter, IP_MF, IP_OFFSET, READER_EVERY_NS, SAMPLE_FLOWS_MAX, SAMPLE_NAT_MAX,
+    SAMPLE_READERS_MAX, SAMPLE_SKBS_MAX, SAMPLE_SOCKS_MAX, SIDE_SEND, SIDE_SKB,
 };
 
 use crate::{
@@ -23,6 +23,11 @@ use crate::{
 /// Set by userspace, at load and at runtime. All zeros (the initial value) traces everything.
 #[map(name = "SAMPLING")]
 static SAMPLING: Array<SampleConfig> = Array::with_max_entries(1, 0);
+
+/// Set by userspace: which datagrams may be traced at all. All zeros (the initial value):
+/// every one.
+#[map(name = "TRACE_FILTER")]
+static TRACE_FILTER: Array<TraceFilter> = Array::with_max_entries(1, 0);
 
 /// Datagrams seen per flow, for "the first N, then 1 in M".
 #[map(name = "SAMPLE_COUNT")]
@@ -50,19 +55,34 @@ static SAMPLE_NAT: LruHashMap<NatSeenKey, NatSeen> =
 static SAMPLE_READERS: LruHashMap<ReaderKey, u64> =
     LruHashMap::with_max_entries(SAMPLE_READERS_MAX, 0);
 
-/// The configuration when sampling is on.
+/// The sampling configuration when datagrams are decided on (sampling on, or a filter
+/// set); `None`: every datagram is traced.
 #[inline(always)]
 fn config() -> Option<SampleConfig> {
     let c = *SAMPLING.get(0)?;
-    (!c.is_all()).then_some(c)
+    (!c.is_all() || filter().is_some()).then_some(c)
+}
+
+/// Whether 1 in N is sampled (not just filtered).
+#[inline(always)]
+fn sampling_on() -> bool {
+    SAMPLING.get(0).is_some_and(|c| !c.is_all())
+}
+
+/// The trace filter, when one is set (read in place: the NAT hop's stack has no room for a
+/// copy).
+#[inline(always)]
+fn filter() -> Option<&'static TraceFilter> {
+    TRACE_FILTER.get(0).filter(|f| !f.is_none())
 }
 
 /// What is known about an skb's datagram.
 pub enum Decision {
-    /// Sampling is off: every datagram is traced.
+    /// Sampling is off and no filter set: every datagram is traced.
     All,
     Known(bool),
-    /// No hop has seen it yet.
+    /// No hop has decided yet, or none traced it: a datagram the filter leaves out is
+    /// remembered nowhere, and each hop sees again that it does not match.
     Unknown(SampleConfig),
 }
 
@@ -98,6 +118,10 @@ fn now() -> u64 {
 /// at once may count one datagram twice: the rate stays about 1 in M.
 #[inline(always)]
 fn next_of_flow(cfg: &SampleConfig, key: &FlowKey) -> bool {
+    if cfg.is_all() {
+        // Filtered only: nothing to count.
+        return true;
+    }
     let n = match SAMPLE_COUNT.get_ptr_mut(key) {
         Some(p) => {
             // SAFETY: a map value; the race above is the only one and harmless.
@@ -161,25 +185,39 @@ const LOOPBACK_IFINDEX: u32 = 1;
 /// A decision older than this is not trusted.
 const SKB_DECISION_NS: u64 = 1_000_000_000;
 
-/// Decides for a datagram seen first at this hop (`ev` holds its headers; `before`, at a
-/// NAT hop, the addresses before the rewrite). A fragment is always traced: its pieces
-/// travel on skbs of their own and must agree. One leaving local socket `sender` follows
-/// that socket's decision (its send hop may have run first) or sets it for the send hop to
-/// follow. Anything else counts on its flow as seen here.
+/// Decides for a datagram no hop traced yet (`ev` holds its headers; `before`, at a
+/// NAT hop, the addresses before the rewrite). One the filter leaves out (on both sides of
+/// a rewrite) is not traced, and nothing is remembered of it. A fragment is always traced:
+/// its pieces travel on skbs of their own and must agree. One leaving local socket `sender`
+/// follows that socket's decision (its send hop may have run first) or sets it for the
+/// send hop to follow. Anything else counts on its flow as seen here. `None`: left out by
+/// the filter (nothing remembered); else whether traced (remembered for the skb).
 #[inline(always)]
 pub fn decide_skb(
     cfg: &SampleConfig,
     skb: u64,
     ev: &SkbEvent,
-    before: Option<(Addr, Addr)>,
+    before: Option<(&Addr, &Addr)>,
     sender: u64,
-) -> bool {
-    let (src, dst) = before.unwrap_or((ev.src, ev.dst));
+) -> Option<bool> {
+    if let Some(f) = filter() {
+        let admits = |s: &Addr, d: &Addr| {
+            if ev.ip_frag & IP_OFFSET != 0 {
+                f.matches_hosts(s, d)
+            } else {
+                f.matches(s, d)
+            }
+        };
+        if !admits(&ev.src, &ev.dst) && !before.is_some_and(|(s, d)| admits(s, d)) {
+            return None;
+        }
+    }
+    let (src, dst) = before.unwrap_or((&ev.src, &ev.dst));
     let key = FlowKey {
         netns: ev.netns,
         _pad: 0,
-        src,
-        dst,
+        src: *src,
+        dst: *dst,
     };
     let traced = if ev.ip_frag & (IP_MF | IP_OFFSET) != 0 {
         if sender != 0 {
@@ -200,7 +238,7 @@ pub fn decide_skb(
         next_of_flow(cfg, &key)
     };
     remember(skb, traced);
-    traced
+    Some(traced)
 }
 
 #[inline(always)]
@@ -213,12 +251,14 @@ fn set_sock(sk: u64, traced: bool, side: u32) {
 }
 
 /// The send hop's decision for socket `sk` sending on flow `key`. `after_skbs`: this hook
-/// runs after the datagram's skb hops (the tracepoint), which may have decided already.
+/// runs after the datagram's skb hops (the tracepoint), which may have decided already
+/// (and traced a datagram the filter matched only after a rewrite).
 #[inline(always)]
 pub fn decide_send(sk: u64, key: &FlowKey, after_skbs: bool) -> bool {
     let Some(cfg) = config() else {
         return true;
     };
+    let filter = filter();
     if after_skbs {
         // SAFETY: the value is copied out at once.
         if let Some(d) = unsafe { SAMPLE_SOCKS.get(sk) }.copied() {
@@ -228,6 +268,9 @@ pub fn decide_send(sk: u64, key: &FlowKey, after_skbs: bool) -> bool {
             }
         }
     }
+    if filter.is_some_and(|f| !f.matches(&key.src, &key.dst)) {
+        return false;
+    }
     let traced = next_of_flow(&cfg, key);
     set_sock(sk, traced, SIDE_SEND);
     traced
@@ -236,19 +279,19 @@ pub fn decide_send(sk: u64, key: &FlowKey, after_skbs: bool) -> bool {
 /// Records a NAT rewrite at `nf_hook` in `netns`; true when it was not the last one seen for
 /// the same tuple before (a new mapping, or a changed one). Always true with sampling off.
 #[inline(always)]
-pub fn nat_is_new(nf_hook: u32, netns: u32, before: (Addr, Addr), after: (Addr, Addr)) -> bool {
-    if config().is_none() {
+pub fn nat_is_new(nf_hook: u32, netns: u32, before: (&Addr, &Addr), after: (&Addr, &Addr)) -> bool {
+    if !sampling_on() {
         return true;
     }
     let key = NatSeenKey {
         nf_hook,
         netns,
-        src: before.0,
-        dst: before.1,
+        src: *before.0,
+        dst: *before.1,
     };
     let seen = NatSeen {
-        src: after.0,
-        dst: after.1,
+        src: *after.0,
+        dst: *after.1,
     };
     // SAFETY: the value is compared at once.
     if unsafe { SAMPLE_NAT.get(key) }.is_some_and(|s| *s == seen) {
@@ -262,7 +305,7 @@ pub fn nat_is_new(nf_hook: u32, netns: u32, before: (Addr, Addr), after: (Addr, 
 /// once a second per reading thread (who reads a socket rarely changes).
 #[inline(always)]
 pub fn reader_due(sk: u64) -> bool {
-    if config().is_none() {
+    if !sampling_on() {
         return true;
     }
     let key = ReaderKey {

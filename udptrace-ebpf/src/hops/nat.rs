@@ -124,52 +124,63 @@ fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
             return Ok(());
         }
     }
-    emit_nat(
-        Hook::NetfilterLink as u16,
-        skb,
-        hook,
-        before.src,
-        before.dst,
-    )
+    emit_nat(Hook::NetfilterLink as u16, skb, hook, before)
 }
 
 /// Reports a NAT rewrite of `skb` at netfilter hook `hook` when its addresses differ from
-/// `src`/`dst` (what they were just before NAT). A datagram not sampled has its rewrite
+/// `before`'s (what they were just before NAT). A datagram not sampled has its rewrite
 /// reported when it is a new one (flagged `SKB_UNSAMPLED`), and is traced from there on.
+/// Addresses are compared where they lie (maps, the scratch event): this hop's stack has no
+/// room for copies.
 #[inline(always)]
-fn emit_nat(source: u16, skb: u64, hook: u32, src: Addr, dst: Addr) -> Result<(), ReadError> {
+fn emit_nat(source: u16, skb: u64, hook: u32, before: &SkbEvent) -> Result<(), ReadError> {
     let decision = sampling::lookup(skb);
     let Some(mut scratch) = Scratch::take() else {
         return Ok(());
     };
     let ev = scratch.nat();
     let mut changed = match fill(&mut ev.skb, KIND_NAT, source, skb, 0, 0) {
-        Ok(true) => ev.skb.src != src || ev.skb.dst != dst,
+        Ok(true) => ev.skb.src != before.src || ev.skb.dst != before.dst,
         _ => false,
     };
-    if changed && hook < NF_INET_NUMHOOKS {
-        count(STAT_NAT_BASE + 2 * hook + u32::from(ev.skb.dst != dst));
+    if !changed {
+        return Ok(());
     }
-    if changed {
-        let traced = match decision {
-            Decision::All => true,
-            Decision::Known(traced) => traced,
-            Decision::Unknown(cfg) => {
-                sampling::decide_skb(&cfg, skb, &ev.skb, Some((src, dst)), ev.skb.sk)
-            }
-        };
-        let new = sampling::nat_is_new(hook, ev.skb.netns, (src, dst), (ev.skb.src, ev.skb.dst));
-        if !traced {
-            changed = new;
-            if new {
-                ev.skb.flags |= SKB_UNSAMPLED;
-                sampling::remember(skb, true);
-            }
+    if hook < NF_INET_NUMHOOKS {
+        count(STAT_NAT_BASE + 2 * hook + u32::from(ev.skb.dst != before.dst));
+    }
+    ev.before_src = before.src;
+    ev.before_dst = before.dst;
+    let traced = match decision {
+        Decision::All => Some(true),
+        Decision::Known(traced) => Some(traced),
+        Decision::Unknown(cfg) => sampling::decide_skb(
+            &cfg,
+            skb,
+            &ev.skb,
+            Some((&ev.before_src, &ev.before_dst)),
+            ev.skb.sk,
+        ),
+    };
+    // Left out by the filter on both sides of the rewrite: nothing to say.
+    let Some(traced) = traced else {
+        return Ok(());
+    };
+    // Remembered either way: a later unsampled datagram's same rewrite is not news.
+    let new = sampling::nat_is_new(
+        hook,
+        ev.skb.netns,
+        (&ev.before_src, &ev.before_dst),
+        (&ev.skb.src, &ev.skb.dst),
+    );
+    if !traced {
+        changed = new;
+        if new {
+            ev.skb.flags |= SKB_UNSAMPLED;
+            sampling::remember(skb, true);
         }
     }
     if changed {
-        ev.before_src = src;
-        ev.before_dst = dst;
         ev.nf_hook = hook;
         ev._pad = 0;
         conntrack(skb, ev);
@@ -286,7 +297,7 @@ pub fn nat_kretprobe_manip(_ctx: RetProbeContext) -> u32 {
         _ => NF_INET_POST_ROUTING,
     };
     finish!(
-        emit_nat(Hook::KprobeNfNat as u16, skb, hook, before.src, before.dst),
+        emit_nat(Hook::KprobeNfNat as u16, skb, hook, before),
         "nat_kretprobe_manip"
     );
     0

@@ -373,9 +373,12 @@ fn emit_inner(kind: u16, hook: u16, skb: u64, reason: u32, sk: u64) -> Result<()
         return Ok(());
     }
     let decision = sampling::lookup(skb);
-    let ends = !matches!(decision, Decision::All) && verdict(kind, skb);
-    let result = emit_sampled(kind, hook, skb, reason, sk, decision);
-    if ends {
+    let known = matches!(decision, Decision::Known(_));
+    let mut decided = false;
+    let result = emit_sampled(kind, hook, skb, reason, sk, decision, &mut decided);
+    // What is remembered of the datagram (an earlier hop's decision, or this one's) goes
+    // at its verdict; a datagram the filter left out left nothing to forget.
+    if (known || decided) && verdict(kind, skb) {
         sampling::forget(skb);
     }
     result
@@ -389,6 +392,7 @@ fn emit_sampled(
     reason: u32,
     sk: u64,
     decision: Decision,
+    decided: &mut bool,
 ) -> Result<(), ReadError> {
     if matches!(decision, Decision::Known(false)) && kind != KIND_DROP {
         return Ok(());
@@ -397,7 +401,7 @@ fn emit_sampled(
         return Ok(());
     };
     let ev = scratch.event();
-    if prepare(ev, kind, hook, skb, reason, sk, decision)? {
+    if prepare(ev, kind, hook, skb, reason, sk, decision, decided)? {
         output(ev);
     }
     Ok(())
@@ -418,10 +422,16 @@ pub fn prepare_delivery(
     if matches!(decision, Decision::Known(false)) {
         return Ok(None);
     }
-    Ok(prepare(ev, KIND_DELIVER, hook, skb, 0, sk, decision)?.then_some(stamp))
+    let mut decided = false;
+    Ok(prepare(ev, KIND_DELIVER, hook, skb, 0, sk, decision, &mut decided)?.then_some(stamp))
 }
 
-/// Fills `ev` for the hop; true when it is to be sent.
+/// Fills `ev` for the hop; true when it is to be sent. `decided`: set when this hop made
+/// (and remembered) the datagram's decision.
+#[expect(
+    clippy::too_many_arguments,
+    reason = "one call per hop kind, inlined: a struct would only move the fields"
+)]
 #[inline(always)]
 fn prepare(
     ev: &mut SkbEvent,
@@ -431,6 +441,7 @@ fn prepare(
     reason: u32,
     sk: u64,
     decision: Decision,
+    decided: &mut bool,
 ) -> Result<bool, ReadError> {
     // A delivery never decides: every datagram met an earlier hop that did (the transmit
     // or the ingress), and the deliver hook may run after the reader has already taken and
@@ -451,7 +462,14 @@ fn prepare(
     let traced = match decision {
         Decision::All => true,
         Decision::Known(traced) => traced,
-        Decision::Unknown(cfg) => sampling::decide_skb(&cfg, skb, ev, None, ev.sk),
+        Decision::Unknown(cfg) => match sampling::decide_skb(&cfg, skb, ev, None, ev.sk) {
+            Some(traced) => {
+                *decided = true;
+                traced
+            }
+            // Left out by the filter: not even a drop is reported here.
+            None => return Ok(false),
+        },
     };
     if !traced {
         if kind != KIND_DROP {

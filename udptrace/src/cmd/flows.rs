@@ -40,6 +40,8 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
             ),
         },
         flow_entries: args.flow_entries,
+        // Paths only for the flows shown (counts and drops stay every flow's).
+        filter: args.filter.filter().kernel(),
         ..LoadConfig::new(args.netns)
     };
     let pipeline = Pipeline::start(&load, args.sample.config(), duration)?;

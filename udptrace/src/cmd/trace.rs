@@ -16,8 +16,12 @@ use crate::{
 };
 
 pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
+    let filter = args.filter.filter();
     let pipeline = Pipeline::start(
-        &LoadConfig::new(args.netns),
+        &LoadConfig {
+            filter: filter.kernel(),
+            ..LoadConfig::new(args.netns)
+        },
         args.sample.config(),
         args.duration.map(Duration::from_secs),
     )?;
@@ -31,18 +35,42 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     pipeline.warn_missing_hops();
     // Tests and scripts wait for this line before sending traffic.
     eprintln!(
-        "udptrace: tracing; send hop via {} (Ctrl-C to stop)",
-        pipeline.send_hook()
+        "udptrace: tracing; send hop via {}{} (Ctrl-C to stop)",
+        pipeline.send_hook(),
+        filter_note(&filter)
     );
     let mut sink = Lines {
         out: io::stdout().lock(),
-        filter: args.filter.filter(),
+        filter,
         format,
         shown: 0,
+        assembled: 0,
         count: args.count,
     };
     pipeline.run(&mut sink).await?;
     Ok(())
+}
+
+/// What the start line says of the filter: which parts the kernel applies.
+fn filter_note(filter: &Filter) -> String {
+    let kernel: Vec<&str> = [filter.port.map(|_| "--port"), filter.host.map(|_| "--host")]
+        .into_iter()
+        .flatten()
+        .collect();
+    let user = filter.userspace_only();
+    match (kernel.is_empty(), user.is_empty()) {
+        (true, true) => String::new(),
+        (false, true) => format!("; {} in the kernel", kernel.join(" ")),
+        (true, false) => format!(
+            "; {} in userspace (every datagram is traced, then filtered)",
+            user.join(" ")
+        ),
+        (false, false) => format!(
+            "; {} in the kernel, {} in userspace",
+            kernel.join(" "),
+            user.join(" ")
+        ),
+    }
 }
 
 /// Prints the paths that pass the filter, one block (or JSON line) each.
@@ -51,6 +79,9 @@ struct Lines<W: Write> {
     filter: Filter,
     format: Format,
     shown: u64,
+    /// Paths assembled, shown or not (the filter's userspace part, drops of datagrams the
+    /// kernel part left out).
+    assembled: u64,
     count: Option<u64>,
 }
 
@@ -58,6 +89,7 @@ impl<W: Write> Lines<W> {
     /// `Some(stop)` when the count is reached or stdout closed.
     fn print(&mut self, paths: &mut Vec<Path>) -> anyhow::Result<Option<Stop>> {
         for path in paths.drain(..) {
+            self.assembled += 1;
             if !self.filter.matches(&path) {
                 continue;
             }
@@ -92,8 +124,8 @@ impl<W: Write> Sink for Lines<W> {
             self.print(&mut rest)?;
         }
         eprintln!(
-            "udptrace: stopped ({stop:?}); {} datagram(s) shown, {losses}",
-            self.shown
+            "udptrace: stopped ({stop:?}); {} datagram(s) shown of {} traced, {losses}",
+            self.shown, self.assembled
         );
         Ok(())
     }

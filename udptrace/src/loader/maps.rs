@@ -9,7 +9,7 @@ use aya::{
 };
 use udptrace_common::{
     names, DropKey, DropStats, FlowKey, FlowStats, NatSeen, NatSeenKey, ReaderKey, SampleConfig,
-    SockDecision,
+    SockDecision, TraceFilter,
 };
 
 /// `name`'s map through a file descriptor of its own.
@@ -44,6 +44,17 @@ impl Sampler {
     pub fn get(&self) -> std::io::Result<SampleConfig> {
         self.map.get(&0, 0).map_err(std::io::Error::other)
     }
+}
+
+/// Sets which datagrams may be traced at all (`udptrace_common::TraceFilter`).
+pub fn set_filter(ebpf: &mut Ebpf, filter: TraceFilter) -> std::io::Result<()> {
+    let map = ebpf
+        .map_mut(names::TRACE_FILTER)
+        .ok_or_else(|| std::io::Error::other("no TRACE_FILTER map in the eBPF object"))?;
+    Array::<_, TraceFilter>::try_from(map)
+        .map_err(std::io::Error::other)?
+        .set(0, filter, 0)
+        .map_err(std::io::Error::other)
 }
 
 /// Empties the sampling maps (datagrams seen per flow, decisions by skb and by socket,

@@ -25,7 +25,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use udptrace_common::{
-    names, programs, FlowKey, FlowStats, FLOWS_DEFAULT, MODE_COUNT_HOP, MODE_PATHS, STATS_LEN,
+    names, programs, FlowKey, FlowStats, TraceFilter, FLOWS_DEFAULT, MODE_COUNT_HOP, MODE_PATHS,
+    STATS_LEN,
 };
 
 use crate::kernel::{
@@ -73,6 +74,9 @@ pub struct LoadConfig {
     /// The kernel programs' own debug logs (aya-log: lost events, full maps, failed reads).
     /// Off, they cost nothing: the verifier drops the code.
     pub kernel_log: bool,
+    /// Only datagrams matching this are traced hop by hop, decided in the kernel (counts
+    /// and drops stay every datagram's).
+    pub filter: TraceFilter,
 }
 
 impl LoadConfig {
@@ -86,6 +90,7 @@ impl LoadConfig {
             flow_entries: FLOWS_DEFAULT,
             cgroup_root: None,
             kernel_log: tracing::enabled!(target: "udptrace_ebpf", tracing::Level::DEBUG),
+            filter: TraceFilter::NONE,
         }
     }
 }
@@ -143,12 +148,17 @@ impl Tracer {
         }
         // aya-log's levels: 0 is off, 4 is debug (aya_log_common::Level::Debug).
         let log_level: u8 = if config.kernel_log { 4 } else { 0 };
-        let ebpf = EbpfLoader::new()
+        let mut ebpf = EbpfLoader::new()
             .override_global(names::OFFSETS, &layout.offsets, true)
             .override_global(names::AYA_LOG_LEVEL, &log_level, true)
             .map_max_entries(names::FLOWS, config.flow_entries)
             .load(EBPF_OBJECT)
             .map_err(|e| LoadError::Object(chain(&e)))?;
+        if !config.filter.is_none() {
+            // Before anything is attached: no datagram is decided without it.
+            maps::set_filter(&mut ebpf, config.filter)
+                .map_err(|e| LoadError::Object(format!("setting the trace filter: {e}")))?;
+        }
         let drop_reasons = DropReasons::from_btf(&kbtf).unwrap_or_default();
         let mut tracer = Self {
             ebpf,

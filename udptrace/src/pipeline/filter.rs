@@ -3,6 +3,8 @@
 
 use std::net::IpAddr;
 
+use udptrace_common::{Addr, TraceFilter, AF_INET, AF_INET6, FILTER_HOST, FILTER_PORT};
+
 use crate::model::{FlowView, Path};
 
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -39,6 +41,49 @@ impl Filter {
         } else {
             format!("?{}", q.join("&"))
         }
+    }
+
+    /// What the kernel programs decide themselves (`--port`, `--host`): the first hop that
+    /// sees a datagram these leave out returns early, and so does every later one.
+    pub fn kernel(&self) -> TraceFilter {
+        let mut f = TraceFilter::NONE;
+        if let Some(port) = self.port {
+            f.flags |= FILTER_PORT;
+            f.port = port;
+        }
+        if let Some(host) = self.host {
+            f.flags |= FILTER_HOST;
+            f.host = match host.to_canonical() {
+                IpAddr::V4(v4) => {
+                    let mut ip = [0; 16];
+                    ip[..4].copy_from_slice(&v4.octets());
+                    Addr {
+                        family: AF_INET,
+                        ip,
+                        ..Addr::default()
+                    }
+                }
+                IpAddr::V6(v6) => Addr {
+                    family: AF_INET6,
+                    ip: v6.octets(),
+                    ..Addr::default()
+                },
+            };
+        }
+        f
+    }
+
+    /// The filters only userspace applies (to assembled paths): the process ones, known at
+    /// the send and deliver hops only.
+    pub fn userspace_only(&self) -> Vec<&'static str> {
+        let mut out = Vec::new();
+        if self.pid.is_some() {
+            out.push("--pid");
+        }
+        if self.comm.is_some() {
+            out.push("--comm");
+        }
+        out
     }
 
     pub fn matches(&self, path: &Path) -> bool {
@@ -91,6 +136,30 @@ impl Filter {
 mod tests {
     use super::*;
     use crate::pipeline::hops::tests::sample_path;
+
+    #[test]
+    fn port_and_host_go_to_the_kernel_in_its_form() {
+        assert!(Filter::default().kernel().is_none());
+        let f = Filter {
+            port: Some(53),
+            host: Some("::ffff:10.0.0.2".parse().unwrap()),
+            pid: Some(7),
+            ..Default::default()
+        };
+        let k = f.kernel();
+        assert_eq!((k.flags, k.port), (FILTER_PORT | FILTER_HOST, 53));
+        // The mapped form becomes the IPv4 host (the kernel matches both forms of it).
+        assert_eq!(k.host.family, AF_INET);
+        assert_eq!(k.host.ip[..4], [10, 0, 0, 2]);
+        assert_eq!(f.userspace_only(), ["--pid"]);
+        let six = Filter {
+            host: Some("fd00::1".parse().unwrap()),
+            ..Default::default()
+        }
+        .kernel();
+        assert_eq!((six.flags, six.host.family), (FILTER_HOST, AF_INET6));
+        assert_eq!(six.host.ip[15], 1);
+    }
 
     #[test]
     fn empty_filter_matches_everything() {

@@ -10,6 +10,7 @@ mod deliver;
 mod deploy;
 mod drop;
 mod exposure;
+mod filter;
 mod flows;
 mod image;
 mod ingress;

@@ -334,7 +334,7 @@ mod tests {
 
     #[test]
     fn reads_counts_out_of_exit_lines() {
-        let line = "udptrace: stopped (Signal); 12 datagram(s) shown, 3471 event(s) lost to a full ring buffer, 0 kernel read error(s)";
+        let line = "udptrace: stopped (Signal); 12 datagram(s) shown of 12 traced, 3471 event(s) lost to a full ring buffer, 0 kernel read error(s)";
         assert_eq!(
             number_before(line, " event(s) lost to a full ring buffer"),
             Some(3471)

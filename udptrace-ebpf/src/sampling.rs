@@ -11,7 +11,7 @@ use aya_ebpf::{
 };
 use udptrace_common::{
     Addr, FlowKey, NatSeen, NatSeenKey, ReaderKey, SampleConfig, SkbEvent, SockDecision,
-    TraceFilter, IP_MF, IP_OFFSET, READER_EVERY_NS, SAMPLE_FLOWS_MAX, SAMPLE_NAT_MAX,
+    TraceFilter, FILTER_HOST, IP_MF, IP_OFFSET, READER_EVERY_NS, SAMPLE_FLOWS_MAX, SAMPLE_NAT_MAX,
     SAMPLE_READERS_MAX, SAMPLE_SKBS_MAX, SAMPLE_SOCKS_MAX, SIDE_SEND, SIDE_SKB,
 };
 
@@ -67,6 +67,45 @@ fn config() -> Option<SampleConfig> {
 #[inline(always)]
 fn sampling_on() -> bool {
     SAMPLING.get(0).is_some_and(|c| !c.is_all())
+}
+
+/// Whether a datagram no hop traced yet is left out by the filter, from its headers alone
+/// (before anything else is read of it). Not for NAT hops: they look at both sides.
+#[inline(always)]
+pub fn left_out(ev: &SkbEvent) -> bool {
+    filter().is_some_and(|f| {
+        if ev.ip_frag & IP_OFFSET != 0 {
+            !f.matches_hosts(&ev.src, &ev.dst)
+        } else {
+            !f.matches(&ev.src, &ev.dst)
+        }
+    })
+}
+
+/// Whether the send hop can leave socket `sk`'s datagram out from its ports alone (a port
+/// filter that neither end matches, `call_dst` the destination the call named), before
+/// reading the rest of the socket. `after_skbs`: as for [`decide_send`]; a datagram an skb
+/// hop traced (matching after a rewrite) is not left out.
+#[inline(always)]
+pub fn send_left_out(sk: u64, call_dst: &Addr, after_skbs: bool) -> bool {
+    let Some(f) = filter() else {
+        return false;
+    };
+    if f.flags & FILTER_HOST != 0 {
+        // The host filter needs the addresses: the full decision reads them.
+        return false;
+    }
+    let sport = try_read_kernel::<u16>(sk, offset!(sk_num));
+    let dport = if call_dst.family != 0 {
+        Some(call_dst.port)
+    } else {
+        try_read_kernel::<u16>(sk, offset!(sk_dport)).map(u16::from_be)
+    };
+    if sport == Some(f.port) || dport == Some(f.port) || sport.is_none() || dport.is_none() {
+        return false;
+    }
+    // SAFETY: the value is read at once.
+    !(after_skbs && unsafe { SAMPLE_SOCKS.get(sk) }.is_some_and(|d| d.side == SIDE_SKB))
 }
 
 /// The trace filter, when one is set (read in place: the NAT hop's stack has no room for a
@@ -301,11 +340,12 @@ pub fn nat_is_new(nf_hook: u32, netns: u32, before: (&Addr, &Addr), after: (&Add
     true
 }
 
-/// Whether to report the current task reading socket `sk`: always with sampling off, else
-/// once a second per reading thread (who reads a socket rarely changes).
+/// Whether to report the current task reading socket `sk`: always when every datagram is
+/// traced, else (sampling on, or a filter set) once a second per reading thread (who reads
+/// a socket rarely changes; and a read says nothing of the datagram to filter on).
 #[inline(always)]
 pub fn reader_due(sk: u64) -> bool {
-    if !sampling_on() {
+    if config().is_none() {
         return true;
     }
     let key = ReaderKey {

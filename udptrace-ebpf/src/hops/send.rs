@@ -38,6 +38,15 @@ use crate::{
 /// stack is too small for a copy.
 #[inline(always)]
 fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
+    // Nothing to count (the count hop counts, or nobody) and a filter that the ports
+    // already leave out: two reads, and done.
+    if ret >= 0
+        && mode(MODE_COUNT_HOP)
+        && mode(MODE_PATHS)
+        && sampling::send_left_out(sk, &call_dst, hook == Hook::TpSockSendLength as u16)
+    {
+        return Ok(());
+    }
     let mut key = FlowKey::default();
     key.netns = read_sock(sk, &mut key.src, &mut key.dst)?;
     let connected = key.dst.port != 0;

@@ -284,6 +284,13 @@ pub fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, 
     if !read_udp(skb, ev)? {
         return Ok(None);
     }
+    fill_where(ev, skb, sock).map(Some)
+}
+
+/// After [`read_udp`]: the socket, the device and the namespace; the device (0: none) for
+/// [`fill_rest`].
+#[inline(always)]
+fn fill_where(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<u64, ReadError> {
     ev.ifname = [0; 16];
     ev.ifindex = 0;
     ev.netns = 0;
@@ -312,13 +319,13 @@ pub fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, 
         .flatten();
     if let Some((ifindex, ifname, netns)) = device {
         (ev.ifindex, ev.ifname, ev.netns) = (ifindex, ifname, netns);
-        return Ok(Some(dev));
+        return Ok(dev);
     }
     if ev.sk != 0 {
         let net: u64 = read_kernel(ev.sk, offset!(sk_net))?;
         ev.netns = read_kernel(net, offset!(net_inum))?;
     }
-    Ok(Some(0))
+    Ok(0)
 }
 
 /// The rest of a hop about to be sent: when and where it happened, and the device's MTU
@@ -451,9 +458,14 @@ fn prepare(
     if matches!(decision, Decision::Unknown(_)) && kind == KIND_DELIVER {
         return Ok(false);
     }
-    let Some(dev) = fill_flow(ev, skb, sk)? else {
+    if !read_udp(skb, ev)? {
         return Ok(false);
-    };
+    }
+    // Left out by the filter: the headers were all it cost.
+    if matches!(decision, Decision::Unknown(_)) && sampling::left_out(ev) {
+        return Ok(false);
+    }
+    let dev = fill_where(ev, skb, sk)?;
     if sk != 0 && read_kernel::<u16>(sk, offset!(sk_num)).ok() != Some(ev.dst.port) {
         // The socket is not bound to this datagram's port: a stale pairing (an skb that
         // reached LOCAL_IN in a namespace we do not cover, say). Say nothing.

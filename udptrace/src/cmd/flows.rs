@@ -42,6 +42,7 @@ pub async fn run(args: FlowsArgs) -> anyhow::Result<()> {
         flow_entries: args.flow_entries,
         // Paths only for the flows shown (counts and drops stay every flow's).
         filter: args.filter.filter().kernel(),
+        sampled: !args.sample.config().is_all(),
         ..LoadConfig::new(args.netns)
     };
     let pipeline = Pipeline::start(&load, args.sample.config(), duration)?;

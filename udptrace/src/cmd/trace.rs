@@ -20,6 +20,8 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
     let pipeline = Pipeline::start(
         &LoadConfig {
             filter: filter.kernel(),
+            sampled: !args.sample.config().is_all(),
+            count: false,
             ..LoadConfig::new(args.netns)
         },
         args.sample.config(),

@@ -77,6 +77,14 @@ pub struct LoadConfig {
     /// Only datagrams matching this are traced hop by hop, decided in the kernel (counts
     /// and drops stay every datagram's).
     pub filter: TraceFilter,
+    /// Datagrams may be sampled (1 in N), now or later: `consume_skb` is attached with the
+    /// path hooks so a freed skb's decision is forgotten at once. Without sampling only
+    /// traced datagrams are remembered, until their verdict (or for a second), and every
+    /// path is filtered again in userspace: no hook every freed skb of the host pays for.
+    pub sampled: bool,
+    /// Count every datagram per flow (the count hop, `FLOWS`): off for `trace`, which reads
+    /// no counts.
+    pub count: bool,
 }
 
 impl LoadConfig {
@@ -91,6 +99,8 @@ impl LoadConfig {
             cgroup_root: None,
             kernel_log: tracing::enabled!(target: "udptrace_ebpf", tracing::Level::DEBUG),
             filter: TraceFilter::NONE,
+            sampled: true,
+            count: true,
         }
     }
 }
@@ -121,10 +131,14 @@ pub struct Tracer {
     /// This kernel's offsets and the cgroup hierarchy: attaching path hooks again needs them.
     layout: KernelLayout,
     cgroup_root: Option<PathBuf>,
-    /// The count hop counts (else the send hop does, and stays attached).
+    /// Datagrams are counted by the count hop, or not at all (`LoadConfig::count` off):
+    /// either way the send hop counts only failed sends and goes with the path hooks. Else
+    /// the send hop counts, and stays attached.
     counted: bool,
     /// The path hooks are attached.
     paths: bool,
+    /// `LoadConfig::sampled`.
+    sampled: bool,
 }
 
 impl Tracer {
@@ -175,13 +189,19 @@ impl Tracer {
             cgroup_root: config.cgroup_root.clone(),
             counted: false,
             paths: false,
+            sampled: config.sampled,
         };
         // The count hop first, and the programs told at once whether it counts: the send
-        // hop then counts only failed sends.
-        let count = hops::count::attach(&mut tracer.ctx());
-        tracer.counted = count.chosen().is_some();
+        // hop then counts only failed sends. Nothing counted when nothing reads the counts
+        // (`trace`): one program fewer per datagram.
+        if config.count {
+            let count = hops::count::attach(&mut tracer.ctx());
+            tracer.counted = count.chosen().is_some();
+            tracer.hops.push(count);
+        } else {
+            tracer.counted = true;
+        }
         tracer.set_mode(false)?;
-        tracer.hops.push(count);
         if !tracer.counted {
             // Without the count hop the send hop counts, in every mode.
             let send = hops::send::attach(&mut tracer.ctx());
@@ -220,7 +240,7 @@ impl Tracer {
         if self.paths {
             return Ok(());
         }
-        let counted = self.counted;
+        let (counted, sampled) = (self.counted, self.sampled);
         let mut ctx = self.ctx();
         let mut new = Vec::new();
         if counted {
@@ -235,7 +255,11 @@ impl Tracer {
             new.push(send);
         }
         new.extend([hops::nat::attach(&mut ctx), hops::xmit::attach(&mut ctx)]);
-        let consume = hops::drop::attach_consume(&mut ctx);
+        let consume = if sampled {
+            hops::drop::attach_consume(&mut ctx)
+        } else {
+            Ok(())
+        };
         new.extend([
             hops::deliver::attach(&mut ctx),
             hops::deliver::attach_recv(&mut ctx),

@@ -95,13 +95,21 @@ pub fn send_left_out(sk: u64, call_dst: &Addr, after_skbs: bool) -> bool {
         // The host filter needs the addresses: the full decision reads them.
         return false;
     }
-    let sport = try_read_kernel::<u16>(sk, offset!(sk_num));
+    // Each step returns at once: plain control flow for the verifier of every hook the send
+    // hop may use (an fentry program's registers are checked strictly).
+    match try_read_kernel::<u16>(sk, offset!(sk_num)) {
+        Some(sport) if sport != f.port => {}
+        _ => return false,
+    }
     let dport = if call_dst.family != 0 {
-        Some(call_dst.port)
+        call_dst.port
     } else {
-        try_read_kernel::<u16>(sk, offset!(sk_dport)).map(u16::from_be)
+        match try_read_kernel::<u16>(sk, offset!(sk_dport)) {
+            Some(p) => u16::from_be(p),
+            None => return false,
+        }
     };
-    if sport == Some(f.port) || dport == Some(f.port) || sport.is_none() || dport.is_none() {
+    if dport == f.port {
         return false;
     }
     // SAFETY: the value is read at once.

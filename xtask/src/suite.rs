@@ -71,20 +71,37 @@ pub struct Totals {
     pub passed: u64,
     pub failed: u64,
     pub ignored: u64,
+    /// The tests that failed, by name (with the kernel they ran on, in a VM).
+    pub failures: Vec<String>,
 }
 
 impl Totals {
-    /// One closing line for the whole run, in the form CI reads.
+    /// One closing line for the whole run, in the form CI reads, after the names of the
+    /// tests that failed (the end of a long log is what a reader sees first).
     pub fn print(&self) {
+        for name in &self.failures {
+            println!("failed: {name}");
+        }
         println!(
             "tests: {} passed, {} failed, {} skipped",
             self.passed, self.failed, self.ignored
         );
     }
 
-    /// Adds the counts of a libtest summary line
-    /// (`test result: ok. 12 passed; 0 failed; 0 ignored; ...`).
-    pub fn add_summary(&mut self, line: &str) {
+    /// Reads one line of libtest's output: the counts of a summary line
+    /// (`test result: ok. 12 passed; 0 failed; 0 ignored; ...`) and the name in a failed
+    /// test's line (`test nat::x ... FAILED`), kept with `place` (where it ran) if given.
+    pub fn add_line(&mut self, line: &str, place: Option<&str>) {
+        if let Some(name) = line
+            .strip_prefix("test ")
+            .and_then(|l| l.strip_suffix(" ... FAILED"))
+        {
+            self.failures.push(match place {
+                Some(p) => format!("{name} ({p})"),
+                None => name.to_string(),
+            });
+            return;
+        }
         let Some(rest) = line.strip_prefix("test result: ") else {
             return;
         };
@@ -116,7 +133,7 @@ pub fn run_counting(cmd: &mut Command, totals: &mut Totals) -> Result<bool> {
     for line in std::io::BufRead::lines(std::io::BufReader::new(stdout)) {
         let line = line?;
         println!("{line}");
-        totals.add_summary(&line);
+        totals.add_line(&line, Some("host"));
     }
     Ok(child.wait()?.success())
 }
@@ -154,11 +171,15 @@ mod tests {
     #[test]
     fn sums_libtest_summaries() {
         let mut t = Totals::default();
-        t.add_summary("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 13.53s");
-        t.add_summary(
+        t.add_line("test result: ok. 12 passed; 0 failed; 1 ignored; 0 measured; 0 filtered out; finished in 13.53s", None);
+        t.add_line(
             "test result: FAILED. 26 passed; 2 failed; 0 ignored; 0 measured; 0 filtered out",
+            None,
         );
-        t.add_summary("running 3 tests");
+        t.add_line("running 3 tests", None);
+        t.add_line("test nat::a_rewrite_is_seen ... FAILED", Some("6.1"));
+        t.add_line("test nat::b ... ok", None);
         assert_eq!((t.passed, t.failed, t.ignored), (38, 2, 1));
+        assert_eq!(t.failures, ["nat::a_rewrite_is_seen (6.1)"]);
     }
 }

@@ -505,7 +505,7 @@ fn boot(k: &Kernel, initrd: &Path, totals: &mut Totals) -> Result<bool> {
             Ok(line) => {
                 let line = line.trim_end_matches('\r').to_string();
                 println!("[{}] {line}", k.release);
-                totals.add_summary(&line);
+                totals.add_line(&line, Some(&k.release));
                 if line.contains(SUCCESS) {
                     verdict = Some(true);
                 } else if line.contains(FAILURE) {

@@ -89,12 +89,16 @@ impl Tracer {
             let pipe = child.stderr.take().expect("stderr");
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
+                    // Kept before the start is signalled: a test reads the start line
+                    // as soon as start() returns.
+                    {
+                        let mut s = stderr.lock().unwrap();
+                        s.push_str(&line);
+                        s.push('\n');
+                    }
                     if line.starts_with("udptrace: tracing") {
                         let _ = ready_tx.send(());
                     }
-                    let mut s = stderr.lock().unwrap();
-                    s.push_str(&line);
-                    s.push('\n');
                 }
             });
         }

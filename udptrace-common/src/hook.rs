@@ -110,8 +110,7 @@ pub mod programs {
     pub const SEND_ENTER_SENDMSG: &str = "send_enter_sendmsg";
     pub const SEND_ENTER_SENDMMSG: &str = "send_enter_sendmmsg";
     pub const SEND_EXIT: &str = "send_exit";
-    /// Netfilter programs just before and after NAT.
-    pub const NAT_BEFORE: &str = "nat_before";
+    /// Netfilter program just after NAT.
     pub const NAT_AFTER: &str = "nat_after";
     /// kprobe and kretprobe `nf_nat_manip_pkt`.
     pub const NAT_KPROBE_MANIP: &str = "nat_kprobe_manip";
@@ -139,7 +138,7 @@ pub mod programs {
     pub const COUNT_CGROUP_EGRESS: &str = "count_cgroup_egress";
 
     /// Every program name above.
-    pub const ALL: [&str; 28] = [
+    pub const ALL: [&str; 27] = [
         SEND_FENTRY_UDP_SENDMSG,
         SEND_FENTRY_UDPV6_SENDMSG,
         SEND_KPROBE_UDP_SENDMSG,
@@ -151,7 +150,6 @@ pub mod programs {
         SEND_ENTER_SENDMSG,
         SEND_ENTER_SENDMMSG,
         SEND_EXIT,
-        NAT_BEFORE,
         NAT_AFTER,
         NAT_KPROBE_MANIP,
         NAT_KRETPROBE_MANIP,

@@ -41,8 +41,8 @@ pub fn mode(flag: u32) -> bool {
 pub static PENDING_SENDS: LruHashMap<u64, PendingSend> =
     LruHashMap::with_max_entries(PENDING_SENDS_MAX, NO_COMMON_LRU);
 
-/// The datagram as the "before NAT" netfilter program saw it, per CPU and hook: the "after"
-/// program at the same hook compares. Netfilter runs a hook's functions on one CPU in order.
+/// The datagram as it was before NAT at a hook (its headers, the rewritten side from its
+/// conntrack tuple), per CPU and hook: room the NAT hop's stack lacks.
 #[map(name = "NAT_BEFORE")]
 pub static NAT_BEFORE: PerCpuArray<SkbEvent> = PerCpuArray::with_max_entries(NF_INET_NUMHOOKS, 0);
 

@@ -1,8 +1,8 @@
-//! The NAT hop: BPF netfilter links just before and just after NAT at a hook. The "before"
-//! program remembers the tuple; the "after" program reports it when NAT changed it.
+//! The NAT hop: a BPF netfilter link just after NAT at each NAT hook reports a rewrite,
+//! with the datagram as it was before from its conntrack entry (see [`try_after`]).
 //!
 //! Loaded by userspace as BPF_PROG_TYPE_NETFILTER (aya has no API for it; the section is
-//! `classifier` so aya's ELF parser accepts the programs). Both always accept the packet.
+//! `classifier` so aya's ELF parser accepts the program). It always accepts the packet.
 
 use aya_ebpf::{
     macros::{classifier, kprobe, kretprobe, map},
@@ -11,9 +11,8 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use udptrace_common::{
-    Addr, Hook, NatEvent, SkbEvent, KIND_NAT, NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS,
-    NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, OFFSET_MISSING, SKB_UNSAMPLED, STAT_NAT_BASE,
-    STAT_RINGBUF_FULL,
+    Addr, Hook, NatEvent, SkbEvent, AF_INET, KIND_NAT, NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS,
+    NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_UNSAMPLED, STAT_NAT_BASE, STAT_RINGBUF_FULL,
 };
 
 use crate::{
@@ -40,59 +39,53 @@ fn hook_of(state: u64) -> Result<u32, ReadError> {
     Ok(u32::from(read_kernel::<u8>(state, offset!(nf_state_hook))?))
 }
 
-/// int (*)(struct bpf_nf_ctx *ctx), linked just before NAT.
-#[classifier]
-pub fn nat_before(ctx: TcContext) -> i32 {
-    let (state, skb) = nf_ctx(&ctx);
-    finish!(try_before(state, skb), "nat_before");
-    NF_ACCEPT
-}
-
-#[inline(always)]
-fn try_before(state: u64, skb: u64) -> Result<(), ReadError> {
-    let hook = hook_of(state)?;
-    let Some(slot) = NAT_BEFORE.get_ptr_mut(hook) else {
-        return Ok(());
-    };
-    // SAFETY: this CPU's slot; netfilter runs the hook's functions on one CPU in order.
-    let slot = unsafe { &mut *slot };
-    slot.skb = 0;
-    if nat_settled_without_rewrite(skb) {
-        return Ok(());
-    }
-    slot.skb = if read_udp(skb, slot)? { skb } else { 0 };
-    Ok(())
-}
-
-/// `enum ip_conntrack_status` (UAPI): the connection was confirmed; NAT applies to it; its
-/// NAT was set up (on its first packet, once per direction).
-const IPS_CONFIRMED: u64 = 1 << 3;
+/// `skb->_nfct` keeps the conntrack info in its low bits (NFCT_PTRMASK, NFCT_INFOMASK).
+const NFCT_PTRMASK: u64 = !7;
+const NFCT_INFOMASK: u64 = 7;
+/// `enum ip_conntrack_info`: from here on, the packet goes the reply direction.
+const IP_CT_IS_REPLY: u64 = 3;
+/// `enum ip_conntrack_status` (UAPI): source or destination NAT applies to the connection.
 const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5);
-const IPS_NAT_DONE_MASK: u64 = (1 << 7) | (1 << 8);
 
-/// Whether NAT cannot rewrite `skb` at this hook: it has no conntrack entry (NAT needs one;
-/// conntrack's hooks run before NAT's), or its confirmed connection's NAT was set up
-/// without any rewrite. Most datagrams, and two reads instead of the headers'.
+/// The conntrack tuple of `skb`'s direction (the packet as it entered this namespace's
+/// conntrack, before any NAT of it here), when its connection is NATed. Most datagrams
+/// have no entry or one without NAT: two reads, and nothing else is read of them.
 #[inline(always)]
-fn nat_settled_without_rewrite(skb: u64) -> bool {
-    if offset!(skb_nfct) as u32 == OFFSET_MISSING || offset!(ct_status) as u32 == OFFSET_MISSING {
-        return false;
-    }
-    let Some(nfct) = try_read_kernel::<u64>(skb, offset!(skb_nfct)) else {
-        return false;
-    };
+fn nat_tuple(skb: u64) -> Option<u64> {
+    let nfct = try_read_kernel::<u64>(skb, offset!(skb_nfct))?;
     let ct = nfct & NFCT_PTRMASK;
     if ct == 0 {
-        return true;
+        return None;
     }
-    try_read_kernel::<u64>(ct, offset!(ct_status)).is_some_and(|status| {
-        status & IPS_CONFIRMED != 0
-            && status & IPS_NAT_DONE_MASK == IPS_NAT_DONE_MASK
-            && status & IPS_NAT_MASK == 0
-    })
+    let status = try_read_kernel::<u64>(ct, offset!(ct_status))?;
+    if status & IPS_NAT_MASK == 0 {
+        return None;
+    }
+    let dir = u64::from(nfct & NFCT_INFOMASK >= IP_CT_IS_REPLY);
+    Some(
+        ct + offset!(ct_tuplehash) as u64
+            + dir * offset!(ct_tuplehash_size) as u64
+            + offset!(ct_hash_tuple) as u64,
+    )
 }
 
-/// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT.
+/// Puts the tuple's address at `ip`/`port` (offsets in the tuple) into `side`; says whether
+/// it differed (then NAT rewrote that side at this hook).
+#[inline(always)]
+fn tuple_side(tuple: u64, ip: usize, port: usize, side: &mut Addr) -> Result<bool, ReadError> {
+    let mut addr: [u8; 16] = read_kernel(tuple, ip)?;
+    if side.family == AF_INET {
+        // A tuple's IPv4 address fills the first 4 bytes; like the packet's, the rest is 0.
+        addr[4..].fill(0);
+    }
+    let port = u16::from_be(read_kernel::<u16>(tuple, port)?);
+    let changed = side.ip != addr || side.port != port;
+    side.ip = addr;
+    side.port = port;
+    Ok(changed)
+}
+
+/// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT at each NAT hook.
 #[classifier]
 pub fn nat_after(ctx: TcContext) -> i32 {
     let (state, skb) = nf_ctx(&ctx);
@@ -100,29 +93,45 @@ pub fn nat_after(ctx: TcContext) -> i32 {
     NF_ACCEPT
 }
 
+/// What the datagram was before NAT at this hook comes from its conntrack tuple, not from a
+/// program before NAT: NAT rewrites the destination at prerouting and output and the source
+/// at postrouting and input (a reply's undoing included), each side once per namespace, so
+/// the side this hook rewrites is, before it, the tuple's. One program run per hook instead
+/// of two; a rewrite without conntrack (a stateless `ip daddr set`) is not a NAT hop.
 #[inline(always)]
 fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
+    if skb == 0 {
+        return Ok(());
+    }
+    let Some(tuple) = nat_tuple(skb) else {
+        return Ok(());
+    };
     let hook = hook_of(state)?;
     let Some(before) = NAT_BEFORE.get_ptr_mut(hook) else {
         return Ok(());
     };
-    // SAFETY: this CPU's slot, written by nat_before at this hook for this packet.
+    // SAFETY: this CPU's slot for this hook; netfilter runs a hook's functions on one CPU
+    // in order, and nothing else at this hook runs between the fill and the report.
     let before = unsafe { &mut *before };
-    if before.skb != skb || skb == 0 {
+    if !read_udp(skb, before)? {
         return Ok(());
     }
-    before.skb = 0;
-    // Most datagrams pass NAT unchanged: compare the addresses first, and only for a
-    // rewrite look up the sampling and build the event (which reads the headers again:
-    // rare enough not to pass them on).
-    {
-        let Some(mut scratch) = Scratch::take() else {
-            return Ok(());
-        };
-        let now = scratch.event();
-        if !read_udp(skb, now)? || (now.src == before.src && now.dst == before.dst) {
-            return Ok(());
-        }
+    let rewritten = match hook {
+        NF_INET_PRE_ROUTING | NF_INET_LOCAL_OUT => tuple_side(
+            tuple,
+            offset!(tuple_dst_u3),
+            offset!(tuple_dst_port),
+            &mut before.dst,
+        )?,
+        _ => tuple_side(
+            tuple,
+            offset!(tuple_src_u3),
+            offset!(tuple_src_port),
+            &mut before.src,
+        )?,
+    };
+    if !rewritten {
+        return Ok(());
     }
     emit_nat(Hook::NetfilterLink as u16, skb, hook, before)
 }
@@ -192,9 +201,6 @@ fn emit_nat(source: u16, skb: u64, hook: u32, before: &SkbEvent) -> Result<(), R
     }
     Ok(())
 }
-
-/// `skb->_nfct` keeps the conntrack info in its low bits (NFCT_PTRMASK).
-const NFCT_PTRMASK: u64 = !7;
 
 /// Reads one conntrack tuple at `tuple` into `src`/`dst` (family 0 when unreadable).
 #[inline(always)]

@@ -144,41 +144,25 @@ pub struct Slot<'a> {
     pub priorities: &'static [i32],
 }
 
-/// Just before and just after NAT (NF_IP_PRI_NAT_DST is -100, NF_IP_PRI_NAT_SRC 100): the
-/// NAT hop's slots. A priority another hook holds gives EBUSY, hence a few candidates each.
-/// `progs` are `nat_before` and `nat_after`.
+/// Just after NAT (NF_IP_PRI_NAT_DST is -100, NF_IP_PRI_NAT_SRC 100): the NAT hop's slots.
+/// A priority another hook holds gives EBUSY, hence a few candidates each. `progs` is
+/// `nat_after`.
 pub fn nat_slots(progs: &[OwnedFd]) -> Vec<Slot<'_>> {
-    let (before, after) = (&progs[0], &progs[1]);
-    const BEFORE_DST: &[i32] = &[-101, -102, -105, -110];
     const AFTER_DST: &[i32] = &[-99, -98, -95, -90];
-    const BEFORE_SRC: &[i32] = &[99, 98, 95, 90];
     const AFTER_SRC: &[i32] = &[101, 102, 105, 110];
-    let mut slots = Vec::new();
-    for hook in [NF_INET_PRE_ROUTING, NF_INET_LOCAL_OUT] {
-        slots.push(Slot {
-            prog: before,
-            hook,
-            priorities: BEFORE_DST,
-        });
-        slots.push(Slot {
-            prog: after,
-            hook,
-            priorities: AFTER_DST,
-        });
-    }
-    for hook in [NF_INET_POST_ROUTING, NF_INET_LOCAL_IN] {
-        slots.push(Slot {
-            prog: before,
-            hook,
-            priorities: BEFORE_SRC,
-        });
-        slots.push(Slot {
-            prog: after,
-            hook,
-            priorities: AFTER_SRC,
-        });
-    }
-    slots
+    [
+        (NF_INET_PRE_ROUTING, AFTER_DST),
+        (NF_INET_LOCAL_OUT, AFTER_DST),
+        (NF_INET_POST_ROUTING, AFTER_SRC),
+        (NF_INET_LOCAL_IN, AFTER_SRC),
+    ]
+    .into_iter()
+    .map(|(hook, priorities)| Slot {
+        prog: &progs[0],
+        hook,
+        priorities,
+    })
+    .collect()
 }
 
 /// The end of LOCAL_IN, after filtering and source NAT (only conntrack's confirm, at

@@ -1,6 +1,6 @@
-//! The NAT hop: netfilter links just before and after NAT at each NAT hook, in each covered
-//! namespace (Linux 6.4+); else kprobes on `nf_nat_manip_pkt`, the function every NAT
-//! rewrite goes through.
+//! The NAT hop: a netfilter link just after NAT at each NAT hook, in each covered namespace
+//! (Linux 6.4+), reading what NAT rewrote from the packet's conntrack entry; else kprobes on
+//! `nf_nat_manip_pkt`, the function every NAT rewrite goes through.
 
 use aya::programs::KProbe;
 use udptrace_common::{programs, Hook};
@@ -26,16 +26,17 @@ pub fn attach(ctx: &mut Ctx<'_>) -> HopReport {
 }
 
 fn links(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), String> {
-    need(ctx.layout, &[Group::Skb, Group::Sock, Group::NfState])?;
-    let progs = netfilter::load_programs(
-        ctx.object(),
-        ctx.ebpf,
-        &[programs::NAT_BEFORE, programs::NAT_AFTER],
+    need(
+        ctx.layout,
+        &[Group::Skb, Group::Sock, Group::NfState, Group::Conntrack],
     )?;
+    let progs = netfilter::load_programs(ctx.object(), ctx.ebpf, &[programs::NAT_AFTER])?;
     ctx.netfilter.add(progs, netfilter::nat_slots);
-    report
-        .notes
-        .push("linked around NAT at prerouting, output, postrouting and input".into());
+    report.notes.push(
+        "linked after NAT at prerouting, output, postrouting and input; what it rewrote \
+         from conntrack"
+            .into(),
+    );
     Ok(())
 }
 

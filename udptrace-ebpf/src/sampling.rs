@@ -29,6 +29,12 @@ static SAMPLING: Array<SampleConfig> = Array::with_max_entries(1, 0);
 #[map(name = "TRACE_FILTER")]
 static TRACE_FILTER: Array<TraceFilter> = Array::with_max_entries(1, 0);
 
+/// Set to 1 once a datagram decided on has left the filter's match (a NAT rewrite took it
+/// out of it): from then on, headers the filter leaves out may still be a traced datagram's,
+/// and hops look the skb up before leaving it out. Kernel-only; a new load starts at 0.
+#[map(name = "FILTER_ESCAPES")]
+static FILTER_ESCAPES: Array<u32> = Array::with_max_entries(1, 0);
+
 /// Datagrams seen per flow, for "the first N, then 1 in M".
 #[map(name = "SAMPLE_COUNT")]
 static SAMPLE_COUNT: LruHashMap<FlowKey, u64> =
@@ -67,6 +73,30 @@ fn config() -> Option<SampleConfig> {
 #[inline(always)]
 fn sampling_on() -> bool {
     SAMPLING.get(0).is_some_and(|c| !c.is_all())
+}
+
+/// The filter, when headers it leaves out are a left-out datagram without looking the skb
+/// up: no datagram decided on has left its match since the load.
+#[inline(always)]
+pub fn headers_filter() -> Option<&'static TraceFilter> {
+    let f = filter()?;
+    FILTER_ESCAPES.get(0).is_some_and(|&e| e == 0).then_some(f)
+}
+
+/// After a NAT hop's decision on a datagram (traced or not): if the rewrite took it out of
+/// the filter's match, [`headers_filter`] gives none from then on.
+#[inline(always)]
+pub fn note_rewrite(after_src: &Addr, after_dst: &Addr) {
+    let Some(f) = filter() else {
+        return;
+    };
+    if f.matches(after_src, after_dst) {
+        return;
+    }
+    if let Some(escapes) = FILTER_ESCAPES.get_ptr_mut(0) {
+        // SAFETY: the map's one value; a plain store of 1 is idempotent across CPUs.
+        unsafe { *escapes = 1 };
+    }
 }
 
 /// Whether a datagram no hop traced yet is left out by the filter, from its headers alone

@@ -175,6 +175,7 @@ fn emit_nat(source: u16, skb: u64, hook: u32, before: &SkbEvent) -> Result<(), R
     let Some(traced) = traced else {
         return Ok(());
     };
+    sampling::note_rewrite(&ev.skb.src, &ev.skb.dst);
     // Remembered either way: a later unsampled datagram's same rewrite is not news.
     let new = sampling::nat_is_new(
         hook,

@@ -3,5 +3,6 @@
 
 pub mod current;
 pub mod kernel;
+pub mod peek;
 pub mod skb;
 pub mod tracepoint;

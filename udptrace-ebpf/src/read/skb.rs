@@ -16,11 +16,12 @@ use crate::{
     maps::{count, offset, Scratch, EVENTS},
     read::current::header,
     read::kernel::{read_kernel, try_read_kernel, ReadError},
+    read::peek,
     sampling::{self, Decision},
 };
 
 /// `skb->network_header` when unset (`(typeof(skb->network_header))~0U`).
-const HEADER_UNSET: u16 = 0xffff;
+pub const HEADER_UNSET: u16 = 0xffff;
 
 /// What follows an IP header.
 enum Payload {
@@ -377,6 +378,12 @@ fn verdict(kind: u16, skb: u64) -> bool {
 #[inline(always)]
 fn emit_inner(kind: u16, hook: u16, skb: u64, reason: u32, sk: u64) -> Result<(), ReadError> {
     if skb == 0 {
+        return Ok(());
+    }
+    // Left out by the filter from a first look at its headers, nothing looked up: decided
+    // in effect once per datagram without remembering it. Not at the delivery, which never
+    // decides (the lookup alone settles it there).
+    if kind != KIND_DELIVER && peek::skb_left_out(skb) {
         return Ok(());
     }
     let decision = sampling::lookup(skb);

@@ -53,6 +53,9 @@ pub mod names {
 
     /// aya-log's read-only global: which log levels the kernel programs' code keeps.
     pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
+    /// Read-only global: non-zero makes the always-on programs return at once (the
+    /// bench's floor run, `UDPTRACE_EMPTY_BODIES=1`).
+    pub const EMPTY_BODIES: &str = "EMPTY_BODIES";
 
     /// Every map the agent opens by name.
     pub const ALL: [&str; 12] = [

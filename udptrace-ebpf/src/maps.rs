@@ -130,6 +130,19 @@ pub const NO_COMMON_LRU: u32 = 2;
 #[unsafe(no_mangle)]
 pub static OFFSETS: Offsets = Offsets::MISSING;
 
+/// Non-zero: the always-on programs (count and drop hops) return at once, so the bench can
+/// measure what merely being attached costs (its floor run). Read-only, so the verifier
+/// removes the bodies it skips or the check itself.
+#[unsafe(no_mangle)]
+pub static EMPTY_BODIES: u8 = 0;
+
+/// Whether the loader asked for empty bodies ([`EMPTY_BODIES`]).
+#[inline(always)]
+pub fn empty_bodies() -> bool {
+    // SAFETY: a plain static; the volatile read only stops constant folding.
+    unsafe { core::ptr::read_volatile(&raw const EMPTY_BODIES) != 0 }
+}
+
 /// Reads one field of [`OFFSETS`] so the compiler cannot fold the load-time value.
 macro_rules! offset {
     ($field:ident) => {

@@ -23,7 +23,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    maps::{count, fault, offset, FLOWS},
+    maps::{count, empty_bodies, fault, offset, FLOWS},
     read::kernel::try_read_kernel,
 };
 
@@ -32,7 +32,9 @@ const ALLOW: i32 = 1;
 
 #[cgroup_skb(egress)]
 pub fn count_cgroup_egress(ctx: SkBuffContext) -> i32 {
-    count_egress(&ctx);
+    if !empty_bodies() {
+        count_egress(&ctx);
+    }
     ALLOW
 }
 

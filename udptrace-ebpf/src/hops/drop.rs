@@ -10,7 +10,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    maps::{count, finish, mode, Scratch, DROPS, EVENTS},
+    maps::{count, empty_bodies, finish, mode, Scratch, DROPS, EVENTS},
     read::kernel::ReadError,
     read::skb::{fill_flow, fill_rest},
     sampling::{self, Decision},
@@ -23,6 +23,9 @@ const NOT_DROPPED_YET: u32 = 0;
 /// ...); the loader checks these positions in the kernel's BTF.
 #[raw_tracepoint(tracepoint = "kfree_skb")]
 pub fn drop_kfree_skb(ctx: RawTracePointContext) -> u32 {
+    if empty_bodies() {
+        return 0;
+    }
     let reason: u64 = ctx.arg(2);
     finish!(try_drop(ctx.arg(0), reason as u32), "drop_kfree_skb");
     0

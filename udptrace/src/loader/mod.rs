@@ -162,9 +162,17 @@ impl Tracer {
         }
         // aya-log's levels: 0 is off, 4 is debug (aya_log_common::Level::Debug).
         let log_level: u8 = if config.kernel_log { 4 } else { 0 };
+        // The bench's floor run: the same hooks, attached, doing nothing.
+        let empty_bodies: u8 = std::env::var_os("UDPTRACE_EMPTY_BODIES")
+            .is_some_and(|v| v == "1")
+            .into();
+        if empty_bodies != 0 {
+            tracing::warn!("UDPTRACE_EMPTY_BODIES=1: the count and drop hops count nothing");
+        }
         let mut ebpf = EbpfLoader::new()
             .override_global(names::OFFSETS, &layout.offsets, true)
             .override_global(names::AYA_LOG_LEVEL, &log_level, true)
+            .override_global(names::EMPTY_BODIES, &empty_bodies, true)
             .map_max_entries(names::FLOWS, config.flow_entries)
             .load(EBPF_OBJECT)
             .map_err(|e| LoadError::Object(chain(&e)))?;

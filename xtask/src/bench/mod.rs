@@ -21,7 +21,7 @@ use udptrace_testkit::Pair;
 
 use crate::cmd::{is_root, workspace};
 use tools::{ProgStats, Running};
-use traffic::{send, Sink};
+use traffic::{send, Busy, Sink};
 
 /// The sender's and the receiver's addresses (testkit's `Pair`: a in `a`, b in `b`).
 const ADDR_A: &str = udptrace_testkit::A4;
@@ -36,6 +36,10 @@ const PAYLOAD: usize = 64;
 /// ≥ 0.97; a filtered `trace` leaves traffic it does not match ≥ 0.95.
 const TARGET_COUNTING: f64 = 0.97;
 const TARGET_FILTERED: f64 = 0.95;
+/// At 50 000 datagrams/s always-on counting adds at most 0.5% of one core (≈ 100 ns a
+/// datagram); `trace` of every datagram loses nothing and adds at most 1 µs a datagram.
+const TARGET_COUNTING_CORE_PERCENT: f64 = 0.5;
+const TARGET_TRACE_NS: f64 = 1000.0;
 /// The port the filtered trace asks for: no datagram of the benchmark goes there.
 pub const UNUSED_PORT: u16 = 53;
 
@@ -51,6 +55,13 @@ pub struct Options {
     /// Flows (sockets sending in turn) of the many-flow workload.
     #[arg(long, default_value_t = 1000)]
     flows: usize,
+    /// Datagrams a second of the fixed-rate runs, which measure the CPU time each tool adds
+    /// per datagram (0: none).
+    #[arg(long, default_value_t = 50_000)]
+    rate: u64,
+    /// Only the fixed-rate runs, not the max-rate ones.
+    #[arg(long)]
+    fixed_only: bool,
     /// Tools to compare with "no tracer" (comma separated) [default: all].
     #[arg(long, value_enum, value_delimiter = ',')]
     tools: Vec<Tool>,
@@ -82,6 +93,9 @@ pub enum Tool {
     /// `udptrace agent` as it runs by default (every namespace): counting, path hooks only in
     /// windows (none opens under this load), the always-on cost.
     Counting,
+    /// The agent as `counting`, its always-on programs attached with empty bodies
+    /// (`UDPTRACE_EMPTY_BODIES=1`): what the hooks cost before udptrace does anything.
+    CountingFloor,
     /// `udptrace agent --paths on`: sampled paths all the time (every namespace, 1 in 100
     /// traced hop by hop), what a path window costs.
     Agent,
@@ -100,6 +114,7 @@ impl Tool {
         match self {
             Self::None => "no tracer",
             Self::Counting => "agent (default)",
+            Self::CountingFloor => "agent, empty",
             Self::Agent => "agent --paths on",
             Self::Trace => "trace",
             Self::TraceFiltered => "trace --port 53",
@@ -130,6 +145,7 @@ pub fn run(opts: &Options) -> Result<()> {
     if opts.tools.is_empty() {
         tools.extend([
             Tool::Counting,
+            Tool::CountingFloor,
             Tool::Agent,
             Tool::Trace,
             Tool::TraceFiltered,
@@ -139,38 +155,151 @@ pub fn run(opts: &Options) -> Result<()> {
     } else {
         tools.extend(opts.tools.iter().filter(|t| **t != Tool::None));
     }
+    let mut phases = Vec::new();
+    if !opts.fixed_only {
+        phases.push(Phase::MaxRate);
+    }
+    if opts.rate > 0 {
+        phases.push(Phase::Fixed(opts.rate));
+    }
+    ensure!(
+        !phases.is_empty(),
+        "--fixed-only with --rate 0: nothing to measure"
+    );
     let net = Pair::new(&[]);
     let _stats = opts.prog_stats.then(ProgStats::enable).transpose()?;
     let sink = Sink::start(&net.b.name)?;
     let secs = Duration::from_secs(opts.secs);
     let workloads = [1, opts.flows];
-    let mut results: Vec<Vec<Vec<Sample>>> = vec![vec![Vec::new(); tools.len()]; workloads.len()];
+    // [phase][workload][tool] → one sample a round.
+    let mut results = vec![vec![vec![Vec::new(); tools.len()]; workloads.len()]; phases.len()];
     // Warm up (ARP, caches) before the first measurement counts.
-    send(&net.a.name, 1, Duration::from_millis(500))?;
+    send(&net.a.name, 1, Duration::from_millis(500), None)?;
     for round in 0..opts.rounds {
-        for (w, &flows) in workloads.iter().enumerate() {
-            for (t, &tool) in tools.iter().enumerate() {
-                let sample = measure(&exe, &net, tool, flows, secs, &sink, opts)
-                    .with_context(|| format!("{} with {flows} flow(s)", tool.name()))?;
-                eprintln!(
-                    "bench: round {} · {flows} flow(s) · {:<15} {:>10.0} datagrams/s",
-                    round + 1,
-                    tool.name(),
-                    sample.rate()
-                );
-                results[w][t].push(sample);
+        for (p, &phase) in phases.iter().enumerate() {
+            for (w, &flows) in workloads.iter().enumerate() {
+                for (t, &tool) in tools.iter().enumerate() {
+                    let case = Case { tool, flows, phase };
+                    let sample = measure(&exe, &net, case, secs, &sink, opts)
+                        .with_context(|| format!("{} with {flows} flow(s)", tool.name()))?;
+                    eprintln!(
+                        "bench: round {} · {} · {flows} flow(s) · {:<15} {:>10.0} datagrams/s{}",
+                        round + 1,
+                        phase.name(),
+                        tool.name(),
+                        sample.rate(),
+                        sample
+                            .busy_per_datagram()
+                            .map_or(String::new(), |ns| format!(
+                                ", {ns:.0} ns of CPU per datagram"
+                            ))
+                    );
+                    results[p][w][t].push(sample);
+                }
             }
         }
     }
     sink.stop()?;
     let mut failures = Vec::new();
-    for (w, &flows) in workloads.iter().enumerate() {
+    for (p, &phase) in phases.iter().enumerate() {
+        for (w, &flows) in workloads.iter().enumerate() {
+            let report = Report {
+                phase,
+                flows,
+                tools: &tools,
+                results: &results[p][w],
+                opts,
+            };
+            match phase {
+                Phase::MaxRate => report.max_rate(&mut failures),
+                Phase::Fixed(rate) => report.fixed_rate(rate, &mut failures),
+            }
+        }
+    }
+    println!();
+    if !opts.fixed_only {
+        println!(
+            "max rate — ratio: rate with the tool over the no-tracer rate of the same round; \
+             added ns: 1/rate_with − 1/rate_without, the sending CPU's time per datagram (the \
+             veth delivers on it too). cpu: the tool's own CPU time over wall time (100% = one \
+             core)."
+        );
+    }
+    if opts.rate > 0 {
+        println!(
+            "fixed rate — CPU ns/datagram: busy time of every CPU (all but their idle time: \
+             sender, softirq, receiver and the tool together) over datagrams sent; added: the \
+             same less the no-tracer run's of the same round; % core: that at the rate sent; own % \
+             core: the tool's process alone (its eBPF programs run in the senders' and \
+             softirq's time, not its own)."
+        );
+    }
+    if failures.is_empty() {
+        println!("targets: all met");
+    } else {
+        println!("targets missed:\n  {}", failures.join("\n  "));
+        if opts.check {
+            bail!("{} target(s) missed", failures.len());
+        }
+    }
+    Ok(())
+}
+
+/// How the sender sends.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Phase {
+    /// As fast as it can: what a tool takes off the rate.
+    MaxRate,
+    /// At this many datagrams a second: the CPU time a tool adds per datagram.
+    Fixed(u64),
+}
+
+impl Phase {
+    fn name(self) -> String {
+        match self {
+            Self::MaxRate => "max rate".into(),
+            Self::Fixed(rate) => format!("{rate}/s"),
+        }
+    }
+}
+
+/// One table: one phase and workload, every tool over the rounds.
+struct Report<'a> {
+    phase: Phase,
+    flows: usize,
+    tools: &'a [Tool],
+    results: &'a [Vec<Sample>],
+    opts: &'a Options,
+}
+
+impl Report<'_> {
+    fn heading(&self) {
         println!();
         println!(
-            "{flows} flow(s), {PAYLOAD}-byte datagrams, {ADDR_A} → {ADDR_B}:{PORT} over a veth; \
+            "{} flow(s), {PAYLOAD}-byte datagrams, {ADDR_A} → {ADDR_B}:{PORT} over a veth, {}; \
              {} s × {} round(s): median [lowest–highest]",
-            opts.secs, opts.rounds
+            self.flows,
+            match self.phase {
+                Phase::MaxRate => "as fast as one thread sends".into(),
+                Phase::Fixed(rate) => format!("{rate} datagrams/s"),
+            },
+            self.opts.secs,
+            self.opts.rounds
         );
+    }
+
+    /// Per round, `f` of the tool's sample and the no-tracer sample of that round.
+    fn per_round(&self, t: usize, f: impl Fn(&Sample, &Sample) -> f64) -> Spread {
+        let values: Vec<f64> = self.results[t]
+            .iter()
+            .zip(&self.results[0])
+            .map(|(s, b)| f(s, b))
+            .collect();
+        Spread::of(&values)
+    }
+
+    fn max_rate(&self, failures: &mut Vec<String>) {
+        self.heading();
         println!(
             "{:<16} {:>10} {:>19} {:>21} {:>5} {:>8} {:>7} {:>11} {:>10}",
             "tool",
@@ -183,22 +312,10 @@ pub fn run(opts: &Options) -> Result<()> {
             "lost events",
             "flow count"
         );
-        let base = &results[w][0];
-        for (t, &tool) in tools.iter().enumerate() {
-            let runs = &results[w][t];
-            let ratios: Vec<f64> = runs
-                .iter()
-                .zip(base)
-                .map(|(s, b)| s.rate() / b.rate())
-                .collect();
-            let added: Vec<f64> = runs
-                .iter()
-                .zip(base)
-                .map(|(s, b)| 1e9 / s.rate() - 1e9 / b.rate())
-                .collect();
-            let ratio = Spread::of(&ratios);
-            let added = Spread::of(&added);
-            let s = median(runs);
+        for (t, &tool) in self.tools.iter().enumerate() {
+            let ratio = self.per_round(t, |s, b| s.rate() / b.rate());
+            let added = self.per_round(t, |s, b| 1e9 / s.rate() - 1e9 / b.rate());
+            let s = median(&self.results[t]);
             let cost = |f: &dyn Fn(&ToolCost) -> String| s.tool.as_ref().map_or("-".into(), f);
             println!(
                 "{:<16} {:>10.0} {:>19} {:>21} {:>5} {:>8} {:>7} {:>11} {:>10}",
@@ -209,18 +326,8 @@ pub fn run(opts: &Options) -> Result<()> {
                 cost(&|x| format!("{:.0}%", x.cpu * 100.0)),
                 cost(&|x| format!("{} MiB", x.peak_kib / 1024)),
                 cost(&|x| format!("{:.2} s", x.attach.as_secs_f64())),
-                s.tool
-                    .as_ref()
-                    .and_then(|x| x.lost)
-                    .map_or("-".into(), |n| n.to_string()),
-                s.tool
-                    .as_ref()
-                    .and_then(|x| x.counted)
-                    .map_or("-".into(), |n| if n == s.sent {
-                        "exact".into()
-                    } else {
-                        format!("{n}/{}", s.sent)
-                    }),
+                s.lost().map_or("-".into(), |n| n.to_string()),
+                s.count_shown(),
             );
             let target = match tool {
                 Tool::Counting => Some(TARGET_COUNTING),
@@ -229,41 +336,107 @@ pub fn run(opts: &Options) -> Result<()> {
             };
             if let Some(target) = target.filter(|t| ratio.median < *t) {
                 failures.push(format!(
-                    "{} at {flows} flow(s): {:.3} of the no-tracer rate (target {target})",
+                    "{} at {} flow(s): {:.3} of the no-tracer rate (target {target})",
                     tool.name(),
+                    self.flows,
                     ratio.median
                 ));
             }
-            // Every round, not just the median: a flow count is exact or it is not.
-            for s in runs {
-                if let Some(n) = s.tool.as_ref().and_then(|x| x.counted) {
-                    if n != s.sent {
+            self.exact_counts(tool, t, failures);
+        }
+    }
+
+    fn fixed_rate(&self, rate: u64, failures: &mut Vec<String>) {
+        self.heading();
+        println!(
+            "{:<16} {:>10} {:>17} {:>19} {:>7} {:>10} {:>11} {:>10}",
+            "tool",
+            "sent/s",
+            "CPU ns/datagram",
+            "added ns/datagram",
+            "% core",
+            "own % core",
+            "lost events",
+            "flow count"
+        );
+        let busy = |s: &Sample| s.busy_per_datagram().unwrap_or(f64::NAN);
+        for (t, &tool) in self.tools.iter().enumerate() {
+            let cpu = self.per_round(t, |s, _| busy(s));
+            let added = self.per_round(t, |s, b| busy(s) - busy(b));
+            let core = added.median * rate as f64 / 1e9 * 100.0;
+            let own = self.per_round(t, |s, _| s.tool.as_ref().map_or(0.0, |x| x.cpu * 100.0));
+            let s = median(&self.results[t]);
+            println!(
+                "{:<16} {:>10.0} {:>17} {:>19} {:>7} {:>10} {:>11} {:>10}",
+                tool.name(),
+                s.sent as f64 / s.secs,
+                cpu.show(0),
+                if t == 0 { "0".into() } else { added.show(0) },
+                if t == 0 {
+                    "0".into()
+                } else {
+                    format!("{core:.2}%")
+                },
+                if t == 0 {
+                    "-".into()
+                } else {
+                    format!("{:.2}%", own.median)
+                },
+                self.results[t]
+                    .iter()
+                    .filter_map(Sample::lost)
+                    .max()
+                    .map_or("-".into(), |n| n.to_string()),
+                s.count_shown(),
+            );
+            match tool {
+                Tool::Counting if core > TARGET_COUNTING_CORE_PERCENT => failures.push(format!(
+                    "{} at {} flow(s), {rate}/s: {core:.2}% of a core added (target ≤ \
+                     {TARGET_COUNTING_CORE_PERCENT}%)",
+                    tool.name(),
+                    self.flows
+                )),
+                Tool::Trace => {
+                    if added.median > TARGET_TRACE_NS {
                         failures.push(format!(
-                            "{} at {flows} flow(s) counted {n} of {} datagrams sent",
+                            "{} at {} flow(s), {rate}/s: {:.0} ns added per datagram (target \
+                             ≤ {TARGET_TRACE_NS})",
                             tool.name(),
-                            s.sent
+                            self.flows,
+                            added.median
                         ));
                     }
+                    let lost: u64 = self.results[t].iter().filter_map(Sample::lost).sum();
+                    if lost > 0 {
+                        failures.push(format!(
+                            "{} at {} flow(s), {rate}/s: {lost} event(s) lost (target: none)",
+                            tool.name(),
+                            self.flows
+                        ));
+                    }
+                }
+                _ => {}
+            }
+            self.exact_counts(tool, t, failures);
+        }
+    }
+
+    /// Every round, not just the median: a flow count is exact or it is not.
+    fn exact_counts(&self, tool: Tool, t: usize, failures: &mut Vec<String>) {
+        for s in &self.results[t] {
+            if let Some(n) = s.tool.as_ref().and_then(|x| x.counted) {
+                if n != s.sent {
+                    failures.push(format!(
+                        "{} at {} flow(s), {}: counted {n} of {} datagrams sent",
+                        tool.name(),
+                        self.flows,
+                        self.phase.name(),
+                        s.sent
+                    ));
                 }
             }
         }
     }
-    println!();
-    println!(
-        "ratio: rate with the tool over the no-tracer rate of the same round; added ns: \
-         1/rate_with − 1/rate_without, the sending CPU's time per datagram (the veth delivers \
-         on it too)."
-    );
-    println!("cpu: the tool's CPU time over the measurement's wall time (100% = one core).");
-    if failures.is_empty() {
-        println!("targets: all met");
-    } else {
-        println!("targets missed:\n  {}", failures.join("\n  "));
-        if opts.check {
-            bail!("{} target(s) missed", failures.len());
-        }
-    }
-    Ok(())
 }
 
 /// One measurement: what was sent and delivered, and what the tool cost.
@@ -272,6 +445,8 @@ struct Sample {
     secs: f64,
     sent: u64,
     delivered: u64,
+    /// At a fixed rate: every CPU's busy time while the sender ran.
+    busy: Option<Duration>,
     tool: Option<ToolCost>,
 }
 
@@ -279,6 +454,25 @@ impl Sample {
     /// Datagrams delivered to the receiving socket per second.
     fn rate(&self) -> f64 {
         self.delivered as f64 / self.secs
+    }
+
+    /// Nanoseconds of CPU time (every CPU's) per datagram sent, at a fixed rate.
+    fn busy_per_datagram(&self) -> Option<f64> {
+        Some(self.busy?.as_nanos() as f64 / self.sent.max(1) as f64)
+    }
+
+    fn lost(&self) -> Option<u64> {
+        self.tool.as_ref()?.lost
+    }
+
+    /// "exact", or what the tool counted of what was sent, or "-" for a tool that counts
+    /// nothing.
+    fn count_shown(&self) -> String {
+        match self.tool.as_ref().and_then(|x| x.counted) {
+            None => "-".into(),
+            Some(n) if n == self.sent => "exact".into(),
+            Some(n) => format!("{n}/{}", self.sent),
+        }
     }
 }
 
@@ -337,30 +531,44 @@ fn median(samples: &[Sample]) -> Sample {
     v[v.len() / 2].clone()
 }
 
+/// One measurement: a tool, a workload and a phase.
+#[derive(Clone, Copy)]
+struct Case {
+    tool: Tool,
+    flows: usize,
+    phase: Phase,
+}
+
 fn measure(
     exe: &Path,
     net: &Pair,
-    tool: Tool,
-    flows: usize,
+    case: Case,
     secs: Duration,
     sink: &Sink,
     opts: &Options,
 ) -> Result<Sample> {
+    let Case { tool, flows, phase } = case;
     let prog_stats = opts.prog_stats;
     let mut running = match tool {
         Tool::None => None,
         _ => Some(Running::start(exe, &net.b.name, tool, &opts.bpftrace)?),
     };
-    let cpu_before = running.as_ref().map(Running::cpu_ticks).transpose()?;
+    let cpu_before = running.as_ref().map(Running::cpu_time).transpose()?;
+    let rate = match phase {
+        Phase::MaxRate => None,
+        Phase::Fixed(rate) => Some(rate),
+    };
     let before = sink.received();
+    let busy_before = Busy::now()?;
     let started = Instant::now();
-    let sent = send(&net.a.name, flows, secs)?;
+    let sent = send(&net.a.name, flows, secs, rate)?;
     let elapsed = started.elapsed();
-    let cpu_after = running.as_ref().map(Running::cpu_ticks).transpose()?;
+    let busy = rate.is_some().then(Busy::now).transpose()?;
+    let cpu_after = running.as_ref().map(Running::cpu_time).transpose()?;
     if prog_stats
         && matches!(
             tool,
-            Tool::Counting | Tool::Agent | Tool::Trace | Tool::TraceFiltered
+            Tool::Counting | Tool::CountingFloor | Tool::Agent | Tool::Trace | Tool::TraceFiltered
         )
     {
         ProgStats::print(sent)?;
@@ -370,16 +578,21 @@ fn measure(
     let delivered = sink.received() - before;
     let tool = match running.take() {
         None => None,
-        Some(r) => Some(r.finish(
-            cpu_after.unwrap_or(0) - cpu_before.unwrap_or(0),
-            elapsed,
-            sent,
-        )?),
+        Some(r) => Some(
+            r.finish(
+                cpu_after
+                    .unwrap_or_default()
+                    .saturating_sub(cpu_before.unwrap_or_default()),
+                elapsed,
+                sent,
+            )?,
+        ),
     };
     Ok(Sample {
         secs: elapsed.as_secs_f64(),
         sent,
         delivered,
+        busy: busy.map(|b| b.since(&busy_before)),
         tool,
     })
 }

@@ -29,11 +29,14 @@ impl Running {
     pub fn start(exe: &Path, receiver_ns: &str, tool: Tool, bpftrace: &str) -> Result<Self> {
         let (mut cmd, ready) = match tool {
             Tool::None => unreachable!("no tracer runs nothing"),
-            Tool::Counting | Tool::Agent => {
+            Tool::Counting | Tool::CountingFloor | Tool::Agent => {
                 let mut c = Command::new(exe);
                 c.args(["agent", "--listen", "127.0.0.1:0", "--netns", "all"]);
                 if tool == Tool::Agent {
                     c.args(["--paths", "on"]);
+                }
+                if tool == Tool::CountingFloor {
+                    c.env("UDPTRACE_EMPTY_BODIES", "1");
                 }
                 (c, "udptrace: agent listening on ")
             }
@@ -117,7 +120,7 @@ impl Running {
         match rx.recv_timeout(Duration::from_secs(120)) {
             Ok(rest) => {
                 running.attach = started.elapsed();
-                if matches!(tool, Tool::Counting | Tool::Agent) {
+                if matches!(tool, Tool::Counting | Tool::CountingFloor | Tool::Agent) {
                     running.url = Some(rest);
                 }
                 Ok(running)
@@ -135,21 +138,24 @@ impl Running {
         std::fs::read_to_string(&path).with_context(|| format!("reading {}", path.display()))
     }
 
-    /// User and system CPU time so far, in clock ticks (all threads).
-    pub fn cpu_ticks(&self) -> Result<u64> {
-        let stat = self.proc_file("stat")?;
-        // Fields after the command name (which may hold spaces) in parentheses.
-        let rest = stat.rsplit_once(')').context("/proc/PID/stat")?.1;
-        let fields: Vec<&str> = rest.split_whitespace().collect();
-        // utime and stime are the 14th and 15th fields; `rest` starts at the 3rd.
-        let field = |i: usize| -> Result<u64> {
-            fields
-                .get(i - 3)
-                .context("/proc/PID/stat is short")?
-                .parse()
-                .context("/proc/PID/stat")
-        };
-        Ok(field(14)? + field(15)?)
+    /// CPU time so far, every thread's: the scheduler's run time (`se.sum_exec_runtime` in
+    /// /proc/PID/task/TID/sched, nanosecond-precise where stat's ticks are 10 ms). A thread
+    /// that ends between two reads takes its time with it; the agent's threads live as
+    /// long as it does.
+    pub fn cpu_time(&self) -> Result<Duration> {
+        let tasks = PathBuf::from(format!("/proc/{}/task", self.child.id()));
+        let mut ns = 0u64;
+        for task in std::fs::read_dir(&tasks).with_context(|| tasks.display().to_string())? {
+            let Ok(sched) = std::fs::read_to_string(task?.path().join("sched")) else {
+                continue; // ended since it was listed
+            };
+            ns += sched
+                .lines()
+                .find_map(|l| l.strip_prefix("se.sum_exec_runtime"))
+                .and_then(|v| v.trim_start_matches([' ', ':']).trim().parse::<f64>().ok())
+                .map_or(0, |ms| (ms * 1e6) as u64);
+        }
+        Ok(Duration::from_nanos(ns))
     }
 
     /// Peak resident memory (VmHWM), KiB.
@@ -162,13 +168,12 @@ impl Running {
     }
 
     /// Reads what the tool cost, then stops it with SIGINT.
-    pub fn finish(mut self, ticks: u64, wall: Duration, sent: u64) -> Result<ToolCost> {
-        // SAFETY: sysconf has no preconditions.
-        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
-        let cpu = ticks as f64 / hz / wall.as_secs_f64();
+    pub fn finish(mut self, cpu: Duration, wall: Duration, sent: u64) -> Result<ToolCost> {
+        let cpu = cpu.as_secs_f64() / wall.as_secs_f64();
+        // Empty bodies count nothing: no count to check.
         let counted = match &self.url {
-            Some(url) => Some(agent_count(url, sent)?),
-            None => None,
+            Some(url) if self.tool != Tool::CountingFloor => Some(agent_count(url, sent)?),
+            _ => None,
         };
         let lost_metric = match &self.url {
             Some(url) => Some(metric(url, "udptrace_events_lost_total")?),
@@ -198,7 +203,7 @@ impl Running {
             self.tool.name()
         );
         let lost = match self.tool {
-            Tool::Counting | Tool::Agent => lost_metric,
+            Tool::Counting | Tool::CountingFloor | Tool::Agent => lost_metric,
             Tool::Trace | Tool::TraceFiltered => {
                 number_before(&output, " event(s) lost to a full ring buffer")
             }

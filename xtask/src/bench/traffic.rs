@@ -126,9 +126,11 @@ fn set_rcvbuf(socket: &UdpSocket, bytes: i32) -> Result<()> {
     Ok(())
 }
 
-/// Sends as fast as one thread can from namespace a for `secs`, cycling through `flows`
-/// connected sockets (each its own source port: its own flow). Returns datagrams sent.
-pub fn send(netns: &str, flows: usize, secs: Duration) -> Result<u64> {
+/// Sends from namespace a for `secs`, cycling through `flows` connected sockets (each its
+/// own source port: its own flow): as fast as one thread can, or at `rate` datagrams per
+/// second (a burst each millisecond, sleeping in between, so that the CPU time a datagram
+/// costs can be read off the CPUs' idle time). Returns datagrams sent.
+pub fn send(netns: &str, flows: usize, secs: Duration, rate: Option<u64>) -> Result<u64> {
     let netns = netns.to_string();
     std::thread::spawn(move || -> Result<u64> {
         enter(&netns).with_context(|| format!("entering netns {netns}"))?;
@@ -142,24 +144,119 @@ pub fn send(netns: &str, flows: usize, secs: Duration) -> Result<u64> {
             .collect::<std::io::Result<Vec<_>>>()
             .context("opening the senders' sockets")?;
         let payload = [0x5au8; PAYLOAD];
-        let deadline = Instant::now() + secs;
+        let started = Instant::now();
+        let deadline = started + secs;
         let mut sent = 0u64;
-        'out: loop {
-            for s in &sockets {
+        let mut tries = 0u64;
+        let mut next = sockets.iter().cycle();
+        while Instant::now() < deadline {
+            // How many datagrams are due by now (all of a burst at full speed).
+            let due = match rate {
+                None => tries + 256,
+                Some(rate) => {
+                    let now = started.elapsed();
+                    let due = (now.as_micros() as u64 * rate) / 1_000_000;
+                    if due <= tries {
+                        let tick = Duration::from_millis(now.as_millis() as u64 + 1);
+                        std::thread::sleep(tick.saturating_sub(started.elapsed()));
+                        continue;
+                    }
+                    due
+                }
+            };
+            while tries < due {
+                tries += 1;
                 // A full queue (ENOBUFS) or an ICMP error is a datagram not sent.
-                if s.send(&payload).is_ok() {
+                if next.next().is_some_and(|s| s.send(&payload).is_ok()) {
                     sent += 1;
                 }
-                if sent.is_multiple_of(256) && Instant::now() >= deadline {
-                    break 'out;
-                }
-            }
-            if Instant::now() >= deadline {
-                break;
             }
         }
         Ok(sent)
     })
     .join()
     .map_err(|_| anyhow::anyhow!("the sender panicked"))?
+}
+
+/// The machine's CPU time spent other than idle, read before and after a measurement.
+pub struct Busy {
+    at: Instant,
+    idle: Duration,
+    cpus: u32,
+}
+
+impl Busy {
+    /// Idle time of every CPU: cpuidle's per-state residency (microseconds), else the idle
+    /// and iowait columns of /proc/stat (which NO_HZ kernels measure exactly but print in
+    /// hundredths of a second).
+    pub fn now() -> Result<Self> {
+        let mut idle = Duration::ZERO;
+        let mut cpus = 0;
+        for cpu in 0.. {
+            let dir = format!("/sys/devices/system/cpu/cpu{cpu}");
+            if !std::path::Path::new(&dir).exists() {
+                break;
+            }
+            let Some(us) = cpuidle_us(&dir) else {
+                return Self::from_proc_stat();
+            };
+            idle += Duration::from_micros(us);
+            cpus += 1;
+        }
+        ensure!(cpus > 0, "no CPU under /sys/devices/system/cpu");
+        Ok(Self {
+            at: Instant::now(),
+            idle,
+            cpus,
+        })
+    }
+
+    fn from_proc_stat() -> Result<Self> {
+        let stat = std::fs::read_to_string("/proc/stat").context("/proc/stat")?;
+        // SAFETY: sysconf has no preconditions.
+        let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as u64;
+        let (mut idle, mut cpus) = (0u64, 0);
+        for line in stat
+            .lines()
+            .filter(|l| l.starts_with("cpu") && l.as_bytes().get(3).is_some_and(u8::is_ascii_digit))
+        {
+            let f: Vec<u64> = line
+                .split_whitespace()
+                .skip(1)
+                .map(|v| v.parse().unwrap_or(0))
+                .collect();
+            ensure!(f.len() >= 5, "/proc/stat: short line {line:?}");
+            idle += f[3] + f[4];
+            cpus += 1;
+        }
+        Ok(Self {
+            at: Instant::now(),
+            idle: Duration::from_micros(idle * 1_000_000 / hz),
+            cpus,
+        })
+    }
+
+    /// CPU time the machine spent busy since `before`, all CPUs together.
+    pub fn since(&self, before: &Self) -> Duration {
+        ((self.at - before.at) * self.cpus.min(before.cpus))
+            .saturating_sub(self.idle.saturating_sub(before.idle))
+    }
+}
+
+/// Microseconds a CPU spent in its idle states, if cpuidle reports them.
+fn cpuidle_us(cpu_dir: &str) -> Option<u64> {
+    let states = std::fs::read_dir(format!("{cpu_dir}/cpuidle")).ok()?;
+    let mut us = 0;
+    let mut any = false;
+    for state in states.flatten() {
+        if state.file_name().to_string_lossy().starts_with("state") {
+            us += std::fs::read_to_string(state.path().join("time"))
+                .ok()?
+                .trim()
+                .parse::<u64>()
+                .ok()?;
+            any = true;
+        }
+    }
+    any.then_some(us)
 }

@@ -55,19 +55,13 @@ fn count_egress(ctx: &SkBuffContext) {
     }
     // SAFETY: inside the packet, bounds checked above.
     let first = unsafe { *(data as *const u8) };
-    let mut key = FlowKey::default();
-    // The packet's destination address, read at constant offsets the bounds checks cover.
-    let mut pkt_dst = [0u8; 16];
-    let ip_header = match first >> 4 {
+    let (ip_header, v4) = match first >> 4 {
         4 => {
             // SAFETY: inside the 20 bytes checked above.
-            unsafe {
-                if *((data + 9) as *const u8) != IPPROTO_UDP as u8 {
-                    return;
-                }
-                core::ptr::copy_nonoverlapping((data + 16) as *const u8, pkt_dst.as_mut_ptr(), 4);
+            if unsafe { *((data + 9) as *const u8) } != IPPROTO_UDP as u8 {
+                return;
             }
-            usize::from(first & 0x0f) * 4
+            (usize::from(first & 0x0f) * 4, true)
         }
         6 => {
             if data + IPV6_HEADER > end {
@@ -76,17 +70,13 @@ fn count_egress(ctx: &SkBuffContext) {
             // SAFETY: inside the 40 bytes just checked. Extension headers are not followed:
             // UDP sockets send none unless asked (IPV6_HOPOPTS and the like), and such a
             // send is not counted.
-            unsafe {
-                if *((data + 6) as *const u8) != IPPROTO_UDP as u8 {
-                    return;
-                }
-                core::ptr::copy_nonoverlapping((data + 24) as *const u8, pkt_dst.as_mut_ptr(), 16);
+            if unsafe { *((data + 6) as *const u8) } != IPPROTO_UDP as u8 {
+                return;
             }
-            IPV6_HEADER
+            (IPV6_HEADER, false)
         }
         _ => return,
     };
-    let v4 = first >> 4 == 4;
     if !(IPV4_HEADER..=60).contains(&ip_header) {
         return;
     }
@@ -94,50 +84,49 @@ fn count_egress(ctx: &SkBuffContext) {
     if udp + UDP_HEADER > end {
         return;
     }
+    // The socket's addresses from the context, each a plain word: the key is written
+    // word by word (no zeroing loop, no byte copies on the common path).
     let family = skb.family as u16;
-    key.src = Addr {
-        family,
-        port: skb.local_port as u16,
-        _pad: 0,
-        ip: [0; 16],
+    // Each context field read on its own (volatile), at a constant offset from the
+    // context: the verifier refuses a load through a pointer derived from it.
+    let field = |f: &u32| -> u32 {
+        // SAFETY: a field of the program's context.
+        unsafe { core::ptr::read_volatile(f) }
     };
-    key.dst = Addr {
-        family,
-        port: u16::from_be(skb.remote_port as u16),
-        _pad: 0,
-        ip: [0; 16],
-    };
-    if family == AF_INET {
-        key.src.ip[..4].copy_from_slice(&skb.local_ip4.to_ne_bytes());
-        key.dst.ip[..4].copy_from_slice(&skb.remote_ip4.to_ne_bytes());
+    let (src_ip, dst_ip) = if family == AF_INET {
+        (
+            [field(&skb.local_ip4), 0, 0, 0],
+            [field(&skb.remote_ip4), 0, 0, 0],
+        )
     } else if family == AF_INET6 {
-        for i in 0..4 {
-            key.src.ip[i * 4..i * 4 + 4].copy_from_slice(&skb.local_ip6[i].to_ne_bytes());
-            key.dst.ip[i * 4..i * 4 + 4].copy_from_slice(&skb.remote_ip6[i].to_ne_bytes());
-        }
+        (
+            [
+                field(&skb.local_ip6[0]),
+                field(&skb.local_ip6[1]),
+                field(&skb.local_ip6[2]),
+                field(&skb.local_ip6[3]),
+            ],
+            [
+                field(&skb.remote_ip6[0]),
+                field(&skb.remote_ip6[1]),
+                field(&skb.remote_ip6[2]),
+                field(&skb.remote_ip6[3]),
+            ],
+        )
     } else {
         return;
-    }
-    if key.dst.port == 0 {
+    };
+    let mut dst = addr(family, u16::from_be(skb.remote_port as u16), dst_ip);
+    if dst.port == 0 {
         // Unconnected: the destination this send named is the packet's, before NAT.
-        // SAFETY: inside the UDP header, bounds checked above.
-        key.dst.port = u16::from_be(unsafe { *((udp + 2) as *const u16) });
-        if !v4 {
-            key.dst.ip = pkt_dst;
-        } else if family == AF_INET {
-            key.dst.ip[..4].copy_from_slice(&pkt_dst[..4]);
-        } else {
-            // An IPv6 socket sending to a v4-mapped address: as the socket names it.
-            key.dst.ip[10] = 0xff;
-            key.dst.ip[11] = 0xff;
-            key.dst.ip[12..].copy_from_slice(&pkt_dst[..4]);
-        }
+        // SAFETY: inside the UDP and IP headers, bounds checked above.
+        unsafe { packet_dst(&mut dst, data, udp, v4) };
         // The kernel's own skb: the context is one, but the verifier allows no arithmetic
         // on it; read back from the stack it is a plain number (the loader has CAP_PERFMON).
         let ptr = raw as u64;
         // SAFETY: reads our own stack slot.
         if let Ok(kskb) = unsafe { bpf_probe_read_kernel(&raw const ptr) } {
-            before_nat(kskb, &mut key.dst);
+            before_nat(kskb, &mut dst);
         }
     }
     // SAFETY: the context's socket field (a full socket at egress, or null).
@@ -145,10 +134,63 @@ fn count_egress(ctx: &SkBuffContext) {
     let Some(netns) = netns_of(raw, sk) else {
         return;
     };
-    key.netns = netns;
+    let key = FlowKey {
+        netns,
+        _pad: 0,
+        src: addr(family, skb.local_port as u16, src_ip),
+        dst,
+    };
     let segs = u64::from(skb.gso_segs.max(1));
     let payload = u64::from(skb.len).saturating_sub((ip_header + UDP_HEADER) as u64);
     add(&key, segs, payload);
+}
+
+/// An address of `family` from its words in network order.
+#[inline(always)]
+fn addr(family: u16, port: u16, ip: [u32; 4]) -> Addr {
+    Addr {
+        family,
+        port,
+        _pad: 0,
+        // SAFETY: 16 bytes either way, every bit pattern valid.
+        ip: unsafe { core::mem::transmute::<[u32; 4], [u8; 16]>(ip) },
+    }
+}
+
+/// Sets `dst` to the packet's destination address and port (an unconnected send's), as
+/// the sending socket names it: an IPv6 socket's IPv4 destination is v4-mapped.
+///
+/// # Safety
+/// `data` and `udp` point at the packet's IP and UDP headers, both within bounds.
+#[inline(always)]
+unsafe fn packet_dst(dst: &mut Addr, data: usize, udp: usize, v4: bool) {
+    let byte = |at: usize| -> u8 {
+        // SAFETY: within the headers, as the caller promised.
+        unsafe { *(at as *const u8) }
+    };
+    let word = |at: usize| -> u32 {
+        u32::from_ne_bytes([byte(at), byte(at + 1), byte(at + 2), byte(at + 3)])
+    };
+    dst.port = u16::from_be_bytes([byte(udp + 2), byte(udp + 3)]);
+    let ip = if !v4 {
+        [
+            word(data + 24),
+            word(data + 28),
+            word(data + 32),
+            word(data + 36),
+        ]
+    } else if dst.family == AF_INET {
+        [word(data + 16), 0, 0, 0]
+    } else {
+        // An IPv6 socket sending to an IPv4 address: ::ffff:a.b.c.d.
+        [
+            0,
+            0,
+            u32::from_ne_bytes([0, 0, 0xff, 0xff]),
+            word(data + 16),
+        ]
+    };
+    *dst = addr(dst.family, dst.port, ip);
 }
 
 /// What the count hop remembers of a socket (its own storage, freed with it).

@@ -55,6 +55,10 @@ pub struct Options {
     /// Flows (sockets sending in turn) of the many-flow workload.
     #[arg(long, default_value_t = 1000)]
     flows: usize,
+    /// Workloads, each a table of its own (comma separated): one connected socket, `--flows`
+    /// connected sockets in turn, one unconnected socket sending with `sendto`.
+    #[arg(long, value_enum, value_delimiter = ',', default_value = "one,many")]
+    workloads: Vec<WorkloadKind>,
     /// Datagrams a second of the fixed-rate runs, which measure the CPU time each tool adds
     /// per datagram (0: none).
     #[arg(long, default_value_t = 50_000)]
@@ -85,6 +89,48 @@ pub struct Options {
     /// build, to compare two versions run for run).
     #[arg(long)]
     udptrace: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum WorkloadKind {
+    One,
+    Many,
+    Unconnected,
+}
+
+/// What the sender sends on: `flows` sockets in turn, connected or not (an unconnected one
+/// names the destination in each `sendto`, which the count hop reads from the packet).
+#[derive(Debug, Clone, Copy)]
+pub struct Workload {
+    pub flows: usize,
+    pub connected: bool,
+}
+
+impl Workload {
+    fn of(kind: WorkloadKind, many: usize) -> Self {
+        match kind {
+            WorkloadKind::One => Self {
+                flows: 1,
+                connected: true,
+            },
+            WorkloadKind::Many => Self {
+                flows: many,
+                connected: true,
+            },
+            WorkloadKind::Unconnected => Self {
+                flows: 1,
+                connected: false,
+            },
+        }
+    }
+
+    fn label(self) -> String {
+        if self.connected {
+            format!("{} flow(s)", self.flows)
+        } else {
+            format!("{} unconnected flow(s)", self.flows)
+        }
+    }
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
@@ -173,22 +219,36 @@ pub fn run(opts: &Options) -> Result<()> {
     let _stats = opts.prog_stats.then(ProgStats::enable).transpose()?;
     let sink = Sink::start(&net.b.name)?;
     let secs = Duration::from_secs(opts.secs);
-    let workloads = [1, opts.flows];
+    let workloads: Vec<Workload> = opts
+        .workloads
+        .iter()
+        .map(|&k| Workload::of(k, opts.flows))
+        .collect();
     // [phase][workload][tool] → one sample a round.
     let mut results = vec![vec![vec![Vec::new(); tools.len()]; workloads.len()]; phases.len()];
     // Warm up (ARP, caches) before the first measurement counts.
-    send(&net.a.name, 1, Duration::from_millis(500), None)?;
+    send(
+        &net.a.name,
+        Workload::of(WorkloadKind::One, 1),
+        Duration::from_millis(500),
+        None,
+    )?;
     for round in 0..opts.rounds {
         for (p, &phase) in phases.iter().enumerate() {
-            for (w, &flows) in workloads.iter().enumerate() {
+            for (w, &workload) in workloads.iter().enumerate() {
                 for (t, &tool) in tools.iter().enumerate() {
-                    let case = Case { tool, flows, phase };
+                    let case = Case {
+                        tool,
+                        workload,
+                        phase,
+                    };
                     let sample = measure(&exe, &net, case, secs, &sink, opts)
-                        .with_context(|| format!("{} with {flows} flow(s)", tool.name()))?;
+                        .with_context(|| format!("{} with {}", tool.name(), workload.label()))?;
                     eprintln!(
-                        "bench: round {} · {} · {flows} flow(s) · {:<15} {:>10.0} datagrams/s{}",
+                        "bench: round {} · {} · {} · {:<15} {:>10.0} datagrams/s{}",
                         round + 1,
                         phase.name(),
+                        workload.label(),
                         tool.name(),
                         sample.rate(),
                         sample
@@ -205,10 +265,10 @@ pub fn run(opts: &Options) -> Result<()> {
     sink.stop()?;
     let mut failures = Vec::new();
     for (p, &phase) in phases.iter().enumerate() {
-        for (w, &flows) in workloads.iter().enumerate() {
+        for (w, &workload) in workloads.iter().enumerate() {
             let report = Report {
                 phase,
-                flows,
+                workload,
                 tools: &tools,
                 results: &results[p][w],
                 opts,
@@ -269,7 +329,7 @@ impl Phase {
 /// One table: one phase and workload, every tool over the rounds.
 struct Report<'a> {
     phase: Phase,
-    flows: usize,
+    workload: Workload,
     tools: &'a [Tool],
     results: &'a [Vec<Sample>],
     opts: &'a Options,
@@ -279,9 +339,9 @@ impl Report<'_> {
     fn heading(&self) {
         println!();
         println!(
-            "{} flow(s), {PAYLOAD}-byte datagrams, {ADDR_A} → {ADDR_B}:{PORT} over a veth, {}; \
+            "{}, {PAYLOAD}-byte datagrams, {ADDR_A} → {ADDR_B}:{PORT} over a veth, {}; \
              {} s × {} round(s): median [lowest–highest]",
-            self.flows,
+            self.workload.label(),
             match self.phase {
                 Phase::MaxRate => "as fast as one thread sends".into(),
                 Phase::Fixed(rate) => format!("{rate} datagrams/s"),
@@ -339,9 +399,9 @@ impl Report<'_> {
             };
             if let Some(target) = target.filter(|t| ratio.median < *t) {
                 failures.push(format!(
-                    "{} at {} flow(s): {:.3} of the no-tracer rate (target {target})",
+                    "{} at {}: {:.3} of the no-tracer rate (target {target})",
                     tool.name(),
-                    self.flows,
+                    self.workload.label(),
                     ratio.median
                 ));
             }
@@ -394,27 +454,27 @@ impl Report<'_> {
             );
             match tool {
                 Tool::Counting if core > TARGET_COUNTING_CORE_PERCENT => failures.push(format!(
-                    "{} at {} flow(s), {rate}/s: {core:.2}% of a core added (target ≤ \
+                    "{} at {}, {rate}/s: {core:.2}% of a core added (target ≤ \
                      {TARGET_COUNTING_CORE_PERCENT}%)",
                     tool.name(),
-                    self.flows
+                    self.workload.label()
                 )),
                 Tool::Trace => {
                     if added.median > TARGET_TRACE_NS {
                         failures.push(format!(
-                            "{} at {} flow(s), {rate}/s: {:.0} ns added per datagram (target \
+                            "{} at {}, {rate}/s: {:.0} ns added per datagram (target \
                              ≤ {TARGET_TRACE_NS})",
                             tool.name(),
-                            self.flows,
+                            self.workload.label(),
                             added.median
                         ));
                     }
                     let lost: u64 = self.results[t].iter().filter_map(Sample::lost).sum();
                     if lost > 0 {
                         failures.push(format!(
-                            "{} at {} flow(s), {rate}/s: {lost} event(s) lost (target: none)",
+                            "{} at {}, {rate}/s: {lost} event(s) lost (target: none)",
                             tool.name(),
-                            self.flows
+                            self.workload.label()
                         ));
                     }
                 }
@@ -430,9 +490,9 @@ impl Report<'_> {
             if let Some(n) = s.tool.as_ref().and_then(|x| x.counted) {
                 if n != s.sent {
                     failures.push(format!(
-                        "{} at {} flow(s), {}: counted {n} of {} datagrams sent",
+                        "{} at {}, {}: counted {n} of {} datagrams sent",
                         tool.name(),
-                        self.flows,
+                        self.workload.label(),
                         self.phase.name(),
                         s.sent
                     ));
@@ -538,7 +598,7 @@ fn median(samples: &[Sample]) -> Sample {
 #[derive(Clone, Copy)]
 struct Case {
     tool: Tool,
-    flows: usize,
+    workload: Workload,
     phase: Phase,
 }
 
@@ -550,7 +610,11 @@ fn measure(
     sink: &Sink,
     opts: &Options,
 ) -> Result<Sample> {
-    let Case { tool, flows, phase } = case;
+    let Case {
+        tool,
+        workload,
+        phase,
+    } = case;
     let prog_stats = opts.prog_stats;
     let mut running = match tool {
         Tool::None => None,
@@ -564,7 +628,7 @@ fn measure(
     let before = sink.received();
     let busy_before = Busy::now()?;
     let started = Instant::now();
-    let sent = send(&net.a.name, flows, secs, rate)?;
+    let sent = send(&net.a.name, workload, secs, rate)?;
     let elapsed = started.elapsed();
     let busy = rate.is_some().then(Busy::now).transpose()?;
     let cpu_after = running.as_ref().map(Running::cpu_time).transpose()?;

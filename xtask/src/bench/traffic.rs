@@ -15,7 +15,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use udptrace_testkit::enter;
 
-use super::{ADDR_A, ADDR_B, PAYLOAD, PORT};
+use super::{Workload, ADDR_A, ADDR_B, PAYLOAD, PORT};
 
 /// The sender and the receiver each keep a CPU of their own (where there are two): left to
 /// the scheduler they sometimes share one, and the no-tracer rate alone moved by half between
@@ -126,11 +126,13 @@ fn set_rcvbuf(socket: &UdpSocket, bytes: i32) -> Result<()> {
     Ok(())
 }
 
-/// Sends from namespace a for `secs`, cycling through `flows` connected sockets (each its
-/// own source port: its own flow): as fast as one thread can, or at `rate` datagrams per
-/// second (a burst each millisecond, sleeping in between, so that the CPU time a datagram
-/// costs can be read off the CPUs' idle time). Returns datagrams sent.
-pub fn send(netns: &str, flows: usize, secs: Duration, rate: Option<u64>) -> Result<u64> {
+/// Sends from namespace a for `secs`, cycling through the workload's sockets (each its own
+/// source port: its own flow), connected or sending with `sendto`: as fast as one thread
+/// can, or at `rate` datagrams per second (a burst each millisecond, sleeping in between,
+/// so that the CPU time a datagram costs can be read off the CPUs' idle time). Returns
+/// datagrams sent.
+pub fn send(netns: &str, workload: Workload, secs: Duration, rate: Option<u64>) -> Result<u64> {
+    let Workload { flows, connected } = workload;
     let netns = netns.to_string();
     std::thread::spawn(move || -> Result<u64> {
         enter(&netns).with_context(|| format!("entering netns {netns}"))?;
@@ -138,7 +140,9 @@ pub fn send(netns: &str, flows: usize, secs: Duration, rate: Option<u64>) -> Res
         let sockets = (0..flows)
             .map(|_| {
                 let s = UdpSocket::bind((ADDR_A, 0))?;
-                s.connect((ADDR_B, PORT))?;
+                if connected {
+                    s.connect((ADDR_B, PORT))?;
+                }
                 Ok(s)
             })
             .collect::<std::io::Result<Vec<_>>>()
@@ -167,7 +171,14 @@ pub fn send(netns: &str, flows: usize, secs: Duration, rate: Option<u64>) -> Res
             while tries < due {
                 tries += 1;
                 // A full queue (ENOBUFS) or an ICMP error is a datagram not sent.
-                if next.next().is_some_and(|s| s.send(&payload).is_ok()) {
+                let ok = next.next().is_some_and(|s| {
+                    if connected {
+                        s.send(&payload).is_ok()
+                    } else {
+                        s.send_to(&payload, (ADDR_B, PORT)).is_ok()
+                    }
+                });
+                if ok {
                     sent += 1;
                 }
             }

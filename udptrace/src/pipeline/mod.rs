@@ -112,7 +112,8 @@ pub struct Pipeline {
     assembler: Assembler,
     batch: Vec<Event>,
     bad: Undecodable,
-    tick: Interval,
+    /// When the windows and devices are next looked at (`Pipeline::next_tick`).
+    tick_at: Instant,
     netns_scan: Interval,
     deadline: Option<Instant>,
     sigterm: Signal,
@@ -176,7 +177,7 @@ impl Pipeline {
             assembler,
             batch: Vec::with_capacity(ring::BATCH),
             bad: Undecodable::default(),
-            tick: tokio::time::interval(Duration::from_millis(50)),
+            tick_at: Instant::now(),
             // Namespaces (containers, pods) come and go: look for new ones every second.
             netns_scan: tokio::time::interval(Duration::from_secs(1)),
             deadline: duration.map(|d| Instant::now() + d),
@@ -201,6 +202,28 @@ impl Pipeline {
     /// asks for.
     pub fn use_windows(&mut self, windows: Windows) {
         self.windows = Some(windows);
+    }
+
+    /// When to look at the windows and devices next: every 50 ms while path hooks are
+    /// attached (devices to follow, paths in flight to time out) or a window is wanted or
+    /// closing; else once a second, or when the duty cycle is due — a window asked for
+    /// wakes the pipeline at once ([`Windows::asked`]). An idle agent wakes 20 times a
+    /// second less.
+    fn next_tick(&self) -> Instant {
+        let now = Instant::now();
+        let fast = now + Duration::from_millis(50);
+        if self.tracer.paths_attached() {
+            return fast;
+        }
+        let slow = now + Duration::from_secs(1);
+        match &self.windows {
+            None => slow,
+            Some(w) => match w.quiet_until(false) {
+                None => fast,
+                Some(None) => slow,
+                Some(Some(cycle)) => slow.min(cycle.max(now)),
+            },
+        }
     }
 
     /// One step of the path windows (on every tick).
@@ -346,13 +369,18 @@ impl Pipeline {
             r = self.stream.next_batch(&mut self.batch, &mut self.bad) => {
                 r.context("reading the ring buffer")?;
             }
-            _ = self.tick.tick() => {
+            () = tokio::time::sleep_until(self.tick_at) => {
                 self.drive_windows();
                 // A device appeared or went: attach to it now, and look for the namespace
                 // that may have come with it (a container's veth shows up in ours first).
                 if self.tracer.follow_devices() {
                     self.cover_new_namespaces();
                 }
+                self.tick_at = self.next_tick();
+            }
+            () = windows_asked(&self.windows) => {
+                self.drive_windows();
+                self.tick_at = self.next_tick();
             }
             _ = self.netns_scan.tick() => self.cover_new_namespaces(),
             events = conntrack_events(&mut self.conntrack) => self.ct_events.extend(events),
@@ -485,6 +513,14 @@ impl Pipeline {
 async fn conntrack_events(ct: &mut Option<Conntrack>) -> Vec<CtEvent> {
     match ct {
         Some(ct) => ct.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Returns when a path window is asked for; never, without windows.
+async fn windows_asked(windows: &Option<Windows>) {
+    match windows {
+        Some(w) => w.asked().await,
         None => std::future::pending().await,
     }
 }

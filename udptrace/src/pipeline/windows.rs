@@ -101,9 +101,13 @@ struct State {
     error: Option<String>,
 }
 
-/// The shared handle on the path windows.
+/// The shared handle on the path windows, and what wakes the pipeline when one is asked
+/// for (between windows it looks at them only once a second).
 #[derive(Debug, Clone)]
-pub struct Windows(Arc<Mutex<State>>);
+pub struct Windows {
+    state: Arc<Mutex<State>>,
+    wake: Arc<tokio::sync::Notify>,
+}
 
 /// What `GET /api/v1/windows` and the metrics show.
 #[derive(Debug, Clone, Serialize, PartialEq)]
@@ -123,7 +127,7 @@ pub struct Status {
 impl Windows {
     pub fn new(policy: Policy, sampling: SampleConfig) -> Self {
         let now = Instant::now();
-        Self(Arc::new(Mutex::new(State {
+        let state = Arc::new(Mutex::new(State {
             policy,
             sampling,
             until: None,
@@ -136,18 +140,40 @@ impl Windows {
             opened: BTreeMap::new(),
             open_total: Duration::ZERO,
             error: None,
-        })))
+        }));
+        Self {
+            state,
+            wake: Arc::default(),
+        }
     }
 
     fn state(&self) -> std::sync::MutexGuard<'_, State> {
-        self.0.lock().expect("path windows")
+        self.state.lock().expect("path windows")
+    }
+
+    /// Returns once a window was asked for (by a request or news) since the last time.
+    pub async fn asked(&self) {
+        self.wake.notified().await;
+    }
+
+    /// When the windows next need a look, if nothing is asked meanwhile: `None` while a
+    /// window is wanted, open or closing (look often); else when the duty cycle opens the
+    /// next one, if it does.
+    pub fn quiet_until(&self, attached: bool) -> Option<Option<Instant>> {
+        let s = self.state();
+        let busy =
+            attached || s.until.is_some() || s.pending.is_some() || s.draining_since.is_some();
+        (!busy).then_some(s.next_cycle)
     }
 
     /// Asks for the path hooks for `length` from now (capped at [`MAX_WINDOW`]); returns
     /// when the window will end.
     pub fn request(&self, length: Duration, reason: Reason) -> Instant {
-        let mut s = self.state();
-        s.ask(Instant::now(), length.min(MAX_WINDOW), reason)
+        let until = self
+            .state()
+            .ask(Instant::now(), length.min(MAX_WINDOW), reason);
+        self.wake.notify_one();
+        until
     }
 
     /// Something new was seen (`Drop`, `Nat`): a window of the policy's length, unless
@@ -161,6 +187,8 @@ impl Windows {
         s.last_auto = Some(now);
         let auto = s.policy.auto;
         s.ask(now, auto, reason);
+        drop(s);
+        self.wake.notify_one();
         true
     }
 

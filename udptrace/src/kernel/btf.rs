@@ -1,8 +1,14 @@
 //! Struct layouts from the kernel's BTF (`/sys/kernel/btf/vmlinux`).
 
-use std::path::{Path, PathBuf};
+use std::{
+    cell::RefCell,
+    collections::HashMap,
+    fs::File,
+    os::fd::{FromRawFd as _, OwnedFd},
+    path::{Path, PathBuf},
+};
 
-use btf_rs::{Btf, Type};
+use btf_rs::{Backend, Btf, Type};
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -30,9 +36,25 @@ pub enum BtfError {
     NoField { strukt: String, field: String },
 }
 
+/// `path` copied into an anonymous memory file and mapped from there: for kernels whose
+/// sysfs refuses to map the BTF file. The copy goes when the mapping does.
+fn mapped_copy(path: &Path) -> Result<Btf, btf_rs::Error> {
+    // SAFETY: memfd_create with a NUL-terminated name; the fd is owned at once.
+    let fd = unsafe { libc::memfd_create(c"udptrace-btf".as_ptr(), libc::MFD_CLOEXEC) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error().into());
+    }
+    // SAFETY: a new fd nothing else owns.
+    let mut copy = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
+    std::io::copy(&mut File::open(path)?, &mut copy)?;
+    Btf::from_file_with_backend(format!("/proc/self/fd/{fd}"), Backend::Mmap)
+}
+
 /// The kernel's type information.
 pub struct KernelBtf {
     btf: Btf,
+    /// Structs and unions found by name so far: each name is looked up once.
+    composites: RefCell<HashMap<String, Option<btf_rs::Struct>>>,
 }
 
 impl KernelBtf {
@@ -45,23 +67,37 @@ impl KernelBtf {
         if !path.exists() {
             return Err(BtfError::Missing { path: path.into() });
         }
-        let btf = Btf::from_file(path).map_err(|source| BtfError::Parse {
-            path: path.into(),
-            source,
-        })?;
-        Ok(Self { btf })
+        // Mapped and read where asked (a name lookup scans the type section): a few MiB,
+        // briefly, where parsing every type up front took ~30 MiB of heap, the agent's
+        // whole peak. sysfs maps vmlinux's BTF since 6.16; before, a copy in memory is.
+        let btf = Btf::from_file_with_backend(path, Backend::Mmap)
+            .or_else(|_| mapped_copy(path))
+            .map_err(|source| BtfError::Parse {
+                path: path.into(),
+                source,
+            })?;
+        Ok(Self {
+            btf,
+            composites: RefCell::default(),
+        })
     }
 
     /// A struct (or union) type by name.
     fn composite(&self, name: &str) -> Result<btf_rs::Struct, BtfError> {
-        self.btf
-            .resolve_types_by_name(name)
-            .unwrap_or_default()
-            .into_iter()
-            .find_map(|t| match t {
-                Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
-                _ => None,
+        self.composites
+            .borrow_mut()
+            .entry(name.to_string())
+            .or_insert_with(|| {
+                self.btf
+                    .resolve_types_by_name(name)
+                    .unwrap_or_default()
+                    .into_iter()
+                    .find_map(|t| match t {
+                        Type::Struct(s) | Type::Union(s) if !s.members.is_empty() => Some(s),
+                        _ => None,
+                    })
             })
+            .clone()
             .ok_or_else(|| BtfError::NoStruct(name.into()))
     }
 
@@ -210,6 +246,32 @@ mod tests {
         Path::new(VMLINUX_BTF)
             .exists()
             .then(|| KernelBtf::running().expect("parse vmlinux BTF"))
+    }
+
+    /// The copy mapped from memory (kernels before 6.16) reads the same as the file.
+    #[test]
+    fn a_mapped_copy_reads_as_the_file_does() {
+        let Some(btf) = running() else {
+            eprintln!("skipped: {VMLINUX_BTF} missing");
+            return;
+        };
+        let copy = KernelBtf {
+            btf: mapped_copy(Path::new(VMLINUX_BTF)).expect("mapped copy"),
+            composites: RefCell::default(),
+        };
+        for (strukt, path) in [
+            ("sock", &["__sk_common", "skc_num"][..]),
+            ("sk_buff", &["len"][..]),
+        ] {
+            assert_eq!(
+                copy.offset_of(strukt, path).unwrap(),
+                btf.offset_of(strukt, path).unwrap()
+            );
+        }
+        assert_eq!(
+            copy.enum_values("skb_drop_reason").unwrap(),
+            btf.enum_values("skb_drop_reason").unwrap()
+        );
     }
 
     #[test]

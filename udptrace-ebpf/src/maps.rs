@@ -1,14 +1,16 @@
 //! Maps and load-time globals shared by every hook family.
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     macros::map,
     maps::{Array, LruHashMap, LruPerCpuHashMap, PerCpuArray, RingBuf},
 };
 use aya_log_ebpf::debug;
 use udptrace_common::{
     DropKey, DropStats, FlowKey, FlowStats, NatEvent, Offsets, PendingSend, SkbEvent, DROPS_MAX,
-    EVENTS_BYTES, FLOWS_DEFAULT, NF_INET_NUMHOOKS, PENDING_SENDS_MAX, STATS_LEN, STAT_FLOW_FULL,
-    STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
+    EVENTS_BYTES, EVENTS_WAKE_BYTES, FLOWS_DEFAULT, MODE_PATHS, NF_INET_NUMHOOKS,
+    PENDING_SENDS_MAX, STATS_LEN, STAT_FLOW_FULL, STAT_PENDING_FULL, STAT_READ_ERROR,
+    STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
 };
 
 #[map(name = "EVENTS")]
@@ -26,6 +28,24 @@ pub static FLOWS: LruPerCpuHashMap<FlowKey, FlowStats> =
 #[map(name = "DROPS")]
 pub static DROPS: LruPerCpuHashMap<DropKey, DropStats> =
     LruPerCpuHashMap::with_max_entries(DROPS_MAX, 0);
+
+/// Flags for a record sent to [`EVENTS`]: whether it wakes the reader. With path hooks
+/// attached hop events come by the hundred thousand a second, and a wake-up for each (the
+/// kernel's default whenever the reader has caught up) cost an interrupt on this CPU and a
+/// reschedule IPI to the reader's for every few records; the reader looks at the ring on its
+/// own tick anyway. So a record wakes it only once [`EVENTS_WAKE_BYTES`] wait. Without path
+/// hooks the records are the rare, rate-limited drop reports, and each wakes it at once.
+#[inline(always)]
+pub fn ring_flags() -> u64 {
+    if !mode(MODE_PATHS) {
+        return 0;
+    }
+    if EVENTS.query(u64::from(BPF_RB_AVAIL_DATA)) >= u64::from(EVENTS_WAKE_BYTES) {
+        u64::from(BPF_RB_FORCE_WAKEUP)
+    } else {
+        u64::from(BPF_RB_NO_WAKEUP)
+    }
+}
 
 /// `MODE_*` flags: what is attached (set by the loader as it attaches).
 #[map(name = "MODE")]

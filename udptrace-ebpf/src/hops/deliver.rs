@@ -18,7 +18,7 @@ use aya_ebpf::{
 use udptrace_common::{Hook, RecvEvent, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL};
 
 use crate::{
-    maps::{fault, finish, offset, DELIVER_PENDING, EVENTS, LOCAL_IN_SKB},
+    maps::{fault, finish, offset, ring_flags, DELIVER_PENDING, EVENTS, LOCAL_IN_SKB},
     read::current::{header, task},
     read::kernel::{read_kernel, try_read_kernel, ReadError},
     read::skb::{emit_for_sock, output, prepare_delivery},
@@ -120,7 +120,7 @@ fn emit_reader(hook: u16, sk: u64) {
         _pad: 0,
         comm: task.comm,
     };
-    if EVENTS.output::<RecvEvent>(&event, 0).is_err() {
+    if EVENTS.output::<RecvEvent>(&event, ring_flags()).is_err() {
         fault(STAT_RINGBUF_FULL);
     }
 }

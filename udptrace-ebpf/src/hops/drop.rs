@@ -10,7 +10,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    maps::{count, empty_bodies, finish, mode, Scratch, DROPS, EVENTS},
+    maps::{count, empty_bodies, finish, mode, ring_flags, Scratch, DROPS, EVENTS},
     read::kernel::ReadError,
     read::skb::{fill_flow, fill_rest},
     sampling::{self, Decision},
@@ -68,7 +68,7 @@ fn try_drop(skb: u64, reason: u32) -> Result<(), ReadError> {
     }
     fill_rest(ev, KIND_DROP, Hook::TpKfreeSkb as u16, skb, reason, dev);
     ev.sk_ino = 0;
-    if EVENTS.output::<SkbEvent>(&*ev, 0).is_err() {
+    if EVENTS.output::<SkbEvent>(&*ev, ring_flags()).is_err() {
         count(STAT_RINGBUF_FULL);
     }
     Ok(())

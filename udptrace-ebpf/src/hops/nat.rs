@@ -16,7 +16,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    maps::{count, finish, offset, Scratch, EVENTS, NAT_BEFORE},
+    maps::{count, finish, offset, ring_flags, Scratch, EVENTS, NAT_BEFORE},
     read::kernel::{read_kernel, try_read_kernel, ReadError},
     read::skb::{fill, read_udp},
     sampling::{self, Decision},
@@ -194,7 +194,7 @@ fn emit_nat(source: u16, skb: u64, hook: u32, before: &SkbEvent) -> Result<(), R
         ev.nf_hook = hook;
         ev._pad = 0;
         conntrack(skb, ev);
-        if EVENTS.output::<NatEvent>(&*ev, 0).is_err() {
+        if EVENTS.output::<NatEvent>(&*ev, ring_flags()).is_err() {
             // Counted, not logged: a log call here takes nat_after's stack past the
             // verifier's 512 bytes (the skb event's other emitters log it).
             count(STAT_RINGBUF_FULL);

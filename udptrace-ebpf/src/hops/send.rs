@@ -25,7 +25,7 @@ use udptrace_common::{
 
 use super::count;
 use crate::{
-    maps::{fault, finish, mode, offset, EVENTS, FLOWS, PENDING_SENDS},
+    maps::{fault, finish, mode, offset, ring_flags, EVENTS, FLOWS, PENDING_SENDS},
     read::current::{header, task},
     read::kernel::{read_kernel, read_sock, read_sockaddr, read_user, Mem, ReadError},
     read::tracepoint::field,
@@ -77,7 +77,7 @@ fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
         call_dst.family != 0,
         ret,
     );
-    entry.submit(0);
+    entry.submit(ring_flags());
     Ok(())
 }
 

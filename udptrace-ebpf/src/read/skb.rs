@@ -13,7 +13,7 @@ use udptrace_common::{
 };
 
 use crate::{
-    maps::{count, offset, Scratch, EVENTS},
+    maps::{count, offset, ring_flags, Scratch, EVENTS},
     read::current::header,
     read::kernel::{read_kernel, try_read_kernel, ReadError},
     read::peek,
@@ -508,7 +508,7 @@ fn prepare(
 /// Sends a filled hop event.
 #[inline(always)]
 pub fn output(ev: &SkbEvent) {
-    if EVENTS.output::<SkbEvent>(ev, 0).is_err() {
+    if EVENTS.output::<SkbEvent>(ev, ring_flags()).is_err() {
         // Counted, not logged: a log call this deep takes the skb hops' combined stack past
         // 512 bytes on 6.1 (the send hop logs a full ring buffer).
         count(STAT_RINGBUF_FULL);

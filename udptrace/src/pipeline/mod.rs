@@ -36,7 +36,7 @@ use tokio::{
     time::{Instant, Interval},
 };
 use udptrace_common::{
-    SampleConfig, NF_INET_NUMHOOKS, STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_NAT_BASE,
+    SampleConfig, EVENTS_BYTES, NF_INET_NUMHOOKS, STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_NAT_BASE,
     STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
 };
 
@@ -114,6 +114,8 @@ pub struct Pipeline {
     bad: Undecodable,
     /// When the windows and devices are next looked at (`Pipeline::next_tick`).
     tick_at: Instant,
+    /// The ring may hold records no wake-up announced: read them without waiting.
+    ring_unread: bool,
     netns_scan: Interval,
     deadline: Option<Instant>,
     sigterm: Signal,
@@ -178,6 +180,7 @@ impl Pipeline {
             batch: Vec::with_capacity(ring::BATCH),
             bad: Undecodable::default(),
             tick_at: Instant::now(),
+            ring_unread: false,
             // Namespaces (containers, pods) come and go: look for new ones every second.
             netns_scan: tokio::time::interval(Duration::from_secs(1)),
             deadline: duration.map(|d| Instant::now() + d),
@@ -345,6 +348,7 @@ impl Pipeline {
             }
         };
         tracing::debug!("stopping ({stop:?})");
+        self.drain_ring(&mut finished);
         if S::LAST_COUNTS {
             let read = self.flows.read();
             sink.counts(&mut self, read)?;
@@ -369,7 +373,12 @@ impl Pipeline {
             r = self.stream.next_batch(&mut self.batch, &mut self.bad) => {
                 r.context("reading the ring buffer")?;
             }
+            () = std::future::ready(()), if self.ring_unread => {
+                self.ring_unread = self.stream.read_now(&mut self.batch, &mut self.bad);
+            }
             () = tokio::time::sleep_until(self.tick_at) => {
+                // Hop events below the wake-up mark are waiting.
+                self.ring_unread = true;
                 self.drive_windows();
                 // A device appeared or went: attach to it now, and look for the namespace
                 // that may have come with it (a container's veth shows up in ours first).
@@ -394,6 +403,27 @@ impl Pipeline {
             _ = self.sigterm.recv() => return Ok(Some(Stop::Signal)),
             _ = self.sigint.recv() => return Ok(Some(Stop::Signal)),
         }
+        self.take_batch(out);
+        self.assembler.tick(monotonic_ns(), out);
+        Ok(None)
+    }
+
+    /// Reads what is left in the ring (records that woke no one included), before stopping.
+    fn drain_ring(&mut self, out: &mut Vec<Path>) {
+        // Bounded: the ring holds at most EVENTS_BYTES; a kernel refilling it as fast as it
+        // is read does not keep the pipeline from stopping.
+        let most = EVENTS_BYTES as usize / 16 / ring::BATCH + 1;
+        for _ in 0..most {
+            let more = self.stream.read_now(&mut self.batch, &mut self.bad);
+            self.take_batch(out);
+            if !more {
+                break;
+            }
+        }
+    }
+
+    /// Hands the events read to the assembler.
+    fn take_batch(&mut self, out: &mut Vec<Path>) {
         let only = self.only.take();
         for event in self.batch.drain(..) {
             let netns = match &event {
@@ -409,8 +439,6 @@ impl Pipeline {
             self.assembler.push(&event, out);
         }
         self.only = only;
-        self.assembler.tick(monotonic_ns(), out);
-        Ok(None)
     }
 
     /// Brings `table` up to date with the kernel's flow counters, expires idle flows (here

@@ -39,22 +39,36 @@ impl EventStream {
         bad: &mut Undecodable,
     ) -> io::Result<()> {
         let mut guard = self.ring.readable_mut().await?;
-        let ring = guard.get_inner_mut();
-        for _ in 0..BATCH {
-            let Some(record) = ring.next() else {
-                // Read empty: wait for the kernel's next wake-up.
-                guard.clear_ready();
-                return Ok(());
-            };
-            match Event::decode(&record) {
-                Ok(e) => out.push(e),
-                Err(err) => {
-                    bad.0 += 1;
-                    tracing::warn!("dropping ring buffer record: {err}");
-                }
-            }
+        if !read(guard.get_inner_mut(), out, bad) {
+            // Read empty: wait for the kernel's next wake-up.
+            guard.clear_ready();
         }
-        // Records may be left: the fd stays ready, the next call reads on at once.
+        // Else records may be left: the fd stays ready, the next call reads on at once.
         Ok(())
     }
+
+    /// Appends what the ring holds now, at most [`BATCH`] records, without waiting for a
+    /// wake-up: with path hooks attached a hop event wakes the reader only once
+    /// [`udptrace_common::EVENTS_WAKE_BYTES`] wait, so the pipeline also reads on its tick and before it
+    /// stops. `true` when the batch filled (records may be left).
+    pub fn read_now(&mut self, out: &mut Vec<Event>, bad: &mut Undecodable) -> bool {
+        read(self.ring.get_mut(), out, bad)
+    }
+}
+
+/// Appends up to [`BATCH`] records of `ring` to `out`; `true` when that many were read.
+fn read(ring: &mut RingBuf<MapData>, out: &mut Vec<Event>, bad: &mut Undecodable) -> bool {
+    for _ in 0..BATCH {
+        let Some(record) = ring.next() else {
+            return false;
+        };
+        match Event::decode(&record) {
+            Ok(e) => out.push(e),
+            Err(err) => {
+                bad.0 += 1;
+                tracing::warn!("dropping ring buffer record: {err}");
+            }
+        }
+    }
+    true
 }

@@ -308,6 +308,19 @@ impl Agent {
         http::http_get(&format!("{}{path}", self.url))
     }
 
+    /// GETs `path` until its body satisfies `ok` (up to 15 s: the agent reads hop events on
+    /// its tick, paths finish a little after their last hop); the last body.
+    pub fn get_until(&self, path: &str, ok: impl Fn(&str) -> bool) -> String {
+        let deadline = Instant::now() + Duration::from_secs(15);
+        loop {
+            let body = self.get(path);
+            if ok(&body) || Instant::now() > deadline {
+                return body;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+
     /// POST `path` (with its query) to the agent: status and body.
     pub fn post(&self, path: &str) -> (u16, String) {
         http::post(&format!("{}{path}", self.url)).unwrap_or_else(|e| panic!("{e}"))

@@ -104,7 +104,7 @@ fn no_payload_byte_is_kept_or_shown() {
         assert!(!p.to_string().contains(secret), "{p}");
     }
     for page in ["/api/v1/paths", "/api/v1/flows", "/metrics"] {
-        let body = agent.get(page);
+        let body = agent.get_until(page, |b| !page.starts_with("/api") || b.contains("20901"));
         if page.starts_with("/api") {
             assert!(body.contains("20901"), "{page} knows the flow: {body}");
         }

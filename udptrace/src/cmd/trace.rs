@@ -11,7 +11,7 @@ use crate::{
     cmd::args::TraceArgs,
     loader::LoadConfig,
     model::Path,
-    output::lines::{render, Format},
+    output::lines::{write_path, Format},
     pipeline::{filter::Filter, Losses, Pipeline, Sink, Stop},
 };
 
@@ -42,7 +42,9 @@ pub async fn run(args: TraceArgs) -> anyhow::Result<()> {
         filter_note(&filter)
     );
     let mut sink = Lines {
-        out: io::stdout().lock(),
+        // Written a batch of paths at a time (`print` flushes after each), not a syscall
+        // a line.
+        out: io::BufWriter::with_capacity(1 << 16, io::stdout().lock()),
         filter,
         format,
         shown: 0,
@@ -95,7 +97,7 @@ impl<W: Write> Lines<W> {
             if !self.filter.matches(&path) {
                 continue;
             }
-            if let Err(e) = writeln!(self.out, "{}", render(&path, self.format)) {
+            if let Err(e) = write_path(&mut self.out, &path, self.format) {
                 if e.kind() == io::ErrorKind::BrokenPipe {
                     return Ok(Some(Stop::ClosedOutput));
                 }

@@ -1,7 +1,12 @@
 //! The terminal sink: for each datagram a summary line, its hops one per line with the
 //! rewrites and drops highlighted, and the explanation; or JSON lines (docs/json.md).
 
-use std::{net::SocketAddr, time::SystemTime};
+use std::{
+    fmt,
+    io::{self, Write},
+    net::SocketAddr,
+    time::{SystemTime, UNIX_EPOCH},
+};
 
 use crate::model::{FragmentAction, Hop, HopKind, Path, Verdict};
 
@@ -15,23 +20,55 @@ pub enum Format {
     Json,
 }
 
-fn addr(a: Option<SocketAddr>) -> String {
-    a.map_or_else(|| "?".into(), |a| a.to_string())
+/// An address, or `?` when the hop did not see it.
+struct Addr(Option<SocketAddr>);
+
+impl fmt::Display for Addr {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match &self.0 {
+            Some(a) => a.fmt(f),
+            None => f.write_str("?"),
+        }
+    }
 }
 
 /// `HH:MM:SS.micros` in UTC.
-fn clock_time(t: SystemTime) -> String {
-    let s = humantime::format_rfc3339_micros(t).to_string();
-    // 2026-11-26T12:33:01.123456Z
-    s.get(11..26).unwrap_or(&s).to_string()
+struct ClockTime(SystemTime);
+
+impl fmt::Display for ClockTime {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Unix time counts no leap seconds: a day is always 86 400 of its seconds.
+        let since = self.0.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let day = since.as_secs() % 86_400;
+        write!(
+            f,
+            "{:02}:{:02}:{:02}.{:06}",
+            day / 3600,
+            day / 60 % 60,
+            day % 60,
+            since.subsec_micros()
+        )
+    }
 }
 
-/// Wraps `text` in an ANSI style when colors are on.
-fn paint(text: String, style: &str, color: bool) -> String {
-    if color {
-        format!("\x1b[{style}m{text}\x1b[0m")
-    } else {
-        text
+/// `text` wrapped in an ANSI style when colors are on.
+struct Paint<T> {
+    text: T,
+    style: &'static str,
+    color: bool,
+}
+
+fn paint<T: fmt::Display>(text: T, style: &'static str, color: bool) -> Paint<T> {
+    Paint { text, style, color }
+}
+
+impl<T: fmt::Display> fmt::Display for Paint<T> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.color {
+            write!(f, "\x1b[{}m{}\x1b[0m", self.style, self.text)
+        } else {
+            self.text.fmt(f)
+        }
     }
 }
 
@@ -39,104 +76,142 @@ const BOLD_YELLOW: &str = "1;33";
 const BOLD_RED: &str = "1;31";
 const GREEN: &str = "32";
 
-fn hop_line(h: &Hop, color: bool) -> String {
-    let netns = format!("netns {}", h.netns);
+/// What became of the datagram at a hop: its size, its failure or drop reason, its
+/// fragments.
+struct Outcome<'a> {
+    hop: &'a Hop,
+    color: bool,
+}
+
+impl fmt::Display for Outcome<'_> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let (h, color) = (self.hop, self.color);
+        match (&h.error, h.errno, &h.reason, &h.fragment) {
+            (Some(e), Some(n), _, _) => {
+                paint(format_args!("failed: {e} (errno {n})"), BOLD_RED, color).fmt(f)
+            }
+            (_, _, Some(reason), _) => paint(reason, BOLD_RED, color).fmt(f),
+            (_, _, _, Some(frag)) if h.kind == HopKind::Fragment => match frag.action {
+                Some(FragmentAction::Reassembled) => paint(
+                    format_args!("{} B reassembled from {} fragments", h.len, frag.fragments),
+                    BOLD_YELLOW,
+                    color,
+                )
+                .fmt(f),
+                _ => {
+                    let mtu = Mtu(h.mtu);
+                    paint(
+                        format_args!(
+                            "{} B split into {} fragments (ip id {}{mtu})",
+                            h.len, frag.fragments, frag.ip_id
+                        ),
+                        BOLD_YELLOW,
+                        color,
+                    )
+                    .fmt(f)
+                }
+            },
+            (_, _, _, Some(frag)) if frag.offset != 0 => {
+                write!(f, "fragment at byte {}, {} B", frag.offset, h.len)
+            }
+            (_, _, _, Some(frag)) => write!(f, "{} B in {} fragments", h.len, frag.fragments),
+            _ => write!(f, "{} B", h.len),
+        }
+    }
+}
+
+/// `, MTU n` when the MTU is known.
+struct Mtu(Option<u32>);
+
+impl fmt::Display for Mtu {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self.0 {
+            Some(m) => write!(f, ", MTU {m}"),
+            None => Ok(()),
+        }
+    }
+}
+
+fn write_hop(out: &mut impl Write, h: &Hop, color: bool) -> io::Result<()> {
     if let Some(nat) = &h.nat {
         let (before, after) = nat.nat.rewritten(nat.before, nat.after);
-        let text = format!(
+        let text = format_args!(
             "{:<8}{} at {}: {} ⇒ {}",
             "nat",
             nat.nat.name().to_uppercase(),
             nat.nf_hook.name(),
-            addr(before),
-            addr(after)
+            Addr(before),
+            Addr(after)
         );
-        return format!(
-            "  {}  {netns}  via {}",
+        return write!(
+            out,
+            "  {}  netns {}  via {}",
             paint(text, BOLD_YELLOW, color),
+            h.netns,
             h.hook
         );
     }
-    let kind = h.kind.name();
-    let who = h
-        .process
-        .as_ref()
-        .map(|p| format!("{}[{}] ", p.comm, p.pid))
-        .unwrap_or_default();
-    let dev = h
-        .ifname
-        .as_ref()
-        .map(|d| format!("{d} "))
-        .unwrap_or_default();
-    let flow = format!(
-        "{kind:<8}{dev}{who}{} → {}",
-        addr(h.addrs.src),
-        addr(h.addrs.dst)
-    );
-    let outcome = match (&h.error, h.errno, &h.reason, &h.fragment) {
-        (Some(e), Some(n), _, _) => paint(format!("failed: {e} (errno {n})"), BOLD_RED, color),
-        (_, _, Some(reason), _) => paint(reason.clone(), BOLD_RED, color),
-        (_, _, _, Some(f)) if h.kind == HopKind::Fragment => {
-            let what = match f.action {
-                Some(FragmentAction::Reassembled) => {
-                    format!("{} B reassembled from {} fragments", h.len, f.fragments)
-                }
-                _ => format!(
-                    "{} B split into {} fragments (ip id {}{})",
-                    h.len,
-                    f.fragments,
-                    f.ip_id,
-                    h.mtu.map(|m| format!(", MTU {m}")).unwrap_or_default()
-                ),
-            };
-            paint(what, BOLD_YELLOW, color)
-        }
-        (_, _, _, Some(f)) if f.offset != 0 => {
-            format!("fragment at byte {}, {} B", f.offset, h.len)
-        }
-        (_, _, _, Some(f)) => format!("{} B in {} fragments", h.len, f.fragments),
-        _ => format!("{} B", h.len),
-    };
-    let overlay = h
-        .tunnel
-        .as_ref()
-        .map(|t| {
-            let text = format!(
-                "  in {} vni {} {} → {}",
-                t.tunnel.name().to_uppercase(),
-                t.vni,
-                addr(t.outer.src),
-                addr(t.outer.dst)
-            );
-            paint(text, BOLD_YELLOW, color)
-        })
-        .unwrap_or_default();
-    format!("  {flow}{overlay}  {outcome}  {netns}  via {}", h.hook)
+    write!(out, "  {:<8}", h.kind.name())?;
+    if let Some(dev) = &h.ifname {
+        write!(out, "{dev} ")?;
+    }
+    if let Some(p) = &h.process {
+        write!(out, "{}[{}] ", p.comm, p.pid)?;
+    }
+    write!(out, "{} → {}", Addr(h.addrs.src), Addr(h.addrs.dst))?;
+    if let Some(t) = &h.tunnel {
+        let text = format_args!(
+            "  in {} vni {} {} → {}",
+            t.tunnel.name().to_uppercase(),
+            t.vni,
+            Addr(t.outer.src),
+            Addr(t.outer.dst)
+        );
+        write!(out, "{}", paint(text, BOLD_YELLOW, color))?;
+    }
+    write!(out, "  {}", Outcome { hop: h, color })?;
+    write!(out, "  netns {}  via {}", h.netns, h.hook)
 }
 
-/// A path: one line (JSON) or a block of lines (human).
-pub fn render(path: &Path, format: Format) -> String {
+/// Writes a path to `out`, newline-terminated: one line (JSON) or a block of lines (human),
+/// formatted straight into the writer (a full trace prints hundreds of thousands of lines a
+/// second).
+pub fn write_path(out: &mut impl Write, path: &Path, format: Format) -> io::Result<()> {
     match format {
-        Format::Json => serde_json::to_string(path).expect("paths always serialize"),
+        Format::Json => {
+            serde_json::to_writer(&mut *out, path).map_err(io::Error::other)?;
+        }
         Format::Human { color } => {
             let verdict = match (path.verdict, path.complete) {
-                (Verdict::Delivered, _) => paint("delivered".into(), GREEN, color),
-                (Verdict::Dropped, _) => paint("dropped".into(), BOLD_RED, color),
-                (Verdict::LeftHost, _) => paint("left host".into(), GREEN, color),
-                (Verdict::Unknown, true) => "unknown".into(),
-                (Verdict::Unknown, false) => "incomplete".into(),
+                (Verdict::Delivered, _) => paint("delivered", GREEN, color),
+                (Verdict::Dropped, _) => paint("dropped", BOLD_RED, color),
+                (Verdict::LeftHost, _) => paint("left host", GREEN, color),
+                (Verdict::Unknown, true) => paint("unknown", "", false),
+                (Verdict::Unknown, false) => paint("incomplete", "", false),
             };
-            let mut lines = vec![format!(
+            write!(
+                out,
                 "{} {verdict} {} → {}",
-                clock_time(path.ts),
-                addr(path.orig.src),
-                addr(path.orig.dst)
-            )];
-            lines.extend(path.hops.iter().map(|h| hop_line(h, color)));
-            lines.push(format!("  = {}", path.explain));
-            lines.join("\n")
+                ClockTime(path.ts),
+                Addr(path.orig.src),
+                Addr(path.orig.dst)
+            )?;
+            for h in &path.hops {
+                out.write_all(b"\n")?;
+                write_hop(out, h, color)?;
+            }
+            write!(out, "\n  = {}", path.explain)?;
         }
     }
+    out.write_all(b"\n")
+}
+
+/// A path as [`write_path`] writes it, without the final newline.
+pub fn render(path: &Path, format: Format) -> String {
+    let mut out = Vec::new();
+    write_path(&mut out, path, format).expect("writing to memory");
+    out.pop();
+    String::from_utf8(out).expect("paths print as UTF-8")
 }
 
 #[cfg(test)]

@@ -72,6 +72,8 @@ pub fn deliver_fexit_enqueue(ctx: FExitContext) -> u32 {
 
 /// int (*)(struct bpf_nf_ctx *ctx), linked last at LOCAL_IN: the skb about to reach UDP.
 #[classifier]
+// Inlined into the macro's entry point, its result kept (see `nat_after`).
+#[inline(always)]
 pub fn deliver_local_in(ctx: TcContext) -> i32 {
     let p = ctx.as_ptr() as *const u64;
     // SAFETY: a bpf_nf_ctx; the verifier allows the 8-byte read of its skb field.

@@ -14,6 +14,8 @@ const NO_VERDICT: i32 = -1;
 
 /// Linked with tcx (Linux 6.6+).
 #[classifier]
+// Inlined into the macro's entry point, its result kept (see `nat_after`).
+#[inline(always)]
 pub fn ingress_tcx(ctx: TcContext) -> i32 {
     observe(&ctx, Hook::TcxIngress as u16);
     NO_VERDICT
@@ -21,6 +23,8 @@ pub fn ingress_tcx(ctx: TcContext) -> i32 {
 
 /// A clsact ingress filter (kernels before 6.6).
 #[classifier]
+// Inlined into the macro's entry point, its result kept (see `nat_after`).
+#[inline(always)]
 pub fn ingress_clsact(ctx: TcContext) -> i32 {
     observe(&ctx, Hook::TcClsactIngress as u16);
     NO_VERDICT

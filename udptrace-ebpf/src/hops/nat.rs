@@ -87,6 +87,10 @@ fn tuple_side(tuple: u64, ip: usize, port: usize, side: &mut Addr) -> Result<boo
 
 /// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT at each NAT hook.
 #[classifier]
+// Inlined into the entry point the macro wraps it in: as a function of its own, its constant
+// result may be optimised away, and the entry would return whatever r0 held (the verifier
+// refuses that: "cannot return stack pointer to the caller").
+#[inline(always)]
 pub fn nat_after(ctx: TcContext) -> i32 {
     let (state, skb) = nf_ctx(&ctx);
     finish!(try_after(state, skb), "nat_after");

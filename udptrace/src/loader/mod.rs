@@ -17,10 +17,10 @@ pub use maps::{FlowReader, KernelCounts, Sampler};
 pub use netns::NetnsScope;
 pub use report::{Attempt, HopReport};
 
-use std::path::PathBuf;
+use std::{os::fd::AsFd as _, path::PathBuf};
 
 use aya::{
-    maps::{Array, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
+    maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
     programs::SchedClassifier,
     Ebpf, EbpfLoader,
 };
@@ -478,12 +478,18 @@ impl Tracer {
             .ok()
     }
 
-    /// The event ring buffer. Can be taken once.
-    pub fn take_events(&mut self) -> Option<RingBuf<MapData>> {
-        self.ebpf
-            .take_map(names::EVENTS)
-            .and_then(|m| RingBuf::try_from(m).ok())
+    /// The event ring buffer, read through a descriptor of its own. The map stays in the
+    /// object: the netfilter programs loaded by hand when a path window opens are relocated
+    /// against the object's maps, and one that writes events fails without it.
+    pub fn events(&self) -> Option<RingBuf<MapData>> {
+        let Some(Map::RingBuf(data)) = self.ebpf.map(names::EVENTS) else {
+            return None;
+        };
+        let fd = data.fd().as_fd().try_clone_to_owned().ok()?;
+        let data = MapData::from_fd(fd).ok()?;
+        RingBuf::try_from(Map::RingBuf(data)).ok()
     }
+
 
     /// Sums the per-CPU counters of the `STATS` map, indexed by `STAT_*`.
     pub fn stats(&self) -> Vec<u64> {

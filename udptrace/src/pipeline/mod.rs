@@ -155,7 +155,7 @@ impl Pipeline {
                 .context("setting the sampling rate")?;
         }
         let ring = tracer
-            .take_events()
+            .events()
             .context("the eBPF object has no EVENTS ring buffer")?;
         let stream = EventStream::new(ring).context("registering the ring buffer with tokio")?;
         let kernel_log = match tracer.take_kernel_logger() {

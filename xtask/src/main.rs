@@ -48,12 +48,18 @@ enum Task {
         #[arg(long, default_value_t = 300)]
         secs: u64,
     },
-    /// Run only the soak test (tests/integration/soak.rs) on this kernel, for as long as asked: the
-    /// agent under a sender at full speed; memory and fds flat, every datagram counted.
+    /// Run only the soak tests on this kernel, for as long as asked: the agent under a sender at
+    /// full speed (tests/integration/soak.rs: memory and fds flat, every datagram counted), then
+    /// through rounds of namespaces created and deleted (tests/integration/churn.rs: everything
+    /// let go of, every datagram counted).
     Soak {
         /// Seconds of traffic (the suite's run is 60).
         #[arg(long, default_value_t = 600)]
         secs: u64,
+        /// Rounds of 40 namespaces created and deleted, in each agent mode (the suite's run is
+        /// 5; 300 rounds take about an hour).
+        #[arg(long, default_value_t = 100)]
+        churn_rounds: u64,
     },
     /// Run the test suite on this kernel, or with `--vm` inside qemu guests.
     IntegrationTest {
@@ -84,7 +90,9 @@ fn main() -> ExitCode {
         Task::Test => setup::run().and_then(|()| test::run(&default_kernels())),
         Task::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
         Task::Fuzz { secs } => setup::run().and_then(|()| fuzz::run(secs)),
-        Task::Soak { secs } => setup::run().and_then(|()| test::soak(secs)),
+        Task::Soak { secs, churn_rounds } => {
+            setup::run().and_then(|()| test::soak(secs, churn_rounds))
+        }
         Task::IntegrationTest { vm, kernels } => setup::run().and_then(|()| {
             let mut totals = suite::Totals::default();
             let result = if vm {

@@ -96,8 +96,9 @@ pub fn run_host(totals: &mut Totals) -> Result<()> {
 }
 
 /// Runs the soak test (udptrace/tests/integration/soak.rs) alone for `secs` seconds of
-/// traffic, printing what it measured.
-pub fn soak(secs: u64) -> Result<()> {
+/// traffic, then the churn tests (churn.rs) for `churn_rounds` rounds, printing what they
+/// measured.
+pub fn soak(secs: u64, churn_rounds: u64) -> Result<()> {
     let binaries = build_tests()?;
     let exe = binaries
         .iter()
@@ -108,5 +109,11 @@ pub fn soak(secs: u64) -> Result<()> {
             .current_dir(workspace())
             .env("UDPTRACE_SOAK_SECS", secs.to_string())
             .args(["--nocapture", "--test-threads=1", "soak::"]),
+    )?;
+    exec(
+        root_command(exe)
+            .current_dir(workspace())
+            .env("UDPTRACE_CHURN_ROUNDS", churn_rounds.to_string())
+            .args(["--nocapture", "--test-threads=1", "churn::"]),
     )
 }

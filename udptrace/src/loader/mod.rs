@@ -14,10 +14,10 @@ mod tc;
 
 pub use chain::DISABLE_HOOKS_ENV;
 pub use maps::{FlowReader, KernelCounts, Sampler};
-pub use netns::NetnsScope;
+pub use netns::{Namespaces, NetnsScope};
 pub use report::{Attempt, HopReport};
 
-use std::{os::fd::AsFd as _, path::PathBuf};
+use std::{collections::BTreeSet, os::fd::AsFd as _, path::PathBuf};
 
 use aya::{
     maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -37,6 +37,15 @@ use crate::kernel::{
     tracefs::Tracefs,
 };
 use chain::{chain, program, unload_any, Ctx};
+
+/// What following the namespaces changed.
+#[derive(Debug, Default)]
+pub struct NamespaceChanges {
+    /// Namespaces newly covered (the most of any one kind of attachment).
+    pub added: usize,
+    /// Namespaces let go of: gone, nothing of ours left in them.
+    pub released: Vec<u64>,
+}
 
 /// The kernel programs, built by `build.rs` and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udptrace-ebpf"));
@@ -283,7 +292,7 @@ impl Tracer {
         ]);
         if !self.netfilter.is_empty() {
             let scope = self.scope;
-            let (covered, errors) = self.netfilter.cover(&scope.files());
+            let (covered, errors) = self.netfilter.cover(&Namespaces::list(scope));
             let note =
                 format!("netfilter links in {covered} network namespace(s) ({scope:?} scope)");
             for report in new
@@ -413,32 +422,47 @@ impl Tracer {
         changed
     }
 
-    /// Links the netfilter programs in namespaces that appeared since the last call (with
-    /// `--netns all`); returns how many were added. Errors are logged, not fatal.
-    pub fn cover_new_namespaces(&mut self) -> usize {
+    /// Follows the namespaces `namespaces` lists (with `--netns all`): links the netfilter
+    /// programs and attaches ingress in those that appeared since the last call, and
+    /// detaches from those gone. Errors are logged, not fatal.
+    pub fn follow_namespaces(&mut self, namespaces: &Namespaces) -> NamespaceChanges {
+        let mut changes = NamespaceChanges::default();
         if self.scope == NetnsScope::Host {
-            return 0;
+            return changes;
         }
-        let files = self.scope.files();
-        let mut new = 0;
         if !self.netfilter.is_empty() {
-            let (n, errors) = self.netfilter.cover(&files);
-            new = new.max(n);
+            changes.released.extend(self.netfilter.release(namespaces));
+            let (n, errors) = self.netfilter.cover(namespaces);
+            changes.added = changes.added.max(n);
             for e in errors {
                 tracing::debug!("not covered: {e}");
             }
         }
         if let Some(cover) = self.ingress.as_mut() {
-            cover.prune(&files);
+            changes.released.extend(cover.release(namespaces));
             if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, cover.mode().program()) {
-                let (n, errors) = cover.cover(prog, &files);
-                new = new.max(n);
+                let (n, errors) = cover.cover(prog, namespaces);
+                changes.added = changes.added.max(n);
                 for e in errors {
                     tracing::debug!("ingress not covered: {e}");
                 }
             }
         }
-        new
+        changes.released.sort_unstable();
+        changes.released.dedup();
+        changes
+    }
+
+    /// The namespaces something is attached in now, and the links (netfilter, tcx or clsact)
+    /// held there.
+    pub fn namespace_coverage(&self) -> (BTreeSet<u64>, usize) {
+        let mut covered: BTreeSet<u64> = self.netfilter.namespaces().collect();
+        let mut links = self.netfilter.links();
+        if let Some(cover) = &self.ingress {
+            covered.extend(cover.namespaces());
+            links += cover.devices();
+        }
+        (covered, links)
     }
 
     /// A handle of its own on the flow table and the counters, for a thread that reads them
@@ -489,7 +513,6 @@ impl Tracer {
         let data = MapData::from_fd(fd).ok()?;
         RingBuf::try_from(Map::RingBuf(data)).ok()
     }
-
 
     /// Sums the per-CPU counters of the `STATS` map, indexed by `STAT_*`.
     pub fn stats(&self) -> Vec<u64> {

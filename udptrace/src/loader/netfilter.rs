@@ -5,13 +5,16 @@
 //! namespace. Links are file descriptors: dropping them detaches exactly what we attached.
 
 use std::{
-    collections::HashSet,
+    collections::{HashMap, HashSet},
+    fs::File,
     io,
     os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
-    path::{Path, PathBuf},
+    path::Path,
 };
 
 use aya::{maps::Map, Ebpf};
+
+use super::netns::Namespaces;
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type};
 use udptrace_common::{
     NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING,
@@ -213,12 +216,18 @@ pub fn link_in(netns: &Path, slots: &[Slot<'_>]) -> Result<Vec<OwnedFd>, String>
 /// Builds the slots of one set of loaded programs.
 pub type SlotsFn = for<'a> fn(&'a [OwnedFd]) -> Vec<Slot<'a>>;
 
+/// One namespace's netfilter links, and the namespace file that keeps its inode ours while
+/// it is covered (see [`Namespaces`]).
+struct Covered {
+    _anchor: File,
+    links: Vec<OwnedFd>,
+}
+
 /// Loaded netfilter programs, the namespaces they are linked in, and the links.
 #[derive(Default)]
 pub struct Coverage {
     sets: Vec<(Vec<OwnedFd>, SlotsFn)>,
-    covered: HashSet<u64>,
-    links: Vec<OwnedFd>,
+    covered: HashMap<u64, Covered>,
 }
 
 impl Coverage {
@@ -231,19 +240,30 @@ impl Coverage {
         self.sets.is_empty()
     }
 
-    /// Links every program set in each namespace of `files` not covered yet (the same
-    /// namespace may appear under several files). Returns how many were newly covered and
-    /// why any could not be.
-    pub fn cover(&mut self, files: &[PathBuf]) -> (usize, Vec<String>) {
+    /// Namespaces covered now.
+    pub fn namespaces(&self) -> impl Iterator<Item = u64> + '_ {
+        self.covered.keys().copied()
+    }
+
+    /// Links held now.
+    pub fn links(&self) -> usize {
+        self.covered.values().map(|c| c.links.len()).sum()
+    }
+
+    /// Links every program set in each namespace of `namespaces` not covered yet. Returns
+    /// how many were newly covered and why any could not be.
+    pub fn cover(&mut self, namespaces: &Namespaces) -> (usize, Vec<String>) {
         let mut new = 0;
         let mut errors = Vec::new();
-        for file in files {
-            let Some(inode) = super::netns::inode(file) else {
-                continue;
-            };
-            if self.covered.contains(&inode) {
+        for (inode, file) in namespaces.iter() {
+            if self.covered.contains_key(&inode) {
                 continue;
             }
+            let anchor = match File::open(file) {
+                Ok(f) if super::netns::inode(file) == Some(inode) => f,
+                // Gone, or the file names another namespace by now.
+                _ => continue,
+            };
             let mut links = Vec::new();
             let linked = self.sets.iter().try_for_each(|(progs, slots)| {
                 links.extend(link_in(file, &slots(progs))?);
@@ -251,8 +271,13 @@ impl Coverage {
             });
             match linked {
                 Ok(()) => {
-                    self.covered.insert(inode);
-                    self.links.extend(links);
+                    self.covered.insert(
+                        inode,
+                        Covered {
+                            _anchor: anchor,
+                            links,
+                        },
+                    );
                     new += 1;
                 }
                 // Dropping `links` detaches the part that did link.
@@ -260,5 +285,21 @@ impl Coverage {
             }
         }
         (new, errors)
+    }
+
+    /// Detaches from the namespaces `namespaces` no longer lists (gone, or going: nothing
+    /// can send in them again) and lets go of them; returns their inodes.
+    pub fn release(&mut self, namespaces: &Namespaces) -> Vec<u64> {
+        let gone: Vec<u64> = self
+            .covered
+            .keys()
+            .filter(|i| !namespaces.contains(**i))
+            .copied()
+            .collect();
+        for inode in &gone {
+            // Closing a netfilter link unregisters its hook.
+            self.covered.remove(inode);
+        }
+        gone
     }
 }

@@ -1,6 +1,7 @@
 //! Network namespaces: which ones per-namespace hooks cover, and doing something inside one.
 
 use std::{
+    collections::BTreeMap,
     fs::File,
     io,
     os::{fd::AsRawFd as _, unix::fs::MetadataExt as _},
@@ -46,6 +47,49 @@ impl NetnsScope {
             );
         }
         files
+    }
+}
+
+/// The network namespaces a scope reaches now, each under one file that names it (the
+/// same namespace is often named by many: every process in it, a /run/netns entry).
+///
+/// A namespace no file names any more has no process and no bind mount left: nothing can
+/// send in it again, and the kernel frees it once the last reference goes. udptrace holds
+/// such a reference (a socket, a namespace file) only while the namespace is listed here,
+/// so that its inode number cannot be given to a new namespace while udptrace still counts
+/// it as covered.
+#[derive(Debug, Default, Clone)]
+pub struct Namespaces {
+    by_inode: BTreeMap<u64, PathBuf>,
+}
+
+impl Namespaces {
+    /// Lists the namespaces `scope` reaches now.
+    pub fn list(scope: NetnsScope) -> Self {
+        let mut by_inode = BTreeMap::new();
+        for file in scope.files() {
+            if let Some(inode) = inode(&file) {
+                by_inode.entry(inode).or_insert(file);
+            }
+        }
+        Self { by_inode }
+    }
+
+    /// Namespace inodes and the file that names each.
+    pub fn iter(&self) -> impl Iterator<Item = (u64, &Path)> {
+        self.by_inode.iter().map(|(i, f)| (*i, f.as_path()))
+    }
+
+    pub fn contains(&self, inode: u64) -> bool {
+        self.by_inode.contains_key(&inode)
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_inode.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.by_inode.is_empty()
     }
 }
 

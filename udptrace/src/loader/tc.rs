@@ -21,7 +21,7 @@ use aya::programs::{
 };
 
 use super::{
-    netns,
+    netns::{self, Namespaces},
     rtnl::{LinkMonitor, Rtnl},
 };
 
@@ -242,14 +242,15 @@ impl Coverage {
 
     /// Attaches in each namespace of `files` not covered yet. Returns how many namespaces
     /// were added and what failed.
-    pub fn cover(&mut self, prog: &mut SchedClassifier, files: &[PathBuf]) -> (usize, Vec<String>) {
+    pub fn cover(
+        &mut self,
+        prog: &mut SchedClassifier,
+        namespaces: &Namespaces,
+    ) -> (usize, Vec<String>) {
         let mode = self.mode;
         let mut new = 0;
         let mut errors = Vec::new();
-        for file in files {
-            let Some(inode) = netns::inode(file) else {
-                continue;
-            };
+        for (inode, file) in namespaces.iter() {
             if self.namespaces.contains_key(&inode) {
                 continue;
             }
@@ -269,7 +270,7 @@ impl Coverage {
                     self.namespaces.insert(
                         inode,
                         Netns {
-                            file: file.clone(),
+                            file: file.to_path_buf(),
                             monitor,
                             devices: added.into_iter().collect(),
                         },
@@ -316,21 +317,27 @@ impl Coverage {
         (any, errors)
     }
 
-    /// Lets go of namespaces no file names any more (their last process exited): their
-    /// devices went with them, and our sockets must not keep them alive.
-    pub fn prune(&mut self, files: &[PathBuf]) {
-        let live: HashSet<u64> = files.iter().filter_map(|f| netns::inode(f)).collect();
+    /// Namespaces covered now.
+    pub fn namespaces(&self) -> impl Iterator<Item = u64> + '_ {
+        self.namespaces.keys().copied()
+    }
+
+    /// Lets go of the namespaces `namespaces` no longer lists (their last process exited):
+    /// their devices go with them, and our device monitor must not keep them alive.
+    /// Returns their inodes.
+    pub fn release(&mut self, namespaces: &Namespaces) -> Vec<u64> {
         let gone: Vec<u64> = self
             .namespaces
             .keys()
-            .filter(|i| !live.contains(i))
+            .filter(|i| !namespaces.contains(**i))
             .copied()
             .collect();
-        for inode in gone {
-            if let Some(ns) = self.namespaces.remove(&inode) {
+        for inode in &gone {
+            if let Some(ns) = self.namespaces.remove(inode) {
                 ns.devices.into_values().for_each(forget);
             }
         }
+        gone
     }
 }
 

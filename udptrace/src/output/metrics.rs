@@ -6,7 +6,7 @@ use crate::pipeline::windows::Status as WindowStatus;
 use prometheus::{IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
 use udptrace_common::SampleConfig;
 
-use crate::pipeline::{filter::Filter, flows::FlowTable, Losses};
+use crate::pipeline::{filter::Filter, flows::FlowTable, Losses, NamespaceCoverage};
 
 /// Builds a counter or gauge family (or a single one, without labels) and sets its values.
 fn family<M: prometheus::core::Collector + Clone + 'static>(
@@ -22,6 +22,7 @@ fn family<M: prometheus::core::Collector + Clone + 'static>(
 pub struct Metrics<'a> {
     pub flows: &'a FlowTable,
     pub losses: &'a Losses,
+    pub namespaces: NamespaceCoverage,
     /// (hop, hook) in use.
     pub hooks: &'a [(&'static str, &'static str)],
     /// One series per flow too.
@@ -142,6 +143,31 @@ pub fn render(s: &Metrics<'_>) -> prometheus::Result<String> {
         )
     })?
     .set(i64::try_from(s.losses.conntrack_namespaces).unwrap_or(i64::MAX));
+    let gauge = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    family(&registry, || {
+        IntGauge::new(
+            "udptrace_namespaces_covered",
+            "Network namespaces udptrace has programs attached or sockets watching in now",
+        )
+    })?
+    .set(gauge(s.namespaces.covered));
+    family(&registry, || {
+        IntGauge::new(
+            "udptrace_namespace_links",
+            "Links udptrace holds in network namespaces now (netfilter, tcx, clsact): with \
+             namespaces coming and going, this follows the namespaces covered and never grows \
+             beyond them",
+        )
+    })?
+    .set(gauge(s.namespaces.links));
+    family(&registry, || {
+        IntCounter::new(
+            "udptrace_namespaces_released_total",
+            "Network namespaces udptrace let go of because they were gone (every link, \
+             socket and reference it held there closed)",
+        )
+    })?
+    .inc_by(s.namespaces.released);
     if let Some(w) = &s.windows {
         let opened = family(&registry, || {
             IntCounterVec::new(
@@ -240,6 +266,11 @@ mod tests {
         let s = Metrics {
             flows: &flows,
             losses: &Losses::default(),
+            namespaces: NamespaceCoverage {
+                covered: 4,
+                links: 50,
+                released: 200,
+            },
             hooks: &[("send", "raw_tracepoint:sock:sock_send_length")],
             per_flow: false,
             sampling: SampleConfig {
@@ -258,6 +289,9 @@ mod tests {
             "udptrace_build_info{version=",
             "udptrace_events_lost_total 0",
             "udptrace_sample_every 100",
+            "udptrace_namespaces_covered 4",
+            "udptrace_namespace_links 50",
+            "udptrace_namespaces_released_total 200",
         ] {
             assert!(text.contains(needle), "{needle} in\n{text}");
         }

@@ -9,11 +9,10 @@
 //! bind mount): the socket must not be what keeps a dead namespace alive.
 
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     io,
     net::SocketAddr,
     os::fd::AsRawFd as _,
-    path::PathBuf,
     sync::{
         atomic::{AtomicU64, Ordering},
         Arc,
@@ -34,7 +33,7 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::loader::netns;
+use crate::loader::netns::{self, Namespaces};
 
 /// NFNLGRP_CONNTRACK_NEW and NFNLGRP_CONNTRACK_DESTROY (linux/netfilter/nfnetlink.h).
 const GROUP_NEW: u32 = 1;
@@ -127,17 +126,14 @@ impl Conntrack {
         self.stats.clone()
     }
 
-    /// Watches every namespace of `files` not watched yet and lets go of those no longer
-    /// among them. Returns how many were added; errors (a namespace gone meanwhile, one
-    /// that cannot be entered) are logged.
-    pub fn cover(&mut self, files: &[PathBuf]) -> usize {
-        let mut reachable = HashSet::new();
+    /// Watches every namespace of `namespaces` not watched yet and lets go of those no
+    /// longer among them (closing the socket that would keep them alive). Returns how many
+    /// were added, and the inodes let go of; errors (a namespace gone meanwhile, one that
+    /// cannot be entered) are logged.
+    pub fn cover(&mut self, namespaces: &Namespaces) -> (usize, Vec<u64>) {
         let mut added = 0;
-        for file in files {
-            let Some(inode) = netns::inode(file) else {
-                continue;
-            };
-            if !reachable.insert(inode) || self.watched.contains_key(&inode) {
+        for (inode, file) in namespaces.iter() {
+            if self.watched.contains_key(&inode) {
                 continue;
             }
             match netns::run_in(file, Some(inode), open) {
@@ -165,18 +161,25 @@ impl Conntrack {
                 Err(e) => tracing::debug!("conntrack: {e}"),
             }
         }
+        let mut released = Vec::new();
         self.watched.retain(|inode, task| {
-            let keep = reachable.contains(inode) && !task.is_finished();
+            let keep = namespaces.contains(*inode) && !task.is_finished();
             if !keep {
                 task.abort();
                 tracing::debug!("conntrack: netns {inode} is gone; its socket is closed");
+                released.push(*inode);
             }
             keep
         });
         self.stats
             .namespaces
             .store(self.watched.len() as u64, Ordering::Relaxed);
-        added
+        (added, released)
+    }
+
+    /// Namespaces watched now.
+    pub fn namespaces(&self) -> impl Iterator<Item = u64> + '_ {
+        self.watched.keys().copied()
     }
 
     /// The next batch of events.

@@ -42,7 +42,9 @@ use udptrace_common::{
 
 use crate::{
     clock::{monotonic_ns, Clock},
-    loader::{FlowReader, HopReport, KernelCounts, LoadConfig, NetnsScope, Sampler, Tracer},
+    loader::{
+        FlowReader, HopReport, KernelCounts, LoadConfig, Namespaces, NetnsScope, Sampler, Tracer,
+    },
     model::{NfHook, Path},
 };
 use assemble::Assembler;
@@ -116,6 +118,9 @@ pub struct Pipeline {
     tick_at: Instant,
     /// The ring may hold records no wake-up announced: read them without waiting.
     ring_unread: bool,
+    coverage: NamespaceCoverage,
+    /// Namespaces let go of since the flow table was last updated.
+    gone: Vec<u64>,
     netns_scan: Interval,
     deadline: Option<Instant>,
     sigterm: Signal,
@@ -181,6 +186,8 @@ impl Pipeline {
             bad: Undecodable::default(),
             tick_at: Instant::now(),
             ring_unread: false,
+            coverage: NamespaceCoverage::default(),
+            gone: Vec::new(),
             // Namespaces (containers, pods) come and go: look for new ones every second.
             netns_scan: tokio::time::interval(Duration::from_secs(1)),
             deadline: duration.map(|d| Instant::now() + d),
@@ -316,7 +323,7 @@ impl Pipeline {
         };
         if S::CONNTRACK && !self.paths {
             let mut ct = Conntrack::new();
-            let n = ct.cover(&self.scope.files());
+            let (n, _) = ct.cover(&Namespaces::list(self.scope));
             tracing::info!("following NAT through conntrack in {n} network namespace(s)");
             self.conntrack = Some(ct);
         }
@@ -456,21 +463,54 @@ impl Pipeline {
             table.len(),
             kernel.drops.len()
         );
+        if !self.gone.is_empty() {
+            let gone = std::mem::take(&mut self.gone);
+            table.forget_namespaces(&gone);
+        }
         let expired = table.expire(monotonic_ns());
         self.tracer.remove_flows(&expired);
         self.losses()
     }
 
+    /// Covers the namespaces that appeared since the last look and lets go of those gone:
+    /// every link, program attachment and socket of ours in them, and what the flow table
+    /// keeps of them (at the next read of the counts).
     fn cover_new_namespaces(&mut self) {
-        let new = self.tracer.cover_new_namespaces();
-        if new > 0 {
-            tracing::info!("now covering {new} more network namespace(s)");
+        let namespaces = Namespaces::list(self.scope);
+        let mut changes = self.tracer.follow_namespaces(&namespaces);
+        if changes.added > 0 {
+            tracing::info!("now covering {} more network namespace(s)", changes.added);
         }
         if let Some(ct) = self.conntrack.as_mut() {
-            let new = ct.cover(&self.scope.files());
+            let (new, released) = ct.cover(&namespaces);
             if new > 0 {
                 tracing::info!("following conntrack in {new} more network namespace(s)");
             }
+            changes.released.extend(released);
+        }
+        changes.released.sort_unstable();
+        changes.released.dedup();
+        if !changes.released.is_empty() {
+            tracing::info!(
+                "let go of {} network namespace(s) gone: {:?}",
+                changes.released.len(),
+                changes.released
+            );
+        }
+        self.coverage.released += changes.released.len() as u64;
+        self.gone.extend(changes.released);
+    }
+
+    /// The namespaces covered now, the links held in them, and those let go of so far.
+    pub fn namespace_coverage(&self) -> NamespaceCoverage {
+        let (mut covered, links) = self.tracer.namespace_coverage();
+        if let Some(ct) = &self.conntrack {
+            covered.extend(ct.namespaces());
+        }
+        NamespaceCoverage {
+            covered: covered.len() as u64,
+            links: links as u64,
+            released: self.coverage.released,
         }
     }
 
@@ -561,6 +601,17 @@ async fn kernel_log_ready<'a>(
         Some(fd) => fd.readable_mut().await,
         None => std::future::pending().await,
     }
+}
+
+/// Network namespaces followed (`--netns all`): for the metrics.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct NamespaceCoverage {
+    /// Namespaces with something of ours attached or watching in them now.
+    pub covered: u64,
+    /// Per-namespace links held now (netfilter, tcx or clsact).
+    pub links: u64,
+    /// Namespaces let go of since the start, because they were gone.
+    pub released: u64,
 }
 
 /// Counters of what was lost, for the exit line and the metrics.

@@ -288,6 +288,21 @@ impl Agent {
         self.child.id()
     }
 
+    /// The agent's open file descriptors, and the BPF links and programs among them: the
+    /// least of three looks 20 ms apart (a file opened for a moment, a namespace being
+    /// looked at, is not a leak; a leaked one stays).
+    pub fn fds(&self) -> Fds {
+        (0..3)
+            .map(|i| {
+                if i > 0 {
+                    std::thread::sleep(Duration::from_millis(20));
+                }
+                Fds::of(self.child.id())
+            })
+            .min_by_key(|f| f.total)
+            .unwrap()
+    }
+
     /// The agent's resident memory (VmRSS) in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
@@ -506,5 +521,35 @@ pub fn wait_unloaded(ids: &BTreeSet<u64>) -> Vec<u64> {
             return left;
         }
         std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
+/// A process's open file descriptors, and the BPF links and programs among them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Fds {
+    pub total: usize,
+    pub bpf_links: usize,
+    pub bpf_progs: usize,
+}
+
+impl Fds {
+    fn of(pid: u32) -> Self {
+        let mut fds = Self {
+            total: 0,
+            bpf_links: 0,
+            bpf_progs: 0,
+        };
+        for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))
+            .expect("the process's fds")
+            .flatten()
+        {
+            fds.total += 1;
+            match std::fs::read_link(entry.path()) {
+                Ok(t) if t.as_os_str() == "anon_inode:bpf_link" => fds.bpf_links += 1,
+                Ok(t) if t.as_os_str() == "anon_inode:bpf-prog" => fds.bpf_progs += 1,
+                _ => {}
+            }
+        }
+        fds
     }
 }

@@ -4,6 +4,7 @@
 //! (`udptrace-testkit`). `cargo xtask integration-test` runs them here and in VMs;
 //! `cargo test --release --test integration -- nat::` runs one module.
 
+mod churn;
 mod cleanup;
 mod counting;
 mod deliver;

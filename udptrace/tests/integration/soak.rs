@@ -54,22 +54,6 @@ fn soak_secs() -> u64 {
         .unwrap_or(60)
 }
 
-/// The agent's open fds, the least of three looks 20 ms apart: a file opened for a moment
-/// (a namespace being looked at) is not a leak; a leaked one stays.
-fn open_fds(pid: u32) -> usize {
-    (0..3)
-        .map(|i| {
-            if i > 0 {
-                std::thread::sleep(Duration::from_millis(20));
-            }
-            std::fs::read_dir(format!("/proc/{pid}/fd"))
-                .expect("the agent's fds")
-                .count()
-        })
-        .min()
-        .unwrap()
-}
-
 /// The agent's packet count over the flows to `port`, once it has read the kernel's
 /// counters after the last datagram (it reads them every second).
 fn counted(agent: &Agent, port: u16, want: u64) -> u64 {
@@ -117,7 +101,7 @@ fn memory_and_fds_stay_flat_and_every_datagram_is_counted() {
         let sample = (
             started.elapsed().as_secs(),
             agent.rss_kib(),
-            open_fds(agent.pid()),
+            agent.fds().total,
         );
         if warm.is_none() && started.elapsed() >= warm_at {
             warm = Some(sample);

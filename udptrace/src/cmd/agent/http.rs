@@ -28,7 +28,7 @@ use crate::{
         flows::FlowTable,
         stitch::{stitch, Part},
         windows::{Reason, Windows, MAX_WINDOW},
-        Losses,
+        Losses, NamespaceCoverage,
     },
 };
 
@@ -38,6 +38,7 @@ pub struct Shared {
     pub paths: VecDeque<Path>,
     pub paths_kept: usize,
     pub losses: Losses,
+    pub namespaces: NamespaceCoverage,
     /// (hop, hook) in use.
     pub hooks: Vec<(&'static str, &'static str)>,
     pub per_flow_metrics: bool,
@@ -298,6 +299,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         metrics::render(&Metrics {
             flows: &s.flows,
             losses: &s.losses,
+            namespaces: s.namespaces,
             hooks: &s.hooks,
             per_flow: s.per_flow_metrics,
             sampling: s.sampling,

@@ -24,7 +24,7 @@ use crate::{
         conntrack::CtEvent,
         flows::{FlowTable, News},
         windows::{Reason, Windows},
-        FlowCounts, Losses, Pipeline, Sink, Stop,
+        FlowCounts, Losses, NamespaceCoverage, Pipeline, Sink, Stop,
     },
 };
 use http::{AppState, Shared};
@@ -76,6 +76,7 @@ pub async fn run(args: AgentArgs) -> anyhow::Result<()> {
         paths: VecDeque::new(),
         paths_kept: settings.paths_kept,
         losses: Losses::default(),
+        namespaces: NamespaceCoverage::default(),
         hooks,
         per_flow_metrics: settings.per_flow_metrics,
         sampler: pipeline.sampler(),
@@ -182,6 +183,7 @@ impl Sink for AgentSink {
         let news = {
             let mut s = self.state.lock().expect("agent state");
             s.losses = pipeline.apply_flow_counts(&mut s.flows, counts);
+            s.namespaces = pipeline.namespace_coverage();
             if self.nat_programs {
                 s.flows.set_nat_totals(pipeline.nat_counts());
             }

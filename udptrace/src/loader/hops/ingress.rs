@@ -9,6 +9,7 @@ use crate::{
     kernel::offsets::Group,
     loader::{
         chain::{attach_chain, chain, need, program, Ctx},
+        netns::Namespaces,
         report::HopReport,
         tc,
     },
@@ -43,7 +44,7 @@ fn cover(ctx: &mut Ctx<'_>, mode: tc::Mode, report: &mut HopReport) -> Result<()
     prog.load()
         .map_err(|e| format!("loading {}: {}", mode.program(), chain(&e)))?;
     let mut cover = tc::Coverage::new(mode);
-    let (_, errors) = cover.cover(prog, &ctx.scope.files());
+    let (_, errors) = cover.cover(prog, &Namespaces::list(ctx.scope));
     if cover.devices() == 0 {
         let _ = prog.unload();
         return Err(format!(

@@ -1,0 +1,378 @@
+//! Namespaces coming and going as pods do (issue 17): the agent covers every namespace
+//! (`--netns all`, path hooks on) while rounds of "pods" are created, send, and are deleted.
+//! Each pod is a namespace with a veth on the test's bridge namespace; half have a DNAT rule
+//! in their OUTPUT chain, a quarter a receiving process. Every datagram a pod sent while
+//! alive is counted on its flow; afterwards the agent's descriptors, BPF links and programs,
+//! memory and flows are back to the warm baseline, the kernel has freed every deleted
+//! namespace (their veths' peers are gone from the bridge), and a pod created last is still
+//! traced hop by hop. `UDPTRACE_CHURN_ROUNDS` sets the rounds (5 of 40 pods by default;
+//! `cargo xtask soak --churn` runs it for longer).
+
+use std::{
+    collections::BTreeMap,
+    process::{Child, Stdio},
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use udptrace_testkit::*;
+
+/// The bridge's address in the hub, where every pod sends.
+const HUB: &str = "10.210.0.1";
+const PORT: u16 = 20951;
+/// What DNAT pods send to: their OUTPUT chain rewrites it to HUB:PORT.
+const DNAT_PORT: u16 = 20952;
+const PER_POD: u64 = 50;
+const PODS_PER_ROUND: usize = 40;
+/// How long the agent keeps an idle flow: the pods' flows must leave the table by the end.
+const FLOW_IDLE_SECS: u64 = 2;
+
+const SENDER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+for _ in range(int(sys.argv[3])):
+    s.sendto(b'churn', (sys.argv[1], int(sys.argv[2])))
+"#;
+
+const RECEIVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print('ready', flush=True)
+while True:
+    s.recv(64)
+"#;
+
+fn rounds() -> usize {
+    std::env::var("UDPTRACE_CHURN_ROUNDS")
+        .ok()
+        .map(|s| s.parse().expect("UDPTRACE_CHURN_ROUNDS: a number"))
+        .unwrap_or(5)
+}
+
+/// A receiving process, ended (and reaped) when dropped.
+struct Receiver(Child);
+
+impl Drop for Receiver {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// A receiver in `ns` on `addr:port`, ready when returned.
+fn receiver(ns: &Netns, addr: &str, port: u16) -> Receiver {
+    let mut child = ns
+        .cmd(PYTHON)
+        .args(["-c", RECEIVER, addr, &port.to_string()])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    Receiver(child)
+}
+
+/// One pod: its namespace (removed when dropped, with whatever runs in it), its address.
+struct Pod {
+    ns: Netns,
+    addr: String,
+    dnat: bool,
+    _receiver: Option<Receiver>,
+}
+
+impl Pod {
+    fn new(hub: &Netns, round: usize, index: usize) -> Self {
+        let ns = Netns::new("pod");
+        let addr = format!("10.210.{}.{}", round + 1, index + 1);
+        let port = format!("c{round}x{index}");
+        sh(&[
+            "ip", "link", "add", &port, "netns", &hub.name, "type", "veth", "peer", "name", "eth0",
+            "netns", &ns.name,
+        ]);
+        hub.ip(&["link", "set", &port, "master", "br0", "up"]);
+        ns.ip(&["addr", "add", &format!("{addr}/16"), "dev", "eth0"]);
+        ns.ip(&["link", "set", "eth0", "up"]);
+        let dnat = index % 2 == 1;
+        if dnat {
+            sh(&[
+                "ip",
+                "netns",
+                "exec",
+                &ns.name,
+                "iptables",
+                "-t",
+                "nat",
+                "-A",
+                "OUTPUT",
+                "-p",
+                "udp",
+                "--dport",
+                &DNAT_PORT.to_string(),
+                "-j",
+                "DNAT",
+                "--to-destination",
+                &format!("{HUB}:{PORT}"),
+            ]);
+        }
+        let receiver = index
+            .is_multiple_of(4)
+            .then(|| receiver(&ns, "0.0.0.0", PORT));
+        Self {
+            ns,
+            addr,
+            dnat,
+            _receiver: receiver,
+        }
+    }
+
+    /// Starts sending [`PER_POD`] datagrams to the hub (through DNAT, for a DNAT pod).
+    fn send(&self) -> Child {
+        let port = if self.dnat { DNAT_PORT } else { PORT };
+        self.ns
+            .cmd(PYTHON)
+            .args(["-c", SENDER, HUB, &port.to_string(), &PER_POD.to_string()])
+            .spawn()
+            .unwrap()
+    }
+}
+
+/// Datagrams the agent counted per sender's namespace, over every flow it holds.
+fn counted_by_netns(agent: &Agent) -> BTreeMap<u64, u64> {
+    let body: Value = serde_json::from_str(&agent.get("/api/v1/flows")).unwrap();
+    let mut out = BTreeMap::new();
+    for flow in body["flows"].as_array().unwrap() {
+        if let Some(netns) = flow["netns"].as_u64() {
+            *out.entry(netns).or_default() += flow["packets"].as_u64().unwrap_or(0);
+        }
+    }
+    out
+}
+
+/// Runs one round: `n` pods created, each sending, every datagram counted, then deleted.
+/// Returns the pods' namespace inodes, and the agent's descriptors while they lived.
+fn round(agent: &Agent, hub: &Netns, round: usize, n: usize) -> (Vec<u64>, Fds) {
+    let pods: Vec<Pod> = (0..n).map(|i| Pod::new(hub, round, i)).collect();
+    let inodes: Vec<u64> = pods.iter().map(|p| p.ns.inode()).collect();
+    // The agent covers new namespaces within a second of their appearing.
+    std::thread::sleep(Duration::from_millis(1500));
+    let senders: Vec<Child> = pods.iter().map(Pod::send).collect();
+    for mut s in senders {
+        assert!(s.wait().unwrap().success(), "a pod's sender failed");
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let counted = counted_by_netns(agent);
+        let short: Vec<(&str, u64)> = pods
+            .iter()
+            .zip(&inodes)
+            .map(|(p, i)| (p.addr.as_str(), counted.get(i).copied().unwrap_or(0)))
+            .filter(|(_, n)| *n != PER_POD)
+            .collect();
+        if short.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "round {round}: pods whose datagrams were not all counted ({PER_POD} each): \
+             {short:?}\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let alive = agent.fds();
+    drop(pods);
+    (inodes, alive)
+}
+
+/// Waits until the agent has let go of every namespace but the ones it started with (and,
+/// with `windows`, until no path window is open: news of the pods' drops and NAT opens
+/// them, and their hooks are links too).
+fn settled(agent: &Agent, windows: bool, covered: f64, links: f64) -> (f64, f64) {
+    if windows {
+        windows_closed(agent);
+    }
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let now = (
+            agent.metric("udptrace_namespaces_covered").unwrap(),
+            agent.metric("udptrace_namespace_links").unwrap(),
+        );
+        if now == (covered, links) || Instant::now() > deadline {
+            return now;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// Waits until no path window is open, and the metrics have been computed since (once a
+/// second, with the counts).
+fn windows_closed(agent: &Agent) {
+    agent.windows_until("windows closed", |w| w["open"] == false);
+    std::thread::sleep(Duration::from_millis(1500));
+}
+
+/// Pods whose namespace the kernel has not freed: their veth's peer is still on the bridge.
+fn ports_left(hub: &Netns) -> Vec<String> {
+    let out = sh(&["ip", "-n", &hub.name, "-o", "link", "show", "master", "br0"]);
+    out.lines()
+        .filter_map(|l| Some(l.split(':').nth(1)?.trim().to_string()))
+        .collect()
+}
+
+#[test]
+fn with_path_hooks_namespaces_that_go_are_let_go_of() {
+    churn(&["--paths", "on", "--sample-first", "10"], false);
+}
+
+#[test]
+fn counting_namespaces_that_go_are_let_go_of() {
+    churn(&[], true);
+}
+
+/// The agent with `args` (and `--netns all`) through the rounds; the late pod is traced in a
+/// window asked for when `window`.
+fn churn(args: &[&str], window: bool) {
+    require_root();
+    let hub = Netns::new("hub");
+    hub.ip(&["link", "add", "br0", "type", "bridge"]);
+    hub.ip(&["addr", "add", &format!("{HUB}/16"), "dev", "br0"]);
+    hub.ip(&["link", "set", "br0", "up"]);
+    let _sink = receiver(&hub, HUB, PORT);
+    let idle = FLOW_IDLE_SECS.to_string();
+    let mut all = vec!["--netns", "all", "--flow-idle", &idle];
+    all.extend_from_slice(args);
+    let agent = Agent::start(&all);
+    // Warm: a round of a few pods, let go of within a couple of seconds; then what is held
+    // with only the hub and the host left.
+    let (mut deleted, _) = round(&agent, &hub, 0, 4);
+    std::thread::sleep(Duration::from_secs(3));
+    if window {
+        windows_closed(&agent);
+    }
+    let base_covered = agent.metric("udptrace_namespaces_covered").unwrap();
+    let base_links = agent.metric("udptrace_namespace_links").unwrap();
+    let base_fds = agent.fds();
+    let base_rss = agent.rss_kib();
+    let released_before = agent.metric("udptrace_namespaces_released_total").unwrap();
+    eprintln!(
+        "warm: {base_covered} namespaces covered, {base_links} links, {base_fds:?}, RSS {base_rss} KiB"
+    );
+    let rounds = rounds();
+    for r in 1..=rounds {
+        let (inodes, alive) = round(&agent, &hub, r, PODS_PER_ROUND);
+        deleted.extend(inodes);
+        // Everything of ours in the deleted namespaces is let go of, round after round.
+        let (covered, links) = settled(&agent, window, base_covered, base_links);
+        let after = agent.fds();
+        eprintln!(
+            "round {r}: with {PODS_PER_ROUND} pods {alive:?}; after {after:?}, {covered} \
+             namespaces covered, {links} links, RSS {} KiB",
+            agent.rss_kib()
+        );
+        assert_eq!(
+            (covered, links),
+            (base_covered, base_links),
+            "round {r}: namespaces covered and links held, against the warm baseline\n{}",
+            agent.stderr()
+        );
+        assert_eq!(
+            (after.bpf_links, after.bpf_progs),
+            (base_fds.bpf_links, base_fds.bpf_progs),
+            "round {r}: BPF links and programs against the warm {base_fds:?}"
+        );
+        assert!(
+            after.total <= base_fds.total + 2,
+            "round {r}: descriptors {after:?} against the warm {base_fds:?}"
+        );
+    }
+    let released = agent.metric("udptrace_namespaces_released_total").unwrap() - released_before;
+    let pods = (rounds * PODS_PER_ROUND) as f64;
+    assert!(
+        released >= pods,
+        "{released} namespaces released of {pods} deleted"
+    );
+    // ...so the kernel freed them: a namespace dismantled takes its veth pair with it.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !ports_left(&hub).is_empty() && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        ports_left(&hub),
+        Vec::<String>::new(),
+        "deleted namespaces the kernel could not free (something still holds them)"
+    );
+    let rss = agent.rss_kib();
+    assert!(
+        rss <= base_rss + 8 * 1024,
+        "RSS {rss} KiB against the warm {base_rss} KiB"
+    );
+    // The pods' flows expire like any idle flow.
+    let deadline = Instant::now() + Duration::from_secs(FLOW_IDLE_SECS + 10);
+    loop {
+        let counted = counted_by_netns(&agent);
+        let left: Vec<u64> = deleted
+            .iter()
+            .copied()
+            .filter(|i| counted.contains_key(i))
+            .collect();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "flows of deleted pods still held: {left:?}"
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    // A pod created now is covered and traced hop by hop, its NAT included.
+    let late = Pod::new(&hub, rounds + 1, 1);
+    let inode = late.ns.inode();
+    std::thread::sleep(Duration::from_millis(1500));
+    if window {
+        agent.open_window("30s");
+    }
+    assert!(late.send().wait().unwrap().success());
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let body: Value = serde_json::from_str(&agent.get("/api/v1/paths")).unwrap();
+        let nat_in_late = body["paths"].as_array().unwrap().iter().any(|p| {
+            p["hops"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .any(|h| h["netns"].as_u64() == Some(inode) && h["kind"] == "nat")
+        });
+        if nat_in_late {
+            break;
+        }
+        if Instant::now() > deadline {
+            let seen: Vec<String> = body["paths"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|p| {
+                    let hops: Vec<String> = p["hops"]
+                        .as_array()
+                        .unwrap()
+                        .iter()
+                        .map(|h| format!("{}@{}", h["kind"], h["netns"]))
+                        .collect();
+                    hops.join(" ")
+                })
+                .collect();
+            panic!(
+                "no path with the late pod's DNAT (netns {inode}); paths: {seen:#?}\nwindows: \
+                 {}\nthe agent said:\n{}",
+                agent.get("/api/v1/windows"),
+                agent.stderr()
+            );
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}

@@ -127,8 +127,10 @@ fn sum_drops(drops: &PerCpuHashMap<MapData, DropKey, DropStats>) -> Vec<(DropKey
 
 /// The kernel's counters as read at one moment: how many flows it had created, then every
 /// flow and every drop key with its counts summed over CPUs.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct KernelCounts {
+    /// When the read began: every datagram counted before is in it.
+    pub taken: std::time::Instant,
     pub created: u64,
     pub flows: Vec<(FlowKey, FlowStats)>,
     pub drops: Vec<(DropKey, DropStats)>,
@@ -155,12 +157,14 @@ impl FlowReader {
     /// created in between is in the table but not in the count, so evictions computed
     /// from the two are never overestimated. Then the drops.
     pub fn read(&self) -> KernelCounts {
+        let taken = std::time::Instant::now();
         let created = self
             .stats
             .get(&udptrace_common::STAT_FLOW_NEW, 0)
             .map(|v| v.iter().sum())
             .unwrap_or(0);
         KernelCounts {
+            taken,
             created,
             flows: sum_flows(&self.flows),
             drops: sum_drops(&self.drops),

@@ -38,15 +38,6 @@ use crate::kernel::{
 };
 use chain::{chain, program, unload_any, Ctx};
 
-/// What following the namespaces changed.
-#[derive(Debug, Default)]
-pub struct NamespaceChanges {
-    /// Namespaces newly covered (the most of any one kind of attachment).
-    pub added: usize,
-    /// Namespaces let go of: gone, nothing of ours left in them.
-    pub released: Vec<u64>,
-}
-
 /// The kernel programs, built by `build.rs` and embedded in the binary.
 static EBPF_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/udptrace-ebpf"));
 
@@ -314,6 +305,8 @@ impl Tracer {
         self.hops
             .sort_by_key(|r| HOP_ORDER.iter().position(|h| *h == r.hop));
         self.paths = true;
+        // Attaching parsed the object and the kernel's BTF again (trampolines need it).
+        release_freed_heap();
         self.set_mode(true)
     }
 
@@ -422,35 +415,39 @@ impl Tracer {
         changed
     }
 
-    /// Follows the namespaces `namespaces` lists (with `--netns all`): links the netfilter
-    /// programs and attaches ingress in those that appeared since the last call, and
-    /// detaches from those gone. Errors are logged, not fatal.
-    pub fn follow_namespaces(&mut self, namespaces: &Namespaces) -> NamespaceChanges {
-        let mut changes = NamespaceChanges::default();
+    /// Links the netfilter programs and attaches ingress in the namespaces `namespaces`
+    /// lists that are not covered yet (with `--netns all`); returns how many were added.
+    /// Errors are logged, not fatal.
+    pub fn follow_namespaces(&mut self, namespaces: &Namespaces) -> usize {
         if self.scope == NetnsScope::Host {
-            return changes;
+            return 0;
         }
+        let mut added = 0;
         if !self.netfilter.is_empty() {
-            changes.released.extend(self.netfilter.release(namespaces));
             let (n, errors) = self.netfilter.cover(namespaces);
-            changes.added = changes.added.max(n);
+            added = n;
             for e in errors {
                 tracing::debug!("not covered: {e}");
             }
         }
         if let Some(cover) = self.ingress.as_mut() {
-            changes.released.extend(cover.release(namespaces));
             if let Ok(prog) = program::<SchedClassifier>(&mut self.ebpf, cover.mode().program()) {
                 let (n, errors) = cover.cover(prog, namespaces);
-                changes.added = changes.added.max(n);
+                added = added.max(n);
                 for e in errors {
                     tracing::debug!("ingress not covered: {e}");
                 }
             }
         }
-        changes.released.sort_unstable();
-        changes.released.dedup();
-        changes
+        added
+    }
+
+    /// Detaches from the namespaces `inodes` (gone) and lets go of them.
+    pub fn release_namespaces(&mut self, inodes: &[u64]) {
+        self.netfilter.release(inodes);
+        if let Some(cover) = self.ingress.as_mut() {
+            cover.release(inodes);
+        }
     }
 
     /// The namespaces something is attached in now, and the links (netfilter, tcx or clsact)

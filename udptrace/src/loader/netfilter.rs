@@ -287,19 +287,11 @@ impl Coverage {
         (new, errors)
     }
 
-    /// Detaches from the namespaces `namespaces` no longer lists (gone, or going: nothing
-    /// can send in them again) and lets go of them; returns their inodes.
-    pub fn release(&mut self, namespaces: &Namespaces) -> Vec<u64> {
-        let gone: Vec<u64> = self
-            .covered
-            .keys()
-            .filter(|i| !namespaces.contains(**i))
-            .copied()
-            .collect();
-        for inode in &gone {
+    /// Detaches from the namespaces `inodes` (gone) and lets go of them.
+    pub fn release(&mut self, inodes: &[u64]) {
+        for inode in inodes {
             // Closing a netfilter link unregisters its hook.
             self.covered.remove(inode);
         }
-        gone
     }
 }

@@ -322,22 +322,14 @@ impl Coverage {
         self.namespaces.keys().copied()
     }
 
-    /// Lets go of the namespaces `namespaces` no longer lists (their last process exited):
-    /// their devices go with them, and our device monitor must not keep them alive.
-    /// Returns their inodes.
-    pub fn release(&mut self, namespaces: &Namespaces) -> Vec<u64> {
-        let gone: Vec<u64> = self
-            .namespaces
-            .keys()
-            .filter(|i| !namespaces.contains(**i))
-            .copied()
-            .collect();
-        for inode in &gone {
+    /// Lets go of the namespaces `inodes` (gone): their devices went with them, and our
+    /// device monitor must not keep them alive.
+    pub fn release(&mut self, inodes: &[u64]) {
+        for inode in inodes {
             if let Some(ns) = self.namespaces.remove(inode) {
                 ns.devices.into_values().for_each(forget);
             }
         }
-        gone
     }
 }
 

@@ -126,11 +126,9 @@ impl Conntrack {
         self.stats.clone()
     }
 
-    /// Watches every namespace of `namespaces` not watched yet and lets go of those no
-    /// longer among them (closing the socket that would keep them alive). Returns how many
-    /// were added, and the inodes let go of; errors (a namespace gone meanwhile, one that
-    /// cannot be entered) are logged.
-    pub fn cover(&mut self, namespaces: &Namespaces) -> (usize, Vec<u64>) {
+    /// Watches every namespace of `namespaces` not watched yet. Returns how many were added;
+    /// errors (a namespace gone meanwhile, one that cannot be entered) are logged.
+    pub fn cover(&mut self, namespaces: &Namespaces) -> usize {
         let mut added = 0;
         for (inode, file) in namespaces.iter() {
             if self.watched.contains_key(&inode) {
@@ -161,20 +159,24 @@ impl Conntrack {
                 Err(e) => tracing::debug!("conntrack: {e}"),
             }
         }
-        let mut released = Vec::new();
-        self.watched.retain(|inode, task| {
-            let keep = namespaces.contains(*inode) && !task.is_finished();
-            if !keep {
+        self.count();
+        added
+    }
+
+    /// Closes the sockets in the namespaces `inodes` (gone): they would keep them alive.
+    pub fn release(&mut self, inodes: &[u64]) {
+        for inode in inodes {
+            if let Some(task) = self.watched.remove(inode) {
                 task.abort();
-                tracing::debug!("conntrack: netns {inode} is gone; its socket is closed");
-                released.push(*inode);
             }
-            keep
-        });
+        }
+        self.count();
+    }
+
+    fn count(&self) {
         self.stats
             .namespaces
             .store(self.watched.len() as u64, Ordering::Relaxed);
-        (added, released)
     }
 
     /// Namespaces watched now.

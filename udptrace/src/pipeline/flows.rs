@@ -150,8 +150,6 @@ pub struct FlowTable {
     /// News since [`FlowTable::take_news`]: a flow's first drop with a reason (or a reason
     /// new in a namespace), a rewrite new to a flow.
     news: News,
-    /// Namespaces gone whose flows have not all expired yet: their totals go with the last.
-    gone: HashSet<u32>,
 }
 
 /// What [`FlowTable::take_news`] tells: reasons to look closer (open a path window).
@@ -190,7 +188,6 @@ impl FlowTable {
             nat_totals: NatTotals::Paths,
             drops_read: HashMap::new(),
             conns: HashMap::new(),
-            gone: HashSet::new(),
             via: HashMap::new(),
             news: News::default(),
         }
@@ -679,39 +676,40 @@ impl FlowTable {
         self.flows.contains_key(id).then_some(*id)
     }
 
-    /// Lets go of what is kept by namespace for namespaces that are gone (`inodes`): the
-    /// connections their conntrack held (it can no longer say they ended) and where their
-    /// datagrams were seen. Their flows stay until they expire like any idle flow; the
-    /// namespace's totals go with the last of them, so a node whose pods come and go for
-    /// weeks does not keep a series for every namespace it ever had.
-    pub fn forget_namespaces(&mut self, inodes: &[u64]) {
+    /// Forgets the namespaces `inodes`, gone (their last counts read): their flows, their
+    /// totals, the connections their conntrack held (it can no longer say they ended), where
+    /// their datagrams were seen. Returns the flows' kernel keys, to remove from the kernel's
+    /// map. A new namespace given the same inode number then starts from nothing, and a node
+    /// whose pods come and go for weeks keeps no series for every namespace it ever had.
+    pub fn forget_namespaces(&mut self, inodes: &[u64]) -> Vec<FlowKey> {
         let gone: HashSet<u32> = inodes.iter().map(|&i| i as u32).collect();
+        let ids: Vec<FlowId> = self
+            .flows
+            .keys()
+            .filter(|id| gone.contains(&id.netns))
+            .copied()
+            .collect();
+        let keys: Vec<FlowKey> = ids
+            .into_iter()
+            .filter_map(|id| self.flows.remove(&id)?.kernel)
+            .collect();
+        self.removed += keys.len() as u64;
+        for netns in &gone {
+            self.totals.datagrams.remove(netns);
+            self.totals.bytes.remove(netns);
+            self.totals.errors.remove(netns);
+        }
+        self.totals.drops.retain(|(_, n), _| !gone.contains(n));
         self.conns.retain(|(netns, _, _), _| !gone.contains(netns));
         self.seen_at
             .retain(|(netns, _, _), _| !gone.contains(netns));
         self.via.retain(|_, id| !gone.contains(&id.netns));
-        self.gone.extend(gone);
+        keys
     }
 
     /// Forgets flows with nothing new for longer than the idle setting; returns their
     /// kernel keys, to remove from the kernel map.
     pub fn expire(&mut self, now_ns: u64) -> Vec<FlowKey> {
-        let keys = self.expire_idle(now_ns);
-        if !self.gone.is_empty() {
-            let live: HashSet<u32> = self.flows.keys().map(|id| id.netns).collect();
-            let ended: Vec<u32> = self.gone.difference(&live).copied().collect();
-            for netns in ended {
-                self.gone.remove(&netns);
-                self.totals.datagrams.remove(&netns);
-                self.totals.bytes.remove(&netns);
-                self.totals.errors.remove(&netns);
-                self.totals.drops.retain(|(_, n), _| *n != netns);
-            }
-        }
-        keys
-    }
-
-    fn expire_idle(&mut self, now_ns: u64) -> Vec<FlowKey> {
         let idle_ns = self.idle_ns;
         let stale: Vec<FlowId> = self
             .flows
@@ -1096,19 +1094,16 @@ mod tests {
     }
 
     #[test]
-    fn a_gone_namespace_keeps_its_flows_until_idle_and_its_totals_go_with_the_last() {
-        let mut t = FlowTable::new(clock(), Duration::from_nanos(1_000), 100);
+    fn a_gone_namespace_is_forgotten_and_its_number_starts_again_from_nothing() {
+        let mut t = FlowTable::new(clock(), Duration::from_secs(60), 100);
         let (gone, other) = (key(), FlowKey { netns: 9, ..key() });
         t.update_counts(&[(gone, stats(2)), (other, stats(3))], 2, 100);
-        t.forget_namespaces(&[u64::from(gone.netns)]);
-        // Still counted and shown while its flow lives.
-        t.expire(500);
-        assert_eq!(t.totals().datagrams.get(&gone.netns), Some(&2));
-        t.update_counts(&[(other, stats(4))], 2, 1_000);
-        t.expire(1_200);
+        assert_eq!(t.forget_namespaces(&[u64::from(gone.netns)]), vec![gone]);
         assert_eq!(t.totals().datagrams.get(&gone.netns), None);
-        assert_eq!(t.totals().datagrams.get(&9), Some(&4));
-        assert!(t.gone.is_empty());
+        assert_eq!(t.totals().datagrams.get(&9), Some(&3));
+        // A new namespace with the same number counts its own datagrams only.
+        t.update_counts(&[(gone, stats(5)), (other, stats(3))], 3, 200);
+        assert_eq!(t.totals().datagrams.get(&gone.netns), Some(&5));
     }
 
     #[test]

@@ -23,7 +23,7 @@ pub mod stitch;
 pub mod windows;
 
 use std::{
-    collections::{BTreeMap, HashSet},
+    collections::{BTreeMap, BTreeSet, HashSet},
     sync::{atomic::Ordering, Arc},
     time::Duration,
 };
@@ -119,8 +119,13 @@ pub struct Pipeline {
     /// The ring may hold records no wake-up announced: read them without waiting.
     ring_unread: bool,
     coverage: NamespaceCoverage,
-    /// Namespaces let go of since the flow table was last updated.
-    gone: Vec<u64>,
+    /// Namespaces covered but gone, and when that was noticed: let go of once a read of the
+    /// counts begun after that is in.
+    leaving: BTreeMap<u64, std::time::Instant>,
+    /// The flow counts are read (the sink takes them).
+    counts_read: bool,
+    /// Namespaces forgotten, and when: reads begun before hold their flows still.
+    forgotten: BTreeMap<u64, std::time::Instant>,
     netns_scan: Interval,
     deadline: Option<Instant>,
     sigterm: Signal,
@@ -187,7 +192,9 @@ impl Pipeline {
             tick_at: Instant::now(),
             ring_unread: false,
             coverage: NamespaceCoverage::default(),
-            gone: Vec::new(),
+            leaving: BTreeMap::new(),
+            counts_read: false,
+            forgotten: BTreeMap::new(),
             // Namespaces (containers, pods) come and go: look for new ones every second.
             netns_scan: tokio::time::interval(Duration::from_secs(1)),
             deadline: duration.map(|d| Instant::now() + d),
@@ -303,6 +310,7 @@ impl Pipeline {
     /// Runs until a signal, the deadline or the sink stops it; then detaches everything
     /// and hands the sink what was still being assembled.
     pub async fn run<S: Sink>(mut self, sink: &mut S) -> anyhow::Result<Stop> {
+        self.counts_read = S::COUNTS;
         let mut counts = if S::COUNTS {
             // The kernel's flow counters are read every second on a thread of their own:
             // a large table takes a while, and events and signals must not wait for it.
@@ -323,7 +331,7 @@ impl Pipeline {
         };
         if S::CONNTRACK && !self.paths {
             let mut ct = Conntrack::new();
-            let (n, _) = ct.cover(&Namespaces::list(self.scope));
+            let n = ct.cover(&Namespaces::list(self.scope));
             tracing::info!("following NAT through conntrack in {n} network namespace(s)");
             self.conntrack = Some(ct);
         }
@@ -453,6 +461,15 @@ impl Pipeline {
     pub fn apply_flow_counts(&mut self, table: &mut FlowTable, mut kernel: FlowCounts) -> Losses {
         kernel.flows.retain(|(key, _)| self.kept(key.netns));
         kernel.drops.retain(|(key, _)| self.kept(key.netns));
+        // A read begun before a namespace was forgotten may still hold its flows (the
+        // reader runs on its own thread): they are the old namespace's, not news of one
+        // given the same number since (it could not be: we held the old one until then).
+        self.forgotten.retain(|_, at| *at > kernel.taken);
+        if !self.forgotten.is_empty() {
+            let stale = |netns: u32| self.forgotten.contains_key(&u64::from(netns));
+            kernel.flows.retain(|(key, _)| !stale(key.netns));
+            kernel.drops.retain(|(key, _)| !stale(key.netns));
+        }
         let now = monotonic_ns();
         table.update_counts(&kernel.flows, kernel.created, now);
         table.update_drops(&kernel.drops, self.tracer.drop_reasons(), now);
@@ -463,50 +480,88 @@ impl Pipeline {
             table.len(),
             kernel.drops.len()
         );
-        if !self.gone.is_empty() {
-            let gone = std::mem::take(&mut self.gone);
-            table.forget_namespaces(&gone);
+        // Namespaces gone before this read began: their last counts are in; forget them,
+        // then let go of them.
+        let gone: Vec<u64> = self
+            .leaving
+            .iter()
+            .filter(|(_, noticed)| **noticed < kernel.taken)
+            .map(|(inode, _)| *inode)
+            .collect();
+        if !gone.is_empty() {
+            let keys = table.forget_namespaces(&gone);
+            self.tracer.remove_flows(&keys);
+            let now = std::time::Instant::now();
+            for inode in &gone {
+                self.leaving.remove(inode);
+                self.forgotten.insert(*inode, now);
+            }
+            self.release(&gone);
         }
         let expired = table.expire(monotonic_ns());
         self.tracer.remove_flows(&expired);
         self.losses()
     }
 
-    /// Covers the namespaces that appeared since the last look and lets go of those gone:
-    /// every link, program attachment and socket of ours in them, and what the flow table
-    /// keeps of them (at the next read of the counts).
+    /// Covers the namespaces that appeared since the last look, and notes those covered that
+    /// no file names any more (gone: no process, no bind mount). What we hold in a gone
+    /// namespace keeps it, and its inode number, from being freed: it is let go of once its
+    /// last counts are in and the flow table has forgotten it (`apply_flow_counts`), so that
+    /// a new namespace given the same number starts from nothing; at once when nothing reads
+    /// counts.
     fn cover_new_namespaces(&mut self) {
         let namespaces = Namespaces::list(self.scope);
-        let mut changes = self.tracer.follow_namespaces(&namespaces);
-        if changes.added > 0 {
-            tracing::info!("now covering {} more network namespace(s)", changes.added);
+        let added = self.tracer.follow_namespaces(&namespaces);
+        if added > 0 {
+            tracing::info!("now covering {added} more network namespace(s)");
         }
         if let Some(ct) = self.conntrack.as_mut() {
-            let (new, released) = ct.cover(&namespaces);
+            let new = ct.cover(&namespaces);
             if new > 0 {
                 tracing::info!("following conntrack in {new} more network namespace(s)");
             }
-            changes.released.extend(released);
         }
-        changes.released.sort_unstable();
-        changes.released.dedup();
-        if !changes.released.is_empty() {
-            tracing::info!(
-                "let go of {} network namespace(s) gone: {:?}",
-                changes.released.len(),
-                changes.released
-            );
+        let covered = self.covered();
+        let now = std::time::Instant::now();
+        self.leaving
+            .retain(|i, _| covered.contains(i) && !namespaces.contains(*i));
+        for inode in covered {
+            if !namespaces.contains(inode) {
+                self.leaving.entry(inode).or_insert(now);
+            }
         }
-        self.coverage.released += changes.released.len() as u64;
-        self.gone.extend(changes.released);
+        if !self.counts_read && !self.leaving.is_empty() {
+            let gone: Vec<u64> = std::mem::take(&mut self.leaving).into_keys().collect();
+            self.release(&gone);
+        }
+    }
+
+    /// Namespaces with something of ours in them.
+    fn covered(&self) -> BTreeSet<u64> {
+        let (mut covered, _) = self.tracer.namespace_coverage();
+        if let Some(ct) = &self.conntrack {
+            covered.extend(ct.namespaces());
+        }
+        covered
+    }
+
+    /// Lets go of the namespaces `gone`: every link, attachment and socket of ours there.
+    fn release(&mut self, gone: &[u64]) {
+        self.tracer.release_namespaces(gone);
+        if let Some(ct) = self.conntrack.as_mut() {
+            ct.release(gone);
+        }
+        self.coverage.released += gone.len() as u64;
+        tracing::info!(
+            "let go of {} network namespace(s) gone: {gone:?}",
+            gone.len()
+        );
     }
 
     /// The namespaces covered now, the links held in them, and those let go of so far.
     pub fn namespace_coverage(&self) -> NamespaceCoverage {
-        let (mut covered, links) = self.tracer.namespace_coverage();
-        if let Some(ct) = &self.conntrack {
-            covered.extend(ct.namespaces());
-        }
+        let (_, links) = self.tracer.namespace_coverage();
+        let covered = self.covered();
         NamespaceCoverage {
             covered: covered.len() as u64,
             links: links as u64,

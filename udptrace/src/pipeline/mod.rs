@@ -36,8 +36,8 @@ use tokio::{
     time::{Instant, Interval},
 };
 use udptrace_common::{
-    SampleConfig, EVENTS_BYTES, NF_INET_NUMHOOKS, STAT_FLOW_FULL, STAT_FLOW_NEW, STAT_NAT_BASE,
-    STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
+    FlowKey, SampleConfig, EVENTS_BYTES, NF_INET_NUMHOOKS, STAT_FLOW_FULL, STAT_FLOW_NEW,
+    STAT_NAT_BASE, STAT_PENDING_FULL, STAT_READ_ERROR, STAT_RINGBUF_FULL, STAT_USER_READ_ERROR,
 };
 
 use crate::{
@@ -126,6 +126,8 @@ pub struct Pipeline {
     counts_read: bool,
     /// Namespaces forgotten, and when: reads begun before hold their flows still.
     forgotten: BTreeMap<u64, std::time::Instant>,
+    /// Flows removed from the kernel's map, and when: reads begun before hold them still.
+    removed: Vec<(std::time::Instant, HashSet<FlowKey>)>,
     netns_scan: Interval,
     deadline: Option<Instant>,
     sigterm: Signal,
@@ -195,6 +197,7 @@ impl Pipeline {
             leaving: BTreeMap::new(),
             counts_read: false,
             forgotten: BTreeMap::new(),
+            removed: Vec::new(),
             // Namespaces (containers, pods) come and go: look for new ones every second.
             netns_scan: tokio::time::interval(Duration::from_secs(1)),
             deadline: duration.map(|d| Instant::now() + d),
@@ -470,6 +473,13 @@ impl Pipeline {
             kernel.flows.retain(|(key, _)| !stale(key.netns));
             kernel.drops.retain(|(key, _)| !stale(key.netns));
         }
+        // Likewise flows expired here and removed from the kernel's map after this read
+        // began: seen again, they would count anew from zero.
+        self.removed.retain(|(at, _)| *at > kernel.taken);
+        if !self.removed.is_empty() {
+            let removed: HashSet<&FlowKey> = self.removed.iter().flat_map(|(_, k)| k).collect();
+            kernel.flows.retain(|(key, _)| !removed.contains(key));
+        }
         let now = monotonic_ns();
         table.update_counts(&kernel.flows, kernel.created, now);
         table.update_drops(&kernel.drops, self.tracer.drop_reasons(), now);
@@ -490,7 +500,7 @@ impl Pipeline {
             .collect();
         if !gone.is_empty() {
             let keys = table.forget_namespaces(&gone);
-            self.tracer.remove_flows(&keys);
+            self.remove_flows(keys);
             let now = std::time::Instant::now();
             for inode in &gone {
                 self.leaving.remove(inode);
@@ -499,8 +509,18 @@ impl Pipeline {
             self.release(&gone);
         }
         let expired = table.expire(monotonic_ns());
-        self.tracer.remove_flows(&expired);
+        self.remove_flows(expired);
         self.losses()
+    }
+
+    /// Removes flows from the kernel's map, remembering them for reads already under way.
+    fn remove_flows(&mut self, keys: Vec<FlowKey>) {
+        if keys.is_empty() {
+            return;
+        }
+        self.tracer.remove_flows(&keys);
+        self.removed
+            .push((std::time::Instant::now(), keys.into_iter().collect()));
     }
 
     /// Covers the namespaces that appeared since the last look, and notes those covered that

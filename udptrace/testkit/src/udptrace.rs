@@ -303,6 +303,21 @@ impl Agent {
             .unwrap()
     }
 
+    /// Time the agent's threads have spent runnable but waiting for a CPU, summed over its
+    /// threads (/proc/PID/task/TID/schedstat's second field, ns): how much other work on the
+    /// machine kept it from running.
+    pub fn cpu_wait(&self) -> Duration {
+        let tasks = format!("/proc/{}/task", self.child.id());
+        let ns: u64 = std::fs::read_dir(tasks)
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+            .filter_map(|s| s.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum();
+        Duration::from_nanos(ns)
+    }
+
     /// The agent's resident memory (VmRSS) in KiB.
     pub fn rss_kib(&self) -> u64 {
         let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();

@@ -96,6 +96,7 @@ fn memory_and_fds_stay_flat_and_every_datagram_is_counted() {
     let mut samples = Vec::new();
     let mut warm = None;
     let mut lost_warming = None;
+    let mut waited_warm = Duration::ZERO;
     while started.elapsed() < Duration::from_secs(secs) {
         std::thread::sleep(Duration::from_secs(2));
         let sample = (
@@ -106,6 +107,7 @@ fn memory_and_fds_stay_flat_and_every_datagram_is_counted() {
         if warm.is_none() && started.elapsed() >= warm_at {
             warm = Some(sample);
             lost_warming = agent.metric("udptrace_events_lost_total");
+            waited_warm = agent.cpu_wait();
         }
         samples.push(sample);
     }
@@ -136,13 +138,32 @@ fn memory_and_fds_stay_flat_and_every_datagram_is_counted() {
     }
     // The start is a burst (every flow's first datagrams are traced whole, every tenth
     // datagram is a drop, reported always); once warm, the agent keeps up: not one event lost.
+    // One condition it cannot hold: other work on the machine keeping the agent off the
+    // CPUs (the ring buffer holds ~1 MiB of hop events, tens of milliseconds of this load).
+    // The agent's threads' run-queue wait tells that apart from an agent too slow: waiting
+    // for a CPU more than 2% of the time once warm (this load alone: 41 ms in 45 s, 0.1%,
+    // on 2 cores; the figure is printed), lost events are reported as that, not failed;
+    // otherwise not one may be lost.
     let lost_warming = lost_warming.expect("udptrace_events_lost_total at the warm mark");
-    eprintln!("soak: {lost_warming} event(s) lost while warming up");
-    assert_eq!(
-        agent.metric("udptrace_events_lost_total"),
-        Some(lost_warming),
-        "events lost under sustained load"
+    let lost = agent.metric("udptrace_events_lost_total").unwrap() - lost_warming;
+    let waited = agent.cpu_wait().saturating_sub(waited_warm);
+    let warm_secs = secs.saturating_sub(warm_at.as_secs()).max(1);
+    let busy = waited.as_secs_f64() > 0.02 * warm_secs as f64;
+    eprintln!(
+        "soak: {lost_warming} event(s) lost while warming up, {lost} after; the agent waited \
+         {waited:?} for a CPU in {warm_secs} s once warm"
     );
+    if busy && lost > 0.0 {
+        eprintln!(
+            "soak: {lost} event(s) lost while other work kept the agent waiting {waited:?} for \
+             a CPU: not held against it"
+        );
+    } else {
+        assert_eq!(
+            lost, 0.0,
+            "events lost under sustained load, the machine not busy"
+        );
+    }
 
     // Flat once warm: memory within 8 MiB or 10% of the warm mark; not one fd more.
     let (at, warm_rss, warm_fds) = warm.expect("a sample after warm-up");

@@ -73,12 +73,25 @@ pub struct Totals {
     pub ignored: u64,
     /// The tests that failed, by name (with the kernel they ran on, in a VM).
     pub failures: Vec<String>,
+    /// Where each failing test panicked and the first lines of its message: the end of a
+    /// CI log is often all a reader gets.
+    pub panics: Vec<String>,
+    /// Lines of the panic being read, while its message goes on.
+    reading_panic: Option<usize>,
 }
+
+/// How many lines of a panic's message the closing summary repeats.
+const PANIC_LINES: usize = 6;
+/// How long a repeated line may be.
+const PANIC_LINE_CHARS: usize = 300;
 
 impl Totals {
     /// One closing line for the whole run, in the form CI reads, after the names of the
     /// tests that failed (the end of a long log is what a reader sees first).
     pub fn print(&self) {
+        for panic in &self.panics {
+            println!("{panic}");
+        }
         for name in &self.failures {
             println!("failed: {name}");
         }
@@ -92,6 +105,7 @@ impl Totals {
     /// (`test result: ok. 12 passed; 0 failed; 0 ignored; ...`) and the name in a failed
     /// test's line (`test nat::x ... FAILED`), kept with `place` (where it ran) if given.
     pub fn add_line(&mut self, line: &str, place: Option<&str>) {
+        self.read_panic(line, place);
         if let Some(name) = line
             .strip_prefix("test ")
             .and_then(|l| l.strip_suffix(" ... FAILED"))
@@ -118,6 +132,30 @@ impl Totals {
                 _ => {}
             }
         }
+    }
+
+    /// Keeps a failing test's panic (`thread 'nat::x' panicked at file:line:` and the
+    /// message's first lines, up to an empty line).
+    fn read_panic(&mut self, line: &str, place: Option<&str>) {
+        if line.starts_with("thread '") && line.contains("' panicked at ") {
+            let at = match place {
+                Some(p) => format!("panic ({p}): {line}"),
+                None => format!("panic: {line}"),
+            };
+            self.panics.push(at);
+            self.reading_panic = Some(0);
+            return;
+        }
+        let Some(n) = self.reading_panic else { return };
+        let last = self.panics.last_mut().expect("a panic being read");
+        if line.trim().is_empty() || n >= PANIC_LINES {
+            self.reading_panic = None;
+            return;
+        }
+        let cut: String = line.chars().take(PANIC_LINE_CHARS).collect();
+        last.push_str("\n  ");
+        last.push_str(&cut);
+        self.reading_panic = Some(n + 1);
     }
 }
 
@@ -181,5 +219,26 @@ mod tests {
         t.add_line("test nat::b ... ok", None);
         assert_eq!((t.passed, t.failed, t.ignored), (38, 2, 1));
         assert_eq!(t.failures, ["nat::a_rewrite_is_seen (6.1)"]);
+    }
+
+    #[test]
+    fn keeps_the_start_of_each_panic() {
+        let mut t = Totals::default();
+        for line in [
+            "---- churn::x stdout ----",
+            "warm: 2 namespaces",
+            "thread 'churn::x' panicked at udptrace/tests/integration/churn.rs:300:9:",
+            "round 3: descriptors",
+            "left: 7",
+            "",
+            "more output",
+        ] {
+            t.add_line(line, Some("host"));
+        }
+        assert_eq!(
+            t.panics,
+            ["panic (host): thread 'churn::x' panicked at \
+              udptrace/tests/integration/churn.rs:300:9:\n  round 3: descriptors\n  left: 7"]
+        );
     }
 }

@@ -17,7 +17,7 @@ pub use maps::{FlowReader, KernelCounts, Sampler};
 pub use netns::{Namespaces, NetnsScope};
 pub use report::{Attempt, HopReport};
 
-use std::{collections::BTreeSet, os::fd::AsFd as _, path::PathBuf};
+use std::{collections::BTreeMap, os::fd::AsFd as _, path::PathBuf};
 
 use aya::{
     maps::{Array, Map, MapData, PerCpuArray, PerCpuHashMap, RingBuf},
@@ -450,16 +450,16 @@ impl Tracer {
         }
     }
 
-    /// The namespaces something is attached in now, and the links (netfilter, tcx or clsact)
-    /// held there.
-    pub fn namespace_coverage(&self) -> (BTreeSet<u64>, usize) {
-        let mut covered: BTreeSet<u64> = self.netfilter.namespaces().collect();
-        let mut links = self.netfilter.links();
+    /// The namespaces something is attached in now, each with the links (netfilter, tcx
+    /// or clsact) held there.
+    pub fn namespace_coverage(&self) -> BTreeMap<u64, usize> {
+        let mut covered: BTreeMap<u64, usize> = self.netfilter.links().collect();
         if let Some(cover) = &self.ingress {
-            covered.extend(cover.namespaces());
-            links += cover.devices();
+            for (inode, devices) in cover.namespaces() {
+                *covered.entry(inode).or_default() += devices;
+            }
         }
-        (covered, links)
+        covered
     }
 
     /// A handle of its own on the flow table and the counters, for a thread that reads them

@@ -240,14 +240,9 @@ impl Coverage {
         self.sets.is_empty()
     }
 
-    /// Namespaces covered now.
-    pub fn namespaces(&self) -> impl Iterator<Item = u64> + '_ {
-        self.covered.keys().copied()
-    }
-
-    /// Links held now.
-    pub fn links(&self) -> usize {
-        self.covered.values().map(|c| c.links.len()).sum()
+    /// Namespaces covered now, each with the links held there.
+    pub fn links(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.covered.iter().map(|(i, c)| (*i, c.links.len()))
     }
 
     /// Links every program set in each namespace of `namespaces` not covered yet. Returns

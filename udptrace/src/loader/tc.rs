@@ -318,8 +318,8 @@ impl Coverage {
     }
 
     /// Namespaces covered now.
-    pub fn namespaces(&self) -> impl Iterator<Item = u64> + '_ {
-        self.namespaces.keys().copied()
+    pub fn namespaces(&self) -> impl Iterator<Item = (u64, usize)> + '_ {
+        self.namespaces.iter().map(|(i, n)| (*i, n.devices.len()))
     }
 
     /// Lets go of the namespaces `inodes` (gone): their devices went with them, and our

@@ -22,7 +22,7 @@ fn family<M: prometheus::core::Collector + Clone + 'static>(
 pub struct Metrics<'a> {
     pub flows: &'a FlowTable,
     pub losses: &'a Losses,
-    pub namespaces: NamespaceCoverage,
+    pub namespaces: &'a NamespaceCoverage,
     /// (hop, hook) in use.
     pub hooks: &'a [(&'static str, &'static str)],
     /// One series per flow too.
@@ -266,10 +266,11 @@ mod tests {
         let s = Metrics {
             flows: &flows,
             losses: &Losses::default(),
-            namespaces: NamespaceCoverage {
+            namespaces: &NamespaceCoverage {
                 covered: 4,
                 links: 50,
                 released: 200,
+                namespaces: Vec::new(),
             },
             hooks: &[("send", "raw_tracepoint:sock:sock_send_length")],
             per_flow: false,

@@ -558,7 +558,7 @@ impl Pipeline {
 
     /// Namespaces with something of ours in them.
     fn covered(&self) -> BTreeSet<u64> {
-        let (mut covered, _) = self.tracer.namespace_coverage();
+        let mut covered: BTreeSet<u64> = self.tracer.namespace_coverage().into_keys().collect();
         if let Some(ct) = &self.conntrack {
             covered.extend(ct.namespaces());
         }
@@ -580,12 +580,27 @@ impl Pipeline {
 
     /// The namespaces covered now, the links held in them, and those let go of so far.
     pub fn namespace_coverage(&self) -> NamespaceCoverage {
-        let (_, links) = self.tracer.namespace_coverage();
-        let covered = self.covered();
+        let links = self.tracer.namespace_coverage();
+        let conntrack: BTreeSet<u64> = self
+            .conntrack
+            .as_ref()
+            .map(|ct| ct.namespaces().collect())
+            .unwrap_or_default();
+        let namespaces: Vec<CoveredNamespace> = self
+            .covered()
+            .into_iter()
+            .map(|netns| CoveredNamespace {
+                netns,
+                links: links.get(&netns).copied().unwrap_or(0) as u64,
+                conntrack: conntrack.contains(&netns),
+                gone: self.leaving.contains_key(&netns),
+            })
+            .collect();
         NamespaceCoverage {
-            covered: covered.len() as u64,
-            links: links as u64,
+            covered: namespaces.len() as u64,
+            links: namespaces.iter().map(|n| n.links).sum(),
             released: self.coverage.released,
+            namespaces,
         }
     }
 
@@ -678,8 +693,8 @@ async fn kernel_log_ready<'a>(
     }
 }
 
-/// Network namespaces followed (`--netns all`): for the metrics.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+/// Network namespaces followed (`--netns all`): for the metrics and the namespaces API.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct NamespaceCoverage {
     /// Namespaces with something of ours attached or watching in them now.
     pub covered: u64,
@@ -687,6 +702,21 @@ pub struct NamespaceCoverage {
     pub links: u64,
     /// Namespaces let go of since the start, because they were gone.
     pub released: u64,
+    /// Each namespace covered now, by inode.
+    pub namespaces: Vec<CoveredNamespace>,
+}
+
+/// One namespace with something of ours in it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct CoveredNamespace {
+    /// Its inode.
+    pub netns: u64,
+    /// Links held there (netfilter, tcx or clsact).
+    pub links: u64,
+    /// Whether its conntrack is followed (counting: NAT per flow from conntrack).
+    pub conntrack: bool,
+    /// Gone (no file names it any more), held until its last counts are in.
+    pub gone: bool,
 }
 
 /// Counters of what was lost, for the exit line and the metrics.

@@ -68,6 +68,7 @@ pub fn router(state: AppState) -> Router {
         .route("/api/v1/sampling", get(sampling).put(set_sampling))
         .route("/api/v1/paths/stitched", get(stitched))
         .route("/api/v1/windows", get(windows).post(open_window))
+        .route("/api/v1/namespaces", get(namespaces))
         .with_state(state)
 }
 
@@ -240,6 +241,47 @@ async fn set_sampling(
     Json(sampling_json(new)).into_response()
 }
 
+/// One namespace in `/api/v1/namespaces`.
+#[derive(Serialize)]
+struct NamespaceView {
+    netns: u64,
+    links: u64,
+    conntrack: bool,
+    gone: bool,
+}
+
+/// The body of `/api/v1/namespaces`.
+#[derive(Serialize)]
+struct NamespacesBody {
+    covered: u64,
+    links: u64,
+    released: u64,
+    namespaces: Vec<NamespaceView>,
+}
+
+/// `GET /api/v1/namespaces`: the network namespaces covered now (as of the last read of
+/// the counts, once a second), each with the links held there, whether its conntrack is
+/// followed and whether it is gone and about to be let go of; and how many were let go of.
+async fn namespaces(State(state): State<AppState>) -> Json<NamespacesBody> {
+    let s = state.lock().expect("agent state");
+    let c = &s.namespaces;
+    Json(NamespacesBody {
+        covered: c.covered,
+        links: c.links,
+        released: c.released,
+        namespaces: c
+            .namespaces
+            .iter()
+            .map(|n| NamespaceView {
+                netns: n.netns,
+                links: n.links,
+                conntrack: n.conntrack,
+                gone: n.gone,
+            })
+            .collect(),
+    })
+}
+
 /// `GET /api/v1/windows`: whether the path hooks are attached, windows opened by reason.
 async fn windows(State(state): State<AppState>) -> Response {
     let s = state.lock().expect("agent state");
@@ -299,7 +341,7 @@ async fn metrics(State(state): State<AppState>) -> Response {
         metrics::render(&Metrics {
             flows: &s.flows,
             losses: &s.losses,
-            namespaces: s.namespaces,
+            namespaces: &s.namespaces,
             hooks: &s.hooks,
             per_flow: s.per_flow_metrics,
             sampling: s.sampling,

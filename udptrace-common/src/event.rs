@@ -78,7 +78,11 @@ pub struct SendEvent {
     /// `SEND_*` flags.
     pub flags: u32,
     pub _pad: u32,
+    /// The sending thread's name.
     pub comm: [u8; 16],
+    /// The process's name: its thread-group leader's `comm` (the thread's own where the
+    /// kernel's layout is unknown).
+    pub name: [u8; 16],
     /// Source as the socket has it (an unbound address is all zeros).
     pub src: Addr,
     /// Destination as the application gave it.
@@ -88,7 +92,7 @@ pub struct SendEvent {
 // SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for SendEvent {}
-const _: () = assert!(core::mem::size_of::<SendEvent>() == 128);
+const _: () = assert!(core::mem::size_of::<SendEvent>() == 144);
 
 /// An in-flight send, remembered per thread between where its destination is seen (the
 /// syscall's entry, or the cgroup `sendmsg` hook inside UDP) and the socket layer's report.
@@ -236,10 +240,13 @@ pub struct RecvEvent {
     pub tid: u32,
     pub uid: u32,
     pub _pad: u32,
+    /// The reading thread's name.
     pub comm: [u8; 16],
+    /// The process's name, as in [`SendEvent::name`].
+    pub name: [u8; 16],
 }
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for RecvEvent {}
-const _: () = assert!(core::mem::size_of::<RecvEvent>() == 64);
+const _: () = assert!(core::mem::size_of::<RecvEvent>() == 80);

@@ -68,12 +68,15 @@ pub struct Offsets {
     pub dev_mtu: u32,
     pub dev_link_ops: u32,
     pub link_ops_kind: u32,
+    /// task_struct -> group_leader, comm (a process's name is its leader's comm)
+    pub task_group_leader: u32,
+    pub task_comm: u32,
 }
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 46 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 48 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
@@ -124,5 +127,7 @@ impl Offsets {
         dev_mtu: OFFSET_MISSING,
         dev_link_ops: OFFSET_MISSING,
         link_ops_kind: OFFSET_MISSING,
+        task_group_leader: OFFSET_MISSING,
+        task_comm: OFFSET_MISSING,
     };
 }

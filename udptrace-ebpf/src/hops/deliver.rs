@@ -121,6 +121,7 @@ fn emit_reader(hook: u16, sk: u64) {
         uid: task.uid,
         _pad: 0,
         comm: task.comm,
+        name: task.name,
     };
     if EVENTS.output::<RecvEvent>(&event, ring_flags()).is_err() {
         fault(STAT_RINGBUF_FULL);

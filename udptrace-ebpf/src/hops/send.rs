@@ -144,6 +144,7 @@ fn fill(
     ev.flags = flags;
     ev._pad = 0;
     ev.comm = task.comm;
+    ev.name = task.name;
     ev.src = key.src;
     ev.dst = key.dst;
 }

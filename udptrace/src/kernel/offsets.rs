@@ -35,6 +35,9 @@ pub enum Group {
     SockInode,
     /// From an skb to its conntrack entry's tuples.
     Conntrack,
+    /// A task's thread-group leader and name (without: a thread's name stands for its
+    /// process's).
+    Task,
 }
 
 /// Offsets for this kernel, and why any group could not be filled.
@@ -248,6 +251,19 @@ impl KernelLayout {
             })(),
         );
 
+        group(
+            Group::Task,
+            (|| {
+                let f = |path: &[&str]| {
+                    btf.offset_of("task_struct", path)
+                        .map_err(|e| e.to_string())
+                };
+                o.task_group_leader = f(&["group_leader"])?;
+                o.task_comm = f(&["comm"])?;
+                Ok(())
+            })(),
+        );
+
         Self {
             offsets: o,
             problems,
@@ -270,7 +286,7 @@ mod tests {
         let tracefs = Tracefs::find().ok();
         let layout = KernelLayout::resolve(&btf, tracefs.as_ref());
         let o = layout.offsets;
-        let groups: [(Group, &[u32]); 13] = [
+        let groups: [(Group, &[u32]); 14] = [
             (
                 Group::Sock,
                 &[
@@ -342,6 +358,7 @@ mod tests {
                     o.ct_status,
                 ],
             ),
+            (Group::Task, &[o.task_group_leader, o.task_comm]),
         ];
         for (group, values) in groups {
             let unfilled = values.contains(&udptrace_common::OFFSET_MISSING);

@@ -46,8 +46,12 @@ pub struct FlowView {
     /// The sending process of the latest datagram, when a path named it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub pid: Option<u32>,
+    /// Its thread's name.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub comm: Option<String>,
+    /// Its process's name (the thread-group leader's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_name: Option<String>,
     /// Datagrams DNATed and then never delivered, repeatedly, or (in a cluster) DNATed to
     /// a backend no EndpointSlice lists: a stale conntrack entry?
     pub stale_dnat: bool,

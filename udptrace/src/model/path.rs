@@ -67,10 +67,35 @@ impl HopKind {
 pub struct Process {
     pub pid: u32,
     pub tid: u32,
+    /// The thread's name (what the kernel calls `comm`).
     pub comm: String,
+    /// The process's name: its thread-group leader's `comm` (`dig`, where the thread
+    /// sending is `isc-net-0000`). Empty from an older agent.
+    #[serde(
+        rename = "process_name",
+        default,
+        skip_serializing_if = "String::is_empty"
+    )]
+    pub name: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub uid: Option<u32>,
     pub cgroup: u64,
+}
+
+impl Process {
+    /// The process's name, or the thread's where it is not known.
+    pub fn name(&self) -> &str {
+        if self.name.is_empty() {
+            &self.comm
+        } else {
+            &self.name
+        }
+    }
+
+    /// The thread's name where it differs from the process's.
+    pub fn thread(&self) -> Option<&str> {
+        (!self.name.is_empty() && self.name != self.comm).then_some(self.comm.as_str())
+    }
 }
 
 /// One hop of a datagram.

@@ -156,7 +156,10 @@ fn write_hop(out: &mut impl Write, h: &Hop, color: bool) -> io::Result<()> {
         write!(out, "{dev} ")?;
     }
     if let Some(p) = &h.process {
-        write!(out, "{}[{}] ", p.comm, p.pid)?;
+        write!(out, "{}[{}] ", p.name(), p.pid)?;
+        if let Some(thread) = p.thread() {
+            write!(out, "(thread {thread}[{}]) ", p.tid)?;
+        }
     }
     write!(out, "{} → {}", Addr(h.addrs.src), Addr(h.addrs.dst))?;
     if let Some(t) = &h.tunnel {

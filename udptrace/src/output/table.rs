@@ -51,7 +51,7 @@ pub fn table(views: &[FlowView], rows: usize) -> String {
             .collect::<Vec<_>>()
             .join(", ");
         let sees = v.last.map(|e| addr(e.src)).unwrap_or_default();
-        let process = match (&v.comm, v.pid) {
+        let process = match (v.process_name.as_ref().or(v.comm.as_ref()), v.pid) {
             (Some(c), Some(p)) => format!("{c}[{p}]"),
             _ => String::new(),
         };
@@ -112,6 +112,7 @@ mod tests {
             last_seen: SystemTime::UNIX_EPOCH,
             pid: Some(7),
             comm: Some("nc".into()),
+            process_name: None,
             stale_dnat: false,
             explain: String::new(),
             k8s: None,

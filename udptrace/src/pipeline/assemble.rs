@@ -330,6 +330,7 @@ impl Assembler {
             pid: ev.pid,
             tid: ev.tid,
             comm: comm(&ev.comm),
+            name: comm(&ev.name),
             uid: Some(ev.uid),
             cgroup: ev.cgroup,
         };

@@ -114,6 +114,7 @@ pub(crate) mod tests {
             flags: 0,
             _pad: 0,
             comm,
+            name: comm,
             src: Addr {
                 family: AF_INET,
                 port: 40112,
@@ -176,7 +177,7 @@ pub(crate) mod tests {
     fn send_event_round_trips_through_bytes() {
         let ev = sample_send();
         let bytes = as_bytes(&ev);
-        assert_eq!(bytes.len(), 128);
+        assert_eq!(bytes.len(), 144);
         assert_eq!(Event::decode(&bytes), Ok(Event::Send(ev)));
     }
 
@@ -209,7 +210,7 @@ pub(crate) mod tests {
             Err(DecodeError::Size {
                 kind: KIND_SEND,
                 len: 100,
-                expected: 128
+                expected: 144
             })
         );
         let mut bytes = as_bytes(&sample_send());

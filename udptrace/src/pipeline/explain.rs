@@ -34,7 +34,7 @@ fn rewrites(path: &Path, kind: NatKind) -> Vec<String> {
 fn who(hop: &Hop) -> String {
     hop.process.as_ref().map_or_else(
         || "a socket nobody has read yet".into(),
-        |p| format!("{}[{}]", p.comm, p.pid),
+        |p| format!("{}[{}]", p.name(), p.pid),
     )
 }
 
@@ -216,6 +216,7 @@ mod tests {
             pid: 42,
             tid: 42,
             comm: "python3".into(),
+            name: "python3".into(),
             uid: None,
             cgroup: 0,
         });

@@ -98,7 +98,7 @@ impl Filter {
         let comm = self
             .comm
             .as_ref()
-            .is_none_or(|c| procs().any(|pr| &pr.comm == c));
+            .is_none_or(|c| procs().any(|pr| &pr.comm == c || pr.name() == c));
         port && host && pid && comm
     }
 
@@ -127,7 +127,7 @@ impl Filter {
         let comm = self
             .comm
             .as_ref()
-            .is_none_or(|c| flow.comm.as_ref() == Some(c));
+            .is_none_or(|c| flow.comm.as_ref() == Some(c) || flow.process_name.as_ref() == Some(c));
         port && host && pid && comm
     }
 }

@@ -64,7 +64,8 @@ struct Flow {
     drops: BTreeMap<String, u64>,
     nat: Vec<FlowNat>,
     last: Option<Endpoints>,
-    process: Option<(u32, String)>,
+    /// The latest sender: pid, thread's name, process's name.
+    process: Option<(u32, String, String)>,
     explain: String,
     /// DNATed datagrams in a row with no delivery.
     undelivered_dnat: u32,
@@ -616,7 +617,7 @@ impl FlowTable {
             flow.first_path_ns = now_ns;
         }
         if let Some(p) = path.hops[0].process.as_ref() {
-            flow.process = Some((p.pid, p.comm.clone()));
+            flow.process = Some((p.pid, p.comm.clone(), p.name().to_string()));
         }
         let mut dnat = false;
         for hop in &path.hops {
@@ -775,6 +776,7 @@ impl FlowTable {
             last_seen: self.clock.wall(f.active_ns),
             pid: f.process.as_ref().map(|p| p.0),
             comm: f.process.as_ref().map(|p| p.1.clone()),
+            process_name: f.process.as_ref().map(|p| p.2.clone()),
             stale_dnat,
             explain,
             k8s: None,

@@ -39,6 +39,7 @@ pub fn send_hop(ev: &SendEvent, clock: &Clock) -> Hop {
             pid: ev.pid,
             tid: ev.tid,
             comm: comm(&ev.comm),
+            name: comm(&ev.name),
             uid: Some(ev.uid),
             cgroup: ev.cgroup,
         }),
@@ -92,6 +93,7 @@ pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
             pid: ev.pid,
             tid: ev.tid,
             comm: comm(&ev.comm),
+            name: String::new(),
             uid: None,
             cgroup: ev.cgroup,
         }),
@@ -261,11 +263,42 @@ pub(crate) mod tests {
                 "pid": 100,
                 "tid": 101,
                 "comm": "nc",
+                "process_name": "nc",
                 "uid": 1000,
                 "cgroup": 7
             }]
         });
         assert_eq!(json, expected);
+    }
+
+    #[test]
+    fn a_thread_sending_is_named_with_its_process() {
+        let mut ev = sample_send();
+        ev.comm = [0; 16];
+        ev.comm[..12].copy_from_slice(b"isc-net-0000");
+        ev.name = [0; 16];
+        ev.name[..3].copy_from_slice(b"dig");
+        let hop = send_hop(&ev, &Clock::new());
+        let json = serde_json::to_value(&hop).unwrap();
+        assert_eq!(
+            (&json["comm"], &json["process_name"]),
+            (&"isc-net-0000".into(), &"dig".into())
+        );
+        let mut path = sample_path();
+        path.hops = vec![hop];
+        let line = crate::output::lines::render(
+            &path,
+            crate::output::lines::Format::Human { color: false },
+        );
+        assert!(
+            line.contains("dig[100] (thread isc-net-0000[101])"),
+            "{line}"
+        );
+        assert!(crate::pipeline::filter::Filter {
+            comm: Some("dig".into()),
+            ..Default::default()
+        }
+        .matches(&path));
     }
 
     #[test]

@@ -55,10 +55,13 @@ fn scan(ino: u64) -> Option<Process> {
                             .ok()
                     })
                 });
+            // /proc/PID/comm is the leader's: the process's name.
+            let comm = comm.trim().to_string();
             return Some(Process {
                 pid,
                 tid: pid,
-                comm: comm.trim().to_string(),
+                name: comm.clone(),
+                comm,
                 uid,
                 cgroup: 0,
             });

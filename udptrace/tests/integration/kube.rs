@@ -328,7 +328,7 @@ fn dig(ns: &Netns) -> String {
 }
 
 /// The query's path: sent to the VIP (dig sends from a worker thread, whose name is not
-/// "dig").
+/// "dig": the hop's `process_name` is).
 fn query_path(paths: &[Value]) -> &Value {
     paths
         .iter()
@@ -366,6 +366,7 @@ fn a_pod_keeps_its_source_and_a_node_is_masqueraded() {
         let paths = tracer.paths(2, Duration::from_secs(5));
         drop(tracer);
         let path = query_path(&paths);
+        assert_eq!(path["hops"][0]["process_name"], "dig", "{who}: {path}");
         // Ground truth 2: node A's conntrack has the Service translation for this query.
         let sport = path["orig"]["src"]
             .as_str()

@@ -523,3 +523,87 @@ fn every_usable_send_hook_reports_the_same_fields() {
     }
     assert!(checked > 0, "no send hook works on this kernel");
 }
+
+/// A receiver whose reading thread has a name of its own (as servers' worker threads do).
+const PY_THREAD_READER: &str = r#"
+import ctypes, socket, sys, threading
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+def read():
+    ctypes.CDLL(None).prctl(15, b"udp-reader", 0, 0, 0)
+    print("ready", flush=True)
+    while True:
+        s.recv(2048)
+threading.Thread(target=read, daemon=True).start()
+threading.Event().wait()
+"#;
+
+/// dig sends its query from a worker thread (`isc-net-0000`), and the receiver reads in a
+/// thread of its own: both hops name the process people know (`process_name`), the thread
+/// stays in `comm`, and `--comm dig` finds the query by the process's name.
+#[test]
+fn threads_are_named_with_their_process() {
+    require_root();
+    let pair = Pair::new(&[]);
+    let mut rx = pair
+        .b
+        .cmd(PYTHON)
+        .args(["-c", PY_THREAD_READER, B4, "5399"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(rx.stdout.as_mut().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    assert_eq!(line.trim(), "ready");
+    let tracer = Tracer::start(&["--netns", "all", "--comm", "dig"]);
+    let dig = pair
+        .a
+        .cmd("dig")
+        .args([
+            "+tries=1",
+            "+time=1",
+            "-p",
+            "5399",
+            &format!("@{B4}"),
+            "example.test",
+        ])
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let dig_pid = dig.id();
+    let paths = tracer.paths(1, Duration::from_secs(10));
+    let _ = rx.kill();
+    let _ = rx.wait();
+    let path = &paths[0];
+    let send = send_hop(path);
+    assert_eq!(
+        (send["pid"].as_u64(), send["process_name"].as_str()),
+        (Some(u64::from(dig_pid)), Some("dig")),
+        "{path}"
+    );
+    if send["comm"] != "dig" {
+        assert_ne!(send["tid"], send["pid"], "a thread of its own: {send}");
+    }
+    assert_eq!(path["verdict"], "delivered", "{path}");
+    let deliver = path["hops"].as_array().unwrap().last().unwrap();
+    assert_eq!(
+        (
+            deliver["process_name"].as_str(),
+            deliver["comm"].as_str(),
+            deliver["pid"].as_u64()
+        ),
+        (
+            Some("python3"),
+            Some("udp-reader"),
+            Some(u64::from(rx.id()))
+        ),
+        "{deliver}"
+    );
+    assert_ne!(deliver["tid"], deliver["pid"], "{deliver}");
+    let mut dig = dig;
+    let _ = dig.wait();
+}

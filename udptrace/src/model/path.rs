@@ -302,6 +302,28 @@ pub struct Nat {
     pub conntrack: Option<Conntrack>,
 }
 
+impl Nat {
+    /// When this rewrite is conntrack undoing, on a reply, what the request's NAT did: the
+    /// request's rewrite (its kind, and the address before → after). A reply's packet
+    /// comes from the request's translated destination (the reply tuple's source) and, once
+    /// restored, goes to the request's sender (the original tuple's source).
+    pub fn undoes(&self) -> Option<(NatKind, Option<SocketAddr>, Option<SocketAddr>)> {
+        let ct = self.conntrack?;
+        let reply = self.before.src == ct.reply.src
+            && self.after.dst == ct.orig.src
+            && ct.orig.src != ct.reply.src;
+        if !reply {
+            return None;
+        }
+        Some(match self.nat {
+            // A reply's source put back: the request's destination had been rewritten.
+            NatKind::Snat => (NatKind::Dnat, ct.orig.dst, ct.reply.src),
+            // A reply's destination put back: the request's source had been rewritten.
+            NatKind::Dnat => (NatKind::Snat, ct.orig.src, ct.reply.dst),
+        })
+    }
+}
+
 /// A conntrack entry as `conntrack -L` shows it: original and reply direction.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Conntrack {

@@ -9,10 +9,29 @@ fn addr(a: Option<SocketAddr>) -> String {
     a.map_or_else(|| "?".into(), |a| a.to_string())
 }
 
-/// "SNAT at postrouting in netns 4026532177 rewrote 10.0.0.1:5000 → 10.0.0.7:5000".
+/// "SNAT at postrouting in netns 4026532177 rewrote 10.0.0.1:5000 → 10.0.0.7:5000"; on a
+/// reply whose rewrite undoes the request's, "conntrack at postrouting in netns 4026532177
+/// restored 10.250.0.1:30053 as the source of this reply, undoing the request's DNAT
+/// 10.250.0.1:30053 → 10.244.2.5:53".
 pub(crate) fn rewrite(hop: &Hop) -> Option<String> {
     let nat = hop.nat.as_ref()?;
     let (before, after) = nat.nat.rewritten(nat.before, nat.after);
+    if let Some((request, req_before, req_after)) = nat.undoes() {
+        let side = match nat.nat {
+            NatKind::Snat => "source",
+            NatKind::Dnat => "destination",
+        };
+        return Some(format!(
+            "conntrack at {} in netns {} restored {} as the {side} of this reply, undoing the \
+             request's {} {} → {}",
+            nat.nf_hook.name(),
+            hop.netns,
+            addr(after),
+            request.name().to_uppercase(),
+            addr(req_before),
+            addr(req_after)
+        ));
+    }
     Some(format!(
         "{} at {} in netns {} rewrote {} → {}",
         nat.nat.name().to_uppercase(),
@@ -158,7 +177,7 @@ fn sentence(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::model::{Endpoints, HopKind, Nat, NfHook, Process};
+    use crate::model::{Conntrack, Endpoints, HopKind, Nat, NfHook, Process};
     use crate::pipeline::hops::tests::sample_path;
 
     fn sa(s: &str) -> Option<SocketAddr> {
@@ -207,6 +226,56 @@ mod tests {
         p.hops = hops;
         p.verdict = verdict;
         p
+    }
+
+    #[test]
+    fn a_reply_is_explained_as_conntrack_undoing_the_requests_dnat() {
+        let ct = Conntrack {
+            orig: Endpoints {
+                src: sa("10.250.0.9:40000"),
+                dst: sa("10.250.0.1:30053"),
+            },
+            reply: Endpoints {
+                src: sa("10.244.2.5:53"),
+                dst: sa("10.250.0.9:40000"),
+            },
+        };
+        let mut request = nat(
+            NatKind::Dnat,
+            NfHook::Prerouting,
+            1,
+            ("10.250.0.9:40000", "10.250.0.1:30053"),
+            ("10.250.0.9:40000", "10.244.2.5:53"),
+        );
+        request.nat.as_mut().unwrap().conntrack = Some(ct);
+        assert_eq!(
+            rewrite(&request).unwrap(),
+            "DNAT at prerouting in netns 1 rewrote 10.250.0.1:30053 → 10.244.2.5:53"
+        );
+        let mut reply = nat(
+            NatKind::Snat,
+            NfHook::Postrouting,
+            1,
+            ("10.244.2.5:53", "10.250.0.9:40000"),
+            ("10.250.0.1:30053", "10.250.0.9:40000"),
+        );
+        reply.nat.as_mut().unwrap().conntrack = Some(ct);
+        let mut out = hop(HopKind::Xmit, 1, "10.250.0.1:30053", "10.250.0.9:40000");
+        out.ifname = Some("eth0".into());
+        let p = path(
+            Verdict::LeftHost,
+            vec![
+                hop(HopKind::Send, 7, "10.244.2.5:53", "10.250.0.9:40000"),
+                reply,
+                out,
+            ],
+        );
+        assert_eq!(
+            explain(&p),
+            "left the host on eth0 in netns 1 for 10.250.0.9:40000, source 10.250.0.1:30053 \
+             because conntrack at postrouting in netns 1 restored 10.250.0.1:30053 as the \
+             source of this reply, undoing the request's DNAT 10.250.0.1:30053 → 10.244.2.5:53"
+        );
     }
 
     #[test]

@@ -448,6 +448,25 @@ fn a_pod_keeps_its_source_and_a_node_is_masqueraded() {
                 let explain = path["explain"].as_str().unwrap();
                 assert!(explain.contains("because SNAT at postrouting"), "{explain}");
             }
+            // The answer: conntrack gives it the VIP back as its source, which is what dig
+            // checks; said as the undoing of the query's DNAT, not as a rewrite of its own.
+            let answer = paths
+                .iter()
+                .find(|p| p["orig"]["src"] == format!("{DNS_POD}:53"))
+                .unwrap_or_else(|| panic!("{who}: no answer among {paths:?}"));
+            assert_eq!(
+                answer["final"]["src"],
+                format!("{VIP}:53"),
+                "{who}: {answer}"
+            );
+            let explain = answer["explain"].as_str().unwrap();
+            assert!(
+                explain.contains(&format!(
+                    "restored {VIP}:53 as the source of this reply, undoing the request's DNAT \
+                     {VIP}:53 → {DNS_POD}:53"
+                )),
+                "{who}: {explain}"
+            );
         }
     }
     let _ = &cluster.node_b;

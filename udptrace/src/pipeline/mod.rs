@@ -737,28 +737,56 @@ pub struct Losses {
     pub conntrack_namespaces: u64,
 }
 
+/// The counters that say something was lost, with what they mean.
 impl std::fmt::Display for Losses {
+    /// Only those that are not zero, or "nothing lost".
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(
-            f,
-            "{} event(s) lost to a full ring buffer, {} kernel read error(s), {} unreadable send \
-             destination(s), {} pending-send table overflow(s), {} flow(s) not counted (flow \
-             table full), {} undecodable record(s)",
-            self.ring_full,
-            self.read_errors,
-            self.user_read_errors,
-            self.pending_full,
-            self.flow_full,
-            self.undecodable
-        )?;
-        if self.conntrack_overflows + self.conntrack_undecodable > 0 {
-            write!(
-                f,
-                ", {} conntrack event overflow(s) (resynced), {} undecodable conntrack \
-                 message(s)",
-                self.conntrack_overflows, self.conntrack_undecodable
-            )?;
+        let all = [
+            (self.ring_full, "event(s) lost to a full ring buffer"),
+            (self.read_errors, "kernel read error(s)"),
+            (self.user_read_errors, "unreadable send destination(s)"),
+            (self.pending_full, "pending-send table overflow(s)"),
+            (self.flow_full, "flow(s) not counted (flow table full)"),
+            (self.undecodable, "undecodable record(s)"),
+            (
+                self.conntrack_overflows,
+                "conntrack event overflow(s) (resynced)",
+            ),
+            (
+                self.conntrack_undecodable,
+                "undecodable conntrack message(s)",
+            ),
+        ];
+        let mut any = false;
+        for (n, what) in all.into_iter().filter(|(n, _)| *n > 0) {
+            if any {
+                f.write_str(", ")?;
+            }
+            write!(f, "{n} {what}")?;
+            any = true;
+        }
+        if !any {
+            f.write_str("nothing lost")?;
         }
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Losses;
+
+    #[test]
+    fn the_exit_line_names_only_what_was_lost() {
+        assert_eq!(Losses::default().to_string(), "nothing lost");
+        let losses = Losses {
+            ring_full: 12,
+            conntrack_overflows: 1,
+            ..Losses::default()
+        };
+        assert_eq!(
+            losses.to_string(),
+            "12 event(s) lost to a full ring buffer, 1 conntrack event overflow(s) (resynced)"
+        );
     }
 }

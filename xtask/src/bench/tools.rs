@@ -204,8 +204,10 @@ impl Running {
         );
         let lost = match self.tool {
             Tool::Counting | Tool::CountingFloor | Tool::Agent => lost_metric,
+            // The exit line names only the counters that are not zero.
             Tool::Trace | Tool::TraceFiltered => {
                 number_before(&output, " event(s) lost to a full ring buffer")
+                    .or_else(|| output.contains("udptrace: stopped").then_some(0))
             }
             Tool::Tcpdump => number_before(&output, " packets dropped by kernel"),
             _ => None,

@@ -126,8 +126,9 @@ pub struct FlowsArgs {
     /// Order of the table.
     #[arg(long, value_enum, default_value_t = SortBy::Packets)]
     pub sort: SortBy,
-    /// Network namespaces to cover with per-namespace hooks, as for `trace`.
-    #[arg(long, value_enum, default_value_t = NetnsScope::Host)]
+    /// Network namespaces to cover with per-namespace hooks, as for `trace`: every one
+    /// unless `--netns host`.
+    #[arg(long, value_enum, default_value_t = NetnsScope::All)]
     pub netns: NetnsScope,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]
@@ -246,10 +247,11 @@ pub struct TraceArgs {
     /// Stop after printing this many datagrams.
     #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
     pub count: Option<u64>,
-    /// Network namespaces to cover with per-namespace hooks (NAT, delivery, tc ingress): the
-    /// host's, or every namespace (/run/netns and every process's, also those created while
-    /// tracing). Tracepoint hops (send, xmit, drop) see every namespace.
-    #[arg(long, value_enum, default_value_t = NetnsScope::Host)]
+    /// Network namespaces to cover with per-namespace hooks (NAT, delivery, tc ingress):
+    /// every namespace a datagram may enter (/run/netns and every process's, containers and
+    /// pods, also those created while tracing), or only the host's. Tracepoint hops (send,
+    /// xmit, drop) see every namespace either way.
+    #[arg(long, value_enum, default_value_t = NetnsScope::All)]
     pub netns: NetnsScope,
     /// Stop after this many seconds.
     #[arg(long, value_name = "SECS", value_parser = clap::value_parser!(u64).range(1..))]

@@ -209,7 +209,15 @@ pub struct Assembler {
     /// Who holds a receiving socket, from /proc, when no reader was seen.
     owners: SocketOwners,
     next: u64,
+    /// Only the host's namespace is covered (`--netns host`): a path without a verdict
+    /// may have gone where nothing watches, and its sentence says how to follow it.
+    host_only: bool,
 }
+
+/// Added to the sentence of a path with no verdict when only the host's namespace is
+/// covered.
+const HOST_ONLY: &str = "; only the host's network namespace is watched (--netns host): without \
+                         that option udptrace follows a datagram into every namespace";
 
 impl Assembler {
     pub fn new(clock: Clock, reasons: DropReasons) -> Self {
@@ -218,6 +226,13 @@ impl Assembler {
             reasons,
             ..Self::default()
         }
+    }
+
+    /// Says, in the sentence of each path left without a verdict, that only the host's
+    /// namespace is watched.
+    pub fn host_only(mut self, yes: bool) -> Self {
+        self.host_only = yes;
+        self
     }
 
     /// Paths being assembled.
@@ -585,7 +600,11 @@ impl Assembler {
         // A path that ended with a verdict is complete even if its send hop never came
         // (a datagram from elsewhere, or a sender whose send hook is unavailable).
         let complete = complete || open.ended_ns.is_some();
-        out.push(open.into_path(complete));
+        let mut path = open.into_path(complete);
+        if self.host_only && !path.complete {
+            path.explain.push_str(HOST_ONLY);
+        }
+        out.push(path);
     }
 
     /// Prints what is due at `now_ns` (CLOCK_MONOTONIC), without new events.

@@ -180,7 +180,8 @@ impl Pipeline {
             ),
             None => None,
         };
-        let assembler = Assembler::new(Clock::new(), tracer.drop_reasons().clone());
+        let assembler = Assembler::new(Clock::new(), tracer.drop_reasons().clone())
+            .host_only(config.scope == NetnsScope::Host);
         let flows = tracer
             .flow_reader()
             .context("the eBPF object has no FLOWS or STATS map")?;

@@ -41,8 +41,22 @@ fn no_listener_in_another_namespace_is_no_socket_there() {
         let tracer = Tracer::start(&["--port", &p, "--count", "1"]);
         let (pid, out) = py_send(&net.a, dst, port, "sendto", 10);
         let path = tracer.one_path();
-        assert_eq!(hop_kinds(&path), ["send", "xmit", "drop"], "{path}");
-        let (send, xmit, drop) = (&path["hops"][0], &path["hops"][1], &path["hops"][2]);
+        // Followed into B (the default): its way in, then the drop.
+        assert_eq!(
+            hop_kinds(&path),
+            ["send", "xmit", "ingress", "drop"],
+            "{path}"
+        );
+        let (send, xmit, ingress, drop) = (
+            &path["hops"][0],
+            &path["hops"][1],
+            &path["hops"][2],
+            &path["hops"][3],
+        );
+        assert_eq!(
+            (ingress["ifname"].as_str(), &ingress["netns"]),
+            (Some("ut-b"), &net.b.inode().into())
+        );
         assert_eq!(send["pid"], pid);
         assert_eq!(
             (xmit["ifname"].as_str(), &xmit["netns"]),

@@ -148,7 +148,7 @@ fn without_nat_there_is_no_nat_hop_and_host_scope_skips_other_namespaces() {
     dnat_output(&net.a, None, 20503, "10.203.0.2:20504");
     // Host scope: the rule in A is not watched, so no nat hop, but the rewritten datagram
     // still shows its real addresses at xmit and drop.
-    let tracer = Tracer::start(&["--port", "20504", "--count", "1"]);
+    let tracer = Tracer::start(&["--netns", "host", "--port", "20504", "--count", "1"]);
     py_send(&net.a, B4, 20503, "sendto", 3);
     let path = tracer.one_path();
     assert!(hops_of(&path, "nat").is_empty(), "{path}");

@@ -52,8 +52,9 @@ import socket
 s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
 s.bind(("0.0.0.0", 5353))
 print("ready", flush=True)
-data, addr = s.recvfrom(2048)
-print("from", addr[0], addr[1], flush=True)
+while True:
+    data, addr = s.recvfrom(2048)
+    print("from", addr[0], addr[1], flush=True)
 "#;
 
 #[test]
@@ -93,17 +94,22 @@ fn hairpin_masquerade_in_podman_explains_the_source_the_receiver_sees() {
         .trim()
         .to_string();
 
-    let tracer = Tracer::start(&["--netns", "all", "--port", "5353", "--count", "1"]);
-    let mut args = RUN.to_vec();
-    args.push("--rm");
-    args.extend(ROOTFS);
-    args.extend(["/bin/sh", "-c", "echo hi | nc -u -w1 10.88.0.1 5353"]);
-    let out = podman(&args);
-    assert!(
-        out.status.success(),
-        "sender: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    // The command a user types first: no option to follow the datagram into the
+    // containers' namespaces is needed.
+    let tracer = Tracer::start(&["--port", "5353", "--count", "1"]);
+    let send_from_container = || {
+        let mut args = RUN.to_vec();
+        args.push("--rm");
+        args.extend(ROOTFS);
+        args.extend(["/bin/sh", "-c", "echo hi | nc -u -w1 10.88.0.1 5353"]);
+        let out = podman(&args);
+        assert!(
+            out.status.success(),
+            "sender: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    send_from_container();
     let path = tracer.one_path();
 
     // Ground truth: what the receiver printed.
@@ -178,6 +184,23 @@ fn hairpin_masquerade_in_podman_explains_the_source_the_receiver_sees() {
         explain.starts_with(&format!(
             "{seen_src} is what the receiver python3[{pid}] sees because SNAT at postrouting"
         )),
+        "{explain}"
+    );
+
+    // Restricted to the host's namespace, the datagram goes out of sight into the
+    // container's, and the sentence says which option follows it.
+    let tracer = Tracer::start(&["--netns", "host", "--port", "5353", "--count", "1"]);
+    send_from_container();
+    let path = tracer.one_path();
+    assert_eq!(
+        (path["verdict"].as_str(), path["complete"].as_bool()),
+        (Some("unknown"), Some(false)),
+        "{path}"
+    );
+    let explain = path["explain"].as_str().unwrap();
+    assert!(
+        explain.starts_with("no verdict: last seen at")
+            && explain.contains("only the host's network namespace is watched (--netns host)"),
         "{explain}"
     );
 }

@@ -545,6 +545,9 @@ threading.Event().wait()
 fn threads_are_named_with_their_process() {
     require_root();
     let pair = Pair::new(&[]);
+    // The reader starts reading once tracing runs: an fexit program (6.1's recv hook) does
+    // not see the return of a call that began before it was attached.
+    let tracer = Tracer::start(&["--netns", "all", "--comm", "dig"]);
     let mut rx = pair
         .b
         .cmd(PYTHON)
@@ -559,7 +562,6 @@ fn threads_are_named_with_their_process() {
     )
     .unwrap();
     assert_eq!(line.trim(), "ready");
-    let tracer = Tracer::start(&["--netns", "all", "--comm", "dig"]);
     let dig = pair
         .a
         .cmd("dig")

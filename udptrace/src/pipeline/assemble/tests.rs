@@ -172,6 +172,25 @@ fn no_verdict_means_incomplete_after_idle_and_on_flush() {
 }
 
 #[test]
+fn a_path_without_verdict_says_when_only_the_host_is_watched() {
+    for host_only in [false, true] {
+        let mut a = Assembler::new(clock(), reasons()).host_only(host_only);
+        let mut out = Vec::new();
+        a.push(&send(5), &mut out);
+        a.push(&skb(KIND_XMIT, 6, SOCK), &mut out);
+        a.flush(&mut out);
+        assert_eq!(
+            out[0]
+                .explain
+                .contains("without that option udptrace follows"),
+            host_only,
+            "{}",
+            out[0].explain
+        );
+    }
+}
+
+#[test]
 fn an_unsampled_drop_is_a_path_of_its_own_that_says_so() {
     let mut a = Assembler::new(clock(), reasons());
     let mut out = Vec::new();

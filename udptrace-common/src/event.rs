@@ -168,7 +168,10 @@ pub struct SkbEvent {
     pub ifkind: [u8; 16],
     /// `SKB_*` flags.
     pub flags: u32,
-    pub _pad: u32,
+    /// A UDP GSO (or GRO) skb: the payload bytes of each datagram it stands for, and how
+    /// many (`skb_shared_info.gso_size`/`gso_segs`); 0 for a plain datagram.
+    pub gso_size: u16,
+    pub gso_segs: u16,
 }
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:

@@ -71,12 +71,17 @@ pub struct Offsets {
     /// task_struct -> group_leader, comm (a process's name is its leader's comm)
     pub task_group_leader: u32,
     pub task_comm: u32,
+    /// sk_buff -> end (from head: where skb_shared_info starts); skb_shared_info ->
+    /// gso_size, gso_segs
+    pub skb_end: u32,
+    pub shinfo_gso_size: u32,
+    pub shinfo_gso_segs: u32,
 }
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 48 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 51 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
@@ -129,5 +134,8 @@ impl Offsets {
         link_ops_kind: OFFSET_MISSING,
         task_group_leader: OFFSET_MISSING,
         task_comm: OFFSET_MISSING,
+        skb_end: OFFSET_MISSING,
+        shinfo_gso_size: OFFSET_MISSING,
+        shinfo_gso_segs: OFFSET_MISSING,
     };
 }

@@ -337,7 +337,7 @@ pub fn fill_rest(ev: &mut SkbEvent, kind: u16, hook: u16, skb: u64, reason: u32,
     ev.skb = skb;
     ev.reason = reason;
     // `read_udp` set the flags that describe the datagram.
-    ev._pad = 0;
+    (ev.gso_size, ev.gso_segs) = gso(skb).unwrap_or((0, 0));
     ev.ifkind = [0; 16];
     ev.mtu = 0;
     if dev != 0 {
@@ -349,6 +349,21 @@ pub fn fill_rest(ev: &mut SkbEvent, kind: u16, hook: u16, skb: u64, reason: u32,
     ev.tid = 0;
     ev.cgroup = 0;
     ev.comm = [0; 16];
+}
+
+/// A GSO (or GRO) skb's segment payload size and count, from its `skb_shared_info`
+/// (`head + end` on 64-bit kernels, where `end` is an offset); `None` for a plain one.
+#[inline(always)]
+fn gso(skb: u64) -> Option<(u16, u16)> {
+    let head: u64 = try_read_kernel(skb, offset!(skb_head))?;
+    let end: u32 = try_read_kernel(skb, offset!(skb_end))?;
+    let shinfo = head + u64::from(end);
+    let size: u16 = try_read_kernel(shinfo, offset!(shinfo_gso_size))?;
+    if size == 0 {
+        return None;
+    }
+    let segs: u16 = try_read_kernel(shinfo, offset!(shinfo_gso_segs))?;
+    Some((size, segs))
 }
 
 /// Sends one skb hop event for `skb` that a known socket `sk` (the receiver) holds.

@@ -38,6 +38,8 @@ pub enum Group {
     /// A task's thread-group leader and name (without: a thread's name stands for its
     /// process's).
     Task,
+    /// An skb's GSO segment size and count (without: a GSO skb looks like one datagram).
+    Gso,
 }
 
 /// Offsets for this kernel, and why any group could not be filled.
@@ -264,6 +266,17 @@ impl KernelLayout {
             })(),
         );
 
+        group(
+            Group::Gso,
+            (|| {
+                let f = |s: &str, path: &[&str]| btf.offset_of(s, path).map_err(|e| e.to_string());
+                o.skb_end = f("sk_buff", &["end"])?;
+                o.shinfo_gso_size = f("skb_shared_info", &["gso_size"])?;
+                o.shinfo_gso_segs = f("skb_shared_info", &["gso_segs"])?;
+                Ok(())
+            })(),
+        );
+
         Self {
             offsets: o,
             problems,
@@ -286,7 +299,7 @@ mod tests {
         let tracefs = Tracefs::find().ok();
         let layout = KernelLayout::resolve(&btf, tracefs.as_ref());
         let o = layout.offsets;
-        let groups: [(Group, &[u32]); 14] = [
+        let groups: [(Group, &[u32]); 15] = [
             (
                 Group::Sock,
                 &[
@@ -359,6 +372,10 @@ mod tests {
                 ],
             ),
             (Group::Task, &[o.task_group_leader, o.task_comm]),
+            (
+                Group::Gso,
+                &[o.skb_end, o.shinfo_gso_size, o.shinfo_gso_segs],
+            ),
         ];
         for (group, values) in groups {
             let unfilled = values.contains(&udptrace_common::OFFSET_MISSING);

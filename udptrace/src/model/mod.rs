@@ -10,7 +10,7 @@ pub mod path;
 pub use flow::{FlowNat, FlowView};
 pub use owner::{Owner, OwnerKind};
 pub use path::{
-    Conntrack, Endpoints, Fragment, FragmentAction, Hop, HopKind, Nat, NatKind, NfHook, Path,
+    Conntrack, Endpoints, Fragment, FragmentAction, Gso, Hop, HopKind, Nat, NatKind, NfHook, Path,
     PathType, Process, Tunnel, TunnelKind, Verdict,
 };
 

@@ -98,6 +98,14 @@ impl Process {
     }
 }
 
+/// Several datagrams in one skb: `segments` of `size` payload bytes each (the last may be
+/// shorter), as `skb_shared_info` has them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Gso {
+    pub size: u16,
+    pub segments: u16,
+}
+
 /// One hop of a datagram.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Hop {
@@ -141,6 +149,10 @@ pub struct Hop {
     /// The datagram travels as IP fragments here.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fragment: Option<Fragment>,
+    /// The skb stands for several datagrams here (UDP GSO before the kernel segments it,
+    /// or GRO after it coalesced them).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gso: Option<Gso>,
     /// The IPv4 don't-fragment flag was set.
     #[serde(skip)]
     pub df: bool,

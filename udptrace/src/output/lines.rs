@@ -115,7 +115,14 @@ impl fmt::Display for Outcome<'_> {
                 write!(f, "fragment at byte {}, {} B", frag.offset, h.len)
             }
             (_, _, _, Some(frag)) => write!(f, "{} B in {} fragments", h.len, frag.fragments),
-            _ => write!(f, "{} B", h.len),
+            _ => match h.gso {
+                Some(g) => write!(
+                    f,
+                    "{} B as {} datagrams of {} B (GSO)",
+                    h.len, g.segments, g.size
+                ),
+                None => write!(f, "{} B", h.len),
+            },
         }
     }
 }

@@ -62,7 +62,8 @@ struct Open {
 impl Open {
     fn into_path(self, complete: bool) -> Path {
         let sampled = !self.unsampled || self.send.is_some();
-        let hops = mark_fragmentation(self.send.into_iter().chain(self.hops));
+        let mut hops = mark_fragmentation(self.send.into_iter().chain(self.hops));
+        segments_of_the_send(&mut hops);
         let first = hops.first().map(|h| h.addrs);
         let last = hops.last().map(|h| h.addrs);
         let empty = Endpoints {
@@ -167,6 +168,7 @@ fn mark_fragmentation(hops: impl Iterator<Item = Hop>) -> Vec<Hop> {
                     reason: None,
                     process: None,
                     fragment: Some(fragment),
+                    gso: None,
                     ..hop.clone()
                 });
             }
@@ -175,6 +177,21 @@ fn mark_fragmentation(hops: impl Iterator<Item = Hop>) -> Vec<Hop> {
         out.push(hop);
     }
     out
+}
+
+/// A send whose buffer the kernel carries as several datagrams (UDP GSO) says so: the send
+/// hook sees only the call, the first skb hop of the same payload the segments.
+fn segments_of_the_send(hops: &mut [Hop]) {
+    let Some((send, rest)) = hops.split_first_mut() else {
+        return;
+    };
+    if send.kind != HopKind::Send || send.gso.is_some() {
+        return;
+    }
+    send.gso = rest
+        .iter()
+        .find(|h| h.gso.is_some() && h.len == send.len)
+        .and_then(|h| h.gso);
 }
 
 /// Assembles hop events into one path per datagram.

@@ -13,6 +13,7 @@ mod drop;
 mod exposure;
 mod filter;
 mod flows;
+mod gso;
 mod image;
 mod ingress;
 mod ipv6;

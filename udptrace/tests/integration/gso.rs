@@ -1,0 +1,159 @@
+//! UDP GSO and GRO (issue 18): a sender that hands the kernel several datagrams in one send
+//! (`UDP_SEGMENT`, as QUIC stacks do) and what the path says of them, checked against what
+//! the receiver reads.
+
+use std::{
+    process::{Child, Stdio},
+    time::Duration,
+};
+
+use serde_json::Value;
+use udptrace_testkit::*;
+
+/// Sends one buffer of `argv[3]` bytes in segments of `argv[4]` (`UDP_SEGMENT`, 103).
+const GSO_SENDER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, 103, int(sys.argv[4]))
+s.sendto(b'q' * int(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
+"#;
+
+/// Prints the length of each datagram it reads.
+const READER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print('ready', flush=True)
+while True:
+    print(len(s.recv(65535)), flush=True)
+"#;
+
+struct Reader(Child);
+
+impl Reader {
+    fn start(ns: &Netns, addr: &str, port: u16) -> Self {
+        let mut child = ns
+            .cmd(PYTHON)
+            .args(["-c", READER, addr, &port.to_string()])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
+            &mut line,
+        )
+        .unwrap();
+        assert_eq!(line.trim(), "ready");
+        Self(child)
+    }
+
+    /// The lengths of the next `n` datagrams read.
+    fn lengths(&mut self, n: usize) -> Vec<usize> {
+        let out = self.0.stdout.as_mut().unwrap();
+        let mut reader = std::io::BufReader::new(out);
+        (0..n)
+            .map(|_| {
+                let mut line = String::new();
+                std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
+                line.trim().parse().unwrap()
+            })
+            .collect()
+    }
+}
+
+impl Drop for Reader {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// 4800 bytes in segments of 1200 over a veth: the receiver reads four datagrams of 1200;
+/// the path's hops before the split say they carry four datagrams of 1200 bytes.
+#[test]
+fn a_gso_send_says_how_many_datagrams_it_carries() {
+    require_root();
+    let pair = Pair::new(&[]);
+    let tracer = Tracer::start(&["--port", "20961", "--count", "1"]);
+    let mut reader = Reader::start(&pair.b, B4, 20961);
+    let sent = pair
+        .a
+        .cmd(PYTHON)
+        .args(["-c", GSO_SENDER, B4, "20961", "4800", "1200"])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // Ground truth: what the receiver read.
+    assert_eq!(reader.lengths(4), [1200; 4]);
+    let paths = tracer.paths(1, Duration::from_secs(10));
+    let path: &Value = &paths[0];
+    let four = serde_json::json!({"size": 1200, "segments": 4});
+    let send = &path["hops"][0];
+    assert_eq!(
+        (&send["kind"], &send["len"], &send["gso"]),
+        (&"send".into(), &Value::from(4800), &four),
+        "the send says it carries four datagrams: {path}"
+    );
+    let xmit = hops_of(path, "xmit");
+    let xmit = xmit
+        .first()
+        .unwrap_or_else(|| panic!("no xmit hop: {path}"));
+    assert_eq!(
+        (&xmit["len"], &xmit["gso"]),
+        (&Value::from(4800), &four),
+        "{path}"
+    );
+}
+
+/// The agent's flow counts wire datagrams, and says how many sends carried them.
+#[test]
+fn flows_count_wire_datagrams_and_the_sends_that_carried_them() {
+    require_root();
+    let pair = Pair::new(&[]);
+    let agent = Agent::start(&["--netns", "all"]);
+    let mut reader = Reader::start(&pair.b, B4, 20962);
+    for _ in 0..2 {
+        let sent = pair
+            .a
+            .cmd(PYTHON)
+            .args(["-c", GSO_SENDER, B4, "20962", "4800", "1200"])
+            .status()
+            .unwrap();
+        assert!(sent.success());
+    }
+    assert_eq!(reader.lengths(8), [1200; 8]);
+    let dst = format!("{B4}:20962");
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    let flow = loop {
+        let body: Value = serde_json::from_str(&agent.get("/api/v1/flows")).unwrap();
+        let packets: u64 = body["flows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|f| f["orig"]["dst"] == dst.as_str())
+            .map(|f| f["packets"].as_u64().unwrap_or(0))
+            .sum();
+        if packets >= 8 {
+            break body;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "flows: {body}\n{}",
+            agent.stderr()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    };
+    let ours: Vec<&Value> = flow["flows"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["orig"]["dst"] == dst.as_str())
+        .collect();
+    let sum = |field: &str| -> u64 { ours.iter().map(|f| f[field].as_u64().unwrap()).sum() };
+    assert_eq!(
+        (sum("packets"), sum("sends"), sum("bytes")),
+        (8, 2, 9600),
+        "{ours:?}"
+    );
+}

@@ -10,7 +10,7 @@
 
 use std::{
     collections::BTreeMap,
-    process::{Child, Stdio},
+    process::Child,
     time::{Duration, Instant},
 };
 
@@ -62,19 +62,10 @@ impl Drop for Receiver {
 
 /// A receiver in `ns` on `addr:port`, ready when returned.
 fn receiver(ns: &Netns, addr: &str, port: u16) -> Receiver {
-    let mut child = ns
-        .cmd(PYTHON)
-        .args(["-c", RECEIVER, addr, &port.to_string()])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let (child, _) = spawn_ready(
+        ns.cmd(PYTHON)
+            .args(["-c", RECEIVER, addr, &port.to_string()]),
+    );
     Receiver(child)
 }
 

@@ -2,10 +2,7 @@
 //! (`UDP_SEGMENT`, as QUIC stacks do) and what the path says of them, checked against what
 //! the receiver reads.
 
-use std::{
-    process::{Child, Stdio},
-    time::Duration,
-};
+use std::time::Duration;
 
 use serde_json::Value;
 use udptrace_testkit::*;
@@ -18,55 +15,15 @@ s.setsockopt(socket.SOL_UDP, 103, int(sys.argv[4]))
 s.sendto(b'q' * int(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
 "#;
 
-/// Prints the length of each datagram it reads.
-const READER: &str = r#"
-import socket, sys
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.bind((sys.argv[1], int(sys.argv[2])))
-print('ready', flush=True)
-while True:
-    print(len(s.recv(65535)), flush=True)
-"#;
-
-struct Reader(Child);
-
-impl Reader {
-    fn start(ns: &Netns, addr: &str, port: u16) -> Self {
-        let mut child = ns
-            .cmd(PYTHON)
-            .args(["-c", READER, addr, &port.to_string()])
-            .stdout(Stdio::piped())
-            .spawn()
-            .unwrap();
-        let mut line = String::new();
-        std::io::BufRead::read_line(
-            &mut std::io::BufReader::new(child.stdout.as_mut().unwrap()),
-            &mut line,
-        )
-        .unwrap();
-        assert_eq!(line.trim(), "ready");
-        Self(child)
-    }
-
-    /// The lengths of the next `n` datagrams read.
-    fn lengths(&mut self, n: usize) -> Vec<usize> {
-        let out = self.0.stdout.as_mut().unwrap();
-        let mut reader = std::io::BufReader::new(out);
-        (0..n)
-            .map(|_| {
-                let mut line = String::new();
-                std::io::BufRead::read_line(&mut reader, &mut line).unwrap();
-                line.trim().parse().unwrap()
-            })
-            .collect()
-    }
-}
-
-impl Drop for Reader {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
+/// The lengths of the next `n` datagrams a [`py_receiver`] read.
+fn lengths(lines: &mut impl Iterator<Item = std::io::Result<String>>, n: usize) -> Vec<usize> {
+    lines
+        .take(n)
+        .map(|l| {
+            let l = l.unwrap();
+            l.rsplit(' ').next().unwrap().parse().unwrap()
+        })
+        .collect()
 }
 
 /// 4800 bytes in segments of 1200 over a veth: the receiver reads four datagrams of 1200;
@@ -76,7 +33,7 @@ fn a_gso_send_says_how_many_datagrams_it_carries() {
     require_root();
     let pair = Pair::new(&[]);
     let tracer = Tracer::start(&["--port", "20961", "--count", "1"]);
-    let mut reader = Reader::start(&pair.b, B4, 20961);
+    let (_rx, mut read) = py_receiver(&pair.b, B4, 20961);
     let sent = pair
         .a
         .cmd(PYTHON)
@@ -85,7 +42,7 @@ fn a_gso_send_says_how_many_datagrams_it_carries() {
         .unwrap();
     assert!(sent.success());
     // Ground truth: what the receiver read.
-    assert_eq!(reader.lengths(4), [1200; 4]);
+    assert_eq!(lengths(&mut read, 4), [1200; 4]);
     let paths = tracer.paths(1, Duration::from_secs(10));
     let path: &Value = &paths[0];
     let four = serde_json::json!({"size": 1200, "segments": 4});
@@ -112,7 +69,7 @@ fn flows_count_wire_datagrams_and_the_sends_that_carried_them() {
     require_root();
     let pair = Pair::new(&[]);
     let agent = Agent::start(&["--netns", "all"]);
-    let mut reader = Reader::start(&pair.b, B4, 20962);
+    let (_rx, mut read) = py_receiver(&pair.b, B4, 20962);
     for _ in 0..2 {
         let sent = pair
             .a
@@ -122,7 +79,7 @@ fn flows_count_wire_datagrams_and_the_sends_that_carried_them() {
             .unwrap();
         assert!(sent.success());
     }
-    assert_eq!(reader.lengths(8), [1200; 8]);
+    assert_eq!(lengths(&mut read, 8), [1200; 8]);
     let dst = format!("{B4}:20962");
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     let flow = loop {

@@ -548,20 +548,11 @@ fn threads_are_named_with_their_process() {
     // The reader starts reading once tracing runs: an fexit program (6.1's recv hook) does
     // not see the return of a call that began before it was attached.
     let tracer = Tracer::start(&["--netns", "all", "--comm", "dig"]);
-    let mut rx = pair
-        .b
-        .cmd(PYTHON)
-        .args(["-c", PY_THREAD_READER, B4, "5399"])
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(rx.stdout.as_mut().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    assert_eq!(line.trim(), "ready");
+    let (mut rx, _) = spawn_ready(
+        pair.b
+            .cmd(PYTHON)
+            .args(["-c", PY_THREAD_READER, B4, "5399"]),
+    );
     let dig = pair
         .a
         .cmd("dig")

@@ -61,6 +61,10 @@ enum Task {
         #[arg(long, default_value_t = 100)]
         churn_rounds: u64,
     },
+    /// The benchmark's reference counter (NetObserv's design), run by `bench` as a tool of
+    /// its own.
+    #[command(hide = true)]
+    ReferenceCounter(bench::reference::Options),
     /// Run the test suite on this kernel, or with `--vm` inside qemu guests.
     IntegrationTest {
         /// Boot other kernels under qemu and run the suite inside them.
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
             }),
         Task::Test => setup::run().and_then(|()| test::run(&default_kernels())),
         Task::Bench(opts) => setup::run().and_then(|()| bench::run(&opts)),
+        Task::ReferenceCounter(opts) => bench::reference::run(&opts),
         Task::Fuzz { secs } => setup::run().and_then(|()| fuzz::run(secs)),
         Task::Soak { secs, churn_rounds } => {
             setup::run().and_then(|()| test::soak(secs, churn_rounds))

@@ -31,7 +31,7 @@ pub fn run(kernels: &[String]) -> Result<()> {
     host.and(vm)
 }
 
-/// rustfmt, and clippy on the host crates and on the eBPF crate.
+/// rustfmt, and clippy on the host crates and on the eBPF crates.
 pub fn lint() -> Result<()> {
     let toolchain = ebpf_toolchain()?;
     exec(&mut cargo(&["fmt", "--all", "--check"]))?;
@@ -54,6 +54,10 @@ pub fn lint() -> Result<()> {
                 "--release",
                 "-p",
                 "udptrace-ebpf",
+                // The benchmark's reference counter, linted like the programs it is
+                // measured against.
+                "-p",
+                "udptrace-reference-ebpf",
             ])
             .args([
                 "--target",

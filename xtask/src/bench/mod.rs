@@ -7,11 +7,13 @@
 //! nanoseconds it adds per datagram on the sending CPU (1/rate_with − 1/rate_without), with
 //! its CPU time, peak memory, lost events, attach time and whether its flow counts are exact.
 
+pub mod reference;
 mod tools;
 mod traffic;
+mod workload;
 
 use std::{
-    path::{Path, PathBuf},
+    path::PathBuf,
     time::{Duration, Instant},
 };
 
@@ -22,12 +24,15 @@ use udptrace_testkit::Pair;
 use crate::cmd::{is_root, workspace};
 use tools::{ProgStats, Running};
 use traffic::{send, Busy, Sink};
+use workload::{Workload, WorkloadKind};
 
 /// The sender's and the receiver's addresses (testkit's `Pair`: a in `a`, b in `b`).
 const ADDR_A: &str = udptrace_testkit::A4;
 const ADDR_B: &str = udptrace_testkit::B4;
 /// The receiver's end of the veth.
 const DEV_B: &str = "ut-b";
+/// The sender's end.
+const DEV_A: &str = "ut-a";
 const PORT: u16 = 9999;
 /// UDP payload bytes per datagram (a small DNS query's size).
 const PAYLOAD: usize = 64;
@@ -55,8 +60,10 @@ pub struct Options {
     /// Flows (sockets sending in turn) of the many-flow workload.
     #[arg(long, default_value_t = 1000)]
     flows: usize,
-    /// Workloads, each a table of its own (comma separated): one connected socket, `--flows`
-    /// connected sockets in turn, one unconnected socket sending with `sendto`.
+    /// Workloads, each a table of its own (comma separated): `one` connected socket, `many`
+    /// (`--flows` connected sockets in turn), `unconnected` (`sendto`), `ipv6`, `dnat` (an
+    /// nftables DNAT in the sender's namespace), `drops` (half the datagrams dropped by an
+    /// nftables rule at the receiver), `churn` (a new socket per datagram).
     #[arg(long, value_enum, value_delimiter = ',', default_value = "one,many")]
     workloads: Vec<WorkloadKind>,
     /// Datagrams a second of the fixed-rate runs, which measure the CPU time each tool adds
@@ -92,48 +99,6 @@ pub struct Options {
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum WorkloadKind {
-    One,
-    Many,
-    Unconnected,
-}
-
-/// What the sender sends on: `flows` sockets in turn, connected or not (an unconnected one
-/// names the destination in each `sendto`, which the count hop reads from the packet).
-#[derive(Debug, Clone, Copy)]
-pub struct Workload {
-    pub flows: usize,
-    pub connected: bool,
-}
-
-impl Workload {
-    fn of(kind: WorkloadKind, many: usize) -> Self {
-        match kind {
-            WorkloadKind::One => Self {
-                flows: 1,
-                connected: true,
-            },
-            WorkloadKind::Many => Self {
-                flows: many,
-                connected: true,
-            },
-            WorkloadKind::Unconnected => Self {
-                flows: 1,
-                connected: false,
-            },
-        }
-    }
-
-    fn label(self) -> String {
-        if self.connected {
-            format!("{} flow(s)", self.flows)
-        } else {
-            format!("{} unconnected flow(s)", self.flows)
-        }
-    }
-}
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 pub enum Tool {
     /// No tracer: the baseline.
     None,
@@ -154,6 +119,12 @@ pub enum Tool {
     Tcpdump,
     /// bpftrace running `--bpftrace` (by default counting `tracepoint:net:netif_receive_skb`).
     Bpftrace,
+    /// The reference always-on counter (NetObserv's design: tc ingress and egress on both
+    /// veth ends, a per-CPU hash per flow, evicted every 5 s; xtask/reference-ebpf).
+    Reference,
+    /// `conntrack -E` in the sender's namespace: what following conntrack's events costs
+    /// alone (the agent's NAT per flow comes from them).
+    ConntrackEvents,
 }
 
 impl Tool {
@@ -167,6 +138,8 @@ impl Tool {
             Self::TraceFiltered => "trace --port 53",
             Self::Tcpdump => "tcpdump",
             Self::Bpftrace => "bpftrace",
+            Self::Reference => "reference",
+            Self::ConntrackEvents => "conntrack -E",
         }
     }
 }
@@ -181,13 +154,6 @@ pub fn run(opts: &Options) -> Result<()> {
         opts.rounds > 0 && opts.secs > 0 && opts.flows > 0,
         "nothing to measure"
     );
-    let exe = match &opts.udptrace {
-        Some(exe) => exe.clone(),
-        None => {
-            crate::suite::build_release()?;
-            workspace().join("target/release/udptrace")
-        }
-    };
     let mut tools = vec![Tool::None];
     if opts.tools.is_empty() {
         tools.extend([
@@ -198,12 +164,28 @@ pub fn run(opts: &Options) -> Result<()> {
             Tool::TraceFiltered,
             Tool::Tcpdump,
             Tool::Bpftrace,
+            Tool::Reference,
         ]);
     } else {
         // `none` among them is a second no-tracer run in each round: a control, whose
         // "added" shows what the instrument's spread alone makes of nothing.
         tools.extend(opts.tools.iter());
     }
+    let programs = Programs {
+        udptrace: match &opts.udptrace {
+            Some(exe) => exe.clone(),
+            None => {
+                crate::suite::build_release()?;
+                workspace().join("target/release/udptrace")
+            }
+        },
+        reference: if tools.contains(&Tool::Reference) {
+            Some(reference::build()?)
+        } else {
+            None
+        },
+        bpftrace: opts.bpftrace.clone(),
+    };
     let mut phases = Vec::new();
     if !opts.fixed_only {
         phases.push(Phase::MaxRate);
@@ -226,13 +208,11 @@ pub fn run(opts: &Options) -> Result<()> {
         .collect();
     // [phase][workload][tool] → one sample a round.
     let mut results = vec![vec![vec![Vec::new(); tools.len()]; workloads.len()]; phases.len()];
-    // Warm up (ARP, caches) before the first measurement counts.
-    send(
-        &net.a.name,
-        Workload::of(WorkloadKind::One, 1),
-        Duration::from_millis(500),
-        None,
-    )?;
+    // Warm up (neighbours, caches) before the first measurement of each workload counts.
+    for &workload in &workloads {
+        let _prepared = workload.prepare(&net)?;
+        send(&net.a.name, workload, Duration::from_millis(500), None)?;
+    }
     for round in 0..opts.rounds {
         for (p, &phase) in phases.iter().enumerate() {
             for (w, &workload) in workloads.iter().enumerate() {
@@ -242,7 +222,7 @@ pub fn run(opts: &Options) -> Result<()> {
                         workload,
                         phase,
                     };
-                    let sample = measure(&exe, &net, case, secs, &sink, opts)
+                    let sample = measure(&programs, &net, case, secs, &sink, opts)
                         .with_context(|| format!("{} with {}", tool.name(), workload.label()))?;
                     eprintln!(
                         "bench: round {} · {} · {} · {:<15} {:>10.0} datagrams/s{}",
@@ -306,6 +286,16 @@ pub fn run(opts: &Options) -> Result<()> {
         }
     }
     Ok(())
+}
+
+/// What the tools run.
+pub struct Programs {
+    /// udptrace's binary.
+    pub udptrace: PathBuf,
+    /// The reference counter's eBPF object, when it is measured.
+    pub reference: Option<PathBuf>,
+    /// bpftrace's program.
+    pub bpftrace: String,
 }
 
 /// How the sender sends.
@@ -603,7 +593,7 @@ struct Case {
 }
 
 fn measure(
-    exe: &Path,
+    programs: &Programs,
     net: &Pair,
     case: Case,
     secs: Duration,
@@ -616,9 +606,11 @@ fn measure(
         phase,
     } = case;
     let prog_stats = opts.prog_stats;
+    // The workload's rules are in place before the tool starts, as on a node.
+    let _prepared = workload.prepare(net)?;
     let mut running = match tool {
         Tool::None => None,
-        _ => Some(Running::start(exe, &net.b.name, tool, &opts.bpftrace)?),
+        _ => Some(Running::start(programs, net, tool, workload)?),
     };
     let cpu_before = running.as_ref().map(Running::cpu_time).transpose()?;
     let rate = match phase {

@@ -3,7 +3,7 @@
 
 use std::{
     io::{BufRead as _, BufReader, Read},
-    path::{Path, PathBuf},
+    path::PathBuf,
     process::{Child, Command, Stdio},
     sync::{mpsc, Arc, Mutex},
     time::{Duration, Instant},
@@ -12,11 +12,16 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use udptrace_testkit::metric_value;
 
-use super::{Tool, ToolCost, DEV_B, PORT};
+use udptrace_testkit::Pair;
+
+use super::{reference, Programs, Tool, ToolCost, Workload, DEV_A, DEV_B};
 
 /// A tool tracing while the sender runs.
 pub struct Running {
     tool: Tool,
+    workload: Workload,
+    /// Inode of the sender's network namespace.
+    sender_netns: u64,
     child: Child,
     attach: Duration,
     /// The agent's URL.
@@ -25,20 +30,25 @@ pub struct Running {
 }
 
 impl Running {
-    /// `receiver_ns`: where tcpdump listens.
-    pub fn start(exe: &Path, receiver_ns: &str, tool: Tool, bpftrace: &str) -> Result<Self> {
+    pub fn start(programs: &Programs, net: &Pair, tool: Tool, workload: Workload) -> Result<Self> {
+        let exe = &programs.udptrace;
         let (mut cmd, ready) = match tool {
             Tool::None => unreachable!("no tracer runs nothing"),
             Tool::Counting | Tool::CountingFloor | Tool::Agent => {
                 let mut c = Command::new(exe);
                 c.args(["agent", "--listen", "127.0.0.1:0", "--netns", "all"]);
+                if tool != Tool::Agent {
+                    // The cost between windows: a new NAT mapping or drop reason would open
+                    // one for 5 s (at most once a minute), which `agent --paths on` measures.
+                    c.args(["--auto-window", "0s"]);
+                }
                 if tool == Tool::Agent {
                     c.args(["--paths", "on"]);
                 }
                 if tool == Tool::CountingFloor {
                     c.env("UDPTRACE_EMPTY_BODIES", "1");
                 }
-                (c, "udptrace: agent listening on ")
+                (c, Some("udptrace: agent listening on "))
             }
             Tool::Trace | Tool::TraceFiltered => {
                 let mut c = Command::new(exe);
@@ -46,28 +56,37 @@ impl Running {
                 if tool == Tool::TraceFiltered {
                     c.args(["--port", &super::UNUSED_PORT.to_string()]);
                 }
-                (c, "udptrace: tracing")
+                (c, Some("udptrace: tracing"))
             }
             Tool::Tcpdump => {
                 let mut c = Command::new("ip");
-                c.args([
-                    "netns",
-                    "exec",
-                    receiver_ns,
-                    "tcpdump",
-                    "-n",
-                    "-i",
-                    DEV_B,
-                    "-w",
-                    "/dev/null",
-                    "udp",
-                ]);
-                (c, "listening on")
+                c.args(["netns", "exec", &net.b.name, "tcpdump", "-n", "-i", DEV_B])
+                    .args(["-w", "/dev/null", "udp"]);
+                (c, Some("listening on"))
             }
             Tool::Bpftrace => {
                 let mut c = Command::new("bpftrace");
-                c.args(["-e", bpftrace]);
-                (c, "Attaching ")
+                c.args(["-e", &programs.bpftrace]);
+                (c, Some("Attaching "))
+            }
+            Tool::Reference => {
+                let object = programs
+                    .reference
+                    .as_deref()
+                    .context("the reference counter's object was not built")?;
+                let c = reference::command(
+                    object,
+                    &[(&net.a.name, DEV_A), (&net.b.name, DEV_B)],
+                    workload.wire_ports(),
+                )?;
+                (c, Some(reference::READY))
+            }
+            Tool::ConntrackEvents => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", &net.a.name, "conntrack", "-E"])
+                    .args(["-e", "NEW,DESTROY"]);
+                // It prints nothing until an event comes.
+                (c, None)
             }
         };
         // trace prints every path: to /dev/null, so the terminal is not what is measured.
@@ -101,8 +120,8 @@ impl Running {
             let (tx, output) = (tx.clone(), output.clone());
             std::thread::spawn(move || {
                 for line in BufReader::new(pipe).lines().map_while(Result::ok) {
-                    if let Some(at) = line.find(ready) {
-                        let _ = tx.send(line[at + ready.len()..].trim().to_string());
+                    if let Some(at) = ready.and_then(|r| Some(line.find(r)? + r.len())) {
+                        let _ = tx.send(line[at..].trim().to_string());
                     }
                     let mut o = output.lock().unwrap();
                     o.push_str(&line);
@@ -112,11 +131,26 @@ impl Running {
         }
         let mut running = Self {
             tool,
+            workload,
+            sender_netns: net.a.inode(),
             child,
             attach: Duration::ZERO,
             url: None,
             output,
         };
+        if ready.is_none() {
+            // Nothing to wait for: give it time to subscribe, and check it still runs.
+            std::thread::sleep(Duration::from_millis(300));
+            running.attach = started.elapsed();
+            if let Some(status) = running.child.try_wait()? {
+                bail!(
+                    "{} exited with {status}:\n{}",
+                    tool.name(),
+                    running.output.lock().unwrap()
+                );
+            }
+            return Ok(running);
+        }
         match rx.recv_timeout(Duration::from_secs(120)) {
             Ok(rest) => {
                 running.attach = started.elapsed();
@@ -172,7 +206,17 @@ impl Running {
         let cpu = cpu.as_secs_f64() / wall.as_secs_f64();
         // Empty bodies count nothing: no count to check.
         let counted = match &self.url {
-            Some(url) if self.tool != Tool::CountingFloor => Some(agent_count(url, sent)?),
+            // So many flows that their list is larger than a read: the namespace's total.
+            Some(url) if self.tool != Tool::CountingFloor && self.workload.many_flows() => {
+                let series = format!(
+                    "udptrace_datagrams_total{{netns=\"{}\"}}",
+                    self.sender_netns
+                );
+                Some(agent_metric_count(url, &series, sent)?)
+            }
+            Some(url) if self.tool != Tool::CountingFloor => {
+                Some(agent_count(url, self.workload.ports(), sent)?)
+            }
             _ => None,
         };
         let lost_metric = match &self.url {
@@ -198,7 +242,7 @@ impl Running {
         let output = self.output.lock().unwrap().clone();
         // bpftrace ends on SIGINT with its map printed; the others with status 0.
         ensure!(
-            status.success() || self.tool == Tool::Bpftrace,
+            status.success() || matches!(self.tool, Tool::Bpftrace | Tool::ConntrackEvents),
             "{} exited with {status}:\n{output}",
             self.tool.name()
         );
@@ -211,6 +255,16 @@ impl Running {
             }
             Tool::Tcpdump => number_before(&output, " packets dropped by kernel"),
             _ => None,
+        };
+        let counted = match self.tool {
+            Tool::Reference => Some(
+                output
+                    .lines()
+                    .find_map(|l| l.strip_prefix(reference::COUNTED))
+                    .and_then(|rest| rest.split_whitespace().next()?.parse().ok())
+                    .with_context(|| format!("the reference's count:\n{output}"))?,
+            ),
+            _ => counted,
         };
         Ok(ToolCost {
             cpu,
@@ -314,20 +368,37 @@ fn metric(url: &str, name: &str) -> Result<u64> {
         .with_context(|| format!("{name} in /metrics"))
 }
 
-/// The agent's packet count over the benchmark's flows, once it has read the kernel's
-/// counters after the last datagram (it reads them every second).
-fn agent_count(url: &str, want: u64) -> Result<u64> {
+/// The agent's count of datagrams sent in the sender's namespace (`series`), once it has
+/// read the kernel's counters after the last datagram.
+fn agent_metric_count(url: &str, series: &str, want: u64) -> Result<u64> {
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
-        let body: serde_json::Value =
-            serde_json::from_str(&http_get(&format!("{url}/api/v1/flows?port={PORT}"))?)
-                .context("the agent's flows")?;
-        let counted: u64 = body["flows"]
-            .as_array()
-            .context("flows")?
-            .iter()
-            .filter_map(|f| f["packets"].as_u64())
-            .sum();
+        let page = http_get(&format!("{url}/metrics"))?;
+        let counted = metric_value(&page, series).unwrap_or(0.0) as u64;
+        if counted >= want || Instant::now() > deadline {
+            return Ok(counted);
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
+
+/// The agent's packet count over the benchmark's flows, once it has read the kernel's
+/// counters after the last datagram (it reads them every second).
+fn agent_count(url: &str, ports: &[u16], want: u64) -> Result<u64> {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut counted = 0;
+        for port in ports {
+            let body: serde_json::Value =
+                serde_json::from_str(&http_get(&format!("{url}/api/v1/flows?port={port}"))?)
+                    .context("the agent's flows")?;
+            counted += body["flows"]
+                .as_array()
+                .context("flows")?
+                .iter()
+                .filter_map(|f| f["packets"].as_u64())
+                .sum::<u64>();
+        }
         if counted >= want || Instant::now() > deadline {
             return Ok(counted);
         }

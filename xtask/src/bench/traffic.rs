@@ -15,7 +15,7 @@ use std::{
 use anyhow::{bail, ensure, Context as _, Result};
 use udptrace_testkit::enter;
 
-use super::{Workload, ADDR_A, ADDR_B, PAYLOAD, PORT};
+use super::{Workload, PAYLOAD, PORT};
 
 /// The sender and the receiver each keep a CPU of their own (where there are two): left to
 /// the scheduler they sometimes share one, and the no-tracer rate alone moved by half between
@@ -59,7 +59,8 @@ impl Sink {
             std::thread::spawn(move || -> Result<()> {
                 enter(&netns).with_context(|| format!("entering netns {netns}"))?;
                 pin_to_cpu(RECEIVER_CPU)?;
-                let socket = UdpSocket::bind((ADDR_B, PORT)).context("binding the receiver")?;
+                // Dual-stack: IPv4 datagrams arrive v4-mapped, IPv6 ones as they are.
+                let socket = UdpSocket::bind(("::", PORT)).context("binding the receiver")?;
                 set_rcvbuf(&socket, 8 << 20)?;
                 socket.set_read_timeout(Some(Duration::from_millis(100)))?;
                 let _ = ready_tx.send(());
@@ -126,33 +127,21 @@ fn set_rcvbuf(socket: &UdpSocket, bytes: i32) -> Result<()> {
     Ok(())
 }
 
-/// Sends from namespace a for `secs`, cycling through the workload's sockets (each its own
-/// source port: its own flow), connected or sending with `sendto`: as fast as one thread
-/// can, or at `rate` datagrams per second (a burst each millisecond, sleeping in between,
-/// so that the CPU time a datagram costs can be read off the CPUs' idle time). Returns
-/// datagrams sent.
+/// Sends from namespace a for `secs` what the workload sends (docs/performance.md): as fast
+/// as one thread can, or at `rate` datagrams per second (a burst each millisecond, sleeping
+/// in between, so that the CPU time a datagram costs can be read off the CPUs' idle time).
+/// Returns datagrams sent.
 pub fn send(netns: &str, workload: Workload, secs: Duration, rate: Option<u64>) -> Result<u64> {
-    let Workload { flows, connected } = workload;
     let netns = netns.to_string();
     std::thread::spawn(move || -> Result<u64> {
         enter(&netns).with_context(|| format!("entering netns {netns}"))?;
         pin_to_cpu(SENDER_CPU)?;
-        let sockets = (0..flows)
-            .map(|_| {
-                let s = UdpSocket::bind((ADDR_A, 0))?;
-                if connected {
-                    s.connect((ADDR_B, PORT))?;
-                }
-                Ok(s)
-            })
-            .collect::<std::io::Result<Vec<_>>>()
-            .context("opening the senders' sockets")?;
+        let mut sockets = workload.sockets().context("opening the senders' sockets")?;
         let payload = [0x5au8; PAYLOAD];
         let started = Instant::now();
         let deadline = started + secs;
         let mut sent = 0u64;
         let mut tries = 0u64;
-        let mut next = sockets.iter().cycle();
         while Instant::now() < deadline {
             // How many datagrams are due by now (all of a burst at full speed).
             let due = match rate {
@@ -171,14 +160,7 @@ pub fn send(netns: &str, workload: Workload, secs: Duration, rate: Option<u64>) 
             while tries < due {
                 tries += 1;
                 // A full queue (ENOBUFS) or an ICMP error is a datagram not sent.
-                let ok = next.next().is_some_and(|s| {
-                    if connected {
-                        s.send(&payload).is_ok()
-                    } else {
-                        s.send_to(&payload, (ADDR_B, PORT)).is_ok()
-                    }
-                });
-                if ok {
+                if sockets.send(&payload) {
                     sent += 1;
                 }
             }

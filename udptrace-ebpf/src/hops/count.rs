@@ -135,14 +135,19 @@ fn count_egress(ctx: &SkBuffContext) {
         return;
     };
     let key = FlowKey {
-        netns,
+        netns: netns.inode(),
         _pad: 0,
         src: addr(family, skb.local_port as u16, src_ip),
         dst,
     };
     let segs = u64::from(skb.gso_segs.max(1));
     let payload = u64::from(skb.len).saturating_sub((ip_header + UDP_HEADER) as u64);
-    add(&key, segs, payload);
+    let again = add(&key, segs, payload);
+    if again {
+        if let Netns::Read(inode) = netns {
+            keep_netns(sk, inode);
+        }
+    }
 }
 
 /// An address of `family` from its words in network order.
@@ -202,20 +207,66 @@ pub struct SockNote {
     _pad: u32,
 }
 
-/// Per socket: its namespace, read once (three reads of kernel memory) instead of for
-/// every datagram.
+/// Per socket that sends more than once: its namespace, read once (three reads of kernel
+/// memory) instead of for every datagram. A socket that sends a single datagram (a DNS
+/// client's, say) gets no storage: creating it costs more than the reads it would save.
 #[btf_map]
 static SOCK_NOTES: SkStorage<SockNote> = SkStorage::new();
 
-/// The sending socket's namespace inode, from its storage, else read (skb->sk->sk_net->
-/// ns.inum) and kept there.
+/// The sending socket's namespace inode, and where it came from.
+#[derive(Clone, Copy)]
+enum Netns {
+    /// From the socket's storage.
+    Kept(u32),
+    /// Read from kernel memory (the socket has no storage yet).
+    Read(u32),
+}
+
+impl Netns {
+    #[inline(always)]
+    fn inode(self) -> u32 {
+        match self {
+            Self::Kept(inode) | Self::Read(inode) => inode,
+        }
+    }
+}
+
+/// The sending socket's namespace: from its storage, else read (skb->sk->sk_net->ns.inum).
 #[inline(always)]
-fn netns_of(ctx_skb: *mut __sk_buff, sk: *mut bpf_sock) -> Option<u32> {
+fn netns_of(ctx_skb: *mut __sk_buff, sk: *mut bpf_sock) -> Option<Netns> {
     if sk.is_null() {
         return None;
     }
     // SAFETY: `sk` is the context's socket; the helper checks it is a full socket and
-    // creates a zeroed value for it the first time.
+    // returns null when it has no storage of this map.
+    let note = unsafe {
+        bpf_sk_storage_get(
+            (&raw const SOCK_NOTES).cast_mut().cast(),
+            sk.cast(),
+            core::ptr::null_mut(),
+            0,
+        )
+    }
+    .cast::<SockNote>();
+    // SAFETY: the socket's storage value, if any; only this program writes it.
+    if let Some(note) = unsafe { note.as_ref() } {
+        if note.netns != 0 {
+            return Some(Netns::Kept(note.netns));
+        }
+    }
+    let ptr = ctx_skb as u64;
+    // SAFETY: reads our own stack slot (the kernel skb's address as a plain number).
+    let skb: u64 = unsafe { bpf_probe_read_kernel(&raw const ptr) }.ok()?;
+    let sk: u64 = try_read_kernel(skb, offset!(skb_sk))?;
+    let net: u64 = try_read_kernel(sk, offset!(sk_net))?;
+    try_read_kernel(net, offset!(net_inum)).map(Netns::Read)
+}
+
+/// Keeps the namespace in the socket's storage, created now: it sends again.
+#[inline(always)]
+fn keep_netns(sk: *mut bpf_sock, inode: u32) {
+    // SAFETY: `sk` is the context's socket (not null: its namespace was read through it);
+    // the helper checks it is a full socket and creates a zeroed value the first time.
     let note = unsafe {
         bpf_sk_storage_get(
             (&raw const SOCK_NOTES).cast_mut().cast(),
@@ -225,21 +276,10 @@ fn netns_of(ctx_skb: *mut __sk_buff, sk: *mut bpf_sock) -> Option<u32> {
         )
     }
     .cast::<SockNote>();
-    if note.is_null() {
-        return None;
-    }
     // SAFETY: the socket's storage value; only this program writes it.
-    let note = unsafe { &mut *note };
-    if note.netns != 0 {
-        return Some(note.netns);
+    if let Some(note) = unsafe { note.as_mut() } {
+        note.netns = inode;
     }
-    let ptr = ctx_skb as u64;
-    // SAFETY: reads our own stack slot (the kernel skb's address as a plain number).
-    let skb: u64 = unsafe { bpf_probe_read_kernel(&raw const ptr) }.ok()?;
-    let sk: u64 = try_read_kernel(skb, offset!(skb_sk))?;
-    let net: u64 = try_read_kernel(sk, offset!(sk_net))?;
-    note.netns = try_read_kernel(net, offset!(net_inum))?;
-    Some(note.netns)
 }
 
 /// `skb->_nfct` keeps the conntrack info in its low bits.
@@ -287,16 +327,17 @@ fn before_nat(skb: u64, dst: &mut Addr) {
     dst.port = u16::from_be(port);
 }
 
-/// Adds `segs` datagrams of `payload` bytes in all, sent in one skb, to `key`'s flow.
+/// Adds `segs` datagrams of `payload` bytes in all, sent in one skb, to `key`'s flow;
+/// true if this CPU had counted the flow before.
 #[inline(always)]
-pub fn add(key: &FlowKey, segs: u64, payload: u64) {
+fn add(key: &FlowKey, segs: u64, payload: u64) -> bool {
     if let Some(stats) = FLOWS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of the entry; a program cannot be preempted on its CPU.
         let stats = unsafe { &mut *stats };
         stats.packets += segs;
         stats.bytes += payload;
         stats.sends += 1;
-        return;
+        return true;
     }
     let stats = FlowStats {
         packets: segs,
@@ -307,6 +348,7 @@ pub fn add(key: &FlowKey, segs: u64, payload: u64) {
         first_ns: unsafe { bpf_ktime_get_ns() },
     };
     insert(key, &stats);
+    false
 }
 
 /// Adds a flow this CPU has not counted yet. A program's update of a per-CPU map writes

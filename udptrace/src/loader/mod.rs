@@ -10,6 +10,7 @@ mod netfilter;
 pub mod netns;
 mod report;
 mod rtnl;
+mod sys;
 mod tc;
 
 pub use chain::DISABLE_HOOKS_ENV;

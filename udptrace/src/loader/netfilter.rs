@@ -8,13 +8,13 @@ use std::{
     collections::{HashMap, HashSet},
     fs::File,
     io,
-    os::fd::{AsFd as _, AsRawFd as _, FromRawFd as _, OwnedFd, RawFd},
+    os::fd::{AsFd as _, AsRawFd as _, OwnedFd, RawFd},
     path::Path,
 };
 
 use aya::{maps::Map, Ebpf};
 
-use super::netns::Namespaces;
+use super::{netns::Namespaces, sys::bpf_fd};
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type};
 use udptrace_common::{
     NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING,
@@ -22,24 +22,6 @@ use udptrace_common::{
 
 const NFPROTO_IPV4: u32 = 2;
 const NFPROTO_IPV6: u32 = 10;
-
-fn bpf(cmd: bpf_cmd, attr: &mut bpf_attr) -> io::Result<OwnedFd> {
-    // SAFETY: `attr` is a zero-initialised bpf_attr with the fields of `cmd` filled in; the
-    // pointers in it stay valid for the call.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd as libc::c_long,
-            attr as *mut bpf_attr,
-            size_of::<bpf_attr>(),
-        )
-    };
-    if rc < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: the kernel returned a new file descriptor that nothing else owns.
-    Ok(unsafe { OwnedFd::from_raw_fd(rc as RawFd) })
-}
 
 fn map_fd(map: &Map) -> Option<RawFd> {
     let data = match map {
@@ -111,7 +93,7 @@ fn prog_load(name: &str, insns: &[bpf_insn]) -> Result<OwnedFd, String> {
             a.log_buf = log.as_mut_ptr() as u64;
             a.log_size = log.len() as u32;
         }
-        bpf(bpf_cmd::BPF_PROG_LOAD, &mut attr)
+        bpf_fd(bpf_cmd::BPF_PROG_LOAD, &mut attr)
     };
     attempt(false, &mut log).or_else(|first| {
         attempt(true, &mut log).map_err(|_| {
@@ -137,7 +119,7 @@ fn link_create(prog: &OwnedFd, pf: u32, hook: u32, priority: i32) -> io::Result<
     l.__bindgen_anon_3.netfilter.pf = pf;
     l.__bindgen_anon_3.netfilter.hooknum = hook;
     l.__bindgen_anon_3.netfilter.priority = priority;
-    bpf(bpf_cmd::BPF_LINK_CREATE, &mut attr)
+    bpf_fd(bpf_cmd::BPF_LINK_CREATE, &mut attr)
 }
 
 /// One program to link at one hook, at the first free priority of several.

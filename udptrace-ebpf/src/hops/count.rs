@@ -8,13 +8,12 @@
 //! bound address, and the destination it named — the socket's peer when connected, else
 //! the packet's destination as it was before NAT rewrote it (its conntrack tuple).
 //! Per datagram: one map update on the flow, no timestamp, no event; the socket's namespace
-//! is read once per socket and kept in its storage.
+//! in two reads of kernel memory that stay cached.
 
 use aya_ebpf::{
-    bindings::{__sk_buff, bpf_sock, BPF_SK_STORAGE_GET_F_CREATE},
-    btf_maps::SkStorage,
-    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel, generated::bpf_sk_storage_get},
-    macros::{btf_map, cgroup_skb},
+    bindings::bpf_sock,
+    helpers::{bpf_ktime_get_ns, bpf_probe_read_kernel},
+    macros::cgroup_skb,
     programs::SkBuffContext,
 };
 use udptrace_common::{
@@ -131,23 +130,18 @@ fn count_egress(ctx: &SkBuffContext) {
     }
     // SAFETY: the context's socket field (a full socket at egress, or null).
     let sk = unsafe { skb.__bindgen_anon_2.sk };
-    let Some(netns) = netns_of(raw, sk) else {
+    let Some(netns) = netns_of(sk) else {
         return;
     };
     let key = FlowKey {
-        netns: netns.inode(),
+        netns,
         _pad: 0,
         src: addr(family, skb.local_port as u16, src_ip),
         dst,
     };
     let segs = u64::from(skb.gso_segs.max(1));
     let payload = u64::from(skb.len).saturating_sub((ip_header + UDP_HEADER) as u64);
-    let again = add(&key, segs, payload);
-    if again {
-        if let Netns::Read(inode) = netns {
-            keep_netns(sk, inode);
-        }
-    }
+    add(&key, segs, payload);
 }
 
 /// An address of `family` from its words in network order.
@@ -198,88 +192,23 @@ unsafe fn packet_dst(dst: &mut Addr, data: usize, udp: usize, v4: bool) {
     *dst = addr(dst.family, dst.port, ip);
 }
 
-/// What the count hop remembers of a socket (its own storage, freed with it).
-#[repr(C)]
-pub struct SockNote {
-    /// Inode of the socket's network namespace (a socket never changes namespace); 0 until
-    /// read.
-    netns: u32,
-    _pad: u32,
-}
-
-/// Per socket that sends more than once: its namespace, read once (three reads of kernel
-/// memory) instead of for every datagram. A socket that sends a single datagram (a DNS
-/// client's, say) gets no storage: creating it costs more than the reads it would save.
-#[btf_map]
-static SOCK_NOTES: SkStorage<SockNote> = SkStorage::new();
-
-/// The sending socket's namespace inode, and where it came from.
-#[derive(Clone, Copy)]
-enum Netns {
-    /// From the socket's storage.
-    Kept(u32),
-    /// Read from kernel memory (the socket has no storage yet).
-    Read(u32),
-}
-
-impl Netns {
-    #[inline(always)]
-    fn inode(self) -> u32 {
-        match self {
-            Self::Kept(inode) | Self::Read(inode) => inode,
-        }
-    }
-}
-
-/// The sending socket's namespace: from its storage, else read (skb->sk->sk_net->ns.inum).
+/// The sending socket's namespace inode: `sk->sk_net->ns.inum`, two reads of kernel memory
+/// that stay in the cache (every socket of a namespace shares its `struct net`). Keeping it
+/// in the socket's storage instead measured cheaper for one busy socket (~40 ns) but dearer
+/// for many (~250 ns at 1000 sockets: the storage is two more cold lines per socket) and for
+/// sockets that send once (creating storage) — docs/performance.md.
 #[inline(always)]
-fn netns_of(ctx_skb: *mut __sk_buff, sk: *mut bpf_sock) -> Option<Netns> {
+fn netns_of(sk: *mut bpf_sock) -> Option<u32> {
     if sk.is_null() {
         return None;
     }
-    // SAFETY: `sk` is the context's socket; the helper checks it is a full socket and
-    // returns null when it has no storage of this map.
-    let note = unsafe {
-        bpf_sk_storage_get(
-            (&raw const SOCK_NOTES).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            0,
-        )
-    }
-    .cast::<SockNote>();
-    // SAFETY: the socket's storage value, if any; only this program writes it.
-    if let Some(note) = unsafe { note.as_ref() } {
-        if note.netns != 0 {
-            return Some(Netns::Kept(note.netns));
-        }
-    }
-    let ptr = ctx_skb as u64;
-    // SAFETY: reads our own stack slot (the kernel skb's address as a plain number).
-    let skb: u64 = unsafe { bpf_probe_read_kernel(&raw const ptr) }.ok()?;
-    let sk: u64 = try_read_kernel(skb, offset!(skb_sk))?;
+    // The context's socket is the kernel's `struct sock`; read back from our stack its
+    // address is a plain number the verifier lets us read through (CAP_PERFMON).
+    let ptr = sk as u64;
+    // SAFETY: reads our own stack slot.
+    let sk: u64 = unsafe { bpf_probe_read_kernel(&raw const ptr) }.ok()?;
     let net: u64 = try_read_kernel(sk, offset!(sk_net))?;
-    try_read_kernel(net, offset!(net_inum)).map(Netns::Read)
-}
-
-/// Keeps the namespace in the socket's storage, created now: it sends again.
-#[inline(always)]
-fn keep_netns(sk: *mut bpf_sock, inode: u32) {
-    // SAFETY: `sk` is the context's socket (not null: its namespace was read through it);
-    // the helper checks it is a full socket and creates a zeroed value the first time.
-    let note = unsafe {
-        bpf_sk_storage_get(
-            (&raw const SOCK_NOTES).cast_mut().cast(),
-            sk.cast(),
-            core::ptr::null_mut(),
-            u64::from(BPF_SK_STORAGE_GET_F_CREATE),
-        )
-    }
-    .cast::<SockNote>();
-    // SAFETY: the socket's storage value; only this program writes it.
-    if let Some(note) = unsafe { note.as_mut() } {
-        note.netns = inode;
-    }
+    try_read_kernel(net, offset!(net_inum))
 }
 
 /// `skb->_nfct` keeps the conntrack info in its low bits.
@@ -327,17 +256,16 @@ fn before_nat(skb: u64, dst: &mut Addr) {
     dst.port = u16::from_be(port);
 }
 
-/// Adds `segs` datagrams of `payload` bytes in all, sent in one skb, to `key`'s flow;
-/// true if this CPU had counted the flow before.
+/// Adds `segs` datagrams of `payload` bytes in all, sent in one skb, to `key`'s flow.
 #[inline(always)]
-fn add(key: &FlowKey, segs: u64, payload: u64) -> bool {
+fn add(key: &FlowKey, segs: u64, payload: u64) {
     if let Some(stats) = FLOWS.get_ptr_mut(key) {
         // SAFETY: this CPU's value of the entry; a program cannot be preempted on its CPU.
         let stats = unsafe { &mut *stats };
         stats.packets += segs;
         stats.bytes += payload;
         stats.sends += 1;
-        return true;
+        return;
     }
     let stats = FlowStats {
         packets: segs,
@@ -348,7 +276,6 @@ fn add(key: &FlowKey, segs: u64, payload: u64) -> bool {
         first_ns: unsafe { bpf_ktime_get_ns() },
     };
     insert(key, &stats);
-    false
 }
 
 /// Adds a flow this CPU has not counted yet. A program's update of a per-CPU map writes

@@ -12,7 +12,7 @@ use udptrace_common::{
 use crate::{
     maps::{count, empty_bodies, finish, mode, ring_flags, Scratch, DROPS, EVENTS},
     read::kernel::ReadError,
-    read::skb::{fill_flow, fill_rest},
+    read::skb::{fill_device, fill_flow_key, fill_rest},
     sampling::{self, Decision},
 };
 
@@ -51,7 +51,7 @@ fn try_drop(skb: u64, reason: u32) -> Result<(), ReadError> {
         return Ok(());
     };
     let ev = scratch.event();
-    let Some(dev) = fill_flow(ev, skb, 0)? else {
+    let Some(dev) = fill_flow_key(ev, skb, 0)? else {
         return Ok(());
     };
     let traced = match decision {
@@ -66,6 +66,7 @@ fn try_drop(skb: u64, reason: u32) -> Result<(), ReadError> {
     if !traced {
         ev.flags |= SKB_UNSAMPLED;
     }
+    fill_device(ev, dev);
     fill_rest(ev, KIND_DROP, Hook::TpKfreeSkb as u16, skb, reason, dev);
     ev.sk_ino = 0;
     if EVENTS.output::<SkbEvent>(&*ev, ring_flags()).is_err() {

@@ -282,14 +282,26 @@ pub fn fill(
 /// `None` when the skb is no UDP datagram; else the device (0: none) for [`fill_rest`].
 #[inline(always)]
 pub fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, ReadError> {
+    let Some(dev) = fill_flow_key(ev, skb, sock)? else {
+        return Ok(None);
+    };
+    fill_device(ev, dev);
+    Ok(Some(dev))
+}
+
+/// What a flow's or a drop's key needs: the headers, the socket and the namespace; the
+/// device's index and name are left to [`fill_device`] (a drop counted but not reported
+/// never reads them). `None` when the skb is no UDP datagram; else the device (0: none).
+#[inline(always)]
+pub fn fill_flow_key(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, ReadError> {
     if !read_udp(skb, ev)? {
         return Ok(None);
     }
     fill_where(ev, skb, sock).map(Some)
 }
 
-/// After [`read_udp`]: the socket, the device and the namespace; the device (0: none) for
-/// [`fill_rest`].
+/// After [`read_udp`]: the socket, the device and the namespace (the device's when it has
+/// one, else the socket's); the device (0: none).
 #[inline(always)]
 fn fill_where(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<u64, ReadError> {
     ev.ifname = [0; 16];
@@ -306,27 +318,28 @@ fn fill_where(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<u64, ReadError> 
     };
     // UDP reuses skb->dev as scratch space while a datagram sits in a socket queue (it is
     // dropped from there when the socket closes): a "device" that cannot be read is none.
-    let device = (dev != 0)
-        .then(|| {
-            let ifindex: u32 = try_read_kernel(dev, offset!(dev_ifindex))?;
-            let ifname: [u8; 16] = try_read_kernel(dev, offset!(dev_name))?;
-            let net: u64 = try_read_kernel(dev, offset!(dev_net))?;
-            Some((
-                ifindex,
-                ifname,
-                try_read_kernel::<u32>(net, offset!(net_inum))?,
-            ))
-        })
-        .flatten();
-    if let Some((ifindex, ifname, netns)) = device {
-        (ev.ifindex, ev.ifname, ev.netns) = (ifindex, ifname, netns);
-        return Ok(dev);
+    if dev != 0 {
+        let netns = try_read_kernel::<u64>(dev, offset!(dev_net))
+            .and_then(|net| try_read_kernel::<u32>(net, offset!(net_inum)));
+        if let Some(netns) = netns {
+            ev.netns = netns;
+            return Ok(dev);
+        }
     }
     if ev.sk != 0 {
         let net: u64 = read_kernel(ev.sk, offset!(sk_net))?;
         ev.netns = read_kernel(net, offset!(net_inum))?;
     }
     Ok(0)
+}
+
+/// The device's index and name (`dev` from [`fill_flow_key`]; 0: none).
+#[inline(always)]
+pub fn fill_device(ev: &mut SkbEvent, dev: u64) {
+    if dev != 0 {
+        ev.ifindex = try_read_kernel(dev, offset!(dev_ifindex)).unwrap_or(0);
+        ev.ifname = try_read_kernel(dev, offset!(dev_name)).unwrap_or([0; 16]);
+    }
 }
 
 /// The rest of a hop about to be sent: when and where it happened, and the device's MTU
@@ -511,6 +524,7 @@ fn prepare(
         }
         ev.flags |= SKB_UNSAMPLED;
     }
+    fill_device(ev, dev);
     fill_rest(ev, kind, hook, skb, reason, dev);
     ev.sk_ino = if sk != 0 {
         socket_inode(sk).unwrap_or(0)

@@ -397,6 +397,28 @@ impl Report<'_> {
             }
             self.exact_counts(tool, t, failures);
         }
+        self.beats_reference(|s, b| 1e9 / s.rate() - 1e9 / b.rate(), failures);
+    }
+
+    /// The always-on agent must add less per datagram than the reference counter (the median
+    /// over rounds of `added`, each against its round's no-tracer sample).
+    fn beats_reference(&self, added: impl Fn(&Sample, &Sample) -> f64, failures: &mut Vec<String>) {
+        let find = |tool| self.tools.iter().position(|&t| t == tool);
+        let (Some(agent), Some(reference)) = (find(Tool::Counting), find(Tool::Reference)) else {
+            return;
+        };
+        let (a, r) = (
+            self.per_round(agent, &added).median,
+            self.per_round(reference, &added).median,
+        );
+        if a > r {
+            failures.push(format!(
+                "{} at {}, {}: {a:.0} ns added per datagram, the reference {r:.0}",
+                Tool::Counting.name(),
+                self.workload.label(),
+                self.phase.name()
+            ));
+        }
     }
 
     fn fixed_rate(&self, rate: u64, failures: &mut Vec<String>) {
@@ -472,10 +494,16 @@ impl Report<'_> {
             }
             self.exact_counts(tool, t, failures);
         }
+        let busy = |s: &Sample, b: &Sample| busy(s) - busy(b);
+        self.beats_reference(busy, failures);
     }
 
-    /// Every round, not just the median: a flow count is exact or it is not.
+    /// Every round, not just the median: a flow count is exact or it is not. (The
+    /// reference's shortfall is shown, not a target: it is not udptrace.)
     fn exact_counts(&self, tool: Tool, t: usize, failures: &mut Vec<String>) {
+        if tool == Tool::Reference {
+            return;
+        }
         for s in &self.results[t] {
             if let Some(n) = s.tool.as_ref().and_then(|x| x.counted) {
                 if n != s.sent {

@@ -47,6 +47,8 @@ pub struct Tracer {
     stderr: Arc<Mutex<String>>,
     /// While held, nobody reads udptrace's stdout: dropping this lets the reader go on.
     hold: Option<mpsc::Sender<()>>,
+    /// Signalled when stderr's reader has read its last line.
+    stderr_read: mpsc::Receiver<()>,
 }
 
 impl Tracer {
@@ -84,6 +86,7 @@ impl Tracer {
             .expect("start udptrace");
         let stderr = Arc::new(Mutex::new(String::new()));
         let (ready_tx, ready_rx) = mpsc::channel();
+        let (read_tx, stderr_read) = mpsc::channel();
         {
             let stderr = stderr.clone();
             let pipe = child.stderr.take().expect("stderr");
@@ -100,6 +103,7 @@ impl Tracer {
                         let _ = ready_tx.send(());
                     }
                 }
+                let _ = read_tx.send(());
             });
         }
         let (tx, lines) = mpsc::channel();
@@ -119,6 +123,7 @@ impl Tracer {
             lines,
             stderr,
             hold: held.then_some(hold),
+            stderr_read,
         };
         if ready_rx.recv_timeout(Duration::from_secs(60)).is_err() {
             let _ = tracer.child.kill();
@@ -173,11 +178,13 @@ impl Tracer {
         unsafe { libc::kill(self.child.id() as i32, signal) };
     }
 
-    /// Waits for udptrace to exit by itself.
+    /// Waits for udptrace to exit by itself, and for its last lines on stderr (the exit
+    /// line) to be read: the reader may still be behind when the process is gone.
     pub fn wait(&mut self, timeout: Duration) -> ExitStatus {
         let deadline = Instant::now() + timeout;
         loop {
             if let Some(status) = self.child.try_wait().expect("wait") {
+                let _ = self.stderr_read.recv_timeout(Duration::from_secs(5));
                 return status;
             }
             assert!(

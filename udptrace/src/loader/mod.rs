@@ -326,6 +326,9 @@ impl Tracer {
             }
         }
         self.paths = false;
+        // What attaching and detaching the window's programs allocated is free now: without
+        // this the agent kept 2–2.6 MiB more per window for good (seen on 6.1).
+        release_freed_heap();
     }
 
     /// Opens a path window: attaches the path hooks (when they are not) and forgets what

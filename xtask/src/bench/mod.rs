@@ -115,6 +115,9 @@ pub enum Tool {
     Trace,
     /// `udptrace trace --netns all --port 53`: a filter no datagram of the load matches.
     TraceFiltered,
+    /// `trace --port 53` with every program's body empty (`UDPTRACE_EMPTY_BODIES=1`): what
+    /// its hooks cost attached, before udptrace does anything (the filter's floor).
+    TraceFilteredFloor,
     /// `tcpdump -w /dev/null` on the receiving interface.
     Tcpdump,
     /// bpftrace running `--bpftrace` (by default counting `tracepoint:net:netif_receive_skb`).
@@ -136,6 +139,7 @@ impl Tool {
             Self::Agent => "agent --paths on",
             Self::Trace => "trace",
             Self::TraceFiltered => "trace --port 53",
+            Self::TraceFilteredFloor => "trace --port 53, empty",
             Self::Tcpdump => "tcpdump",
             Self::Bpftrace => "bpftrace",
             Self::Reference => "reference",
@@ -162,6 +166,7 @@ pub fn run(opts: &Options) -> Result<()> {
             Tool::Agent,
             Tool::Trace,
             Tool::TraceFiltered,
+            Tool::TraceFilteredFloor,
             Tool::Tcpdump,
             Tool::Bpftrace,
             Tool::Reference,
@@ -655,7 +660,12 @@ fn measure(
     if prog_stats
         && matches!(
             tool,
-            Tool::Counting | Tool::CountingFloor | Tool::Agent | Tool::Trace | Tool::TraceFiltered
+            Tool::Counting
+                | Tool::CountingFloor
+                | Tool::Agent
+                | Tool::Trace
+                | Tool::TraceFiltered
+                | Tool::TraceFilteredFloor
         )
     {
         ProgStats::print(sent)?;

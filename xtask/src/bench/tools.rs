@@ -50,11 +50,14 @@ impl Running {
                 }
                 (c, Some("udptrace: agent listening on "))
             }
-            Tool::Trace | Tool::TraceFiltered => {
+            Tool::Trace | Tool::TraceFiltered | Tool::TraceFilteredFloor => {
                 let mut c = Command::new(exe);
                 c.args(["trace", "--netns", "all"]);
-                if tool == Tool::TraceFiltered {
+                if tool != Tool::Trace {
                     c.args(["--port", &super::UNUSED_PORT.to_string()]);
+                }
+                if tool == Tool::TraceFilteredFloor {
+                    c.env("UDPTRACE_EMPTY_BODIES", "1");
                 }
                 (c, Some("udptrace: tracing"))
             }
@@ -90,7 +93,10 @@ impl Running {
             }
         };
         // trace prints every path: to /dev/null, so the terminal is not what is measured.
-        let stdout = if matches!(tool, Tool::Trace | Tool::TraceFiltered) {
+        let stdout = if matches!(
+            tool,
+            Tool::Trace | Tool::TraceFiltered | Tool::TraceFilteredFloor
+        ) {
             Stdio::null()
         } else {
             Stdio::piped()
@@ -249,7 +255,7 @@ impl Running {
         let lost = match self.tool {
             Tool::Counting | Tool::CountingFloor | Tool::Agent => lost_metric,
             // The exit line names only the counters that are not zero.
-            Tool::Trace | Tool::TraceFiltered => {
+            Tool::Trace | Tool::TraceFiltered | Tool::TraceFilteredFloor => {
                 number_before(&output, " event(s) lost to a full ring buffer")
                     .or_else(|| output.contains("udptrace: stopped").then_some(0))
             }

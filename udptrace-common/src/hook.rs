@@ -27,11 +27,13 @@ pub enum Hook {
     TcxIngress = 14,
     TcClsactIngress = 15,
     CgroupSkbEgress = 16,
+    TpBtfNetDevStartXmit = 17,
+    TpBtfSockSendLength = 18,
 }
 
 impl Hook {
     /// Every hook, `Unknown` first.
-    pub const ALL: [Hook; 17] = [
+    pub const ALL: [Hook; 19] = [
         Hook::Unknown,
         Hook::FentryUdpSendmsg,
         Hook::FentryUdpv6Sendmsg,
@@ -49,6 +51,8 @@ impl Hook {
         Hook::TcxIngress,
         Hook::TcClsactIngress,
         Hook::CgroupSkbEgress,
+        Hook::TpBtfNetDevStartXmit,
+        Hook::TpBtfSockSendLength,
     ];
 
     /// The hook of `EventHeader::hook`; `Unknown` for a number not listed.
@@ -83,7 +87,15 @@ impl Hook {
             Hook::TcxIngress => "tcx:ingress",
             Hook::TcClsactIngress => "tc:clsact-ingress",
             Hook::CgroupSkbEgress => "cgroup_skb:egress",
+            Hook::TpBtfNetDevStartXmit => "tp_btf:net:net_dev_start_xmit",
+            Hook::TpBtfSockSendLength => "tp_btf:sock:sock_send_length",
         }
+    }
+
+    /// Whether this send hook runs once the send is over, after the datagram's skb hops
+    /// (the tracepoint), rather than on entry to UDP.
+    pub const fn sends_after_skbs(self) -> bool {
+        matches!(self, Hook::TpSockSendLength | Hook::TpBtfSockSendLength)
     }
 
     /// The hook named `name` (as [`Hook::name`] spells it), if any.
@@ -100,7 +112,8 @@ pub mod programs {
     /// kprobe `udp_sendmsg` / `udpv6_sendmsg`.
     pub const SEND_KPROBE_UDP_SENDMSG: &str = "send_kprobe_udp_sendmsg";
     pub const SEND_KPROBE_UDPV6_SENDMSG: &str = "send_kprobe_udpv6_sendmsg";
-    /// Raw tracepoint `sock_send_length`.
+    /// Tracepoint `sock_send_length`, typed (BTF) or raw.
+    pub const SEND_BTF_SOCK_SEND_LENGTH: &str = "send_btf_sock_send_length";
     pub const SEND_SOCK_SEND_LENGTH: &str = "send_sock_send_length";
     /// cgroup `sendmsg4` / `sendmsg6` (unconnected sends' destinations).
     pub const SEND_CGROUP_SENDMSG4: &str = "send_cgroup_sendmsg4";
@@ -115,7 +128,8 @@ pub mod programs {
     /// kprobe and kretprobe `nf_nat_manip_pkt`.
     pub const NAT_KPROBE_MANIP: &str = "nat_kprobe_manip";
     pub const NAT_KRETPROBE_MANIP: &str = "nat_kretprobe_manip";
-    /// Raw tracepoint `net_dev_start_xmit`.
+    /// Typed (BTF) tracepoint `net_dev_start_xmit`, else the raw one.
+    pub const XMIT_BTF_START_XMIT: &str = "xmit_btf_start_xmit";
     pub const XMIT_START_XMIT: &str = "xmit_start_xmit";
     /// Raw tracepoints `kfree_skb` and `consume_skb` (where sampling forgets an skb).
     pub const DROP_KFREE_SKB: &str = "drop_kfree_skb";
@@ -138,11 +152,12 @@ pub mod programs {
     pub const COUNT_CGROUP_EGRESS: &str = "count_cgroup_egress";
 
     /// Every program name above.
-    pub const ALL: [&str; 27] = [
+    pub const ALL: [&str; 29] = [
         SEND_FENTRY_UDP_SENDMSG,
         SEND_FENTRY_UDPV6_SENDMSG,
         SEND_KPROBE_UDP_SENDMSG,
         SEND_KPROBE_UDPV6_SENDMSG,
+        SEND_BTF_SOCK_SEND_LENGTH,
         SEND_SOCK_SEND_LENGTH,
         SEND_CGROUP_SENDMSG4,
         SEND_CGROUP_SENDMSG6,
@@ -153,6 +168,7 @@ pub mod programs {
         NAT_AFTER,
         NAT_KPROBE_MANIP,
         NAT_KRETPROBE_MANIP,
+        XMIT_BTF_START_XMIT,
         XMIT_START_XMIT,
         DROP_KFREE_SKB,
         SAMPLE_CONSUME_SKB,

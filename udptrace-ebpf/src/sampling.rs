@@ -4,7 +4,7 @@
 //! send hop through the socket, whichever of the two runs first.
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
+    helpers::{bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns},
     macros::{map, raw_tracepoint},
     maps::{Array, LruHashMap},
     programs::RawTracePointContext,
@@ -16,8 +16,8 @@ use udptrace_common::{
 };
 
 use crate::{
-    maps::{offset, NO_COMMON_LRU},
-    read::kernel::try_read_kernel,
+    maps::{empty_bodies, offset, NO_COMMON_LRU},
+    read::kernel::{try_read_kernel, Fields},
 };
 
 /// Set by userspace, at load and at runtime. All zeros (the initial value) traces everything.
@@ -34,6 +34,13 @@ static TRACE_FILTER: Array<TraceFilter> = Array::with_max_entries(1, 0);
 /// and hops look the skb up before leaving it out. Kernel-only; a new load starts at 0.
 #[map(name = "FILTER_ESCAPES")]
 static FILTER_ESCAPES: Array<u32> = Array::with_max_entries(1, 0);
+
+/// When (jiffies) a decision was last remembered, kept to within [`STAMP_SLACK_JIFFIES`]:
+/// while none was for longer than a decision is trusted, no lookup can find one, and hops
+/// that only look up (the delivery, `consume_skb`) or only serve traced datagrams (the
+/// readers) leave at once. A filter nothing matches then costs those hooks no hash lookup.
+#[map(name = "LAST_REMEMBERED")]
+static LAST_REMEMBERED: Array<u64> = Array::with_max_entries(1, 0);
 
 /// Datagrams seen per flow, for "the first N, then 1 in M".
 #[map(name = "SAMPLE_COUNT")]
@@ -117,7 +124,7 @@ pub fn left_out(ev: &SkbEvent) -> bool {
 /// reading the rest of the socket. `after_skbs`: as for [`decide_send`]; a datagram an skb
 /// hop traced (matching after a rewrite) is not left out.
 #[inline(always)]
-pub fn send_left_out(sk: u64, call_dst: &Addr, after_skbs: bool) -> bool {
+pub fn send_left_out<S: Fields>(sk: S, call_dst: &Addr, after_skbs: bool) -> bool {
     let Some(f) = filter() else {
         return false;
     };
@@ -127,14 +134,14 @@ pub fn send_left_out(sk: u64, call_dst: &Addr, after_skbs: bool) -> bool {
     }
     // Each step returns at once: plain control flow for the verifier of every hook the send
     // hop may use (an fentry program's registers are checked strictly).
-    match try_read_kernel::<u16>(sk, offset!(sk_num)) {
+    match sk.field::<u16>(offset!(sk_num)) {
         Some(sport) if sport != f.port => {}
         _ => return false,
     }
     let dport = if call_dst.family != 0 {
         call_dst.port
     } else {
-        match try_read_kernel::<u16>(sk, offset!(sk_dport)) {
+        match sk.field::<u16>(offset!(sk_dport)) {
             Some(p) => u16::from_be(p),
             None => return false,
         }
@@ -142,8 +149,12 @@ pub fn send_left_out(sk: u64, call_dst: &Addr, after_skbs: bool) -> bool {
     if dport == f.port {
         return false;
     }
+    // An skb hop that traced the datagram remembered its skb too: while nothing was
+    // remembered lately, no such decision waits for this socket.
     // SAFETY: the value is read at once.
-    !(after_skbs && unsafe { SAMPLE_SOCKS.get(sk) }.is_some_and(|d| d.side == SIDE_SKB))
+    !(after_skbs
+        && !none_remembered_within(TRUSTED_JIFFIES)
+        && unsafe { SAMPLE_SOCKS.get(sk.addr()) }.is_some_and(|d| d.side == SIDE_SKB))
 }
 
 /// The trace filter, when one is set (read in place: the NAT hop's stack has no room for a
@@ -174,6 +185,9 @@ pub fn lookup_stamped(skb: u64) -> (Decision, u64) {
     let Some(cfg) = config() else {
         return (Decision::All, 0);
     };
+    if none_remembered_within(TRUSTED_JIFFIES) {
+        return (Decision::Unknown(cfg), 0);
+    }
     // SAFETY: the value is copied out at once.
     match unsafe { SAMPLE_SKBS.get(skb) }.copied() {
         // A decision older than any datagram's way through a kernel belongs to an skb freed
@@ -219,6 +233,39 @@ fn next_of_flow(cfg: &SampleConfig, key: &FlowKey) -> bool {
 #[inline(always)]
 pub fn remember(skb: u64, traced: bool) {
     let _ = SAMPLE_SKBS.insert(skb, now() << 1 | u64::from(traced), 0);
+    if let Some(last) = LAST_REMEMBERED.get_ptr_mut(0) {
+        let now = jiffies();
+        // SAFETY: the map's one value: a plain load, and a store only when it is stale (so
+        // CPUs remembering at once do not take the line from each other at every datagram).
+        unsafe {
+            if now.wrapping_sub(*last) > STAMP_SLACK_JIFFIES {
+                *last = now;
+            }
+        }
+    }
+}
+
+/// Whether datagrams are decided on (sampling on, or a filter set) and none was remembered
+/// recently enough to be trusted: a lookup would find nothing. Conservative at any HZ up to
+/// 1000 ([`TRUSTED_JIFFIES`]).
+#[inline(always)]
+pub fn nothing_to_look_up() -> bool {
+    config().is_some() && none_remembered_within(TRUSTED_JIFFIES)
+}
+
+/// Whether no decision was remembered in the last `ago` jiffies (and the stamp's slack).
+#[inline(always)]
+fn none_remembered_within(ago: u64) -> bool {
+    // Before the first decision the stamp is 0 (jiffies start far from 0).
+    LAST_REMEMBERED
+        .get(0)
+        .is_some_and(|&last| last == 0 || jiffies().wrapping_sub(last) > ago + STAMP_SLACK_JIFFIES)
+}
+
+#[inline(always)]
+fn jiffies() -> u64 {
+    // SAFETY: plain helper call.
+    unsafe { bpf_jiffies64() }
 }
 
 /// The datagram reached its verdict, or its skb is freed: the address may carry another
@@ -257,6 +304,13 @@ pub fn leaves_host(dev: u64) -> bool {
     }
 }
 
+/// How stale [`LAST_REMEMBERED`] may be.
+const STAMP_SLACK_JIFFIES: u64 = 16;
+/// At least [`SKB_DECISION_NS`] at any HZ up to 1000.
+const TRUSTED_JIFFIES: u64 = 1024;
+/// Readers are reported while datagrams were traced in the last 16 s (at HZ 1000; longer at
+/// a lower HZ): a reader taking a traced datagram later than that is not named.
+const READERS_JIFFIES: u64 = 16 * 1024;
 /// Every namespace's loopback device has this index.
 const LOOPBACK_IFINDEX: u32 = 1;
 /// A decision older than this is not trusted.
@@ -378,9 +432,18 @@ pub fn nat_is_new(nf_hook: u32, netns: u32, before: (&Addr, &Addr), after: (&Add
     true
 }
 
-/// Whether to report the current task reading socket `sk`: always when every datagram is
-/// traced, else (sampling on, or a filter set) once a second per reading thread (who reads
-/// a socket rarely changes; and a read says nothing of the datagram to filter on).
+/// Whether readers may be reported at all: always when every datagram is traced; with
+/// sampling or a filter, while datagrams were decided on lately ([`READERS_JIFFIES`]):
+/// otherwise no reader reads anything anyone asked about. Checked before anything is read.
+#[inline(always)]
+pub fn readers_wanted() -> bool {
+    config().is_none() || !none_remembered_within(READERS_JIFFIES)
+}
+
+/// Whether to report the current task reading socket `sk`, once [`readers_wanted`]: always
+/// when every datagram is traced, else (sampling on, or a filter set) once a second per
+/// reading thread (who reads a socket rarely changes; and a read says nothing of the
+/// datagram to filter on).
 #[inline(always)]
 pub fn reader_due(sk: u64) -> bool {
     if config().is_none() {
@@ -405,7 +468,10 @@ pub fn reader_due(sk: u64) -> bool {
 /// decision must not pass to the next datagram given the same address.
 #[raw_tracepoint(tracepoint = "consume_skb")]
 pub fn sample_consume_skb(ctx: RawTracePointContext) -> u32 {
-    if config().is_some() {
+    if empty_bodies() {
+        return 0;
+    }
+    if !nothing_to_look_up() {
         forget(ctx.arg(0));
     }
     0

@@ -18,7 +18,9 @@ use aya_ebpf::{
 use udptrace_common::{Hook, RecvEvent, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL};
 
 use crate::{
-    maps::{fault, finish, offset, ring_flags, DELIVER_PENDING, EVENTS, LOCAL_IN_SKB},
+    maps::{
+        empty_bodies, fault, finish, offset, ring_flags, DELIVER_PENDING, EVENTS, LOCAL_IN_SKB,
+    },
     read::current::{header, task},
     read::kernel::{read_kernel, try_read_kernel, ReadError},
     read::skb::{emit_for_sock, output, prepare_delivery},
@@ -75,6 +77,9 @@ pub fn deliver_fexit_enqueue(ctx: FExitContext) -> u32 {
 // Inlined into the macro's entry point, its result kept (see `nat_after`).
 #[inline(always)]
 pub fn deliver_local_in(ctx: TcContext) -> i32 {
+    if empty_bodies() {
+        return 1;
+    }
     let p = ctx.as_ptr() as *const u64;
     // SAFETY: a bpf_nf_ctx; the verifier allows the 8-byte read of its skb field.
     let skb = unsafe { core::ptr::read(p.add(1)) };
@@ -88,6 +93,9 @@ pub fn deliver_local_in(ctx: TcContext) -> i32 {
 /// Raw tracepoint sk_data_ready(const struct sock *sk): a socket was told data is queued.
 #[raw_tracepoint(tracepoint = "sk_data_ready")]
 pub fn deliver_sk_data_ready(ctx: RawTracePointContext) -> u32 {
+    if empty_bodies() {
+        return 0;
+    }
     finish!(try_data_ready(ctx.arg(0)), "deliver_sk_data_ready");
     0
 }
@@ -99,7 +107,11 @@ fn try_data_ready(sk: u64) -> Result<(), ReadError> {
     };
     // SAFETY: this CPU's slot, set by deliver_local_in earlier in this same call chain.
     let skb = unsafe { core::ptr::replace(slot, 0) };
-    if skb == 0 || read_kernel::<u16>(sk, offset!(sk_protocol))? != IPPROTO_UDP {
+    // No decision to find (a filter nothing matched lately): the delivery never decides.
+    if skb == 0
+        || sampling::nothing_to_look_up()
+        || read_kernel::<u16>(sk, offset!(sk_protocol))? != IPPROTO_UDP
+    {
         return Ok(());
     }
     emit_for_sock(KIND_DELIVER, Hook::TpSkDataReady as u16, skb, sk)
@@ -108,7 +120,7 @@ fn try_data_ready(sk: u64) -> Result<(), ReadError> {
 /// Reports the current task as a reader of UDP socket `sk`.
 #[inline(always)]
 fn emit_reader(hook: u16, sk: u64) {
-    if !sampling::reader_due(sk) {
+    if !sampling::readers_wanted() || !sampling::reader_due(sk) {
         return;
     }
     let task = task();
@@ -147,9 +159,15 @@ pub fn recv_fexit_udpv6_recvmsg(ctx: FExitContext) -> u32 {
 /// read.
 #[raw_tracepoint(tracepoint = "sock_recv_length")]
 pub fn recv_sock_recv_length(ctx: RawTracePointContext) -> u32 {
+    if empty_bodies() {
+        return 0;
+    }
     let sk: u64 = ctx.arg(0);
     let ret: i32 = ctx.arg(1);
-    if ret >= 0 && try_read_kernel::<u16>(sk, offset!(sk_protocol)) == Some(IPPROTO_UDP) {
+    if ret >= 0
+        && sampling::readers_wanted()
+        && try_read_kernel::<u16>(sk, offset!(sk_protocol)) == Some(IPPROTO_UDP)
+    {
         emit_reader(Hook::TpSockRecvLength as u16, sk);
     }
     0

@@ -12,11 +12,12 @@ use aya_ebpf::{
 };
 use udptrace_common::{
     Addr, Hook, NatEvent, SkbEvent, AF_INET, KIND_NAT, NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS,
-    NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_UNSAMPLED, STAT_NAT_BASE, STAT_RINGBUF_FULL,
+    NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, OFFSET_MISSING, SKB_UNSAMPLED, STAT_NAT_BASE,
+    STAT_RINGBUF_FULL,
 };
 
 use crate::{
-    maps::{count, finish, offset, ring_flags, Scratch, EVENTS, NAT_BEFORE},
+    maps::{count, empty_bodies, finish, offset, ring_flags, Scratch, EVENTS, NAT_BEFORE},
     read::kernel::{read_kernel, try_read_kernel, ReadError},
     read::skb::{fill, read_udp},
     sampling::{self, Decision},
@@ -47,12 +48,12 @@ const IP_CT_IS_REPLY: u64 = 3;
 /// `enum ip_conntrack_status` (UAPI): source or destination NAT applies to the connection.
 const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5);
 
-/// The conntrack tuple of `skb`'s direction (the packet as it entered this namespace's
-/// conntrack, before any NAT of it here), when its connection is NATed. Most datagrams
-/// have no entry or one without NAT: two reads, and nothing else is read of them.
+/// The conntrack tuple of the packet's direction (as it entered this namespace's conntrack,
+/// before any NAT of it here), when its connection is NATed; `nfct` is the skb's `_nfct`.
+/// Most datagrams have no entry, or one without NAT: at most one read, and nothing else is
+/// read of them.
 #[inline(always)]
-fn nat_tuple(skb: u64) -> Option<u64> {
-    let nfct = try_read_kernel::<u64>(skb, offset!(skb_nfct))?;
+fn nat_tuple(nfct: u64) -> Option<u64> {
     let ct = nfct & NFCT_PTRMASK;
     if ct == 0 {
         return None;
@@ -92,8 +93,21 @@ fn tuple_side(tuple: u64, ip: usize, port: usize, side: &mut Addr) -> Result<boo
 // refuses that: "cannot return stack pointer to the caller").
 #[inline(always)]
 pub fn nat_after(ctx: TcContext) -> i32 {
+    if empty_bodies() {
+        return NF_ACCEPT;
+    }
     let (state, skb) = nf_ctx(&ctx);
-    finish!(try_after(state, skb), "nat_after");
+    if skb == 0 || offset!(skb_nfct) == OFFSET_MISSING as usize {
+        return NF_ACCEPT;
+    }
+    // SAFETY: the context's skb field is a typed (BTF) pointer: the verifier checks this
+    // load of `_nfct` against the kernel's struct sk_buff and makes it a plain load, no
+    // helper call, for every packet (most have no conntrack entry). The offset is a
+    // constant of the frozen read-only data, known to the verifier.
+    let at = offset!(skb_nfct);
+    // SAFETY: as said above: a load through the typed pointer, checked by the verifier.
+    let nfct = unsafe { core::ptr::read_volatile((skb as *const u8).add(at) as *const u64) };
+    finish!(try_after(state, skb, nfct), "nat_after");
     NF_ACCEPT
 }
 
@@ -103,11 +117,8 @@ pub fn nat_after(ctx: TcContext) -> i32 {
 /// the side this hook rewrites is, before it, the tuple's. One program run per hook instead
 /// of two; a rewrite without conntrack (a stateless `ip daddr set`) is not a NAT hop.
 #[inline(always)]
-fn try_after(state: u64, skb: u64) -> Result<(), ReadError> {
-    if skb == 0 {
-        return Ok(());
-    }
-    let Some(tuple) = nat_tuple(skb) else {
+fn try_after(state: u64, skb: u64, nfct: u64) -> Result<(), ReadError> {
+    let Some(tuple) = nat_tuple(nfct) else {
         return Ok(());
     };
     let hook = hook_of(state)?;

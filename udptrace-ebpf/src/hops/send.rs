@@ -12,9 +12,10 @@
 
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_ktime_get_ns},
-    macros::{cgroup_sock_addr, fentry, kprobe, raw_tracepoint, tracepoint},
+    macros::{btf_tracepoint, cgroup_sock_addr, fentry, kprobe, raw_tracepoint, tracepoint},
     programs::{
-        FEntryContext, ProbeContext, RawTracePointContext, SockAddrContext, TracePointContext,
+        BtfTracePointContext, FEntryContext, ProbeContext, RawTracePointContext, SockAddrContext,
+        TracePointContext,
     },
 };
 use udptrace_common::{
@@ -25,9 +26,11 @@ use udptrace_common::{
 
 use super::count;
 use crate::{
-    maps::{fault, finish, mode, offset, ring_flags, EVENTS, FLOWS, PENDING_SENDS},
+    maps::{empty_bodies, fault, finish, mode, offset, ring_flags, EVENTS, FLOWS, PENDING_SENDS},
     read::current::{header, task},
-    read::kernel::{read_kernel, read_sock, read_sockaddr, read_user, Mem, ReadError},
+    read::kernel::{
+        read_kernel, read_sock, read_sockaddr, read_user, Fields, Mem, Probed, ReadError, Typed,
+    },
     read::tracepoint::field,
     sampling,
 };
@@ -37,16 +40,18 @@ use crate::{
 /// (family 0 when it named none). The event is built in place in the ring buffer: the BPF
 /// stack is too small for a copy.
 #[inline(always)]
-fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
+fn emit<S: Fields>(hook: u16, sock: S, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
     // Nothing to count (the count hop counts, or nobody) and a filter that the ports
     // already leave out: two reads, and done.
+    let after_skbs = Hook::from_u16(hook).sends_after_skbs();
     if ret >= 0
         && mode(MODE_COUNT_HOP)
         && mode(MODE_PATHS)
-        && sampling::send_left_out(sk, &call_dst, hook == Hook::TpSockSendLength as u16)
+        && sampling::send_left_out(sock, &call_dst, after_skbs)
     {
         return Ok(());
     }
+    let sk = sock.addr();
     let mut key = FlowKey::default();
     key.netns = read_sock(sk, &mut key.src, &mut key.dst)?;
     let connected = key.dst.port != 0;
@@ -58,7 +63,7 @@ fn emit(hook: u16, sk: u64, call_dst: Addr, ret: i32) -> Result<(), ReadError> {
         // Counting is all this hop does without path hooks (no count hop here).
         return Ok(());
     }
-    let traced = sampling::decide_send(sk, &key, hook == Hook::TpSockSendLength as u16);
+    let traced = sampling::decide_send(sk, &key, after_skbs);
     if !traced && ret >= 0 {
         return Ok(());
     }
@@ -187,7 +192,7 @@ fn fentry_send(ctx: &FEntryContext, hook: u16) -> Result<(), ReadError> {
     let sk: u64 = ctx.arg(0);
     let msg: u64 = ctx.arg(1);
     let len: u64 = ctx.arg(2);
-    emit(hook, sk, msghdr_dst(msg)?, len as i32)
+    emit(hook, Probed(sk), msghdr_dst(msg)?, len as i32)
 }
 
 // --- 2. kprobe -------------------------------------------------------------------------
@@ -219,7 +224,7 @@ fn kprobe_send(ctx: &ProbeContext, hook: u16) -> Result<(), ReadError> {
     else {
         return Err(ReadError);
     };
-    emit(hook, sk, msghdr_dst(msg)?, len as i32)
+    emit(hook, Probed(sk), msghdr_dst(msg)?, len as i32)
 }
 
 // --- 3. tracepoints ----------------------------------------------------------------------
@@ -228,6 +233,9 @@ fn kprobe_send(ctx: &ProbeContext, hook: u16) -> Result<(), ReadError> {
 /// before routing. Remembers the destination for this socket's send; always allows it.
 #[cgroup_sock_addr(sendmsg4)]
 pub fn send_cgroup_sendmsg4(ctx: SockAddrContext) -> i32 {
+    if empty_bodies() {
+        return 1;
+    }
     remember_user_dst(&ctx, AF_INET);
     1
 }
@@ -235,6 +243,9 @@ pub fn send_cgroup_sendmsg4(ctx: SockAddrContext) -> i32 {
 /// cgroup `sendmsg6`, as `sendmsg4` for `udpv6_sendmsg`.
 #[cgroup_sock_addr(sendmsg6)]
 pub fn send_cgroup_sendmsg6(ctx: SockAddrContext) -> i32 {
+    if empty_bodies() {
+        return 1;
+    }
     remember_user_dst(&ctx, AF_INET6);
     1
 }
@@ -359,18 +370,42 @@ pub fn send_exit(_ctx: TracePointContext) -> u32 {
 /// socket send (raw: no trace record is built for the sends of other protocols either).
 #[raw_tracepoint(tracepoint = "sock_send_length")]
 pub fn send_sock_send_length(ctx: RawTracePointContext) -> u32 {
+    if empty_bodies() {
+        return 0;
+    }
     finish!(
-        try_sock_send_length(ctx.arg(0), ctx.arg(1)),
+        try_sock_send_length(
+            Probed(ctx.arg(0)),
+            ctx.arg(1),
+            Hook::TpSockSendLength as u16
+        ),
         "send_sock_send_length"
     );
     0
 }
 
+/// The same tracepoint typed (tp_btf): the socket's protocol and ports, all a datagram the
+/// trace filter leaves out costs, are plain loads instead of helper calls.
+#[btf_tracepoint(function = "sock_send_length")]
+pub fn send_btf_sock_send_length(ctx: BtfTracePointContext) -> u32 {
+    if empty_bodies() {
+        return 0;
+    }
+    // The tracepoint's arguments: a BTF-typed struct sock pointer, and an int.
+    let (sk, ret): (*const u8, i64) = (ctx.arg(0), ctx.arg(1));
+    finish!(
+        try_sock_send_length(Typed(sk), ret as i32, Hook::TpBtfSockSendLength as u16),
+        "send_btf_sock_send_length"
+    );
+    0
+}
+
 #[inline(always)]
-fn try_sock_send_length(sk: u64, ret: i32) -> Result<(), ReadError> {
-    if read_kernel::<u16>(sk, offset!(sk_protocol))? != IPPROTO_UDP {
+fn try_sock_send_length<S: Fields>(sock: S, ret: i32, hook: u16) -> Result<(), ReadError> {
+    if sock.field::<u16>(offset!(sk_protocol)) != Some(IPPROTO_UDP) {
         return Ok(());
     }
+    let sk = sock.addr();
     let mut dst = Addr::default();
     let thread = bpf_get_current_pid_tgid();
     if let Some(pending) = PENDING_SENDS.get_ptr_mut(thread) {
@@ -388,5 +423,5 @@ fn try_sock_send_length(sk: u64, ret: i32) -> Result<(), ReadError> {
             let _ = PENDING_SENDS.remove(thread);
         }
     }
-    emit(Hook::TpSockSendLength as u16, sk, dst, ret)
+    emit(hook, sock, dst, ret)
 }

@@ -34,6 +34,54 @@ pub fn try_read_kernel<T>(base: u64, off: usize) -> Option<T> {
     unsafe { bpf_probe_read_kernel((base as usize + off) as *const T) }.ok()
 }
 
+/// How a kernel object's fields are read: by helper at any address ([`Probed`]), or by plain
+/// loads through a pointer the verifier has typed from BTF ([`Typed`]: a typed tracepoint's
+/// or a netfilter program's arguments), which cost no call.
+pub trait Fields: Copy {
+    /// The object's address.
+    fn addr(self) -> u64;
+    /// The `T` at `off`, `None` when the field is missing or (by helper) unreadable.
+    fn field<T: Copy>(self, off: usize) -> Option<T>;
+}
+
+/// An object read by helper.
+#[derive(Clone, Copy)]
+pub struct Probed(pub u64);
+
+impl Fields for Probed {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0
+    }
+
+    #[inline(always)]
+    fn field<T: Copy>(self, off: usize) -> Option<T> {
+        try_read_kernel(self.0, off)
+    }
+}
+
+/// An object behind a BTF-typed pointer: the verifier checks each load against the kernel's
+/// type (the offset, from the frozen read-only data, is a constant to it) and a fault reads
+/// as 0. A program whose loads it refuses does not load, and its hook's fallback is used.
+#[derive(Clone, Copy)]
+pub struct Typed(pub *const u8);
+
+impl Fields for Typed {
+    #[inline(always)]
+    fn addr(self) -> u64 {
+        self.0 as u64
+    }
+
+    #[inline(always)]
+    fn field<T: Copy>(self, off: usize) -> Option<T> {
+        if off == OFFSET_MISSING as usize || self.0.is_null() {
+            return None;
+        }
+        // SAFETY: see the type: a checked load through a typed pointer.
+        Some(unsafe { core::ptr::read_volatile(self.0.add(off) as *const T) })
+    }
+}
+
 /// Reads a `T` at `base + off` from the current task's user memory.
 #[inline(always)]
 pub fn read_user<T>(base: u64, off: usize) -> Result<T, ReadError> {

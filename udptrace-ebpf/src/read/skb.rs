@@ -388,7 +388,16 @@ pub fn emit_for_sock(kind: u16, hook: u16, skb: u64, sk: u64) -> Result<(), Read
 /// Sends one skb hop event for `skb` if it carries a UDP datagram.
 #[inline(always)]
 pub fn emit(kind: u16, hook: u16, skb: u64, reason: u32) -> Result<(), ReadError> {
+    if kind != KIND_DELIVER && peek::skb_left_out(skb) {
+        return Ok(());
+    }
     emit_inner(kind, hook, skb, reason, 0)
+}
+
+/// [`emit`] for a hop that has already taken the filter's first look at `skb`.
+#[inline(always)]
+pub fn emit_peeked(kind: u16, hook: u16, skb: u64) -> Result<(), ReadError> {
+    emit_inner(kind, hook, skb, 0, 0)
 }
 
 /// Whether this hop ends the datagram's way through this kernel (for the sampling).
@@ -402,19 +411,20 @@ fn verdict(kind: u16, skb: u64) -> bool {
 }
 
 /// `sk`, when not 0, replaces `skb->sk` (UDP does not set it on queued datagrams).
-/// A datagram not sampled is reported only when dropped (flagged [`SKB_UNSAMPLED`]).
+/// A datagram not sampled is reported only when dropped (flagged [`SKB_UNSAMPLED`]). The
+/// caller has taken the filter's first look ([`peek`]): a datagram it leaves out from its
+/// headers is decided in effect once per datagram without anything looked up or remembered
+/// (not at the delivery, which never decides: the lookup alone settles it there).
 #[inline(always)]
 fn emit_inner(kind: u16, hook: u16, skb: u64, reason: u32, sk: u64) -> Result<(), ReadError> {
     if skb == 0 {
         return Ok(());
     }
-    // Left out by the filter from a first look at its headers, nothing looked up: decided
-    // in effect once per datagram without remembering it. Not at the delivery, which never
-    // decides (the lookup alone settles it there).
-    if kind != KIND_DELIVER && peek::skb_left_out(skb) {
+    let decision = sampling::lookup(skb);
+    if kind == KIND_DELIVER && matches!(decision, Decision::Unknown(_)) {
+        // Nothing to report: see `prepare`.
         return Ok(());
     }
-    let decision = sampling::lookup(skb);
     let known = matches!(decision, Decision::Known(_));
     let mut decided = false;
     let result = emit_sampled(kind, hook, skb, reason, sk, decision, &mut decided);

@@ -5,7 +5,7 @@
 use std::path::Path;
 
 use aya::{
-    programs::{FEntry, FExit, RawTracePoint, TracePoint},
+    programs::{BtfTracePoint, FEntry, FExit, RawTracePoint, TracePoint},
     Btf, Ebpf,
 };
 
@@ -147,6 +147,7 @@ pub fn unload_any(ebpf: &mut Ebpf, name: &str) {
         Program::FExit(p) => unload!(p),
         Program::KProbe(p) => unload!(p),
         Program::RawTracePoint(p) => unload!(p),
+        Program::BtfTracePoint(p) => unload!(p),
         Program::TracePoint(p) => unload!(p),
         Program::CgroupSockAddr(p) => unload!(p),
         Program::CgroupSkb(p) => unload!(p),
@@ -213,6 +214,20 @@ pub fn attach_tp(ebpf: &mut Ebpf, name: &str, category: &str, tps: &[&str]) -> R
             .map(drop)
             .map_err(|e| format!("attaching to {category}:{tp}: {}", chain(&e)))
     })
+}
+
+/// Loads typed (BTF) tracepoint program `name` for tracepoint `tp` and attaches it.
+pub fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, tp: &str) -> Result<(), String> {
+    let btf = Btf::from_sys_fs().map_err(|e| chain(&e))?;
+    let prog: &mut BtfTracePoint = program(ebpf, name)?;
+    prog.load(tp, &btf)
+        .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
+    if let Err(e) = prog.attach() {
+        let why = format!("attaching to {tp}: {}", chain(&e));
+        let _ = prog.unload();
+        return Err(why);
+    }
+    Ok(())
 }
 
 /// Loads raw tracepoint program `name` and attaches it to tracepoint `tp`. Raw: the

@@ -172,7 +172,7 @@ impl Tracer {
             .is_some_and(|v| v == "1")
             .into();
         if empty_bodies != 0 {
-            tracing::warn!("UDPTRACE_EMPTY_BODIES=1: the count and drop hops count nothing");
+            tracing::warn!("UDPTRACE_EMPTY_BODIES=1: every program returns at once (the bench's floor): nothing is counted or traced");
         }
         // No kernel BTF for aya: the object has no CO-RE relocations (its programs read at
         // the offsets resolved above; a test keeps it so), and aya would parse vmlinux's
@@ -539,11 +539,12 @@ const HOP_ORDER: [&str; 8] = [
 ];
 
 /// The send hop's programs (kept attached when they are what counts).
-const SEND_PROGRAMS: [&str; 11] = [
+const SEND_PROGRAMS: [&str; 12] = [
     programs::SEND_FENTRY_UDP_SENDMSG,
     programs::SEND_FENTRY_UDPV6_SENDMSG,
     programs::SEND_KPROBE_UDP_SENDMSG,
     programs::SEND_KPROBE_UDPV6_SENDMSG,
+    programs::SEND_BTF_SOCK_SEND_LENGTH,
     programs::SEND_SOCK_SEND_LENGTH,
     programs::SEND_CGROUP_SENDMSG4,
     programs::SEND_CGROUP_SENDMSG6,

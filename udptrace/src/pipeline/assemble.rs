@@ -315,7 +315,7 @@ impl Assembler {
         let hop = send_hop(ev, &self.clock);
         // The tracepoint hook reports the send after its skb hops: join that path. (An
         // entry hook runs before them: a path waiting then is an earlier datagram's.)
-        let after = ev.header.hook == Hook::TpSockSendLength as u16;
+        let after = Hook::from_u16(ev.header.hook).sends_after_skbs();
         let waiting = self.by_sock.get(&ev.sock).copied().filter(|id| {
             after
                 && self.open.get(id).is_some_and(|o| {

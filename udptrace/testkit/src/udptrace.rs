@@ -448,6 +448,13 @@ pub fn send_hook_family() -> String {
     hook.split(':').next().unwrap().to_string()
 }
 
+/// Whether the send hop this kernel uses reports once the send is over, after the
+/// datagram's skb hops (the `sock_send_length` tracepoint, typed or raw), rather than on
+/// entry to UDP (fentry, kprobe).
+pub fn send_hop_reports_after_skbs() -> bool {
+    matches!(send_hook_family().as_str(), "tp_btf" | "raw_tracepoint")
+}
+
 /// Whether udptrace attaches with tcx here (Linux 6.6+, unless told not to).
 pub fn uses_tcx(env: &[(&str, &str)]) -> bool {
     let (_, out, _) = udptrace(

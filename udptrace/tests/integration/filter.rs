@@ -84,7 +84,7 @@ fn a_filtered_trace_assembles_only_what_matches_before_or_after_nat() {
             // Matched before the rewrite: the whole way. Matched after it: from the rewrite
             // on, and the send hop too where it reports after the skb hops (the
             // tracepoint; the socket shares the decision).
-            let first = if name == "--host" || send_hook_family() == "raw_tracepoint" {
+            let first = if name == "--host" || send_hop_reports_after_skbs() {
                 "send"
             } else {
                 "nat"

@@ -192,7 +192,7 @@ fn send_refused_by_netfilter_reports_the_errno() {
         "dropped in the sender's own namespace"
     );
     assert_eq!(path["verdict"], "dropped");
-    if send_hook_family() == "raw_tracepoint" {
+    if send_hop_reports_after_skbs() {
         assert_eq!(hop["errno"], 1, "{hop}");
         assert_eq!(hop["error"], "Operation not permitted");
         assert_eq!(hop["len"], 0);
@@ -348,7 +348,7 @@ fn doctor_explains_the_send_hook() {
             "{out}"
         );
     }
-    if family == "raw_tracepoint" {
+    if family == "tp_btf" || family == "raw_tracepoint" {
         assert!(
             out.contains("tried kprobe:udp_sendmsg+udpv6_sendmsg: not usable: "),
             "{out}"
@@ -437,13 +437,14 @@ fn sendmmsg_gives_each_datagram_its_destination() {
 #[test]
 fn every_usable_send_hook_reports_the_same_fields() {
     require_root();
-    let families = ["fentry", "kprobe", "raw_tracepoint"];
+    let families = ["fentry", "kprobe", "tp_btf", "raw_tracepoint"];
     let variants = [
         (0, "", ""),
         (1, "", ""),
         (2, "", "destinations of unconnected sends from cgroup:"),
+        (3, "", "destinations of unconnected sends from cgroup:"),
         (
-            2,
+            3,
             "cgroup",
             "destinations of unconnected sends from syscalls:",
         ),

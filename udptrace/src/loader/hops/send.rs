@@ -9,8 +9,8 @@ use crate::{
     kernel::{cgroup2, offsets::Group},
     loader::{
         chain::{
-            attach_chain, attach_fentry, attach_raw_tp, attach_tp, chain, enabled, kprobes, need,
-            program, unload_all, Ctx,
+            attach_chain, attach_fentry, attach_raw_tp, attach_tp, attach_tp_btf, chain, enabled,
+            kprobes, need, program, unload_all, Ctx,
         },
         report::HopReport,
     },
@@ -28,7 +28,8 @@ pub fn attach(ctx: &mut Ctx<'_>) -> HopReport {
         &[
             (FENTRY, fentry),
             (KPROBE, kprobe),
-            (Hook::TpSockSendLength.name(), tracepoints),
+            (Hook::TpBtfSockSendLength.name(), typed_tracepoints),
+            (Hook::TpSockSendLength.name(), raw_tracepoints),
         ],
     )
 }
@@ -108,13 +109,33 @@ const SYSCALL_PROGRAMS: [(&str, &[&str]); 4] = [
     ),
 ];
 
-fn tracepoints(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), String> {
+/// Tracepoint `sock_send_length` typed (tp_btf: the socket's fields are plain loads).
+fn typed_tracepoints(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), String> {
+    need(ctx.layout, &[Group::Sock, Group::TpSendLength])?;
+    attach_tp_btf(
+        ctx.ebpf,
+        programs::SEND_BTF_SOCK_SEND_LENGTH,
+        "sock_send_length",
+    )?;
+    destinations(ctx, report);
+    Ok(())
+}
+
+/// Tracepoint `sock_send_length` raw (every read a helper call).
+fn raw_tracepoints(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), String> {
     need(ctx.layout, &[Group::Sock, Group::TpSendLength])?;
     attach_raw_tp(
         ctx.ebpf,
         programs::SEND_SOCK_SEND_LENGTH,
         "sock_send_length",
     )?;
+    destinations(ctx, report);
+    Ok(())
+}
+
+/// Beside the tracepoint: where unconnected sends' destinations come from (noted in the
+/// report; without them such sends show none).
+fn destinations(ctx: &mut Ctx<'_>, report: &mut HopReport) {
     // The destination of unconnected sends is not in the socket: the cgroup hooks that UDP
     // runs for such sends see it; else the syscalls' arguments hold it.
     let cgroup = enabled(CGROUP_SENDMSG).and_then(|()| cgroup_hooks(ctx));
@@ -124,7 +145,7 @@ fn tracepoints(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), String> 
                 "destinations of unconnected sends from {CGROUP_SENDMSG} at {}",
                 root.display()
             ));
-            return Ok(());
+            return;
         }
         Err(why) => why,
     };
@@ -147,5 +168,4 @@ fn tracepoints(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), String> 
             ));
         }
     }
-    Ok(())
 }

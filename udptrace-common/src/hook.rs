@@ -29,11 +29,12 @@ pub enum Hook {
     CgroupSkbEgress = 16,
     TpBtfNetDevStartXmit = 17,
     TpBtfSockSendLength = 18,
+    TpBtfKfreeSkb = 19,
 }
 
 impl Hook {
     /// Every hook, `Unknown` first.
-    pub const ALL: [Hook; 19] = [
+    pub const ALL: [Hook; 20] = [
         Hook::Unknown,
         Hook::FentryUdpSendmsg,
         Hook::FentryUdpv6Sendmsg,
@@ -53,6 +54,7 @@ impl Hook {
         Hook::CgroupSkbEgress,
         Hook::TpBtfNetDevStartXmit,
         Hook::TpBtfSockSendLength,
+        Hook::TpBtfKfreeSkb,
     ];
 
     /// The hook of `EventHeader::hook`; `Unknown` for a number not listed.
@@ -89,6 +91,7 @@ impl Hook {
             Hook::CgroupSkbEgress => "cgroup_skb:egress",
             Hook::TpBtfNetDevStartXmit => "tp_btf:net:net_dev_start_xmit",
             Hook::TpBtfSockSendLength => "tp_btf:sock:sock_send_length",
+            Hook::TpBtfKfreeSkb => "tp_btf:skb:kfree_skb",
         }
     }
 
@@ -131,7 +134,9 @@ pub mod programs {
     /// Typed (BTF) tracepoint `net_dev_start_xmit`, else the raw one.
     pub const XMIT_BTF_START_XMIT: &str = "xmit_btf_start_xmit";
     pub const XMIT_START_XMIT: &str = "xmit_start_xmit";
-    /// Raw tracepoints `kfree_skb` and `consume_skb` (where sampling forgets an skb).
+    /// Tracepoint `kfree_skb` typed (BTF) or raw, and raw `consume_skb` (where sampling
+    /// forgets an skb).
+    pub const DROP_BTF_KFREE_SKB: &str = "drop_btf_kfree_skb";
     pub const DROP_KFREE_SKB: &str = "drop_kfree_skb";
     pub const SAMPLE_CONSUME_SKB: &str = "sample_consume_skb";
     /// fentry and fexit `__udp_enqueue_schedule_skb` (read on entry, sent on return).
@@ -152,7 +157,7 @@ pub mod programs {
     pub const COUNT_CGROUP_EGRESS: &str = "count_cgroup_egress";
 
     /// Every program name above.
-    pub const ALL: [&str; 29] = [
+    pub const ALL: [&str; 30] = [
         SEND_FENTRY_UDP_SENDMSG,
         SEND_FENTRY_UDPV6_SENDMSG,
         SEND_KPROBE_UDP_SENDMSG,
@@ -170,6 +175,7 @@ pub mod programs {
         NAT_KRETPROBE_MANIP,
         XMIT_BTF_START_XMIT,
         XMIT_START_XMIT,
+        DROP_BTF_KFREE_SKB,
         DROP_KFREE_SKB,
         SAMPLE_CONSUME_SKB,
         DELIVER_FENTRY_ENQUEUE,

@@ -3,7 +3,11 @@
 //! not; a drop is reported as a hop event when a path follows the datagram, and otherwise
 //! at most once a second per drop key and CPU — the drops held back are counted.
 
-use aya_ebpf::{helpers::bpf_ktime_get_ns, macros::raw_tracepoint, programs::RawTracePointContext};
+use aya_ebpf::{
+    helpers::bpf_ktime_get_ns,
+    macros::{btf_tracepoint, raw_tracepoint},
+    programs::{BtfTracePointContext, RawTracePointContext},
+};
 use udptrace_common::{
     DropKey, DropStats, Hook, SkbEvent, DROP_EVENT_EVERY_NS, KIND_DROP, MODE_PATHS, SKB_UNSAMPLED,
     STAT_RINGBUF_FULL,
@@ -11,7 +15,7 @@ use udptrace_common::{
 
 use crate::{
     maps::{count, empty_bodies, finish, mode, ring_flags, Scratch, DROPS, EVENTS},
-    read::kernel::ReadError,
+    read::kernel::{Fields, Probed, ReadError, Typed},
     read::skb::{fill_device, fill_flow_key, fill_rest},
     sampling::{self, Decision},
 };
@@ -27,12 +31,33 @@ pub fn drop_kfree_skb(ctx: RawTracePointContext) -> u32 {
         return 0;
     }
     let reason: u64 = ctx.arg(2);
-    finish!(try_drop(ctx.arg(0), reason as u32), "drop_kfree_skb");
+    finish!(
+        try_drop(Probed(ctx.arg(0)), reason as u32, Hook::TpKfreeSkb as u16),
+        "drop_kfree_skb"
+    );
+    0
+}
+
+/// The same tracepoint typed (tp_btf): the skb's fields, its device's and the device's
+/// namespace's are plain loads the verifier checks, not helper calls (the packet's bytes
+/// still are). Every datagram dropped pays them, counted or not.
+#[btf_tracepoint(function = "kfree_skb")]
+pub fn drop_btf_kfree_skb(ctx: BtfTracePointContext) -> u32 {
+    if empty_bodies() {
+        return 0;
+    }
+    let skb: *const u8 = ctx.arg(0);
+    let reason: u64 = ctx.arg(2);
+    finish!(
+        try_drop(Typed(skb), reason as u32, Hook::TpBtfKfreeSkb as u16),
+        "drop_btf_kfree_skb"
+    );
     0
 }
 
 #[inline(always)]
-fn try_drop(skb: u64, reason: u32) -> Result<(), ReadError> {
+fn try_drop<S: Fields>(sk_buff: S, reason: u32, hook: u16) -> Result<(), ReadError> {
+    let skb = sk_buff.addr();
     if skb == 0 || reason == NOT_DROPPED_YET {
         return Ok(());
     }
@@ -51,7 +76,7 @@ fn try_drop(skb: u64, reason: u32) -> Result<(), ReadError> {
         return Ok(());
     };
     let ev = scratch.event();
-    let Some(dev) = fill_flow_key(ev, skb, 0)? else {
+    let Some(dev) = fill_flow_key(ev, sk_buff, 0)? else {
         return Ok(());
     };
     let traced = match decision {
@@ -67,7 +92,7 @@ fn try_drop(skb: u64, reason: u32) -> Result<(), ReadError> {
         ev.flags |= SKB_UNSAMPLED;
     }
     fill_device(ev, dev);
-    fill_rest(ev, KIND_DROP, Hook::TpKfreeSkb as u16, skb, reason, dev);
+    fill_rest(ev, KIND_DROP, hook, skb, reason, dev);
     ev.sk_ino = 0;
     if EVENTS.output::<SkbEvent>(&*ev, ring_flags()).is_err() {
         count(STAT_RINGBUF_FULL);

@@ -42,6 +42,18 @@ pub trait Fields: Copy {
     fn addr(self) -> u64;
     /// The `T` at `off`, `None` when the field is missing or (by helper) unreadable.
     fn field<T: Copy>(self, off: usize) -> Option<T>;
+    /// The object the pointer at `off` points to, read the same way (a typed pointer's
+    /// pointer field is typed too).
+    fn pointer(self, off: usize) -> Option<Self>;
+
+    /// [`Self::field`], a failure counted as a read error.
+    #[inline(always)]
+    fn read<T: Copy>(self, off: usize) -> Result<T, ReadError> {
+        self.field(off).ok_or_else(|| {
+            count(STAT_READ_ERROR);
+            ReadError
+        })
+    }
 }
 
 /// An object read by helper.
@@ -57,6 +69,11 @@ impl Fields for Probed {
     #[inline(always)]
     fn field<T: Copy>(self, off: usize) -> Option<T> {
         try_read_kernel(self.0, off)
+    }
+
+    #[inline(always)]
+    fn pointer(self, off: usize) -> Option<Self> {
+        self.field::<u64>(off).map(Probed)
     }
 }
 
@@ -79,6 +96,11 @@ impl Fields for Typed {
         }
         // SAFETY: see the type: a checked load through a typed pointer.
         Some(unsafe { core::ptr::read_volatile(self.0.add(off) as *const T) })
+    }
+
+    #[inline(always)]
+    fn pointer(self, off: usize) -> Option<Self> {
+        self.field::<u64>(off).map(|p| Typed(p as *const u8))
     }
 }
 

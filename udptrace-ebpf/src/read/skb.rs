@@ -15,7 +15,7 @@ use udptrace_common::{
 use crate::{
     maps::{count, offset, ring_flags, Scratch, EVENTS},
     read::current::header,
-    read::kernel::{read_kernel, try_read_kernel, ReadError},
+    read::kernel::{read_kernel, try_read_kernel, Fields, Probed, ReadError},
     read::peek,
     sampling::{self, Decision},
 };
@@ -158,8 +158,14 @@ const ETH_P_TEB: u16 = 0x6558;
 /// datagram carrying UDP is reported by its inner addresses, with the tunnel's in `outer_*`.
 #[inline(always)]
 pub fn read_udp(skb: u64, ev: &mut SkbEvent) -> Result<bool, ReadError> {
-    let head: u64 = read_kernel(skb, offset!(skb_head))?;
-    let nh: u16 = read_kernel(skb, offset!(skb_network_header))?;
+    read_udp_of(Probed(skb), ev)
+}
+
+/// [`read_udp`] for an skb read either way ([`Fields`]); the packet's bytes by helper.
+#[inline(always)]
+pub fn read_udp_of<S: Fields>(skb: S, ev: &mut SkbEvent) -> Result<bool, ReadError> {
+    let head: u64 = skb.read(offset!(skb_head))?;
+    let nh: u16 = skb.read(offset!(skb_network_header))?;
     if head == 0 || nh == HEADER_UNSET {
         return Ok(false);
     }
@@ -282,7 +288,7 @@ pub fn fill(
 /// `None` when the skb is no UDP datagram; else the device (0: none) for [`fill_rest`].
 #[inline(always)]
 pub fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, ReadError> {
-    let Some(dev) = fill_flow_key(ev, skb, sock)? else {
+    let Some(dev) = fill_flow_key(ev, Probed(skb), sock)? else {
         return Ok(None);
     };
     fill_device(ev, dev);
@@ -293,8 +299,12 @@ pub fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, 
 /// device's index and name are left to [`fill_device`] (a drop counted but not reported
 /// never reads them). `None` when the skb is no UDP datagram; else the device (0: none).
 #[inline(always)]
-pub fn fill_flow_key(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, ReadError> {
-    if !read_udp(skb, ev)? {
+pub fn fill_flow_key<S: Fields>(
+    ev: &mut SkbEvent,
+    skb: S,
+    sock: u64,
+) -> Result<Option<u64>, ReadError> {
+    if !read_udp_of(skb, ev)? {
         return Ok(None);
     }
     fill_where(ev, skb, sock).map(Some)
@@ -303,27 +313,30 @@ pub fn fill_flow_key(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u6
 /// After [`read_udp`]: the socket, the device and the namespace (the device's when it has
 /// one, else the socket's); the device (0: none).
 #[inline(always)]
-fn fill_where(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<u64, ReadError> {
+fn fill_where<S: Fields>(ev: &mut SkbEvent, skb: S, sock: u64) -> Result<u64, ReadError> {
     ev.ifname = [0; 16];
     ev.ifindex = 0;
     ev.netns = 0;
     // A queued UDP datagram reuses skb->dev as scratch space: with a known receiving
     // socket, take the namespace from the socket and leave the device out.
-    let dev: u64 = if sock != 0 {
+    let dev = if sock != 0 {
         ev.sk = sock;
-        0
+        None
     } else {
-        ev.sk = read_kernel(skb, offset!(skb_sk))?;
-        read_kernel(skb, offset!(skb_dev))?
+        ev.sk = skb.read(offset!(skb_sk))?;
+        skb.pointer(offset!(skb_dev))
     };
     // UDP reuses skb->dev as scratch space while a datagram sits in a socket queue (it is
-    // dropped from there when the socket closes): a "device" that cannot be read is none.
-    if dev != 0 {
-        let netns = try_read_kernel::<u64>(dev, offset!(dev_net))
-            .and_then(|net| try_read_kernel::<u32>(net, offset!(net_inum)));
+    // dropped from there when the socket closes): a "device" that cannot be read (or reads
+    // as namespace 0) is none.
+    if let Some(dev) = dev.filter(|d| d.addr() != 0) {
+        let netns = dev
+            .pointer(offset!(dev_net))
+            .and_then(|net| net.field::<u32>(offset!(net_inum)))
+            .filter(|&n| n != 0);
         if let Some(netns) = netns {
             ev.netns = netns;
-            return Ok(dev);
+            return Ok(dev.addr());
         }
     }
     if ev.sk != 0 {
@@ -510,7 +523,7 @@ fn prepare(
     if matches!(decision, Decision::Unknown(_)) && sampling::left_out(ev) {
         return Ok(false);
     }
-    let dev = fill_where(ev, skb, sk)?;
+    let dev = fill_where(ev, Probed(skb), sk)?;
     if sk != 0 && read_kernel::<u16>(sk, offset!(sk_num)).ok() != Some(ev.dst.port) {
         // The socket is not bound to this datagram's port: a stale pairing (an skb that
         // reached LOCAL_IN in a namespace we do not cover, say). Say nothing.

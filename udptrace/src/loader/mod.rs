@@ -320,6 +320,7 @@ impl Tracer {
         for name in programs::ALL {
             let keep = name == programs::COUNT_CGROUP_EGRESS
                 || name == programs::DROP_KFREE_SKB
+                || name == programs::DROP_BTF_KFREE_SKB
                 || !self.counted && SEND_PROGRAMS.contains(&name);
             if !keep {
                 unload_any(&mut self.ebpf, name);

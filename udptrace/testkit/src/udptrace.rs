@@ -438,14 +438,28 @@ pub fn udptrace(cmd: &mut Command) -> (ExitStatus, String, String) {
 /// The hook family (`fentry`, `kprobe`, `tracepoint`) `udptrace doctor` says the send hop
 /// uses on this kernel.
 pub fn send_hook_family() -> String {
+    hook_family("send")
+}
+
+/// The hook family (`fentry`, `tp_btf`, `raw_tracepoint`...) doctor says `hop` uses here.
+pub fn hook_family(hop: &str) -> String {
     let (status, out, _) = udptrace(Command::new(udptrace_bin()).arg("doctor"));
     assert!(status.success(), "doctor failed:\n{out}");
     let line = out
         .lines()
-        .find(|l| l.starts_with("send hop"))
-        .expect("send hop line");
+        .find(|l| l.starts_with(&format!("{hop} hop")))
+        .unwrap_or_else(|| panic!("no {hop} hop line in doctor's output:\n{out}"));
     let hook = line.split("uses ").nth(1).expect("uses <hook>");
     hook.split(':').next().unwrap().to_string()
+}
+
+/// The drop hop's program here (the typed tracepoint's or the raw one's).
+pub fn drop_program() -> &'static str {
+    if hook_family("drop") == "tp_btf" {
+        "drop_btf_kfree_skb"
+    } else {
+        "drop_kfree_skb"
+    }
 }
 
 /// Whether the send hop this kernel uses reports once the send is over, after the

@@ -94,7 +94,7 @@ fn counting_only_is_exact_for_every_kind_of_send_and_every_drop() {
     // The two counting programs, and no path hook.
     assert_eq!(
         program_names(&mine),
-        BTreeSet::from(["count_cgroup_egress".into(), "drop_kfree_skb".into()]),
+        BTreeSet::from(["count_cgroup_egress".into(), drop_program().into()]),
         "{}",
         agent.stderr()
     );
@@ -329,7 +329,9 @@ fn flows_counts_only_when_asked_and_says_which_hook_counts() {
 }
 
 /// The agent's path windows, as `GET /api/v1/windows` shows them.
-const COUNTING: [&str; 2] = ["count_cgroup_egress", "drop_kfree_skb"];
+fn counting() -> BTreeSet<String> {
+    BTreeSet::from(["count_cgroup_egress".into(), drop_program().into()])
+}
 
 #[test]
 fn path_windows_attach_the_path_hooks_only_while_open() {
@@ -352,12 +354,7 @@ fn path_windows_attach_the_path_hooks_only_while_open() {
             .collect();
         program_names(&now)
     };
-    assert_eq!(
-        progs(),
-        BTreeSet::from(COUNTING.map(String::from)),
-        "{}",
-        agent.stderr()
-    );
+    assert_eq!(progs(), counting(), "{}", agent.stderr());
     assert_eq!(agent.windows()["open"], false);
     // Bad requests say what is expected and open nothing.
     for bad in ["0s", "abc", "11m"] {
@@ -408,7 +405,7 @@ fn path_windows_attach_the_path_hooks_only_while_open() {
     let w = agent.windows_until("window closed", |w| w["open"] == false);
     assert_eq!(w["opened"]["request"], 1, "{w}");
     assert!(w["open_secs_total"].as_f64().unwrap() >= 4.0, "{w}");
-    let counting = BTreeSet::from(COUNTING.map(String::from));
+    let counting = counting();
     let only_counting = || {
         let deadline = Instant::now() + Duration::from_secs(10);
         while progs() != counting && Instant::now() < deadline {

@@ -174,8 +174,9 @@ pub fn kprobes() -> Result<(), String> {
     }
 }
 
-/// Loads trampoline program `$name` (an `FEntry` or `FExit`) for kernel function `$func`
-/// and attaches it; unloads it again when the attach fails.
+/// Loads trampoline program `$name` (an `FEntry` or `FExit`, or a `BtfTracePoint`) for
+/// kernel function (or tracepoint) `$func` and attaches it; unloads it again when the
+/// attach fails.
 macro_rules! attach_trampoline {
     ($kind:ty, $ebpf:expr, $name:expr, $func:expr) => {{
         let func = $func;
@@ -216,18 +217,10 @@ pub fn attach_tp(ebpf: &mut Ebpf, name: &str, category: &str, tps: &[&str]) -> R
     })
 }
 
-/// Loads typed (BTF) tracepoint program `name` for tracepoint `tp` and attaches it.
+/// Loads typed (BTF) tracepoint program `name` for tracepoint `tp` and attaches it (loaded
+/// and attached as a trampoline is: against the kernel's BTF type of it).
 pub fn attach_tp_btf(ebpf: &mut Ebpf, name: &str, tp: &str) -> Result<(), String> {
-    let btf = Btf::from_sys_fs().map_err(|e| chain(&e))?;
-    let prog: &mut BtfTracePoint = program(ebpf, name)?;
-    prog.load(tp, &btf)
-        .map_err(|e| format!("loading {name}: {}", chain(&e)))?;
-    if let Err(e) = prog.attach() {
-        let why = format!("attaching to {tp}: {}", chain(&e));
-        let _ = prog.unload();
-        return Err(why);
-    }
-    Ok(())
+    attach_trampoline!(BtfTracePoint, ebpf, name, tp)
 }
 
 /// Loads raw tracepoint program `name` and attaches it to tracepoint `tp`. Raw: the

@@ -159,6 +159,8 @@ pub struct SkbEvent {
     /// The device's MTU (0 without a device).
     pub mtu: u32,
     pub outer_src: Addr,
+    /// The tunnel's destination; without a tunnel, on a drop flagged [`SKB_DNAT_BEFORE`],
+    /// the destination before NAT.
     pub outer_dst: Addr,
     /// Inode of the receiving socket (deliver only; 0 when unknown): userspace finds the
     /// process holding it, as `ss -p` does, when no reader was seen.
@@ -185,6 +187,13 @@ pub const SKB_UNSAMPLED: u32 = 1 << 0;
 /// `SkbEvent::flags`: the UDP header's length is shorter than a UDP header or longer than
 /// the IP header says follows it (the kernel drops such a datagram as too small).
 pub const SKB_MALFORMED: u32 = 1 << 1;
+/// `SkbEvent::flags`, on a drop: the datagram had its destination rewritten by NAT in this
+/// namespace (from `outer_dst`, unused without a tunnel) where no NAT hop saw it: dropped
+/// before the NAT hop's link. The path shows that rewrite before the drop.
+pub const SKB_DNAT_BEFORE: u32 = 1 << 2;
+/// With [`SKB_DNAT_BEFORE`]: the rewrite was at output (a local socket's datagram), not at
+/// prerouting.
+pub const SKB_DNAT_AT_OUTPUT: u32 = 1 << 3;
 
 /// `SkbEvent::ip_frag`: don't fragment (IPv4).
 pub const IP_DF: u16 = 0x4000;
@@ -219,7 +228,10 @@ pub struct NatEvent {
     pub before_dst: Addr,
     /// `NF_INET_*`.
     pub nf_hook: u32,
-    pub _pad: u32,
+    /// 0, or `NF_INET_*` + 1: the event holds two rewrites, the destination's at that hook
+    /// first (from `before_*` to the destination after, the source still `before_src`),
+    /// then the source's at `nf_hook`. One link where a namespace's way ends sees both.
+    pub dnat_first_at: u32,
     /// The conntrack entry's original and reply tuples (family 0 when unknown).
     pub ct_orig_src: Addr,
     pub ct_orig_dst: Addr,

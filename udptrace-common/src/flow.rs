@@ -93,3 +93,10 @@ pub const DROP_EVENT_EVERY_NS: u64 = 1_000_000_000;
 pub const MODE_COUNT_HOP: u32 = 1;
 /// The path hooks are attached: a drop of a datagram being traced is always reported.
 pub const MODE_PATHS: u32 = 2;
+/// NAT is seen by netfilter links only where each way through a namespace ends
+/// (POSTROUTING, LOCAL_IN): the drop hop reports the destination NAT of a datagram dropped
+/// before it got there.
+pub const MODE_NAT_LINKS: u32 = 4;
+/// The deliver hop's link at the end of LOCAL_IN also reports LOCAL_IN's NAT (the NAT hop is
+/// then linked at POSTROUTING alone): one program run per datagram less.
+pub const MODE_NAT_AT_DELIVER: u32 = 8;

@@ -13,16 +13,19 @@
 use aya_ebpf::{
     macros::{classifier, fentry, fexit, raw_tracepoint},
     programs::{FEntryContext, FExitContext, RawTracePointContext, TcContext},
-    EbpfContext as _,
 };
-use udptrace_common::{Hook, RecvEvent, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL};
+use udptrace_common::{
+    Hook, RecvEvent, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, MODE_NAT_AT_DELIVER, STAT_RINGBUF_FULL,
+};
 
+use super::nat::{self, nf_ctx, NF_ACCEPT};
 use crate::{
     maps::{
-        empty_bodies, fault, finish, offset, ring_flags, DELIVER_PENDING, EVENTS, LOCAL_IN_SKB,
+        empty_bodies, fault, finish, mode, offset, ring_flags, DELIVER_PENDING, EVENTS,
+        LOCAL_IN_SKB,
     },
     read::current::{header, task},
-    read::kernel::{read_kernel, try_read_kernel, ReadError},
+    read::kernel::{read_kernel, try_read_kernel, Fields as _, ReadError},
     read::skb::{emit_for_sock, output, prepare_delivery},
     sampling,
 };
@@ -73,21 +76,24 @@ pub fn deliver_fexit_enqueue(ctx: FExitContext) -> u32 {
 }
 
 /// int (*)(struct bpf_nf_ctx *ctx), linked last at LOCAL_IN: the skb about to reach UDP.
+/// Where the NAT hop is linked too, it reports LOCAL_IN's NAT here (`MODE_NAT_AT_DELIVER`):
+/// one program run per datagram instead of two.
 #[classifier]
 // Inlined into the macro's entry point, its result kept (see `nat_after`).
 #[inline(always)]
 pub fn deliver_local_in(ctx: TcContext) -> i32 {
     if empty_bodies() {
-        return 1;
+        return NF_ACCEPT;
     }
-    let p = ctx.as_ptr() as *const u64;
-    // SAFETY: a bpf_nf_ctx; the verifier allows the 8-byte read of its skb field.
-    let skb = unsafe { core::ptr::read(p.add(1)) };
+    let (state, skb) = nf_ctx(&ctx);
+    if mode(MODE_NAT_AT_DELIVER) {
+        finish!(nat::after(state, skb), "deliver_local_in");
+    }
     if let Some(slot) = LOCAL_IN_SKB.get_ptr_mut(0) {
         // SAFETY: this CPU's slot.
-        unsafe { *slot = skb };
+        unsafe { *slot = skb.addr() };
     }
-    1 // NF_ACCEPT
+    NF_ACCEPT
 }
 
 /// Raw tracepoint sk_data_ready(const struct sock *sk): a socket was told data is queued.

@@ -9,8 +9,8 @@ use aya_ebpf::{
     programs::{BtfTracePointContext, RawTracePointContext},
 };
 use udptrace_common::{
-    DropKey, DropStats, Hook, SkbEvent, DROP_EVENT_EVERY_NS, KIND_DROP, MODE_PATHS, SKB_UNSAMPLED,
-    STAT_RINGBUF_FULL,
+    DropKey, DropStats, Hook, SkbEvent, DROP_EVENT_EVERY_NS, KIND_DROP, MODE_NAT_LINKS, MODE_PATHS,
+    SKB_UNSAMPLED, STAT_RINGBUF_FULL, TUNNEL_NONE,
 };
 
 use crate::{
@@ -94,6 +94,9 @@ fn try_drop<S: Fields>(sk_buff: S, reason: u32, hook: u16) -> Result<(), ReadErr
     fill_device(ev, dev);
     fill_rest(ev, KIND_DROP, hook, skb, reason, dev);
     ev.sk_ino = 0;
+    if paths && ev.tunnel == TUNNEL_NONE && mode(MODE_NAT_LINKS) {
+        super::nat::note_dnat(sk_buff, ev)?;
+    }
     if EVENTS.output::<SkbEvent>(&*ev, ring_flags()).is_err() {
         count(STAT_RINGBUF_FULL);
     }

@@ -1,43 +1,42 @@
-//! The NAT hop: a BPF netfilter link just after NAT at each NAT hook reports a rewrite,
-//! with the datagram as it was before from its conntrack entry (see [`try_after`]).
+//! The NAT hop: a BPF netfilter link where each way through a namespace ends (POSTROUTING,
+//! and the end of LOCAL_IN) reports what NAT in that namespace rewrote, against the packet's
+//! conntrack entry (see [`try_after`]).
 //!
 //! Loaded by userspace as BPF_PROG_TYPE_NETFILTER (aya has no API for it; the section is
 //! `classifier` so aya's ELF parser accepts the program). It always accepts the packet.
 
 use aya_ebpf::{
+    helpers::bpf_probe_read_kernel_buf,
     macros::{classifier, kprobe, kretprobe, map},
     maps::PerCpuArray,
     programs::{ProbeContext, RetProbeContext, TcContext},
     EbpfContext as _,
 };
 use udptrace_common::{
-    Addr, Hook, NatEvent, SkbEvent, AF_INET, KIND_NAT, NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS,
-    NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, OFFSET_MISSING, SKB_UNSAMPLED, STAT_NAT_BASE,
-    STAT_RINGBUF_FULL,
+    Addr, Hook, NatEvent, SkbEvent, AF_INET, KIND_NAT, NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT,
+    NF_INET_NUMHOOKS, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_DNAT_AT_OUTPUT,
+    SKB_DNAT_BEFORE, SKB_UNSAMPLED, STAT_NAT_BASE, STAT_READ_ERROR, STAT_RINGBUF_FULL, TUNNEL_NONE,
 };
 
 use crate::{
     maps::{count, empty_bodies, finish, offset, ring_flags, Scratch, EVENTS, NAT_BEFORE},
-    read::kernel::{read_kernel, try_read_kernel, ReadError},
+    read::kernel::{read_kernel, try_read_kernel, Fields, ReadError, Typed},
     read::skb::{fill, read_udp},
     sampling::{self, Decision},
 };
 
 /// Netfilter verdict: let the packet go on.
-const NF_ACCEPT: i32 = 1;
+pub const NF_ACCEPT: i32 = 1;
 
 /// `struct bpf_nf_ctx { const struct nf_hook_state *state; struct sk_buff *skb; }`: the
-/// netfilter program context (UAPI-stable layout).
+/// netfilter program context (UAPI-stable layout). Both are pointers the verifier types
+/// from BTF: their fields are plain loads ([`Typed`]).
 #[inline(always)]
-fn nf_ctx(ctx: &TcContext) -> (u64, u64) {
+pub fn nf_ctx(ctx: &TcContext) -> (Typed, Typed) {
     let p = ctx.as_ptr() as *const u64;
     // SAFETY: the context is a bpf_nf_ctx; the verifier allows 8-byte reads of both fields.
-    unsafe { (core::ptr::read(p), core::ptr::read(p.add(1))) }
-}
-
-#[inline(always)]
-fn hook_of(state: u64) -> Result<u32, ReadError> {
-    Ok(u32::from(read_kernel::<u8>(state, offset!(nf_state_hook))?))
+    let (state, skb) = unsafe { (core::ptr::read(p), core::ptr::read(p.add(1))) };
+    (Typed(state as *const u8), Typed(skb as *const u8))
 }
 
 /// `skb->_nfct` keeps the conntrack info in its low bits (NFCT_PTRMASK, NFCT_INFOMASK).
@@ -47,6 +46,8 @@ const NFCT_INFOMASK: u64 = 7;
 const IP_CT_IS_REPLY: u64 = 3;
 /// `enum ip_conntrack_status` (UAPI): source or destination NAT applies to the connection.
 const IPS_NAT_MASK: u64 = (1 << 4) | (1 << 5);
+/// Every namespace's loopback device has this index.
+const LOOPBACK_IFINDEX: u32 = 1;
 
 /// The conntrack tuple of the packet's direction (as it entered this namespace's conntrack,
 /// before any NAT of it here), when its connection is NATed; `nfct` is the skb's `_nfct`.
@@ -70,23 +71,35 @@ fn nat_tuple(nfct: u64) -> Option<u64> {
     )
 }
 
-/// Puts the tuple's address at `ip`/`port` (offsets in the tuple) into `side`; says whether
-/// it differed (then NAT rewrote that side at this hook).
+/// Reads the tuple's address at `ip`/`port` (offsets in the tuple) into `out`, in place
+/// (map memory: the NAT hop's stack has no room for copies), as the packet's family has it.
 #[inline(always)]
-fn tuple_side(tuple: u64, ip: usize, port: usize, side: &mut Addr) -> Result<bool, ReadError> {
-    let mut addr: [u8; 16] = read_kernel(tuple, ip)?;
-    if side.family == AF_INET {
+fn tuple_addr(
+    tuple: u64,
+    ip: usize,
+    port: usize,
+    family: u16,
+    out: &mut Addr,
+) -> Result<(), ReadError> {
+    // SAFETY: the helper checks the kernel address and fills `out.ip` or fails.
+    unsafe { bpf_probe_read_kernel_buf((tuple + ip as u64) as *const u8, &mut out.ip) }.map_err(
+        |_| {
+            count(STAT_READ_ERROR);
+            ReadError
+        },
+    )?;
+    if family == AF_INET {
         // A tuple's IPv4 address fills the first 4 bytes; like the packet's, the rest is 0.
-        addr[4..].fill(0);
+        out.ip[4..].fill(0);
     }
-    let port = u16::from_be(read_kernel::<u16>(tuple, port)?);
-    let changed = side.ip != addr || side.port != port;
-    side.ip = addr;
-    side.port = port;
-    Ok(changed)
+    out.port = u16::from_be(read_kernel::<u16>(tuple, port)?);
+    out.family = family;
+    out._pad = 0;
+    Ok(())
 }
 
-/// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT at each NAT hook.
+/// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT at POSTROUTING, and at LOCAL_IN
+/// unless the deliver hop's link there does it (`MODE_NAT_AT_DELIVER`).
 #[classifier]
 // Inlined into the entry point the macro wraps it in: as a function of its own, its constant
 // result may be optimised away, and the entry would return whatever r0 held (the verifier
@@ -97,67 +110,158 @@ pub fn nat_after(ctx: TcContext) -> i32 {
         return NF_ACCEPT;
     }
     let (state, skb) = nf_ctx(&ctx);
-    if skb == 0 || offset!(skb_nfct) == OFFSET_MISSING as usize {
-        return NF_ACCEPT;
-    }
-    // SAFETY: the context's skb field is a typed (BTF) pointer: the verifier checks this
-    // load of `_nfct` against the kernel's struct sk_buff and makes it a plain load, no
-    // helper call, for every packet (most have no conntrack entry). The offset is a
-    // constant of the frozen read-only data, known to the verifier.
-    let at = offset!(skb_nfct);
-    // SAFETY: as said above: a load through the typed pointer, checked by the verifier.
-    let nfct = unsafe { core::ptr::read_volatile((skb as *const u8).add(at) as *const u64) };
-    finish!(try_after(state, skb, nfct), "nat_after");
+    finish!(after(state, skb), "nat_after");
     NF_ACCEPT
 }
 
-/// What the datagram was before NAT at this hook comes from its conntrack tuple, not from a
-/// program before NAT: NAT rewrites the destination at prerouting and output and the source
-/// at postrouting and input (a reply's undoing included), each side once per namespace, so
-/// the side this hook rewrites is, before it, the tuple's. One program run per hook instead
-/// of two; a rewrite without conntrack (a stateless `ip daddr set`) is not a NAT hop.
+/// The NAT hop's work at a netfilter link (the NAT hop's own, or the deliver hop's at the
+/// end of LOCAL_IN): a packet without a conntrack entry costs one plain load.
 #[inline(always)]
-fn try_after(state: u64, skb: u64, nfct: u64) -> Result<(), ReadError> {
+pub fn after(state: Typed, skb: Typed) -> Result<(), ReadError> {
+    // `_nfct` through the typed pointer: a plain load the verifier checks, for every packet
+    // (most have no conntrack entry).
+    let Some(nfct) = skb.field::<u64>(offset!(skb_nfct)) else {
+        return Ok(());
+    };
     let Some(tuple) = nat_tuple(nfct) else {
         return Ok(());
     };
-    let hook = hook_of(state)?;
-    let Some(before) = NAT_BEFORE.get_ptr_mut(hook) else {
-        return Ok(());
+    let hook = u32::from(state.read::<u8>(offset!(nf_state_hook))?);
+    let snat_hook = match hook {
+        NF_INET_POST_ROUTING => hook,
+        NF_INET_LOCAL_IN => {
+            // Sent by this namespace to itself: POSTROUTING reported its NAT, which LOCAL_IN
+            // repeats unchanged.
+            let dev = skb.pointer(offset!(skb_dev));
+            if dev.and_then(|d| d.field::<u32>(offset!(dev_ifindex))) == Some(LOOPBACK_IFINDEX) {
+                return Ok(());
+            }
+            hook
+        }
+        _ => return Ok(()),
     };
-    // SAFETY: this CPU's slot for this hook; netfilter runs a hook's functions on one CPU
-    // in order, and nothing else at this hook runs between the fill and the report.
-    let before = unsafe { &mut *before };
-    if !read_udp(skb, before)? {
-        return Ok(());
-    }
-    let rewritten = match hook {
-        NF_INET_PRE_ROUTING | NF_INET_LOCAL_OUT => tuple_side(
-            tuple,
-            offset!(tuple_dst_u3),
-            offset!(tuple_dst_port),
-            &mut before.dst,
-        )?,
-        _ => tuple_side(
-            tuple,
-            offset!(tuple_src_u3),
-            offset!(tuple_src_port),
-            &mut before.src,
-        )?,
-    };
-    if !rewritten {
-        return Ok(());
-    }
-    emit_nat(Hook::NetfilterLink as u16, skb, hook, before)
+    report(skb.addr(), tuple, dnat_hook(skb, hook), snat_hook)
 }
 
-/// Reports a NAT rewrite of `skb` at netfilter hook `hook` when its addresses differ from
-/// `before`'s (what they were just before NAT). A datagram not sampled has its rewrite
-/// reported when it is a new one (flagged `SKB_UNSAMPLED`), and is traced from there on.
-/// Addresses are compared where they lie (maps, the scratch event): this hop's stack has no
-/// room for copies.
+/// Where destination NAT happened to a packet NAT in this namespace saw by `hook`: at
+/// output for a local socket's datagram, else at prerouting.
 #[inline(always)]
-fn emit_nat(source: u16, skb: u64, hook: u32, before: &SkbEvent) -> Result<(), ReadError> {
+fn dnat_hook<S: Fields>(skb: S, hook: u32) -> u32 {
+    if hook != NF_INET_LOCAL_IN && skb.field::<u64>(offset!(skb_sk)).is_some_and(|sk| sk != 0) {
+        NF_INET_LOCAL_OUT
+    } else {
+        NF_INET_PRE_ROUTING
+    }
+}
+
+/// What the datagram was before NAT comes from its conntrack tuple, not from a program
+/// before NAT: NAT rewrites the destination at prerouting or output and the source at
+/// postrouting or input (a reply's undoing included), each side at most once per namespace,
+/// and the tuple of the packet's direction holds both as they entered this namespace. So one
+/// link where each way through a namespace ends sees what every NAT hook rewrote: the
+/// destination at `dnat_hook`, the source at `snat_hook`, both in one event when both
+/// changed. A rewrite without conntrack (a stateless `ip daddr set`) is no NAT hop.
+#[inline(always)]
+fn report(skb: u64, tuple: u64, dnat_hook: u32, snat_hook: u32) -> Result<(), ReadError> {
+    let Some(before) = NAT_BEFORE.get_ptr_mut(dnat_hook) else {
+        return Ok(());
+    };
+    // SAFETY: this CPU's slot for the hook; NAT reports on one CPU do not nest (netfilter
+    // runs a hook's functions in order, and the drop hop is not inside a netfilter program).
+    let before = unsafe { &mut *before };
+    // A tunnel's packet is read by its inner datagram, its conntrack entry is the outer
+    // packet's: they do not compare.
+    if !read_udp(skb, before)? || before.tunnel != TUNNEL_NONE {
+        return Ok(());
+    }
+    // The tuple's addresses into the slot's outer ones (a tunnel's, unused by a NAT hop),
+    // compared there, then taken as what the datagram was before.
+    let family = before.dst.family;
+    tuple_addr(
+        tuple,
+        offset!(tuple_dst_u3),
+        offset!(tuple_dst_port),
+        family,
+        &mut before.outer_dst,
+    )?;
+    tuple_addr(
+        tuple,
+        offset!(tuple_src_u3),
+        offset!(tuple_src_port),
+        family,
+        &mut before.outer_src,
+    )?;
+    let dnat = before.outer_dst != before.dst;
+    let snat = before.outer_src != before.src;
+    before.dst = before.outer_dst;
+    before.src = before.outer_src;
+    let (hook, dnat_first_at) = match (dnat, snat) {
+        (true, true) => (snat_hook, dnat_hook + 1),
+        (true, false) => (dnat_hook, 0),
+        (false, true) => (snat_hook, 0),
+        (false, false) => return Ok(()),
+    };
+    emit_nat(Hook::NetfilterLink as u16, skb, hook, dnat_first_at, before)
+}
+
+/// For the drop hop: notes in `ev` (a drop of `skb`, not a tunnel's) the destination it had
+/// before this namespace's destination NAT, when its conntrack entry says there was one the
+/// NAT hop's links did not see: dropped between prerouting (or output) and POSTROUTING or
+/// LOCAL_IN, by a filter rule or for want of a route, say. The event's `outer_dst` then
+/// holds it (flag [`SKB_DNAT_BEFORE`]). A source rewritten too means the datagram passed
+/// source NAT, which the links follow at once: they reported both.
+#[inline(always)]
+pub fn note_dnat<S: Fields>(skb: S, ev: &mut SkbEvent) -> Result<(), ReadError> {
+    let Some(nfct) = skb.field::<u64>(offset!(skb_nfct)) else {
+        return Ok(());
+    };
+    let Some(tuple) = nat_tuple(nfct) else {
+        return Ok(());
+    };
+    // Read in place (the drop hop's stack has no room): the tuple's source into
+    // `outer_src`, unused without a tunnel and cleared again.
+    let family = ev.dst.family;
+    tuple_addr(
+        tuple,
+        offset!(tuple_dst_u3),
+        offset!(tuple_dst_port),
+        family,
+        &mut ev.outer_dst,
+    )?;
+    tuple_addr(
+        tuple,
+        offset!(tuple_src_u3),
+        offset!(tuple_src_port),
+        family,
+        &mut ev.outer_src,
+    )?;
+    let unseen = ev.outer_dst != ev.dst && ev.outer_src == ev.src;
+    ev.outer_src = Addr::default();
+    if !unseen {
+        ev.outer_dst = Addr::default();
+        return Ok(());
+    }
+    ev.flags |= SKB_DNAT_BEFORE;
+    if dnat_hook(skb, NF_INET_POST_ROUTING) == NF_INET_LOCAL_OUT {
+        ev.flags |= SKB_DNAT_AT_OUTPUT;
+    }
+    Ok(())
+}
+
+/// Reports a NAT rewrite of `skb` at netfilter hook `hook` (and, with `dnat_first_at`, one
+/// of the destination before it: see [`NatEvent`]) when its addresses differ from
+/// `before`'s (what they were before NAT). A datagram not sampled has its rewrite reported
+/// when it is a new one (flagged `SKB_UNSAMPLED`), and is traced from there on. Addresses
+/// are compared where they lie (maps, the scratch event): this hop's stack has no room for
+/// copies.
+#[inline(always)]
+fn emit_nat(
+    source: u16,
+    skb: u64,
+    hook: u32,
+    dnat_first_at: u32,
+    before: &SkbEvent,
+) -> Result<(), ReadError> {
     let decision = sampling::lookup(skb);
     let Some(mut scratch) = Scratch::take() else {
         return Ok(());
@@ -171,7 +275,12 @@ fn emit_nat(source: u16, skb: u64, hook: u32, before: &SkbEvent) -> Result<(), R
         return Ok(());
     }
     if hook < NF_INET_NUMHOOKS {
-        count(STAT_NAT_BASE + 2 * hook + u32::from(ev.skb.dst != before.dst));
+        if dnat_first_at != 0 {
+            count(STAT_NAT_BASE + 2 * (dnat_first_at - 1) + 1);
+            count(STAT_NAT_BASE + 2 * hook);
+        } else {
+            count(STAT_NAT_BASE + 2 * hook + u32::from(ev.skb.dst != before.dst));
+        }
     }
     ev.before_src = before.src;
     ev.before_dst = before.dst;
@@ -207,7 +316,7 @@ fn emit_nat(source: u16, skb: u64, hook: u32, before: &SkbEvent) -> Result<(), R
     }
     if changed {
         ev.nf_hook = hook;
-        ev._pad = 0;
+        ev.dnat_first_at = dnat_first_at;
         conntrack(skb, ev);
         if EVENTS.output::<NatEvent>(&*ev, ring_flags()).is_err() {
             // Counted, not logged: a log call here takes nat_after's stack past the
@@ -218,34 +327,32 @@ fn emit_nat(source: u16, skb: u64, hook: u32, before: &SkbEvent) -> Result<(), R
     Ok(())
 }
 
-/// Reads one conntrack tuple at `tuple` into `src`/`dst` (family 0 when unreadable).
+/// Reads one conntrack tuple at `tuple` into `src`/`dst`, in place (family 0 when
+/// unreadable).
 #[inline(always)]
 fn read_tuple(tuple: u64, src: &mut Addr, dst: &mut Addr) {
-    *src = Addr::default();
-    *dst = Addr::default();
-    let Some(family) = try_read_kernel::<u16>(tuple, offset!(tuple_l3num)) else {
-        return;
-    };
-    let (Some(sip), Some(sport), Some(dip), Some(dport)) = (
-        try_read_kernel::<[u8; 16]>(tuple, offset!(tuple_src_u3)),
-        try_read_kernel::<u16>(tuple, offset!(tuple_src_port)),
-        try_read_kernel::<[u8; 16]>(tuple, offset!(tuple_dst_u3)),
-        try_read_kernel::<u16>(tuple, offset!(tuple_dst_port)),
-    ) else {
-        return;
-    };
-    *src = Addr {
-        family,
-        port: u16::from_be(sport),
-        _pad: 0,
-        ip: sip,
-    };
-    *dst = Addr {
-        family,
-        port: u16::from_be(dport),
-        _pad: 0,
-        ip: dip,
-    };
+    let read = try_read_kernel::<u16>(tuple, offset!(tuple_l3num)).is_some_and(|family| {
+        tuple_addr(
+            tuple,
+            offset!(tuple_src_u3),
+            offset!(tuple_src_port),
+            family,
+            src,
+        )
+        .is_ok()
+            && tuple_addr(
+                tuple,
+                offset!(tuple_dst_u3),
+                offset!(tuple_dst_port),
+                family,
+                dst,
+            )
+            .is_ok()
+    });
+    if !read {
+        *src = Addr::default();
+        *dst = Addr::default();
+    }
 }
 
 /// Fills the conntrack entry's original and reply tuples of `skb`, when it has one.
@@ -319,7 +426,7 @@ pub fn nat_kretprobe_manip(_ctx: RetProbeContext) -> u32 {
         _ => NF_INET_POST_ROUTING,
     };
     finish!(
-        emit_nat(Hook::KprobeNfNat as u16, skb, hook, before),
+        emit_nat(Hook::KprobeNfNat as u16, skb, hook, 0, before),
         "nat_kretprobe_manip"
     );
     0

@@ -26,8 +26,8 @@ use aya::{
     Ebpf, EbpfLoader,
 };
 use udptrace_common::{
-    names, programs, FlowKey, FlowStats, TraceFilter, FLOWS_DEFAULT, MODE_COUNT_HOP, MODE_PATHS,
-    STATS_LEN,
+    names, programs, FlowKey, FlowStats, TraceFilter, FLOWS_DEFAULT, MODE_COUNT_HOP,
+    MODE_NAT_AT_DELIVER, MODE_NAT_LINKS, MODE_PATHS, STATS_LEN,
 };
 
 use crate::kernel::{
@@ -271,14 +271,19 @@ impl Tracer {
             }
             new.push(send);
         }
-        new.extend([hops::nat::attach(&mut ctx), hops::xmit::attach(&mut ctx)]);
+        // The deliver hop first: where it links at the end of LOCAL_IN, the NAT hop's
+        // program is not linked there too.
+        new.extend([
+            hops::deliver::attach(&mut ctx),
+            hops::nat::attach(&mut ctx),
+            hops::xmit::attach(&mut ctx),
+        ]);
         let consume = if sampled {
             hops::drop::attach_consume(&mut ctx)
         } else {
             Ok(())
         };
         new.extend([
-            hops::deliver::attach(&mut ctx),
             hops::deliver::attach_recv(&mut ctx),
             hops::ingress::attach(&mut ctx),
         ]);
@@ -362,6 +367,15 @@ impl Tracer {
         }
         if paths {
             mode |= MODE_PATHS;
+            let nat_links = self.hops.iter().any(|r| {
+                r.hop == "nat" && r.chosen().is_some_and(|h| h.starts_with("netfilter-link"))
+            });
+            if nat_links {
+                mode |= MODE_NAT_LINKS;
+                if self.netfilter.deliver_at_local_in {
+                    mode |= MODE_NAT_AT_DELIVER;
+                }
+            }
         }
         let map = self
             .ebpf

@@ -16,9 +16,7 @@ use aya::{maps::Map, Ebpf};
 
 use super::{netns::Namespaces, sys::bpf_fd};
 use aya_obj::generated::{bpf_attach_type, bpf_attr, bpf_cmd, bpf_insn, bpf_prog_type};
-use udptrace_common::{
-    NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING,
-};
+use udptrace_common::{NF_INET_LOCAL_IN, NF_INET_POST_ROUTING};
 
 const NFPROTO_IPV4: u32 = 2;
 const NFPROTO_IPV6: u32 = 10;
@@ -129,26 +127,32 @@ pub struct Slot<'a> {
     pub priorities: &'static [i32],
 }
 
-/// Just after NAT (NF_IP_PRI_NAT_DST is -100, NF_IP_PRI_NAT_SRC 100): the NAT hop's slots.
-/// A priority another hook holds gives EBUSY, hence a few candidates each. `progs` is
+/// Just after source NAT (NF_IP_PRI_NAT_SRC is 100) at POSTROUTING and LOCAL_IN, where each
+/// way through a namespace ends and every NAT hook before has had its say: the NAT hop's
+/// slots. A priority another hook holds gives EBUSY, hence a few candidates each. `progs` is
 /// `nat_after`.
 pub fn nat_slots(progs: &[OwnedFd]) -> Vec<Slot<'_>> {
-    const AFTER_DST: &[i32] = &[-99, -98, -95, -90];
-    const AFTER_SRC: &[i32] = &[101, 102, 105, 110];
-    [
-        (NF_INET_PRE_ROUTING, AFTER_DST),
-        (NF_INET_LOCAL_OUT, AFTER_DST),
-        (NF_INET_POST_ROUTING, AFTER_SRC),
-        (NF_INET_LOCAL_IN, AFTER_SRC),
-    ]
-    .into_iter()
-    .map(|(hook, priorities)| Slot {
-        prog: &progs[0],
-        hook,
-        priorities,
-    })
-    .collect()
+    [NF_INET_POST_ROUTING, NF_INET_LOCAL_IN]
+        .into_iter()
+        .map(|hook| Slot {
+            prog: &progs[0],
+            hook,
+            priorities: AFTER_SRC,
+        })
+        .collect()
 }
+
+/// [`nat_slots`] when the deliver hop's link at the end of LOCAL_IN reports LOCAL_IN's NAT:
+/// POSTROUTING alone.
+pub fn nat_slots_postrouting(progs: &[OwnedFd]) -> Vec<Slot<'_>> {
+    vec![Slot {
+        prog: &progs[0],
+        hook: NF_INET_POST_ROUTING,
+        priorities: AFTER_SRC,
+    }]
+}
+
+const AFTER_SRC: &[i32] = &[101, 102, 105, 110];
 
 /// The end of LOCAL_IN, after filtering and source NAT (only conntrack's confirm, at
 /// INT_MAX, comes later): the deliver hop's slot.
@@ -210,6 +214,8 @@ struct Covered {
 pub struct Coverage {
     sets: Vec<(Vec<OwnedFd>, SlotsFn)>,
     covered: HashMap<u64, Covered>,
+    /// The deliver hop's program is among the sets, linked at the end of LOCAL_IN.
+    pub deliver_at_local_in: bool,
 }
 
 impl Coverage {

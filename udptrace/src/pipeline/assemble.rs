@@ -15,7 +15,7 @@ use crate::{
     pipeline::{
         events::{comm, Event},
         explain::explain,
-        hops::{nat_hop, send_hop, skb_hop},
+        hops::{dnat_before_drop, nat_hops, send_hop, skb_hop},
         procs::SocketOwners,
     },
 };
@@ -299,8 +299,9 @@ impl Assembler {
                 ev.header.ts_ns
             }
             Event::Nat(ev) => {
-                let hop = nat_hop(ev, &self.clock);
-                self.push_skb_hop(&ev.skb, hop);
+                for hop in nat_hops(ev, &self.clock) {
+                    self.push_skb_hop(&ev.skb, hop);
+                }
                 ev.skb.header.ts_ns
             }
             Event::Recv(ev) => {
@@ -352,6 +353,9 @@ impl Assembler {
     }
 
     fn push_skb(&mut self, ev: &SkbEvent) {
+        if let Some(nat) = dnat_before_drop(ev, &self.clock) {
+            self.push_skb_hop(ev, nat);
+        }
         let hop = skb_hop(ev, &self.clock, &self.reasons);
         self.push_skb_hop(ev, hop);
     }
@@ -509,6 +513,19 @@ impl Assembler {
             open.idents.push(ident);
         }
         open.last_ns = open.last_ns.max(ev.header.ts_ns);
+        // The drop hop reads a destination NAT the datagram had where it was dropped, not
+        // knowing whether the NAT hop's link reported it already: the path keeps it once.
+        if let Some(nat) = hop.nat.as_ref() {
+            let seen = open.hops.iter().any(|h| {
+                h.netns == hop.netns
+                    && h.nat.as_ref().is_some_and(|n| {
+                        (n.nat, n.before, n.after) == (nat.nat, nat.before, nat.after)
+                    })
+            });
+            if seen {
+                return;
+            }
+        }
         // Out of the tunnel packet that carried it: the device decapsulated it.
         if hop.kind == HopKind::Ingress && hop.tunnel.is_none() {
             if let Some(carried) = open.hops.last().and_then(|h| h.tunnel.clone()) {

@@ -2,8 +2,9 @@
 //! records' numbers into the contract's words.
 
 use udptrace_common::{
-    Hook, NatEvent, SendEvent, SkbEvent, AF_INET, IP_DF, IP_MF, IP_OFFSET, KIND_DROP, KIND_INGRESS,
-    KIND_XMIT, NF_INET_LOCAL_OUT, NF_INET_PRE_ROUTING, SKB_MALFORMED, TUNNEL_GENEVE, TUNNEL_VXLAN,
+    Addr, Hook, NatEvent, SendEvent, SkbEvent, AF_INET, IP_DF, IP_MF, IP_OFFSET, KIND_DROP,
+    KIND_INGRESS, KIND_XMIT, NF_INET_LOCAL_OUT, NF_INET_PRE_ROUTING, SKB_DNAT_AT_OUTPUT,
+    SKB_DNAT_BEFORE, SKB_MALFORMED, TUNNEL_GENEVE, TUNNEL_VXLAN,
 };
 
 use crate::{
@@ -153,9 +154,9 @@ fn tunnel(ev: &SkbEvent) -> Option<Tunnel> {
     })
 }
 
-/// The NAT hop of a [`NatEvent`]: destination NAT happens at prerouting and output, source
-/// NAT at postrouting and input.
-pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
+/// The NAT hops of a [`NatEvent`], in the order they happened: one, or two when the event
+/// holds a destination rewrite before the source's (`dnat_first_at`).
+pub fn nat_hops(ev: &NatEvent, clock: &Clock) -> Vec<Hop> {
     let before = Endpoints {
         src: socket_addr(&ev.before_src),
         dst: socket_addr(&ev.before_dst),
@@ -164,7 +165,47 @@ pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
         src: socket_addr(&ev.skb.src),
         dst: socket_addr(&ev.skb.dst),
     };
-    let dnat = matches!(ev.nf_hook, NF_INET_PRE_ROUTING | NF_INET_LOCAL_OUT);
+    if ev.dnat_first_at == 0 {
+        return vec![nat_hop(ev, ev.nf_hook, before, after, clock)];
+    }
+    let between = Endpoints {
+        src: before.src,
+        dst: after.dst,
+    };
+    vec![
+        nat_hop(ev, ev.dnat_first_at - 1, before, between, clock),
+        nat_hop(ev, ev.nf_hook, between, after, clock),
+    ]
+}
+
+/// The NAT hop a drop event carries ([`SKB_DNAT_BEFORE`]): a destination rewrite in the
+/// dropping namespace that no NAT hop saw, the datagram dropped before the NAT hop's link.
+pub fn dnat_before_drop(ev: &SkbEvent, clock: &Clock) -> Option<Hop> {
+    if ev.flags & SKB_DNAT_BEFORE == 0 {
+        return None;
+    }
+    let nf_hook = if ev.flags & SKB_DNAT_AT_OUTPUT != 0 {
+        NF_INET_LOCAL_OUT
+    } else {
+        NF_INET_PRE_ROUTING
+    };
+    let nat = NatEvent {
+        skb: SkbEvent {
+            outer_dst: Addr::default(),
+            ..*ev
+        },
+        before_src: ev.src,
+        before_dst: ev.outer_dst,
+        nf_hook,
+        ..NatEvent::default()
+    };
+    nat_hops(&nat, clock).pop()
+}
+
+/// A NAT hop of `ev` at netfilter hook `nf_hook`: destination NAT happens at prerouting and
+/// output, source NAT at postrouting and input.
+fn nat_hop(ev: &NatEvent, nf_hook: u32, before: Endpoints, after: Endpoints, clock: &Clock) -> Hop {
+    let dnat = matches!(nf_hook, NF_INET_PRE_ROUTING | NF_INET_LOCAL_OUT);
     let ifname = comm(&ev.skb.ifname);
     Hop {
         kind: HopKind::Nat,
@@ -191,7 +232,7 @@ pub fn nat_hop(ev: &NatEvent, clock: &Clock) -> Hop {
         node: None,
         nat: Some(Nat {
             nat: if dnat { NatKind::Dnat } else { NatKind::Snat },
-            nf_hook: NfHook::from_kernel(ev.nf_hook),
+            nf_hook: NfHook::from_kernel(nf_hook),
             before,
             after,
             conntrack: (ev.ct_orig_src.family != 0).then(|| Conntrack {
@@ -355,7 +396,10 @@ pub(crate) mod tests {
         ev.skb.dst.port = 5354;
         ev.ct_reply_src = ev.skb.dst;
         ev.ct_reply_dst = send.src;
-        let hop = nat_hop(&ev, &clock());
+        let [hop] = &nat_hops(&ev, &clock())[..] else {
+            panic!("one hop")
+        };
+        let hop = hop.clone();
         let json = serde_json::to_value(&hop).unwrap();
         assert_eq!(json["nat"], "dnat");
         assert_eq!(json["nf_hook"], "prerouting");

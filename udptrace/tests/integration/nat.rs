@@ -178,3 +178,119 @@ fn namespaces_created_while_tracing_are_covered() {
     assert_eq!(nat[0]["netns"], net.a.inode());
     assert_eq!(nat[0]["after"]["dst"], "10.203.0.2:20507");
 }
+
+/// The packets the `target` rule of `chain` in iptables table `table` of `ns` matched so
+/// far: the rule counter a user reads with `iptables -L -v`.
+fn rule_packets(ns: &Netns, table: &str, chain: &str, target: &str) -> u64 {
+    let out = ns
+        .cmd("iptables")
+        .args(["-t", table, "-L", chain, "-v", "-n", "-x"])
+        .output()
+        .unwrap();
+    let out = String::from_utf8_lossy(&out.stdout);
+    out.lines()
+        .find(|l| l.split_whitespace().nth(2) == Some(target))
+        .and_then(|l| l.split_whitespace().next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no {target} rule in {table}/{chain}:\n{out}"))
+}
+
+#[test]
+fn a_dnat_at_prerouting_is_on_the_path_of_a_datagram_a_filter_drops_before_input_ends() {
+    require_root();
+    if !netfilter_links() {
+        return;
+    }
+    let net = Pair::new(&[]);
+    // In the receiving namespace: a DNAT at prerouting (port 20521 → 20522), and a filter
+    // rule in INPUT dropping the rewritten datagram before it reaches the end of LOCAL_IN,
+    // where the NAT hop's link would have seen it.
+    iptables(
+        &net.b,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "--dport",
+            "20521",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "10.203.0.2:20522",
+        ],
+    );
+    iptables(
+        &net.b,
+        &["-A", "INPUT", "-p", "udp", "--dport", "20522", "-j", "DROP"],
+    );
+    let tracer = Tracer::start(&["--netns", "all", "--port", "20521", "--count", "1"]);
+    let (_, out) = py_send(&net.a, B4, 20521, "sendto", 7);
+    let sport = sent_port(&out);
+    let path = tracer.one_path();
+    assert_eq!(
+        hop_kinds(&path),
+        ["send", "xmit", "ingress", "nat", "drop"],
+        "{path}"
+    );
+    let nat = hops_of(&path, "nat")[0];
+    assert_eq!(
+        (nat["nat"].as_str(), nat["nf_hook"].as_str()),
+        (Some("dnat"), Some("prerouting")),
+        "{nat}"
+    );
+    assert_eq!(nat["before"]["dst"], "10.203.0.2:20521");
+    assert_eq!(nat["after"]["dst"], "10.203.0.2:20522");
+    assert_eq!(nat["after"]["src"], format!("10.203.0.1:{sport}"));
+    assert_eq!(nat["netns"], net.b.inode());
+    let drop = hops_of(&path, "drop")[0];
+    assert_eq!(drop["reason"], "NETFILTER_DROP", "{drop}");
+    assert_eq!(path["final"]["dst"], "10.203.0.2:20522");
+    // Ground truth: both rules counted the datagram (its conntrack entry, never confirmed,
+    // went with it).
+    assert_eq!(rule_packets(&net.b, "nat", "PREROUTING", "DNAT"), 1);
+    assert_eq!(rule_packets(&net.b, "filter", "INPUT", "DROP"), 1);
+}
+
+#[test]
+fn a_dnat_at_output_over_loopback_is_one_nat_hop() {
+    require_root();
+    if !netfilter_links() {
+        return;
+    }
+    let net = Pair::new(&[]);
+    // Sent and received in one namespace: conntrack applies the OUTPUT DNAT again, unchanged,
+    // at prerouting and input; the path has it once.
+    iptables(
+        &net.a,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "OUTPUT",
+            "-p",
+            "udp",
+            "-d",
+            "127.0.0.1",
+            "--dport",
+            "20523",
+            "-j",
+            "DNAT",
+            "--to-destination",
+            "127.0.0.1:20524",
+        ],
+    );
+    let tracer = Tracer::start(&["--netns", "all", "--port", "20523", "--count", "1"]);
+    py_send(&net.a, "127.0.0.1", 20523, "sendto", 9);
+    let path = tracer.one_path();
+    let nat = hops_of(&path, "nat");
+    assert_eq!(nat.len(), 1, "{path}");
+    assert_eq!(
+        (nat[0]["nat"].as_str(), nat[0]["nf_hook"].as_str()),
+        (Some("dnat"), Some("output"))
+    );
+    assert_eq!(nat[0]["after"]["dst"], "127.0.0.1:20524");
+    let drop = hops_of(&path, "drop")[0];
+    assert_eq!(drop["reason"], "NO_SOCKET", "{path}");
+}

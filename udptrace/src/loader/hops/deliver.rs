@@ -57,6 +57,7 @@ fn local_in_then_ready(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), 
     let progs = netfilter::load_programs(ctx.object(), ctx.ebpf, &[programs::DELIVER_LOCAL_IN])?;
     attach_raw_tp(ctx.ebpf, programs::DELIVER_SK_DATA_READY, "sk_data_ready")?;
     ctx.netfilter.add(progs, netfilter::local_in_last);
+    ctx.netfilter.deliver_at_local_in = true;
     report
         .notes
         .push("linked last at LOCAL_IN (priority 1000)".into());

@@ -1,5 +1,6 @@
-//! The NAT hop: a netfilter link just after NAT at each NAT hook, in each covered namespace
-//! (Linux 6.4+), reading what NAT rewrote from the packet's conntrack entry; else kprobes on
+//! The NAT hop: a netfilter link just after NAT where each way through a namespace ends
+//! (POSTROUTING, LOCAL_IN), in each covered namespace (Linux 6.4+), reading what NAT at every
+//! hook rewrote from the packet's conntrack entry; else kprobes on
 //! `nf_nat_manip_pkt`, the function every NAT rewrite goes through.
 
 use aya::programs::KProbe;
@@ -31,12 +32,26 @@ fn links(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), String> {
         &[Group::Skb, Group::Sock, Group::NfState, Group::Conntrack],
     )?;
     let progs = netfilter::load_programs(ctx.object(), ctx.ebpf, &[programs::NAT_AFTER])?;
-    ctx.netfilter.add(progs, netfilter::nat_slots);
-    report.notes.push(
-        "linked after NAT at prerouting, output, postrouting and input; what it rewrote \
-         from conntrack"
-            .into(),
-    );
+    // Where the deliver hop is linked at the end of LOCAL_IN, its program reports LOCAL_IN's
+    // NAT too (`MODE_NAT_AT_DELIVER`, set by the loader once both are attached).
+    if ctx.netfilter.deliver_at_local_in {
+        ctx.netfilter.add(progs, netfilter::nat_slots_postrouting);
+        report.notes.push(
+            "linked after NAT at postrouting, and input's seen by the deliver hop's link at \
+             the end of LOCAL_IN; what NAT rewrote at every hook before, from conntrack"
+                .into(),
+        );
+    } else {
+        ctx.netfilter.add(progs, netfilter::nat_slots);
+        report.notes.push(
+            "linked after NAT at postrouting and input; what NAT rewrote at every hook \
+             before, from conntrack"
+                .into(),
+        );
+    }
+    report
+        .notes
+        .push("a destination NAT before a drop that comes first is read at the drop hop".into());
     Ok(())
 }
 

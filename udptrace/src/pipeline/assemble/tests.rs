@@ -5,6 +5,7 @@ use udptrace_common::{
 };
 
 use super::*;
+use crate::model::{NatKind, NfHook};
 use crate::pipeline::{
     events::tests::{sample_send, sample_skb},
     hops::tests::{clock, reasons},
@@ -524,4 +525,101 @@ fn a_later_fragment_freed_without_a_reason_before_the_delivery_is_no_drop() {
             .count();
         assert_eq!(drops, usize::from(!delivered), "{:#?}", out[0]);
     }
+}
+
+/// One NAT link where a namespace's way ends reports both rewrites in one event; the drop
+/// hop, after it, reports the destination rewrite again: the path has each once, in order.
+#[test]
+fn a_nat_event_with_both_rewrites_is_two_hops_and_a_drop_repeating_one_adds_none() {
+    use udptrace_common::{NatEvent, NF_INET_LOCAL_OUT, NF_INET_POST_ROUTING, SKB_DNAT_BEFORE};
+    let mut a = Assembler::new(clock(), reasons());
+    let mut out = Vec::new();
+    let send_ev = sample_send();
+    let mut nat = NatEvent {
+        skb: sample_skb(udptrace_common::KIND_NAT),
+        before_src: send_ev.src,
+        before_dst: send_ev.dst,
+        nf_hook: NF_INET_POST_ROUTING,
+        dnat_first_at: NF_INET_LOCAL_OUT + 1,
+        ..NatEvent::default()
+    };
+    nat.skb.header.ts_ns = 10;
+    nat.skb.sk = SOCK;
+    nat.skb.dst.port = 5354;
+    nat.skb.src.ip[3] = 7;
+    let (after_src, after_dst) = (nat.skb.src, nat.skb.dst);
+    a.push(&Event::Nat(nat), &mut out);
+    a.push(&skb(KIND_XMIT, 20, SOCK), &mut out);
+    let mut drop = sample_skb(KIND_DROP);
+    drop.header.ts_ns = 30;
+    drop.src = send_ev.src; // the source NAT is not the drop hop's to report
+    drop.dst = after_dst;
+    drop.outer_dst = send_ev.dst;
+    drop.flags |= SKB_DNAT_BEFORE | udptrace_common::SKB_DNAT_AT_OUTPUT;
+    a.push(&Event::Skb(drop), &mut out);
+    a.push(&send(40), &mut out);
+    assert_eq!(out.len(), 1);
+    let p = &out[0];
+    let kinds: Vec<HopKind> = p.hops.iter().map(|h| h.kind).collect();
+    assert_eq!(
+        kinds,
+        [
+            HopKind::Send,
+            HopKind::Nat,
+            HopKind::Nat,
+            HopKind::Xmit,
+            HopKind::Drop
+        ]
+    );
+    let (dnat, snat) = (
+        p.hops[1].nat.as_ref().unwrap(),
+        p.hops[2].nat.as_ref().unwrap(),
+    );
+    assert_eq!(
+        (dnat.nat, dnat.nf_hook, snat.nat, snat.nf_hook),
+        (
+            NatKind::Dnat,
+            NfHook::Output,
+            NatKind::Snat,
+            NfHook::Postrouting
+        )
+    );
+    let addr = |a: &udptrace_common::Addr| crate::pipeline::events::socket_addr(a);
+    assert_eq!(dnat.before.dst, addr(&send_ev.dst));
+    assert_eq!(
+        (dnat.after.src, dnat.after.dst),
+        (addr(&send_ev.src), addr(&after_dst))
+    );
+    assert_eq!(snat.before, dnat.after);
+    assert_eq!(
+        (snat.after.src, snat.after.dst),
+        (addr(&after_src), addr(&after_dst))
+    );
+}
+
+/// A datagram dropped before the NAT link: its drop carries the destination NAT, shown
+/// before the drop.
+#[test]
+fn a_drop_carrying_a_destination_nat_shows_it_first() {
+    use udptrace_common::SKB_DNAT_BEFORE;
+    let mut a = Assembler::new(clock(), reasons());
+    let mut out = Vec::new();
+    let mut ingress = sample_skb(KIND_INGRESS);
+    ingress.header.ts_ns = 10;
+    a.push(&Event::Skb(ingress), &mut out);
+    let mut drop = sample_skb(KIND_DROP);
+    drop.header.ts_ns = 20;
+    drop.outer_dst = drop.dst;
+    drop.dst.port = 5354;
+    drop.flags |= SKB_DNAT_BEFORE;
+    a.push(&Event::Skb(drop), &mut out);
+    a.flush(&mut out);
+    let p = out.first().expect("a path");
+    let kinds: Vec<HopKind> = p.hops.iter().map(|h| h.kind).collect();
+    assert_eq!(kinds, [HopKind::Ingress, HopKind::Nat, HopKind::Drop]);
+    let nat = p.hops[1].nat.as_ref().unwrap();
+    assert_eq!((nat.nat, nat.nf_hook), (NatKind::Dnat, NfHook::Prerouting));
+    assert_eq!(nat.before.dst.unwrap().port(), 5353);
+    assert_eq!(nat.after.dst.unwrap().port(), 5354);
+    assert!(p.hops[1].tunnel.is_none());
 }

@@ -91,8 +91,8 @@ fn try_drop<S: Fields>(sk_buff: S, reason: u32, hook: u16) -> Result<(), ReadErr
     if !traced {
         ev.flags |= SKB_UNSAMPLED;
     }
-    fill_device(ev, dev);
-    fill_rest(ev, KIND_DROP, hook, skb, reason, dev);
+    fill_device(ev, sk_buff, dev);
+    fill_rest(ev, KIND_DROP, hook, sk_buff, reason, dev);
     ev.sk_ino = 0;
     if paths && ev.tunnel == TUNNEL_NONE && mode(MODE_NAT_LINKS) {
         super::nat::note_dnat(sk_buff, ev)?;

@@ -8,7 +8,7 @@ use udptrace_common::{Hook, KIND_INGRESS};
 
 use crate::{
     maps::{empty_bodies, finish},
-    read::{peek, skb::emit_peeked},
+    read::{kernel::Probed, peek, skb::emit_peeked},
 };
 
 /// TC_ACT_UNSPEC: for tcx, TCX_NEXT (run the next program, then the stack); for a clsact
@@ -51,6 +51,6 @@ fn observe(ctx: &TcContext, hook: u16) {
     let ptr = ctx.skb.skb as u64;
     // SAFETY: reads our own stack slot.
     if let Ok(skb) = unsafe { bpf_probe_read_kernel(&raw const ptr) } {
-        finish!(emit_peeked(KIND_INGRESS, hook, skb), "ingress");
+        finish!(emit_peeked(KIND_INGRESS, hook, Probed(skb)), "ingress");
     }
 }

@@ -20,8 +20,8 @@ use udptrace_common::{
 
 use crate::{
     maps::{count, empty_bodies, finish, offset, ring_flags, Scratch, EVENTS, NAT_BEFORE},
-    read::kernel::{read_kernel, try_read_kernel, Fields, ReadError, Typed},
-    read::skb::{fill, read_udp},
+    read::kernel::{read_kernel, try_read_kernel, Fields, Probed, ReadError, Typed},
+    read::skb::{fill, read_udp, read_udp_of},
     sampling::{self, Decision},
 };
 
@@ -98,6 +98,28 @@ fn tuple_addr(
     Ok(())
 }
 
+/// Reads the tuple's source and destination into `ev`'s `outer_src`/`outer_dst` (a
+/// tunnel's, unused where a datagram has none), as `ev`'s family has them: in map memory,
+/// where they compare with the packet's without a copy on the stack.
+#[inline(always)]
+fn tuple_as_outer(tuple: u64, ev: &mut SkbEvent) -> Result<(), ReadError> {
+    let family = ev.dst.family;
+    tuple_addr(
+        tuple,
+        offset!(tuple_dst_u3),
+        offset!(tuple_dst_port),
+        family,
+        &mut ev.outer_dst,
+    )?;
+    tuple_addr(
+        tuple,
+        offset!(tuple_src_u3),
+        offset!(tuple_src_port),
+        family,
+        &mut ev.outer_src,
+    )
+}
+
 /// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT at POSTROUTING, and at LOCAL_IN
 /// unless the deliver hop's link there does it (`MODE_NAT_AT_DELIVER`).
 #[classifier]
@@ -140,7 +162,7 @@ pub fn after(state: Typed, skb: Typed) -> Result<(), ReadError> {
         }
         _ => return Ok(()),
     };
-    report(skb.addr(), tuple, dnat_hook(skb, hook), snat_hook)
+    report(skb, tuple, dnat_hook(skb, hook), snat_hook)
 }
 
 /// Where destination NAT happened to a packet NAT in this namespace saw by `hook`: at
@@ -162,7 +184,7 @@ fn dnat_hook<S: Fields>(skb: S, hook: u32) -> u32 {
 /// destination at `dnat_hook`, the source at `snat_hook`, both in one event when both
 /// changed. A rewrite without conntrack (a stateless `ip daddr set`) is no NAT hop.
 #[inline(always)]
-fn report(skb: u64, tuple: u64, dnat_hook: u32, snat_hook: u32) -> Result<(), ReadError> {
+fn report<S: Fields>(skb: S, tuple: u64, dnat_hook: u32, snat_hook: u32) -> Result<(), ReadError> {
     let Some(before) = NAT_BEFORE.get_ptr_mut(dnat_hook) else {
         return Ok(());
     };
@@ -171,26 +193,12 @@ fn report(skb: u64, tuple: u64, dnat_hook: u32, snat_hook: u32) -> Result<(), Re
     let before = unsafe { &mut *before };
     // A tunnel's packet is read by its inner datagram, its conntrack entry is the outer
     // packet's: they do not compare.
-    if !read_udp(skb, before)? || before.tunnel != TUNNEL_NONE {
+    if !read_udp_of(skb, before)? || before.tunnel != TUNNEL_NONE {
         return Ok(());
     }
     // The tuple's addresses into the slot's outer ones (a tunnel's, unused by a NAT hop),
     // compared there, then taken as what the datagram was before.
-    let family = before.dst.family;
-    tuple_addr(
-        tuple,
-        offset!(tuple_dst_u3),
-        offset!(tuple_dst_port),
-        family,
-        &mut before.outer_dst,
-    )?;
-    tuple_addr(
-        tuple,
-        offset!(tuple_src_u3),
-        offset!(tuple_src_port),
-        family,
-        &mut before.outer_src,
-    )?;
+    tuple_as_outer(tuple, before)?;
     let dnat = before.outer_dst != before.dst;
     let snat = before.outer_src != before.src;
     before.dst = before.outer_dst;
@@ -218,23 +226,9 @@ pub fn note_dnat<S: Fields>(skb: S, ev: &mut SkbEvent) -> Result<(), ReadError> 
     let Some(tuple) = nat_tuple(nfct) else {
         return Ok(());
     };
-    // Read in place (the drop hop's stack has no room): the tuple's source into
+    // Read in place (the drop hop's stack has no room): the tuple's source goes to
     // `outer_src`, unused without a tunnel and cleared again.
-    let family = ev.dst.family;
-    tuple_addr(
-        tuple,
-        offset!(tuple_dst_u3),
-        offset!(tuple_dst_port),
-        family,
-        &mut ev.outer_dst,
-    )?;
-    tuple_addr(
-        tuple,
-        offset!(tuple_src_u3),
-        offset!(tuple_src_port),
-        family,
-        &mut ev.outer_src,
-    )?;
+    tuple_as_outer(tuple, ev)?;
     let unseen = ev.outer_dst != ev.dst && ev.outer_src == ev.src;
     ev.outer_src = Addr::default();
     if !unseen {
@@ -255,19 +249,20 @@ pub fn note_dnat<S: Fields>(skb: S, ev: &mut SkbEvent) -> Result<(), ReadError> 
 /// are compared where they lie (maps, the scratch event): this hop's stack has no room for
 /// copies.
 #[inline(always)]
-fn emit_nat(
+fn emit_nat<S: Fields>(
     source: u16,
-    skb: u64,
+    sk_buff: S,
     hook: u32,
     dnat_first_at: u32,
     before: &SkbEvent,
 ) -> Result<(), ReadError> {
+    let skb = sk_buff.addr();
     let decision = sampling::lookup(skb);
     let Some(mut scratch) = Scratch::take() else {
         return Ok(());
     };
     let ev = scratch.nat();
-    let mut changed = match fill(&mut ev.skb, KIND_NAT, source, skb, 0, 0) {
+    let mut changed = match fill(&mut ev.skb, KIND_NAT, source, sk_buff, 0, 0) {
         Ok(true) => ev.skb.src != before.src || ev.skb.dst != before.dst,
         _ => false,
     };
@@ -317,7 +312,7 @@ fn emit_nat(
     if changed {
         ev.nf_hook = hook;
         ev.dnat_first_at = dnat_first_at;
-        conntrack(skb, ev);
+        conntrack(sk_buff, ev);
         if EVENTS.output::<NatEvent>(&*ev, ring_flags()).is_err() {
             // Counted, not logged: a log call here takes nat_after's stack past the
             // verifier's 512 bytes (the skb event's other emitters log it).
@@ -357,8 +352,8 @@ fn read_tuple(tuple: u64, src: &mut Addr, dst: &mut Addr) {
 
 /// Fills the conntrack entry's original and reply tuples of `skb`, when it has one.
 #[inline(always)]
-fn conntrack(skb: u64, ev: &mut NatEvent) {
-    let ct = try_read_kernel::<u64>(skb, offset!(skb_nfct)).unwrap_or(0) & NFCT_PTRMASK;
+fn conntrack<S: Fields>(skb: S, ev: &mut NatEvent) {
+    let ct = skb.field::<u64>(offset!(skb_nfct)).unwrap_or(0) & NFCT_PTRMASK;
     let hashes = ct + offset!(ct_tuplehash) as u64 + offset!(ct_hash_tuple) as u64;
     if ct == 0 {
         ev.ct_orig_src = Addr::default();
@@ -426,7 +421,7 @@ pub fn nat_kretprobe_manip(_ctx: RetProbeContext) -> u32 {
         _ => NF_INET_POST_ROUTING,
     };
     finish!(
-        emit_nat(Hook::KprobeNfNat as u16, skb, hook, 0, before),
+        emit_nat(Hook::KprobeNfNat as u16, Probed(skb), hook, 0, before),
         "nat_kretprobe_manip"
     );
     0

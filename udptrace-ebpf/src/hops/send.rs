@@ -53,7 +53,7 @@ fn emit<S: Fields>(hook: u16, sock: S, call_dst: Addr, ret: i32) -> Result<(), R
     }
     let sk = sock.addr();
     let mut key = FlowKey::default();
-    key.netns = read_sock(sk, &mut key.src, &mut key.dst)?;
+    key.netns = read_sock(sock, &mut key.src, &mut key.dst)?;
     let connected = key.dst.port != 0;
     if call_dst.family != 0 {
         key.dst = call_dst;

@@ -8,7 +8,7 @@ use udptrace_common::{Hook, KIND_XMIT};
 
 use crate::{
     maps::{empty_bodies, finish},
-    read::{peek, skb::emit, skb::emit_peeked},
+    read::{kernel::Typed, peek, skb::emit, skb::emit_peeked},
 };
 
 /// Raw tracepoint net_dev_start_xmit(const struct sk_buff *skb, const struct net_device *dev),
@@ -27,8 +27,9 @@ pub fn xmit_start_xmit(ctx: RawTracePointContext) -> u32 {
 }
 
 /// The same tracepoint typed (tp_btf): the kernel's BTF types its arguments, so the skb's
-/// fields the trace filter's first look needs are plain loads the verifier checks, not
-/// helper calls. What a datagram the filter keeps then needs is read as in the raw one.
+/// fields (the trace filter's first look, then the hop: its socket, device, the device's
+/// namespace, index, name, MTU and kind) are plain loads the verifier checks, not helper
+/// calls. Only the packet's bytes and the GSO info are read by helper.
 #[btf_tracepoint(function = "net_dev_start_xmit")]
 pub fn xmit_btf_start_xmit(ctx: BtfTracePointContext) -> u32 {
     if empty_bodies() {
@@ -40,7 +41,7 @@ pub fn xmit_btf_start_xmit(ctx: BtfTracePointContext) -> u32 {
         return 0;
     }
     finish!(
-        emit_peeked(KIND_XMIT, Hook::TpBtfNetDevStartXmit as u16, skb as u64),
+        emit_peeked(KIND_XMIT, Hook::TpBtfNetDevStartXmit as u16, Typed(skb)),
         "xmit_btf_start_xmit"
     );
     0

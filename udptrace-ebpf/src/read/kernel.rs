@@ -46,6 +46,11 @@ pub trait Fields: Copy {
     /// pointer field is typed too).
     fn pointer(self, off: usize) -> Option<Self>;
 
+    /// The object the pointer at `off` points to, whose value `value` was read from there
+    /// before (0: none): by helper nothing is read again; a typed pointer is loaded again
+    /// (a plain load), for the verifier to know what it points to.
+    fn again(self, off: usize, value: u64) -> Option<Self>;
+
     /// [`Self::field`], a failure counted as a read error.
     #[inline(always)]
     fn read<T: Copy>(self, off: usize) -> Result<T, ReadError> {
@@ -75,6 +80,11 @@ impl Fields for Probed {
     fn pointer(self, off: usize) -> Option<Self> {
         self.field::<u64>(off).map(Probed)
     }
+
+    #[inline(always)]
+    fn again(self, _off: usize, value: u64) -> Option<Self> {
+        (value != 0).then_some(Probed(value))
+    }
 }
 
 /// An object behind a BTF-typed pointer: the verifier checks each load against the kernel's
@@ -102,6 +112,14 @@ impl Fields for Typed {
     fn pointer(self, off: usize) -> Option<Self> {
         self.field::<u64>(off).map(|p| Typed(p as *const u8))
     }
+
+    #[inline(always)]
+    fn again(self, off: usize, value: u64) -> Option<Self> {
+        if value == 0 {
+            return None;
+        }
+        self.pointer(off).filter(|p| !p.0.is_null())
+    }
 }
 
 /// Reads a `T` at `base + off` from the current task's user memory.
@@ -115,12 +133,12 @@ pub fn read_user<T>(base: u64, off: usize) -> Result<T, ReadError> {
 }
 
 /// Reads a socket's bound and peer addresses into `src`/`dst` and returns the inode of
-/// its network namespace.
+/// its network namespace; through a typed pointer ([`Typed`]) every field is a plain load.
 #[inline(always)]
-pub fn read_sock(sk: u64, src: &mut Addr, dst: &mut Addr) -> Result<u32, ReadError> {
-    let family: u16 = read_kernel(sk, offset!(sk_family))?;
-    let sport: u16 = read_kernel(sk, offset!(sk_num))?;
-    let dport: u16 = read_kernel(sk, offset!(sk_dport))?;
+pub fn read_sock<S: Fields>(sk: S, src: &mut Addr, dst: &mut Addr) -> Result<u32, ReadError> {
+    let family: u16 = sk.read(offset!(sk_family))?;
+    let sport: u16 = sk.read(offset!(sk_num))?;
+    let dport: u16 = sk.read(offset!(sk_dport))?;
     *src = Addr {
         family,
         port: sport,
@@ -134,16 +152,17 @@ pub fn read_sock(sk: u64, src: &mut Addr, dst: &mut Addr) -> Result<u32, ReadErr
         ip: [0; 16],
     };
     if family == AF_INET {
-        let s: [u8; 4] = read_kernel(sk, offset!(sk_rcv_saddr))?;
-        let d: [u8; 4] = read_kernel(sk, offset!(sk_daddr))?;
+        let s: [u8; 4] = sk.read(offset!(sk_rcv_saddr))?;
+        let d: [u8; 4] = sk.read(offset!(sk_daddr))?;
         src.ip[..4].copy_from_slice(&s);
         dst.ip[..4].copy_from_slice(&d);
     } else if family == AF_INET6 {
-        src.ip = read_kernel(sk, offset!(sk_v6_rcv_saddr))?;
-        dst.ip = read_kernel(sk, offset!(sk_v6_daddr))?;
+        src.ip = sk.read(offset!(sk_v6_rcv_saddr))?;
+        dst.ip = sk.read(offset!(sk_v6_daddr))?;
     }
-    let net: u64 = read_kernel(sk, offset!(sk_net))?;
-    read_kernel(net, offset!(net_inum))
+    sk.pointer(offset!(sk_net))
+        .ok_or(ReadError)?
+        .read(offset!(net_inum))
 }
 
 /// Where a `struct sockaddr` lives.

@@ -252,11 +252,11 @@ fn socket_inode(sk: u64) -> Option<u64> {
 /// The device's rtnetlink kind (dev->rtnl_link_ops->kind) into `out`; left empty for a
 /// device without one (physical NICs, loopback).
 #[inline(always)]
-fn device_kind(dev: u64, out: &mut [u8; 16]) {
-    let Some(ops) = try_read_kernel::<u64>(dev, offset!(dev_link_ops)).filter(|&p| p != 0) else {
+fn device_kind<S: Fields>(dev: S, out: &mut [u8; 16]) {
+    let Some(ops) = dev.pointer(offset!(dev_link_ops)).filter(|p| p.addr() != 0) else {
         return;
     };
-    let Some(kind) = try_read_kernel::<u64>(ops, offset!(link_ops_kind)).filter(|&p| p != 0) else {
+    let Some(kind) = ops.field::<u64>(offset!(link_ops_kind)).filter(|&p| p != 0) else {
         return;
     };
     // SAFETY: the helper checks the address; a fault leaves `out` as it is.
@@ -269,30 +269,20 @@ const GENEVE_PORT: u16 = 6081;
 
 /// Fills everything but the headers. Returns false when `ev` should be discarded.
 #[inline(always)]
-pub fn fill(
+pub fn fill<S: Fields>(
     ev: &mut SkbEvent,
     kind: u16,
     hook: u16,
-    skb: u64,
+    skb: S,
     reason: u32,
     sock: u64,
 ) -> Result<bool, ReadError> {
-    let Some(dev) = fill_flow(ev, skb, sock)? else {
+    let Some(dev) = fill_flow_key(ev, skb, sock)? else {
         return Ok(false);
     };
+    fill_device(ev, skb, dev);
     fill_rest(ev, kind, hook, skb, reason, dev);
     Ok(true)
-}
-
-/// What the sampling decision needs: the headers, the socket, the device and the namespace.
-/// `None` when the skb is no UDP datagram; else the device (0: none) for [`fill_rest`].
-#[inline(always)]
-pub fn fill_flow(ev: &mut SkbEvent, skb: u64, sock: u64) -> Result<Option<u64>, ReadError> {
-    let Some(dev) = fill_flow_key(ev, Probed(skb), sock)? else {
-        return Ok(None);
-    };
-    fill_device(ev, dev);
-    Ok(Some(dev))
 }
 
 /// What a flow's or a drop's key needs: the headers, the socket and the namespace; the
@@ -348,26 +338,33 @@ fn fill_where<S: Fields>(ev: &mut SkbEvent, skb: S, sock: u64) -> Result<u64, Re
 
 /// The device's index and name (`dev` from [`fill_flow_key`]; 0: none).
 #[inline(always)]
-pub fn fill_device(ev: &mut SkbEvent, dev: u64) {
-    if dev != 0 {
-        ev.ifindex = try_read_kernel(dev, offset!(dev_ifindex)).unwrap_or(0);
-        ev.ifname = try_read_kernel(dev, offset!(dev_name)).unwrap_or([0; 16]);
+pub fn fill_device<S: Fields>(ev: &mut SkbEvent, skb: S, dev: u64) {
+    if let Some(dev) = skb.again(offset!(skb_dev), dev) {
+        ev.ifindex = dev.field(offset!(dev_ifindex)).unwrap_or(0);
+        ev.ifname = dev.field(offset!(dev_name)).unwrap_or([0; 16]);
     }
 }
 
 /// The rest of a hop about to be sent: when and where it happened, and the device's MTU
-/// and kind (`dev` from [`fill_flow`]). Not spent on datagrams the sampling skips.
+/// and kind (`dev` from [`fill_flow_key`]). Not spent on datagrams the sampling skips.
 #[inline(always)]
-pub fn fill_rest(ev: &mut SkbEvent, kind: u16, hook: u16, skb: u64, reason: u32, dev: u64) {
+pub fn fill_rest<S: Fields>(
+    ev: &mut SkbEvent,
+    kind: u16,
+    hook: u16,
+    skb: S,
+    reason: u32,
+    dev: u64,
+) {
     ev.header = header(kind, hook);
-    ev.skb = skb;
+    ev.skb = skb.addr();
     ev.reason = reason;
     // `read_udp` set the flags that describe the datagram.
     (ev.gso_size, ev.gso_segs) = gso(skb).unwrap_or((0, 0));
     ev.ifkind = [0; 16];
     ev.mtu = 0;
-    if dev != 0 {
-        ev.mtu = try_read_kernel(dev, offset!(dev_mtu)).unwrap_or(0);
+    if let Some(dev) = skb.again(offset!(skb_dev), dev) {
+        ev.mtu = dev.field(offset!(dev_mtu)).unwrap_or(0);
         device_kind(dev, &mut ev.ifkind);
     }
     // Skb hops run in softirq or in an unrelated task: no process to name.
@@ -380,9 +377,9 @@ pub fn fill_rest(ev: &mut SkbEvent, kind: u16, hook: u16, skb: u64, reason: u32,
 /// A GSO (or GRO) skb's segment payload size and count, from its `skb_shared_info`
 /// (`head + end` on 64-bit kernels, where `end` is an offset); `None` for a plain one.
 #[inline(always)]
-fn gso(skb: u64) -> Option<(u16, u16)> {
-    let head: u64 = try_read_kernel(skb, offset!(skb_head))?;
-    let end: u32 = try_read_kernel(skb, offset!(skb_end))?;
+fn gso<S: Fields>(skb: S) -> Option<(u16, u16)> {
+    let head: u64 = skb.field(offset!(skb_head))?;
+    let end: u32 = skb.field(offset!(skb_end))?;
     let shinfo = head + u64::from(end);
     let size: u16 = try_read_kernel(shinfo, offset!(shinfo_gso_size))?;
     if size == 0 {
@@ -395,7 +392,7 @@ fn gso(skb: u64) -> Option<(u16, u16)> {
 /// Sends one skb hop event for `skb` that a known socket `sk` (the receiver) holds.
 #[inline(always)]
 pub fn emit_for_sock(kind: u16, hook: u16, skb: u64, sk: u64) -> Result<(), ReadError> {
-    emit_inner(kind, hook, skb, 0, sk)
+    emit_inner(kind, hook, Probed(skb), 0, sk)
 }
 
 /// Sends one skb hop event for `skb` if it carries a UDP datagram.
@@ -404,21 +401,22 @@ pub fn emit(kind: u16, hook: u16, skb: u64, reason: u32) -> Result<(), ReadError
     if kind != KIND_DELIVER && peek::skb_left_out(skb) {
         return Ok(());
     }
-    emit_inner(kind, hook, skb, reason, 0)
+    emit_inner(kind, hook, Probed(skb), reason, 0)
 }
 
-/// [`emit`] for a hop that has already taken the filter's first look at `skb`.
+/// [`emit`] for a hop that has already taken the filter's first look at `skb`; a typed
+/// (BTF) skb's fields, its device's and namespace's are plain loads.
 #[inline(always)]
-pub fn emit_peeked(kind: u16, hook: u16, skb: u64) -> Result<(), ReadError> {
+pub fn emit_peeked<S: Fields>(kind: u16, hook: u16, skb: S) -> Result<(), ReadError> {
     emit_inner(kind, hook, skb, 0, 0)
 }
 
 /// Whether this hop ends the datagram's way through this kernel (for the sampling).
 #[inline(always)]
-fn verdict(kind: u16, skb: u64) -> bool {
+fn verdict<S: Fields>(kind: u16, skb: S) -> bool {
     match kind {
         KIND_DROP | KIND_DELIVER => true,
-        KIND_XMIT => sampling::leaves_host(try_read_kernel(skb, offset!(skb_dev)).unwrap_or(0)),
+        KIND_XMIT => sampling::leaves_host(skb.field(offset!(skb_dev)).unwrap_or(0)),
         _ => false,
     }
 }
@@ -429,11 +427,17 @@ fn verdict(kind: u16, skb: u64) -> bool {
 /// headers is decided in effect once per datagram without anything looked up or remembered
 /// (not at the delivery, which never decides: the lookup alone settles it there).
 #[inline(always)]
-fn emit_inner(kind: u16, hook: u16, skb: u64, reason: u32, sk: u64) -> Result<(), ReadError> {
-    if skb == 0 {
+fn emit_inner<S: Fields>(
+    kind: u16,
+    hook: u16,
+    skb: S,
+    reason: u32,
+    sk: u64,
+) -> Result<(), ReadError> {
+    if skb.addr() == 0 {
         return Ok(());
     }
-    let decision = sampling::lookup(skb);
+    let decision = sampling::lookup(skb.addr());
     if kind == KIND_DELIVER && matches!(decision, Decision::Unknown(_)) {
         // Nothing to report: see `prepare`.
         return Ok(());
@@ -444,16 +448,16 @@ fn emit_inner(kind: u16, hook: u16, skb: u64, reason: u32, sk: u64) -> Result<()
     // What is remembered of the datagram (an earlier hop's decision, or this one's) goes
     // at its verdict; a datagram the filter left out left nothing to forget.
     if (known || decided) && verdict(kind, skb) {
-        sampling::forget(skb);
+        sampling::forget(skb.addr());
     }
     result
 }
 
 #[inline(always)]
-fn emit_sampled(
+fn emit_sampled<S: Fields>(
     kind: u16,
     hook: u16,
-    skb: u64,
+    skb: S,
     reason: u32,
     sk: u64,
     decision: Decision,
@@ -488,7 +492,17 @@ pub fn prepare_delivery(
         return Ok(None);
     }
     let mut decided = false;
-    Ok(prepare(ev, KIND_DELIVER, hook, skb, 0, sk, decision, &mut decided)?.then_some(stamp))
+    Ok(prepare(
+        ev,
+        KIND_DELIVER,
+        hook,
+        Probed(skb),
+        0,
+        sk,
+        decision,
+        &mut decided,
+    )?
+    .then_some(stamp))
 }
 
 /// Fills `ev` for the hop; true when it is to be sent. `decided`: set when this hop made
@@ -498,11 +512,11 @@ pub fn prepare_delivery(
     reason = "one call per hop kind, inlined: a struct would only move the fields"
 )]
 #[inline(always)]
-fn prepare(
+fn prepare<S: Fields>(
     ev: &mut SkbEvent,
     kind: u16,
     hook: u16,
-    skb: u64,
+    skb: S,
     reason: u32,
     sk: u64,
     decision: Decision,
@@ -516,14 +530,14 @@ fn prepare(
     if matches!(decision, Decision::Unknown(_)) && kind == KIND_DELIVER {
         return Ok(false);
     }
-    if !read_udp(skb, ev)? {
+    if !read_udp_of(skb, ev)? {
         return Ok(false);
     }
     // Left out by the filter: the headers were all it cost.
     if matches!(decision, Decision::Unknown(_)) && sampling::left_out(ev) {
         return Ok(false);
     }
-    let dev = fill_where(ev, Probed(skb), sk)?;
+    let dev = fill_where(ev, skb, sk)?;
     if sk != 0 && read_kernel::<u16>(sk, offset!(sk_num)).ok() != Some(ev.dst.port) {
         // The socket is not bound to this datagram's port: a stale pairing (an skb that
         // reached LOCAL_IN in a namespace we do not cover, say). Say nothing.
@@ -532,7 +546,7 @@ fn prepare(
     let traced = match decision {
         Decision::All => true,
         Decision::Known(traced) => traced,
-        Decision::Unknown(cfg) => match sampling::decide_skb(&cfg, skb, ev, None, ev.sk) {
+        Decision::Unknown(cfg) => match sampling::decide_skb(&cfg, skb.addr(), ev, None, ev.sk) {
             Some(traced) => {
                 *decided = true;
                 traced
@@ -547,7 +561,7 @@ fn prepare(
         }
         ev.flags |= SKB_UNSAMPLED;
     }
-    fill_device(ev, dev);
+    fill_device(ev, skb, dev);
     fill_rest(ev, kind, hook, skb, reason, dev);
     ev.sk_ino = if sk != 0 {
         socket_inode(sk).unwrap_or(0)

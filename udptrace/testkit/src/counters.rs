@@ -21,6 +21,28 @@ pub fn dnat_output(ns: &Netns, vip: Option<&str>, port: u16, to: &str) {
     );
 }
 
+/// A DNAT in `ns`'s PREROUTING chain, as a node makes it for what arrives: UDP to port
+/// `port` goes to `to` (`ip:port`).
+pub fn dnat_prerouting(ns: &Netns, port: u16, to: &str) {
+    iptables(
+        ns,
+        &[
+            "-t",
+            "nat",
+            "-A",
+            "PREROUTING",
+            "-p",
+            "udp",
+            "--dport",
+            &port.to_string(),
+            "-j",
+            "DNAT",
+            "--to-destination",
+            to,
+        ],
+    );
+}
+
 /// iptables `args` in `ns`; the rule must be accepted.
 pub fn iptables(ns: &Netns, args: &[&str]) {
     let status = ns.cmd("iptables").args(args).status().expect("iptables");

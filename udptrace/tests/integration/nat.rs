@@ -204,23 +204,7 @@ fn a_dnat_at_prerouting_is_on_the_path_of_a_datagram_a_filter_drops_before_input
     // In the receiving namespace: a DNAT at prerouting (port 20521 → 20522), and a filter
     // rule in INPUT dropping the rewritten datagram before it reaches the end of LOCAL_IN,
     // where the NAT hop's link would have seen it.
-    iptables(
-        &net.b,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "udp",
-            "--dport",
-            "20521",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "10.203.0.2:20522",
-        ],
-    );
+    dnat_prerouting(&net.b, 20521, "10.203.0.2:20522");
     iptables(
         &net.b,
         &["-A", "INPUT", "-p", "udp", "--dport", "20522", "-j", "DROP"],
@@ -262,25 +246,7 @@ fn a_dnat_at_output_over_loopback_is_one_nat_hop() {
     let net = Pair::new(&[]);
     // Sent and received in one namespace: conntrack applies the OUTPUT DNAT again, unchanged,
     // at prerouting and input; the path has it once.
-    iptables(
-        &net.a,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "OUTPUT",
-            "-p",
-            "udp",
-            "-d",
-            "127.0.0.1",
-            "--dport",
-            "20523",
-            "-j",
-            "DNAT",
-            "--to-destination",
-            "127.0.0.1:20524",
-        ],
-    );
+    dnat_output(&net.a, Some("127.0.0.1"), 20523, "127.0.0.1:20524");
     let tracer = Tracer::start(&["--netns", "all", "--port", "20523", "--count", "1"]);
     py_send(&net.a, "127.0.0.1", 20523, "sendto", 9);
     let path = tracer.one_path();

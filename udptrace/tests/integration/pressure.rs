@@ -101,23 +101,7 @@ fn blast(net: &Pair, flows: usize, rounds: usize) -> Fate {
 fn full_maps_and_lost_events_change_no_datagrams_fate() {
     require_root();
     let net = Pair::new(&[]);
-    iptables(
-        &net.b,
-        &[
-            "-t",
-            "nat",
-            "-A",
-            "PREROUTING",
-            "-p",
-            "udp",
-            "--dport",
-            &DNAT.to_string(),
-            "-j",
-            "DNAT",
-            "--to-destination",
-            &format!("{B4}:{LISTEN}"),
-        ],
-    );
+    dnat_prerouting(&net.b, DNAT, &format!("{B4}:{LISTEN}"));
     iptables(
         &net.b,
         &[

@@ -97,6 +97,7 @@ pub const MODE_PATHS: u32 = 2;
 /// (POSTROUTING, LOCAL_IN): the drop hop reports the destination NAT of a datagram dropped
 /// before it got there.
 pub const MODE_NAT_LINKS: u32 = 4;
-/// The deliver hop's link at the end of LOCAL_IN also reports LOCAL_IN's NAT (the NAT hop is
-/// then linked at POSTROUTING alone): one program run per datagram less.
-pub const MODE_NAT_AT_DELIVER: u32 = 8;
+/// The NAT hop's link at LOCAL_IN, moved to the end of LOCAL_IN, also notes the skb about to
+/// reach UDP for the deliver hop (whose own link is then not made): one program run per
+/// datagram less.
+pub const MODE_DELIVER_AT_NAT: u32 = 8;

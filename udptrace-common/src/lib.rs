@@ -50,6 +50,12 @@ pub mod names {
     pub const SAMPLE_SOCKS: &str = "SAMPLE_SOCKS";
     pub const SAMPLE_NAT: &str = "SAMPLE_NAT";
     pub const SAMPLE_READERS: &str = "SAMPLE_READERS";
+    /// Per CPU: the last datagrams decided not to be traced (a cursor, eight skb addresses,
+    /// their decisions' values: 17 u64s).
+    pub const SKB_UNTRACED: &str = "SKB_UNTRACED";
+    /// Per CPU: sockets whose datagram the skb hops decided not to trace (a cursor and four
+    /// socket addresses: 5 u64s), until the send hop takes the decision.
+    pub const SOCK_UNTRACED: &str = "SOCK_UNTRACED";
 
     /// aya-log's read-only global: which log levels the kernel programs' code keeps.
     pub const AYA_LOG_LEVEL: &str = "AYA_LOG_LEVEL";
@@ -58,7 +64,7 @@ pub mod names {
     pub const EMPTY_BODIES: &str = "EMPTY_BODIES";
 
     /// Every map the agent opens by name.
-    pub const ALL: [&str; 12] = [
+    pub const ALL: [&str; 14] = [
         EVENTS,
         STATS,
         FLOWS,
@@ -71,6 +77,8 @@ pub mod names {
         SAMPLE_SOCKS,
         SAMPLE_NAT,
         SAMPLE_READERS,
+        SKB_UNTRACED,
+        SOCK_UNTRACED,
     ];
 }
 

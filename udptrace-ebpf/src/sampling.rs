@@ -6,7 +6,7 @@
 use aya_ebpf::{
     helpers::{bpf_get_current_pid_tgid, bpf_jiffies64, bpf_ktime_get_ns},
     macros::{map, raw_tracepoint},
-    maps::{Array, LruHashMap},
+    maps::{Array, LruHashMap, PerCpuArray},
     programs::RawTracePointContext,
 };
 use udptrace_common::{
@@ -52,6 +52,95 @@ static SAMPLE_COUNT: LruHashMap<FlowKey, u64> =
 #[map(name = "SAMPLE_SKBS")]
 static SAMPLE_SKBS: LruHashMap<u64, u64> =
     LruHashMap::with_max_entries(SAMPLE_SKBS_MAX, NO_COMMON_LRU);
+
+/// Decisions per CPU in [`SKB_UNTRACED`] (a power of two).
+const UNTRACED_SLOTS: usize = 8;
+/// Sockets per CPU in [`SOCK_UNTRACED`] (a power of two).
+const SOCK_SLOTS: usize = 4;
+
+/// Recent decisions not to trace a datagram, on one CPU: skb addresses and the values
+/// [`SAMPLE_SKBS`] would hold, written in turn at `next` (userspace clears it as `[u64; 17]`).
+/// Looked through whole (the verifier refuses arithmetic on a typed hook's skb pointer, so
+/// no slot can be computed from the address; it compares).
+#[repr(C)]
+pub struct Untraced {
+    next: u64,
+    skb: [u64; UNTRACED_SLOTS],
+    value: [u64; UNTRACED_SLOTS],
+}
+
+/// Decisions not to trace, per CPU: most datagrams with sampling on. A datagram's later hops
+/// run on the CPU its first one did (the veth, the NIC's queue, the delivery all in one
+/// softirq), so they find the decision here with a few plain loads, and nothing is inserted
+/// in or deleted from a hash for it. A hop on another CPU (RPS, a migrated sender), or one
+/// after seven more datagrams were decided on this CPU, does not see it and decides again:
+/// at worst a datagram traced from there on. Traced datagrams are kept in [`SAMPLE_SKBS`],
+/// across CPUs.
+#[map(name = "SKB_UNTRACED")]
+static SKB_UNTRACED: PerCpuArray<Untraced> = PerCpuArray::with_max_entries(1, 0);
+
+/// The slot of this CPU's [`SKB_UNTRACED`] holding `skb`'s decision, with the decisions.
+#[inline(always)]
+fn untraced_of(skb: u64) -> Option<(&'static mut Untraced, usize)> {
+    let u = SKB_UNTRACED.get_ptr_mut(0)?;
+    // SAFETY: this CPU's value; a program is not preempted on its CPU.
+    let u = unsafe { &mut *u };
+    let i = u.skb.iter().position(|&s| s == skb)?;
+    Some((u, i))
+}
+
+/// Sockets whose datagram the skb hops decided not to trace, per CPU, until the send hop
+/// takes the decision: the tracepoint runs after the skb hops, at the end of the same system
+/// call, on the same CPU (a sender migrated in between does not find it, and its send hop
+/// decides again). A traced datagram's socket is kept in [`SAMPLE_SOCKS`], across CPUs.
+/// Written in turn at `next` (userspace clears it as `[u64; 5]`).
+#[repr(C)]
+pub struct SocksUntraced {
+    next: u64,
+    sk: [u64; SOCK_SLOTS],
+}
+
+#[map(name = "SOCK_UNTRACED")]
+static SOCK_UNTRACED: PerCpuArray<SocksUntraced> = PerCpuArray::with_max_entries(1, 0);
+
+/// This CPU's [`SOCK_UNTRACED`].
+#[inline(always)]
+fn socks_untraced() -> Option<&'static mut SocksUntraced> {
+    // SAFETY: this CPU's value; a program is not preempted on its CPU.
+    SOCK_UNTRACED.get_ptr_mut(0).map(|p| unsafe { &mut *p })
+}
+
+/// Notes on this CPU that the skb hops decided not to trace `sk`'s datagram.
+#[inline(always)]
+fn note_sock_untraced(sk: u64) {
+    if let Some(s) = socks_untraced() {
+        let i = (s.next as usize) & (SOCK_SLOTS - 1);
+        s.sk[i] = sk;
+        s.next = s.next.wrapping_add(1);
+    }
+}
+
+/// Takes `sk`'s untraced decision from this CPU's [`SOCK_UNTRACED`]; says whether there
+/// was one.
+#[inline(always)]
+fn take_sock_untraced(sk: u64) -> bool {
+    let Some(s) = socks_untraced() else {
+        return false;
+    };
+    match s.sk.iter().position(|&x| x == sk) {
+        Some(i) => {
+            s.sk[i] = 0;
+            true
+        }
+        None => false,
+    }
+}
+
+/// Whether this CPU's [`SOCK_UNTRACED`] holds an untraced decision for `sk`.
+#[inline(always)]
+fn sock_untraced(sk: u64) -> bool {
+    socks_untraced().is_some_and(|s| s.sk.contains(&sk))
+}
 
 /// Sending socket → the decision for the datagram it is sending.
 #[map(name = "SAMPLE_SOCKS")]
@@ -149,6 +238,10 @@ pub fn send_left_out<S: Fields>(sk: S, call_dst: &Addr, after_skbs: bool) -> boo
     if dport == f.port {
         return false;
     }
+    // Left out: an skb hop's decision not to trace it goes with it.
+    if after_skbs {
+        take_sock_untraced(sk.addr());
+    }
     // An skb hop that traced the datagram remembered its skb too: while nothing was
     // remembered lately, no such decision waits for this socket.
     // SAFETY: the value is read at once.
@@ -170,8 +263,10 @@ pub enum Decision {
     All,
     Known(bool),
     /// No hop has decided yet, or none traced it: a datagram the filter leaves out is
-    /// remembered nowhere, and each hop sees again that it does not match.
-    Unknown(SampleConfig),
+    /// remembered nowhere, and each hop sees again that it does not match. (No payload:
+    /// an enum whose payload is undefined in some variants gets spilled whole, and the
+    /// verifier refuses the spill of an undefined register.)
+    Unknown,
 }
 
 #[inline(always)]
@@ -182,21 +277,31 @@ pub fn lookup(skb: u64) -> Decision {
 /// The decision, and the map value it came from (0: none) for [`forget_if`].
 #[inline(always)]
 pub fn lookup_stamped(skb: u64) -> (Decision, u64) {
-    let Some(cfg) = config() else {
+    if config().is_none() {
         return (Decision::All, 0);
-    };
+    }
     if none_remembered_within(TRUSTED_JIFFIES) {
-        return (Decision::Unknown(cfg), 0);
+        return (Decision::Unknown, 0);
+    }
+    if let Some((u, i)) = untraced_of(skb) {
+        let value = u.value[i];
+        if fresh(value) {
+            return (Decision::Known(false), value);
+        }
     }
     // SAFETY: the value is copied out at once.
     match unsafe { SAMPLE_SKBS.get(skb) }.copied() {
-        // A decision older than any datagram's way through a kernel belongs to an skb freed
-        // where no hook saw it (some frees have no tracepoint): not this datagram's.
-        Some(v) if now().saturating_sub(v >> 1) < SKB_DECISION_NS => {
-            (Decision::Known(v & 1 != 0), v)
-        }
-        _ => (Decision::Unknown(cfg), 0),
+        Some(v) if fresh(v) => (Decision::Known(v & 1 != 0), v),
+        _ => (Decision::Unknown, 0),
     }
+}
+
+/// Whether a remembered decision may be this datagram's: one older than any datagram's way
+/// through a kernel belongs to an skb freed where no hook saw it (some frees have no
+/// tracepoint).
+#[inline(always)]
+fn fresh(value: u64) -> bool {
+    now().saturating_sub(value >> 1) < SKB_DECISION_NS
 }
 
 #[inline(always)]
@@ -230,9 +335,25 @@ fn next_of_flow(cfg: &SampleConfig, key: &FlowKey) -> bool {
     cfg.traces(n)
 }
 
+/// Remembers the decision on `skb`'s datagram for its later hops: per CPU when it is not
+/// traced ([`SKB_UNTRACED`]), else in [`SAMPLE_SKBS`].
 #[inline(always)]
 pub fn remember(skb: u64, traced: bool) {
-    let _ = SAMPLE_SKBS.insert(skb, now() << 1 | u64::from(traced), 0);
+    let value = now() << 1 | u64::from(traced);
+    if traced {
+        // An earlier datagram's decision at the same address is not this one's.
+        if let Some((u, i)) = untraced_of(skb) {
+            u.skb[i] = 0;
+        }
+        let _ = SAMPLE_SKBS.insert(skb, value, 0);
+    } else if let Some(u) = SKB_UNTRACED.get_ptr_mut(0) {
+        // SAFETY: this CPU's value; a program is not preempted on its CPU.
+        let u = unsafe { &mut *u };
+        let i = (u.next as usize) & (UNTRACED_SLOTS - 1);
+        u.skb[i] = skb;
+        u.value[i] = value;
+        u.next = u.next.wrapping_add(1);
+    }
     if let Some(last) = LAST_REMEMBERED.get_ptr_mut(0) {
         let now = jiffies();
         // SAFETY: the map's one value: a plain load, and a store only when it is stale (so
@@ -272,16 +393,37 @@ fn jiffies() -> u64 {
 /// datagram next.
 #[inline(always)]
 pub fn forget(skb: u64) {
+    // Not traced, decided on this CPU: nothing in the hash.
+    if forget_untraced(skb, 0) {
+        return;
+    }
     let _ = SAMPLE_SKBS.remove(skb);
+}
+
+/// Clears `skb`'s slot in [`SKB_UNTRACED`] when it holds its decision (with the value
+/// `stamp`, unless 0); says whether it did.
+#[inline(always)]
+fn forget_untraced(skb: u64, stamp: u64) -> bool {
+    let Some((u, i)) = untraced_of(skb) else {
+        return false;
+    };
+    if stamp != 0 && u.value[i] != stamp {
+        return false;
+    }
+    u.skb[i] = 0;
+    true
 }
 
 /// [`forget`], unless the address already carries another datagram's decision (its skb
 /// freed and reused since `stamp` was read).
 #[inline(always)]
 pub fn forget_if(skb: u64, stamp: u64) {
+    if stamp == 0 || forget_untraced(skb, stamp) {
+        return;
+    }
     // SAFETY: the value is copied out at once.
-    if stamp != 0 && unsafe { SAMPLE_SKBS.get(skb) }.copied() == Some(stamp) {
-        forget(skb);
+    if unsafe { SAMPLE_SKBS.get(skb) }.copied() == Some(stamp) {
+        let _ = SAMPLE_SKBS.remove(skb);
     }
 }
 
@@ -325,12 +467,16 @@ const SKB_DECISION_NS: u64 = 1_000_000_000;
 /// the filter (nothing remembered); else whether traced (remembered for the skb).
 #[inline(always)]
 pub fn decide_skb(
-    cfg: &SampleConfig,
     skb: u64,
     ev: &SkbEvent,
     before: Option<(&Addr, &Addr)>,
     sender: u64,
 ) -> Option<bool> {
+    // Changed since the lookup to trace everything: traced.
+    let Some(cfg) = config() else {
+        return Some(true);
+    };
+    let cfg = &cfg;
     if let Some(f) = filter() {
         let admits = |s: &Addr, d: &Addr| {
             if ev.ip_frag & IP_OFFSET != 0 {
@@ -356,13 +502,21 @@ pub fn decide_skb(
         }
         true
     } else if sender != 0 {
-        // SAFETY: the value is copied out at once.
-        match unsafe { SAMPLE_SOCKS.get(sender) } {
-            Some(d) => d.traced != 0,
-            None => {
-                let traced = next_of_flow(cfg, &key);
-                set_sock(sender, traced, SIDE_SKB);
-                traced
+        if sock_untraced(sender) {
+            false
+        } else {
+            // SAFETY: the value is copied out at once.
+            match unsafe { SAMPLE_SOCKS.get(sender) } {
+                Some(d) => d.traced != 0,
+                None => {
+                    let traced = next_of_flow(cfg, &key);
+                    if traced {
+                        set_sock(sender, true, SIDE_SKB);
+                    } else {
+                        note_sock_untraced(sender);
+                    }
+                    traced
+                }
             }
         }
     } else {
@@ -391,6 +545,9 @@ pub fn decide_send(sk: u64, key: &FlowKey, after_skbs: bool) -> bool {
     };
     let filter = filter();
     if after_skbs {
+        if take_sock_untraced(sk) {
+            return false;
+        }
         // SAFETY: the value is copied out at once.
         if let Some(d) = unsafe { SAMPLE_SOCKS.get(sk) }.copied() {
             if d.side == SIDE_SKB {

@@ -14,15 +14,12 @@ use aya_ebpf::{
     macros::{classifier, fentry, fexit, raw_tracepoint},
     programs::{FEntryContext, FExitContext, RawTracePointContext, TcContext},
 };
-use udptrace_common::{
-    Hook, RecvEvent, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, MODE_NAT_AT_DELIVER, STAT_RINGBUF_FULL,
-};
+use udptrace_common::{Hook, RecvEvent, IPPROTO_UDP, KIND_DELIVER, KIND_RECV, STAT_RINGBUF_FULL};
 
-use super::nat::{self, nf_ctx, NF_ACCEPT};
+use super::nat::{nf_ctx, NF_ACCEPT};
 use crate::{
     maps::{
-        empty_bodies, fault, finish, mode, offset, ring_flags, DELIVER_PENDING, EVENTS,
-        LOCAL_IN_SKB,
+        empty_bodies, fault, finish, offset, ring_flags, DELIVER_PENDING, EVENTS, LOCAL_IN_SKB,
     },
     read::current::{header, task},
     read::kernel::{read_kernel, try_read_kernel, Fields as _, ReadError},
@@ -76,8 +73,8 @@ pub fn deliver_fexit_enqueue(ctx: FExitContext) -> u32 {
 }
 
 /// int (*)(struct bpf_nf_ctx *ctx), linked last at LOCAL_IN: the skb about to reach UDP.
-/// Where the NAT hop is linked too, it reports LOCAL_IN's NAT here (`MODE_NAT_AT_DELIVER`):
-/// one program run per datagram instead of two.
+/// Where the NAT hop is linked, its program at the end of LOCAL_IN does this instead
+/// (`MODE_DELIVER_AT_NAT`) and this one is not linked.
 #[classifier]
 // Inlined into the macro's entry point, its result kept (see `nat_after`).
 #[inline(always)]
@@ -85,15 +82,19 @@ pub fn deliver_local_in(ctx: TcContext) -> i32 {
     if empty_bodies() {
         return NF_ACCEPT;
     }
-    let (state, skb) = nf_ctx(&ctx);
-    if mode(MODE_NAT_AT_DELIVER) {
-        finish!(nat::after(state, skb), "deliver_local_in");
-    }
+    let (_, skb) = nf_ctx(&ctx);
+    note_local_in(skb.addr());
+    NF_ACCEPT
+}
+
+/// Notes `skb` as the one about to reach UDP on this CPU, for `sk_data_ready` to pair with
+/// the socket that takes it.
+#[inline(always)]
+pub fn note_local_in(skb: u64) {
     if let Some(slot) = LOCAL_IN_SKB.get_ptr_mut(0) {
         // SAFETY: this CPU's slot.
-        unsafe { *slot = skb.addr() };
+        unsafe { *slot = skb };
     }
-    NF_ACCEPT
 }
 
 /// Raw tracepoint sk_data_ready(const struct sock *sk): a socket was told data is queued.

@@ -83,7 +83,7 @@ fn try_drop<S: Fields>(sk_buff: S, reason: u32, hook: u16) -> Result<(), ReadErr
         Decision::All => true,
         Decision::Known(traced) => traced,
         // First seen as it is dropped: no path follows it.
-        Decision::Unknown(_) => false,
+        Decision::Unknown => false,
     };
     if !count_drop(ev, reason, traced) {
         return Ok(());

@@ -13,13 +13,14 @@ use aya_ebpf::{
     EbpfContext as _,
 };
 use udptrace_common::{
-    Addr, Hook, NatEvent, SkbEvent, AF_INET, KIND_NAT, NF_INET_LOCAL_IN, NF_INET_LOCAL_OUT,
-    NF_INET_NUMHOOKS, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING, SKB_DNAT_AT_OUTPUT,
-    SKB_DNAT_BEFORE, SKB_UNSAMPLED, STAT_NAT_BASE, STAT_READ_ERROR, STAT_RINGBUF_FULL, TUNNEL_NONE,
+    Addr, Hook, NatEvent, SkbEvent, AF_INET, KIND_NAT, MODE_DELIVER_AT_NAT, NF_INET_LOCAL_IN,
+    NF_INET_LOCAL_OUT, NF_INET_NUMHOOKS, NF_INET_POST_ROUTING, NF_INET_PRE_ROUTING,
+    SKB_DNAT_AT_OUTPUT, SKB_DNAT_BEFORE, SKB_UNSAMPLED, STAT_NAT_BASE, STAT_READ_ERROR,
+    STAT_RINGBUF_FULL, TUNNEL_NONE,
 };
 
 use crate::{
-    maps::{count, empty_bodies, finish, offset, ring_flags, Scratch, EVENTS, NAT_BEFORE},
+    maps::{count, empty_bodies, finish, mode, offset, ring_flags, Scratch, EVENTS, NAT_BEFORE},
     read::kernel::{read_kernel, try_read_kernel, Fields, Probed, ReadError, Typed},
     read::skb::{fill, read_udp, read_udp_of},
     sampling::{self, Decision},
@@ -120,8 +121,8 @@ fn tuple_as_outer(tuple: u64, ev: &mut SkbEvent) -> Result<(), ReadError> {
     )
 }
 
-/// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT at POSTROUTING, and at LOCAL_IN
-/// unless the deliver hop's link there does it (`MODE_NAT_AT_DELIVER`).
+/// int (*)(struct bpf_nf_ctx *ctx), linked just after NAT at POSTROUTING and LOCAL_IN (at
+/// the end of LOCAL_IN when it does the deliver hop's part there too: `MODE_DELIVER_AT_NAT`).
 #[classifier]
 // Inlined into the entry point the macro wraps it in: as a function of its own, its constant
 // result may be optimised away, and the entry would return whatever r0 held (the verifier
@@ -136,19 +137,22 @@ pub fn nat_after(ctx: TcContext) -> i32 {
     NF_ACCEPT
 }
 
-/// The NAT hop's work at a netfilter link (the NAT hop's own, or the deliver hop's at the
-/// end of LOCAL_IN): a packet without a conntrack entry costs one plain load.
+/// The NAT hop's work at its link: a packet without a conntrack entry costs two plain
+/// loads (and at LOCAL_IN, for the deliver hop, a store).
 #[inline(always)]
-pub fn after(state: Typed, skb: Typed) -> Result<(), ReadError> {
-    // `_nfct` through the typed pointer: a plain load the verifier checks, for every packet
-    // (most have no conntrack entry).
+fn after(state: Typed, skb: Typed) -> Result<(), ReadError> {
+    // Through the typed pointers: plain loads the verifier checks, for every packet.
+    let hook = u32::from(state.read::<u8>(offset!(nf_state_hook))?);
+    if hook == NF_INET_LOCAL_IN && mode(MODE_DELIVER_AT_NAT) {
+        super::deliver::note_local_in(skb.addr());
+    }
+    // Most packets have no conntrack entry.
     let Some(nfct) = skb.field::<u64>(offset!(skb_nfct)) else {
         return Ok(());
     };
     let Some(tuple) = nat_tuple(nfct) else {
         return Ok(());
     };
-    let hook = u32::from(state.read::<u8>(offset!(nf_state_hook))?);
     let snat_hook = match hook {
         NF_INET_POST_ROUTING => hook,
         NF_INET_LOCAL_IN => {
@@ -282,8 +286,7 @@ fn emit_nat<S: Fields>(
     let traced = match decision {
         Decision::All => Some(true),
         Decision::Known(traced) => Some(traced),
-        Decision::Unknown(cfg) => sampling::decide_skb(
-            &cfg,
+        Decision::Unknown => sampling::decide_skb(
             skb,
             &ev.skb,
             Some((&ev.before_src, &ev.before_dst)),

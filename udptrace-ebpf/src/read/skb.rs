@@ -438,7 +438,7 @@ fn emit_inner<S: Fields>(
         return Ok(());
     }
     let decision = sampling::lookup(skb.addr());
-    if kind == KIND_DELIVER && matches!(decision, Decision::Unknown(_)) {
+    if kind == KIND_DELIVER && matches!(decision, Decision::Unknown) {
         // Nothing to report: see `prepare`.
         return Ok(());
     }
@@ -527,14 +527,14 @@ fn prepare<S: Fields>(
     // freed the skb (its decision gone with it): deciding then would count the datagram
     // again, as the first of a flow, and report a path of its delivery alone. (Seen in the
     // 6.1 VM: one such path in 53 datagrams.)
-    if matches!(decision, Decision::Unknown(_)) && kind == KIND_DELIVER {
+    if matches!(decision, Decision::Unknown) && kind == KIND_DELIVER {
         return Ok(false);
     }
     if !read_udp_of(skb, ev)? {
         return Ok(false);
     }
     // Left out by the filter: the headers were all it cost.
-    if matches!(decision, Decision::Unknown(_)) && sampling::left_out(ev) {
+    if matches!(decision, Decision::Unknown) && sampling::left_out(ev) {
         return Ok(false);
     }
     let dev = fill_where(ev, skb, sk)?;
@@ -546,7 +546,7 @@ fn prepare<S: Fields>(
     let traced = match decision {
         Decision::All => true,
         Decision::Known(traced) => traced,
-        Decision::Unknown(cfg) => match sampling::decide_skb(&cfg, skb.addr(), ev, None, ev.sk) {
+        Decision::Unknown => match sampling::decide_skb(skb.addr(), ev, None, ev.sk) {
             Some(traced) => {
                 *decided = true;
                 traced

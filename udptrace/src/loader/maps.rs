@@ -4,7 +4,7 @@
 use std::os::fd::{AsFd as _, AsRawFd as _, BorrowedFd, OwnedFd};
 
 use aya::{
-    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap},
+    maps::{Array, HashMap, Map, MapData, PerCpuArray, PerCpuHashMap, PerCpuValues},
     Ebpf, Pod,
 };
 use aya_obj::generated::{bpf_attr, bpf_cmd};
@@ -78,6 +78,31 @@ pub fn clear_sampling(ebpf: &mut Ebpf) {
     clear::<u64, SockDecision>(ebpf, names::SAMPLE_SOCKS);
     clear::<NatSeenKey, NatSeen>(ebpf, names::SAMPLE_NAT);
     clear::<ReaderKey, u64>(ebpf, names::SAMPLE_READERS);
+    clear_untraced(ebpf);
+}
+
+/// Empties every CPU's slots of decisions not to trace, by skb and by socket.
+fn clear_untraced(ebpf: &mut Ebpf) {
+    clear_per_cpu::<[u64; 17]>(ebpf, names::SKB_UNTRACED);
+    clear_per_cpu::<[u64; 5]>(ebpf, names::SOCK_UNTRACED);
+}
+
+fn clear_per_cpu<V: Pod + Default + Clone>(ebpf: &mut Ebpf, name: &str) {
+    let Some(map) = ebpf.map_mut(name) else {
+        return;
+    };
+    let Ok(mut slots) = PerCpuArray::<_, V>::try_from(map) else {
+        tracing::warn!("{name}: not a per-CPU array");
+        return;
+    };
+    let Ok(cpus) = aya::util::nr_cpus() else {
+        return;
+    };
+    for i in 0..slots.len() {
+        if let Ok(empty) = PerCpuValues::try_from(vec![V::default(); cpus]) {
+            let _ = slots.set(i, empty, 0);
+        }
+    }
 }
 
 fn clear<K: aya::Pod, V: aya::Pod>(ebpf: &mut Ebpf, name: &str) {

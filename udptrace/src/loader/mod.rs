@@ -27,7 +27,7 @@ use aya::{
 };
 use udptrace_common::{
     names, programs, FlowKey, FlowStats, TraceFilter, FLOWS_DEFAULT, MODE_COUNT_HOP,
-    MODE_NAT_AT_DELIVER, MODE_NAT_LINKS, MODE_PATHS, STATS_LEN,
+    MODE_DELIVER_AT_NAT, MODE_NAT_LINKS, MODE_PATHS, STATS_LEN,
 };
 
 use crate::kernel::{
@@ -271,8 +271,8 @@ impl Tracer {
             }
             new.push(send);
         }
-        // The deliver hop first: where it links at the end of LOCAL_IN, the NAT hop's
-        // program is not linked there too.
+        // The deliver hop first: where it would link at the end of LOCAL_IN, the NAT hop's
+        // program is linked there in its place and does its part.
         new.extend([
             hops::deliver::attach(&mut ctx),
             hops::nat::attach(&mut ctx),
@@ -372,9 +372,9 @@ impl Tracer {
             });
             if nat_links {
                 mode |= MODE_NAT_LINKS;
-                if self.netfilter.deliver_at_local_in {
-                    mode |= MODE_NAT_AT_DELIVER;
-                }
+            }
+            if self.netfilter.deliver_at_nat {
+                mode |= MODE_DELIVER_AT_NAT;
             }
         }
         let map = self

@@ -142,25 +142,36 @@ pub fn nat_slots(progs: &[OwnedFd]) -> Vec<Slot<'_>> {
         .collect()
 }
 
-/// [`nat_slots`] when the deliver hop's link at the end of LOCAL_IN reports LOCAL_IN's NAT:
-/// POSTROUTING alone.
-pub fn nat_slots_postrouting(progs: &[OwnedFd]) -> Vec<Slot<'_>> {
-    vec![Slot {
-        prog: &progs[0],
-        hook: NF_INET_POST_ROUTING,
-        priorities: AFTER_SRC,
-    }]
+/// [`nat_slots`] when the NAT hop's program also does the deliver hop's part at LOCAL_IN
+/// (noting the skb about to reach UDP): there it is linked at the end of LOCAL_IN, where the
+/// deliver hop's own program would have been, instead of just after NAT.
+pub fn nat_slots_with_deliver(progs: &[OwnedFd]) -> Vec<Slot<'_>> {
+    vec![
+        Slot {
+            prog: &progs[0],
+            hook: NF_INET_POST_ROUTING,
+            priorities: AFTER_SRC,
+        },
+        Slot {
+            prog: &progs[0],
+            hook: NF_INET_LOCAL_IN,
+            priorities: LOCAL_IN_LAST,
+        },
+    ]
 }
 
 const AFTER_SRC: &[i32] = &[101, 102, 105, 110];
 
 /// The end of LOCAL_IN, after filtering and source NAT (only conntrack's confirm, at
-/// INT_MAX, comes later): the deliver hop's slot.
+/// INT_MAX, comes later).
+const LOCAL_IN_LAST: &[i32] = &[1000, 1001, 1010, 2000];
+
+/// The deliver hop's slot: the end of LOCAL_IN.
 pub fn local_in_last(progs: &[OwnedFd]) -> Vec<Slot<'_>> {
     vec![Slot {
         prog: &progs[0],
         hook: NF_INET_LOCAL_IN,
-        priorities: &[1000, 1001, 1010, 2000],
+        priorities: LOCAL_IN_LAST,
     }]
 }
 
@@ -214,14 +225,37 @@ struct Covered {
 pub struct Coverage {
     sets: Vec<(Vec<OwnedFd>, SlotsFn)>,
     covered: HashMap<u64, Covered>,
-    /// The deliver hop's program is among the sets, linked at the end of LOCAL_IN.
-    pub deliver_at_local_in: bool,
+    /// Where the deliver hop's program is among the sets (linked at the end of LOCAL_IN).
+    deliver: Option<usize>,
+    /// The NAT hop's program does the deliver hop's part at the end of LOCAL_IN.
+    pub deliver_at_nat: bool,
 }
 
 impl Coverage {
     /// Adds loaded programs; [`Coverage::cover`] links them.
     pub fn add(&mut self, progs: Vec<OwnedFd>, slots: SlotsFn) {
         self.sets.push((progs, slots));
+    }
+
+    /// Adds the deliver hop's program (linked at the end of LOCAL_IN).
+    pub fn add_deliver(&mut self, progs: Vec<OwnedFd>) {
+        self.deliver = Some(self.sets.len());
+        self.add(progs, local_in_last);
+    }
+
+    /// Adds the NAT hop's program. Where the deliver hop's program was to be linked at the
+    /// end of LOCAL_IN, this one takes its place there and its part (`MODE_DELIVER_AT_NAT`):
+    /// the deliver hop's program is unloaded, not linked. Before any namespace is covered.
+    pub fn add_nat(&mut self, progs: Vec<OwnedFd>) {
+        match self.deliver.take() {
+            Some(i) if self.covered.is_empty() => {
+                // Dropping the program's fd unloads it.
+                self.sets.remove(i);
+                self.deliver_at_nat = true;
+                self.add(progs, nat_slots_with_deliver);
+            }
+            _ => self.add(progs, nat_slots),
+        }
     }
 
     pub fn is_empty(&self) -> bool {

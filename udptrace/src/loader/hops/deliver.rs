@@ -56,8 +56,7 @@ fn local_in_then_ready(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), 
     need(ctx.layout, &[Group::Skb, Group::Sock, Group::TpReady])?;
     let progs = netfilter::load_programs(ctx.object(), ctx.ebpf, &[programs::DELIVER_LOCAL_IN])?;
     attach_raw_tp(ctx.ebpf, programs::DELIVER_SK_DATA_READY, "sk_data_ready")?;
-    ctx.netfilter.add(progs, netfilter::local_in_last);
-    ctx.netfilter.deliver_at_local_in = true;
+    ctx.netfilter.add_deliver(progs);
     report
         .notes
         .push("linked last at LOCAL_IN (priority 1000)".into());

@@ -32,26 +32,20 @@ fn links(ctx: &mut Ctx<'_>, report: &mut HopReport) -> Result<(), String> {
         &[Group::Skb, Group::Sock, Group::NfState, Group::Conntrack],
     )?;
     let progs = netfilter::load_programs(ctx.object(), ctx.ebpf, &[programs::NAT_AFTER])?;
-    // Where the deliver hop is linked at the end of LOCAL_IN, its program reports LOCAL_IN's
-    // NAT too (`MODE_NAT_AT_DELIVER`, set by the loader once both are attached).
-    if ctx.netfilter.deliver_at_local_in {
-        ctx.netfilter.add(progs, netfilter::nat_slots_postrouting);
-        report.notes.push(
-            "linked after NAT at postrouting, and input's seen by the deliver hop's link at \
-             the end of LOCAL_IN; what NAT rewrote at every hook before, from conntrack"
-                .into(),
-        );
+    ctx.netfilter.add_nat(progs);
+    report.notes.push(if ctx.netfilter.deliver_at_nat {
+        "linked after NAT at postrouting and at the end of LOCAL_IN (where it also notes the \
+         skb for the deliver hop); what NAT rewrote at every hook before, from conntrack"
+            .into()
     } else {
-        ctx.netfilter.add(progs, netfilter::nat_slots);
-        report.notes.push(
-            "linked after NAT at postrouting and input; what NAT rewrote at every hook \
-             before, from conntrack"
-                .into(),
-        );
-    }
-    report
-        .notes
-        .push("a destination NAT before a drop that comes first is read at the drop hop".into());
+        "linked after NAT at postrouting and input; what NAT rewrote at every hook before, \
+         from conntrack"
+            .into()
+    });
+    report.notes.push(
+        "the destination NAT of a datagram dropped before these links is read at the drop hop"
+            .into(),
+    );
     Ok(())
 }
 

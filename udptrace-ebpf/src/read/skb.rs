@@ -489,6 +489,11 @@ pub fn prepare_delivery(
 ) -> Result<Option<u64>, ReadError> {
     let (decision, stamp) = sampling::lookup_stamped(skb);
     if matches!(decision, Decision::Known(false)) {
+        // Its verdict: a decision not to trace, kept on this CPU, ends here (the skb may be
+        // freed on the reader's CPU, where no hop could forget it; a later datagram given
+        // the same address must not inherit it). A failed enqueue's drop finds none: it
+        // was not traced either way.
+        sampling::forget_if(skb, stamp);
         return Ok(None);
     }
     let mut decided = false;

@@ -327,7 +327,7 @@ impl Directory {
         path.k8s = Some(self.names(path.addresses()));
         for hop in &mut path.hops {
             if let Some(owner) = hop.process.as_ref().and_then(|p| self.container(p.cgroup)) {
-                hop.k8s = Some(owner.clone());
+                hop.k8s = Some(Box::new(owner.clone()));
             }
         }
     }

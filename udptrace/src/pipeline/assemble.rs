@@ -1,11 +1,8 @@
 //! Path assembly: hops to one path per datagram, joined by skb, socket and IP identity.
 
-use std::{
-    collections::{BTreeMap, HashMap},
-    net::IpAddr,
-    time::SystemTime,
-};
+use std::{collections::BTreeMap, net::IpAddr, time::SystemTime};
 
+use foldhash::HashMap;
 use udptrace_common::{Hook, RecvEvent, SendEvent, SkbEvent, SKB_UNSAMPLED};
 
 use crate::{
@@ -62,7 +59,15 @@ struct Open {
 impl Open {
     fn into_path(self, complete: bool) -> Path {
         let sampled = !self.unsampled || self.send.is_some();
-        let mut hops = mark_fragmentation(self.send.into_iter().chain(self.hops));
+        let mut hops = if self.hops.iter().any(|h| h.fragment.is_some()) {
+            mark_fragmentation(self.send.into_iter().chain(self.hops))
+        } else {
+            // Each hop moved once, into a vector allocated once.
+            let mut hops = Vec::with_capacity(self.hops.len() + 1);
+            hops.extend(self.send);
+            hops.extend(self.hops);
+            hops
+        };
         segments_of_the_send(&mut hops);
         let first = hops.first().map(|h| h.addrs);
         let last = hops.last().map(|h| h.addrs);
@@ -204,7 +209,11 @@ pub struct Assembler {
     clock: Clock,
     reasons: DropReasons,
     /// By id, which grows with time: the first is the oldest.
-    open: BTreeMap<u64, Open>,
+    /// Boxed: the map moves its values as it grows and shrinks, and a path being assembled
+    /// is several hundred bytes.
+    open: BTreeMap<u64, Box<Open>>,
+    // Hashed with foldhash: these maps take several lookups and updates per event, and
+    // SipHash, std's default, was 5% of a full trace's CPU.
     by_skb: HashMap<u64, u64>,
     by_sock: HashMap<u64, u64>,
     by_ident: HashMap<Ident, u64>,
@@ -270,7 +279,9 @@ impl Assembler {
         let open = Open {
             id: format!("{ts_ns:x}-{key:x}"),
             send: None,
-            hops: Vec::new(),
+            // A datagram's hops on one host: transmit, NAT, ingress, delivery, a few more
+            // across namespaces. Growing the vector would copy them.
+            hops: Vec::with_capacity(6),
             sock: 0,
             skb: 0,
             skbs: Vec::new(),
@@ -283,7 +294,7 @@ impl Assembler {
             reader_sk: 0,
             unsampled: false,
         };
-        self.open.insert(self.next, open);
+        self.open.insert(self.next, Box::new(open));
         self.next
     }
 
@@ -634,7 +645,7 @@ impl Assembler {
         // A path that ended with a verdict is complete even if its send hop never came
         // (a datagram from elsewhere, or a sender whose send hook is unavailable).
         let complete = complete || open.ended_ns.is_some();
-        let mut path = open.into_path(complete);
+        let mut path = (*open).into_path(complete);
         if self.host_only && !path.complete {
             path.explain.push_str(HOST_ONLY);
         }

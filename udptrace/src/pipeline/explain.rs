@@ -204,7 +204,7 @@ mod tests {
         after: (&str, &str),
     ) -> Hop {
         let mut h = hop(HopKind::Nat, netns, after.0, after.1);
-        h.nat = Some(Nat {
+        h.nat = Some(Box::new(Nat {
             nat: kind,
             nf_hook: hook,
             before: Endpoints {
@@ -216,7 +216,7 @@ mod tests {
                 dst: sa(after.1),
             },
             conntrack: None,
-        });
+        }));
         h
     }
 

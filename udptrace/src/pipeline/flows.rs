@@ -1115,7 +1115,7 @@ mod tests {
         let mut nat = path.hops[0].clone();
         nat.kind = HopKind::Nat;
         nat.process = None;
-        nat.nat = Some(crate::model::Nat {
+        nat.nat = Some(Box::new(crate::model::Nat {
             nat: NatKind::Dnat,
             nf_hook: crate::model::NfHook::Output,
             before: path.hops[0].addrs,
@@ -1124,7 +1124,7 @@ mod tests {
                 dst: Some("10.244.9.9:53".parse().unwrap()),
             },
             conntrack: None,
-        });
+        }));
         path.hops.push(nat);
         path.verdict = Verdict::Unknown;
         for i in 0..3 {

@@ -230,7 +230,7 @@ fn nat_hop(ev: &NatEvent, nf_hook: u32, before: Endpoints, after: Endpoints, clo
         sock_ino: 0,
         k8s: None,
         node: None,
-        nat: Some(Nat {
+        nat: Some(Box::new(Nat {
             nat: if dnat { NatKind::Dnat } else { NatKind::Snat },
             nf_hook: NfHook::from_kernel(nf_hook),
             before,
@@ -245,7 +245,7 @@ fn nat_hop(ev: &NatEvent, nf_hook: u32, before: Endpoints, after: Endpoints, clo
                     dst: socket_addr(&ev.ct_reply_dst),
                 },
             }),
-        }),
+        })),
     }
 }
 

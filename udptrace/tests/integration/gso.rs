@@ -114,3 +114,55 @@ fn flows_count_wire_datagrams_and_the_sends_that_carried_them() {
         "{ours:?}"
     );
 }
+
+/// Reads one buffer with `UDP_GRO` (104) on: prints "ready", then the buffer's length and
+/// the segment size the kernel's `UDP_GRO` control message gives (0 without one).
+const GRO_RECEIVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setsockopt(socket.SOL_UDP, 104, 1)
+s.bind((sys.argv[1], int(sys.argv[2])))
+print("ready", flush=True)
+d, anc, _, _ = s.recvmsg(65535, 1024)
+seg = [int.from_bytes(x, "little") for (l, t, x) in anc if l == socket.SOL_UDP and t == 104]
+print(len(d), seg[0] if seg else 0, flush=True)
+"#;
+
+/// A receiver with `UDP_GRO` reads the four segments as one buffer of 4800 bytes whose
+/// control message says 1200, and the kernel counts one datagram in (`UdpInDatagrams`): the
+/// deliver hop says it is four datagrams of 1200 in one buffer of 4800.
+#[test]
+fn a_gro_receiver_reads_one_buffer_and_the_delivery_says_how_many_datagrams_it_holds() {
+    require_root();
+    let pair = Pair::new(&[]);
+    let tracer = Tracer::start(&["--port", "20963", "--count", "1"]);
+    let (_rx, mut read) = spawn_ready(pair.b.cmd(PYTHON).args(["-c", GRO_RECEIVER, B4, "20963"]));
+    let before = udp_counters(&pair.b);
+    let sent = pair
+        .a
+        .cmd(PYTHON)
+        .args(["-c", GSO_SENDER, B4, "20963", "4800", "1200"])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+    // Ground truth: one read of 4800 bytes in segments of 1200, one datagram counted in.
+    let line = read.next().unwrap().unwrap();
+    assert_eq!(line, "4800 1200", "what the GRO receiver read");
+    let moved = counters_moved(&before, &udp_counters(&pair.b));
+    assert_eq!(moved.get("UdpInDatagrams"), Some(&1), "{moved:?}");
+    let paths = tracer.paths(1, Duration::from_secs(10));
+    let path: &Value = &paths[0];
+    assert_eq!(path["verdict"], "delivered", "{path}");
+    let deliver = hops_of(path, "deliver");
+    let deliver = deliver
+        .first()
+        .unwrap_or_else(|| panic!("no deliver hop: {path}"));
+    assert_eq!(
+        (&deliver["len"], &deliver["gso"]),
+        (
+            &Value::from(4800),
+            &serde_json::json!({"size": 1200, "segments": 4})
+        ),
+        "the delivery holds four datagrams of 1200: {path}"
+    );
+}

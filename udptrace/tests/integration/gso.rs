@@ -15,6 +15,17 @@ s.setsockopt(socket.SOL_UDP, 103, int(sys.argv[4]))
 s.sendto(b'q' * int(sys.argv[3]), (sys.argv[1], int(sys.argv[2])))
 "#;
 
+/// Sends 4800 bytes from `pair.a` to `pair.b` port `port` in segments of 1200 (one send).
+fn gso_send(pair: &Pair, port: u16) {
+    let sent = pair
+        .a
+        .cmd(PYTHON)
+        .args(["-c", GSO_SENDER, B4, &port.to_string(), "4800", "1200"])
+        .status()
+        .unwrap();
+    assert!(sent.success());
+}
+
 /// The lengths of the next `n` datagrams a [`py_receiver`] read.
 fn lengths(lines: &mut impl Iterator<Item = std::io::Result<String>>, n: usize) -> Vec<usize> {
     lines
@@ -34,13 +45,7 @@ fn a_gso_send_says_how_many_datagrams_it_carries() {
     let pair = Pair::new(&[]);
     let tracer = Tracer::start(&["--port", "20961", "--count", "1"]);
     let (_rx, mut read) = py_receiver(&pair.b, B4, 20961);
-    let sent = pair
-        .a
-        .cmd(PYTHON)
-        .args(["-c", GSO_SENDER, B4, "20961", "4800", "1200"])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    gso_send(&pair, 20961);
     // Ground truth: what the receiver read.
     assert_eq!(lengths(&mut read, 4), [1200; 4]);
     let paths = tracer.paths(1, Duration::from_secs(10));
@@ -71,13 +76,7 @@ fn flows_count_wire_datagrams_and_the_sends_that_carried_them() {
     let agent = Agent::start(&["--netns", "all"]);
     let (_rx, mut read) = py_receiver(&pair.b, B4, 20962);
     for _ in 0..2 {
-        let sent = pair
-            .a
-            .cmd(PYTHON)
-            .args(["-c", GSO_SENDER, B4, "20962", "4800", "1200"])
-            .status()
-            .unwrap();
-        assert!(sent.success());
+        gso_send(&pair, 20962);
     }
     assert_eq!(lengths(&mut read, 8), [1200; 8]);
     let dst = format!("{B4}:20962");
@@ -138,13 +137,7 @@ fn a_gro_receiver_reads_one_buffer_and_the_delivery_says_how_many_datagrams_it_h
     let tracer = Tracer::start(&["--port", "20963", "--count", "1"]);
     let (_rx, mut read) = spawn_ready(pair.b.cmd(PYTHON).args(["-c", GRO_RECEIVER, B4, "20963"]));
     let before = udp_counters(&pair.b);
-    let sent = pair
-        .a
-        .cmd(PYTHON)
-        .args(["-c", GSO_SENDER, B4, "20963", "4800", "1200"])
-        .status()
-        .unwrap();
-    assert!(sent.success());
+    gso_send(&pair, 20963);
     // Ground truth: one read of 4800 bytes in segments of 1200, one datagram counted in.
     let line = read.next().unwrap().unwrap();
     assert_eq!(line, "4800 1200", "what the GRO receiver read");

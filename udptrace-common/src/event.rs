@@ -195,6 +195,13 @@ pub const SKB_DNAT_BEFORE: u32 = 1 << 2;
 /// prerouting.
 pub const SKB_DNAT_AT_OUTPUT: u32 = 1 << 3;
 
+/// `SkbEvent::flags`, on a delivery of a GSO/GRO skb: the receiving socket has `UDP_GRO` on
+/// and reads the datagrams as one buffer.
+pub const SKB_SOCK_GRO: u32 = 1 << 4;
+/// `SkbEvent::flags`, on a delivery of a GSO/GRO skb: the receiving socket has `UDP_GRO` off
+/// and reads the datagrams one by one (the kernel segments the skb for it).
+pub const SKB_SOCK_NO_GRO: u32 = 1 << 5;
+
 /// `SkbEvent::ip_frag`: don't fragment (IPv4).
 pub const IP_DF: u16 = 0x4000;
 /// `SkbEvent::ip_frag`: more fragments follow.

@@ -76,12 +76,17 @@ pub struct Offsets {
     pub skb_end: u32,
     pub shinfo_gso_size: u32,
     pub shinfo_gso_segs: u32,
+    /// The byte of a `struct sock` (a `struct udp_sock`) holding its `UDP_GRO` flag, and the
+    /// flag's bit in it (`udp_flags` bit `UDP_FLAGS_GRO_ENABLED`, or the `gro_enabled`
+    /// bitfield before 6.6).
+    pub udp_gro_byte: u32,
+    pub udp_gro_mask: u32,
 }
 #[cfg(feature = "user")]
 // SAFETY: #[repr(C)] of fixed-width integers and byte arrays with explicit padding:
 // every bit pattern is a valid value.
 unsafe impl aya::Pod for Offsets {}
-const _: () = assert!(core::mem::size_of::<Offsets>() == 51 * 4);
+const _: () = assert!(core::mem::size_of::<Offsets>() == 53 * 4);
 
 impl Offsets {
     /// Every offset missing: the value in the object before userspace fills it.
@@ -137,5 +142,7 @@ impl Offsets {
         skb_end: OFFSET_MISSING,
         shinfo_gso_size: OFFSET_MISSING,
         shinfo_gso_segs: OFFSET_MISSING,
+        udp_gro_byte: OFFSET_MISSING,
+        udp_gro_mask: OFFSET_MISSING,
     };
 }

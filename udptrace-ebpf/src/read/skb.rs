@@ -8,8 +8,8 @@ use network_types::{
 };
 use udptrace_common::{
     Addr, SkbEvent, AF_INET, AF_INET6, IPPROTO_UDP, IP_MF, IP_OFFSET, KIND_DELIVER, KIND_DROP,
-    KIND_XMIT, SKB_MALFORMED, SKB_UNSAMPLED, STAT_RINGBUF_FULL, TUNNEL_GENEVE, TUNNEL_NONE,
-    TUNNEL_VXLAN,
+    KIND_XMIT, SKB_MALFORMED, SKB_SOCK_GRO, SKB_SOCK_NO_GRO, SKB_UNSAMPLED, STAT_RINGBUF_FULL,
+    TUNNEL_GENEVE, TUNNEL_NONE, TUNNEL_VXLAN,
 };
 
 use crate::{
@@ -238,6 +238,20 @@ pub fn read_udp_of<S: Fields>(skb: S, ev: &mut SkbEvent) -> Result<bool, ReadErr
     ev.tunnel = tunnel;
     ev.vni = u32::from_be_bytes([0, tunnel_header[4], tunnel_header[5], tunnel_header[6]]);
     Ok(true)
+}
+
+/// Whether receiving socket `sk` reads several datagrams as one buffer (`UDP_GRO` on:
+/// [`SKB_SOCK_GRO`]) or one by one ([`SKB_SOCK_NO_GRO`]); 0 where this kernel's layout or
+/// the read says nothing.
+#[inline(always)]
+fn gro_flag(sk: u64) -> u32 {
+    let mask = offset!(udp_gro_mask) as u8;
+    match try_read_kernel::<u8>(sk, offset!(udp_gro_byte)) {
+        Some(_) if mask == 0 => 0,
+        Some(byte) if byte & mask != 0 => SKB_SOCK_GRO,
+        Some(_) => SKB_SOCK_NO_GRO,
+        None => 0,
+    }
 }
 
 /// The inode of socket `sk` (sk->sk_socket->file->f_inode->i_ino), as /proc/PID/fd shows it.
@@ -573,6 +587,9 @@ fn prepare<S: Fields>(
     } else {
         0
     };
+    if sk != 0 && ev.gso_size != 0 {
+        ev.flags |= gro_flag(sk);
+    }
     Ok(true)
 }
 

@@ -9,6 +9,7 @@ use std::{
 };
 
 use btf_rs::{Backend, Btf, Type};
+use fallible_iterator::FallibleIterator as _;
 
 /// Where the running kernel publishes its BTF.
 pub const VMLINUX_BTF: &str = "/sys/kernel/btf/vmlinux";
@@ -134,6 +135,40 @@ impl KernelBtf {
             }
         }
         None
+    }
+
+    /// Bit offset of member `name` (a bitfield too) inside struct `strukt`.
+    pub fn bit_offset_of(&self, strukt: &str, name: &str) -> Result<u32, BtfError> {
+        let s = self.composite(strukt)?;
+        s.members
+            .iter()
+            .find(|m| self.btf.resolve_name(*m).unwrap_or_default() == name)
+            .map(btf_rs::Member::bit_offset)
+            .ok_or_else(|| BtfError::NoField {
+                strukt: strukt.into(),
+                field: name.into(),
+            })
+    }
+
+    /// The value of enumerator `name`, in whichever enum (named or not) declares it.
+    pub fn enumerator(&self, name: &str) -> Option<u64> {
+        let named = |m: &dyn btf_rs::BtfType| self.btf.resolve_name(m).unwrap_or_default();
+        let found = self.btf.type_iter().find_map(|t| {
+            Ok(match t {
+                Type::Enum(e) => e
+                    .members
+                    .iter()
+                    .find(|m| named(*m) == name)
+                    .map(|m| u64::from(m.val())),
+                Type::Enum64(e) => e
+                    .members
+                    .iter()
+                    .find(|m| named(*m) == name)
+                    .map(|m| m.val()),
+                _ => None,
+            })
+        });
+        found.ok().flatten()
     }
 
     /// Byte offset of `path` (member names, outermost first) inside struct `strukt`.

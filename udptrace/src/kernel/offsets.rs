@@ -40,6 +40,9 @@ pub enum Group {
     Task,
     /// An skb's GSO segment size and count (without: a GSO skb looks like one datagram).
     Gso,
+    /// A UDP socket's `UDP_GRO` flag (without: a delivery of several datagrams does not say
+    /// whether the receiver reads them as one buffer).
+    UdpGro,
 }
 
 /// Offsets for this kernel, and why any group could not be filled.
@@ -277,6 +280,29 @@ impl KernelLayout {
             })(),
         );
 
+        group(
+            Group::UdpGro,
+            (|| {
+                // `struct udp_sock` starts with its `struct sock`: offsets in it are offsets
+                // from the socket. Since 6.6 the flag is a bit of `udp_flags` (little-endian
+                // here), before a bitfield.
+                let bit = match btf.bit_offset_of("udp_sock", "udp_flags") {
+                    Ok(flags) => {
+                        let gro = btf.enumerator("UDP_FLAGS_GRO_ENABLED").ok_or(
+                            "struct udp_sock has udp_flags but no enumerator UDP_FLAGS_GRO_ENABLED",
+                        )?;
+                        flags + gro as u32
+                    }
+                    Err(_) => btf
+                        .bit_offset_of("udp_sock", "gro_enabled")
+                        .map_err(|e| e.to_string())?,
+                };
+                o.udp_gro_byte = bit / 8;
+                o.udp_gro_mask = 1 << (bit % 8);
+                Ok(())
+            })(),
+        );
+
         Self {
             offsets: o,
             problems,
@@ -299,7 +325,7 @@ mod tests {
         let tracefs = Tracefs::find().ok();
         let layout = KernelLayout::resolve(&btf, tracefs.as_ref());
         let o = layout.offsets;
-        let groups: [(Group, &[u32]); 15] = [
+        let groups: [(Group, &[u32]); 16] = [
             (
                 Group::Sock,
                 &[
@@ -376,6 +402,7 @@ mod tests {
                 Group::Gso,
                 &[o.skb_end, o.shinfo_gso_size, o.shinfo_gso_segs],
             ),
+            (Group::UdpGro, &[o.udp_gro_byte, o.udp_gro_mask]),
         ];
         for (group, values) in groups {
             let unfilled = values.contains(&udptrace_common::OFFSET_MISSING);

@@ -104,6 +104,10 @@ impl Process {
 pub struct Gso {
     pub size: u16,
     pub segments: u16,
+    /// On a delivery: the receiving socket reads them as one buffer (`UDP_GRO` on, `true`;
+    /// the kernel counts one datagram in) or one by one (`false`); absent where unknown.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub read_as_one: Option<bool>,
 }
 
 /// One hop of a datagram.

@@ -116,11 +116,18 @@ impl fmt::Display for Outcome<'_> {
             }
             (_, _, _, Some(frag)) => write!(f, "{} B in {} fragments", h.len, frag.fragments),
             _ => match h.gso {
-                Some(g) => write!(
-                    f,
-                    "{} B as {} datagrams of {} B (GSO)",
-                    h.len, g.segments, g.size
-                ),
+                Some(g) => {
+                    write!(
+                        f,
+                        "{} B as {} datagrams of {} B (GSO)",
+                        h.len, g.segments, g.size
+                    )?;
+                    match g.read_as_one {
+                        Some(true) => f.write_str(", read as one buffer (UDP_GRO)"),
+                        Some(false) => f.write_str(", read one by one"),
+                        None => Ok(()),
+                    }
+                }
                 None => write!(f, "{} B", h.len),
             },
         }

@@ -4,7 +4,7 @@
 use udptrace_common::{
     Addr, Hook, NatEvent, SendEvent, SkbEvent, AF_INET, IP_DF, IP_MF, IP_OFFSET, KIND_DROP,
     KIND_INGRESS, KIND_XMIT, NF_INET_LOCAL_OUT, NF_INET_PRE_ROUTING, SKB_DNAT_AT_OUTPUT,
-    SKB_DNAT_BEFORE, SKB_MALFORMED, TUNNEL_GENEVE, TUNNEL_VXLAN,
+    SKB_DNAT_BEFORE, SKB_MALFORMED, SKB_SOCK_GRO, SKB_SOCK_NO_GRO, TUNNEL_GENEVE, TUNNEL_VXLAN,
 };
 
 use crate::{
@@ -112,6 +112,10 @@ pub fn skb_hop(ev: &SkbEvent, clock: &Clock, reasons: &DropReasons) -> Hop {
         gso: (ev.gso_size != 0).then_some(Gso {
             size: ev.gso_size,
             segments: ev.gso_segs,
+            read_as_one: match (ev.flags & SKB_SOCK_GRO, ev.flags & SKB_SOCK_NO_GRO) {
+                (0, 0) => None,
+                (gro, _) => Some(gro != 0),
+            },
         }),
         df: ev.ip_frag & IP_DF != 0,
         ip_id: ip_id(ev),

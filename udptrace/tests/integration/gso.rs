@@ -38,7 +38,8 @@ fn lengths(lines: &mut impl Iterator<Item = std::io::Result<String>>, n: usize) 
 }
 
 /// 4800 bytes in segments of 1200 over a veth: the receiver reads four datagrams of 1200;
-/// the path's hops before the split say they carry four datagrams of 1200 bytes.
+/// the path's hops before the split say they carry four datagrams of 1200 bytes, and the
+/// delivery that the receiver reads them one by one.
 #[test]
 fn a_gso_send_says_how_many_datagrams_it_carries() {
     require_root();
@@ -66,6 +67,28 @@ fn a_gso_send_says_how_many_datagrams_it_carries() {
         (&Value::from(4800), &four),
         "{path}"
     );
+    // The receiver has no UDP_GRO: the kernel segments for it, and it reads them one by one.
+    let deliver = hops_of(path, "deliver");
+    match deliver.first() {
+        Some(deliver) => assert_eq!(
+            deliver["gso"],
+            serde_json::json!({"size": 1200, "segments": 4, "read_as_one": false}),
+            "{path}"
+        ),
+        // Where the deliver hop is fentry/fexit at the enqueue (6.1: fentry works there, as
+        // the send hop's hook shows), it sees each segment after the kernel split the skb,
+        // and segments are not joined to the path yet (issue 18): no delivery to check.
+        None if send["hook"]
+            .as_str()
+            .is_some_and(|h| h.starts_with("fentry:")) =>
+        {
+            eprintln!(
+                "skipped the delivery check: the deliver hop sees the segments, which are \
+                 not joined to their send's path yet: {path}"
+            );
+        }
+        None => panic!("no deliver hop: {path}"),
+    }
 }
 
 /// The agent's flow counts wire datagrams, and says how many sends carried them.
@@ -129,7 +152,7 @@ print(len(d), seg[0] if seg else 0, flush=True)
 
 /// A receiver with `UDP_GRO` reads the four segments as one buffer of 4800 bytes whose
 /// control message says 1200, and the kernel counts one datagram in (`UdpInDatagrams`): the
-/// deliver hop says it is four datagrams of 1200 in one buffer of 4800.
+/// deliver hop says it is four datagrams of 1200, read as one buffer.
 #[test]
 fn a_gro_receiver_reads_one_buffer_and_the_delivery_says_how_many_datagrams_it_holds() {
     require_root();
@@ -154,8 +177,8 @@ fn a_gro_receiver_reads_one_buffer_and_the_delivery_says_how_many_datagrams_it_h
         (&deliver["len"], &deliver["gso"]),
         (
             &Value::from(4800),
-            &serde_json::json!({"size": 1200, "segments": 4})
+            &serde_json::json!({"size": 1200, "segments": 4, "read_as_one": true})
         ),
-        "the delivery holds four datagrams of 1200: {path}"
+        "the delivery holds four datagrams of 1200, read as one buffer: {path}"
     );
 }

@@ -15,7 +15,7 @@ use crate::{
 };
 
 pub fn attach(ctx: &mut Ctx<'_>) -> HopReport {
-    attach_chain(
+    let mut report = attach_chain(
         ctx,
         "deliver",
         &[
@@ -25,7 +25,14 @@ pub fn attach(ctx: &mut Ctx<'_>) -> HopReport {
                 local_in_then_ready,
             ),
         ],
-    )
+    );
+    if let Some(why) = ctx.layout.missing(Group::UdpGro) {
+        report.notes.push(format!(
+            "a delivery of several datagrams in one skb does not say whether the receiver \
+             reads them as one buffer (UDP_GRO): {why}"
+        ));
+    }
+    report
 }
 
 pub fn attach_recv(ctx: &mut Ctx<'_>) -> HopReport {
